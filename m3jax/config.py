@@ -1,0 +1,202 @@
+"""The one schema of every m3jax run: defaults, documentation and validation.
+
+Field names follow FlagEmbedding's training arguments wherever a FlagEmbedding user would look for them
+(`train_group_size`, `query_max_len`, `temperature`, `use_self_distill`, ...). Settings FlagEmbedding does not
+have (mesh, dtype policy, attention kernel, remat) live in the `model`, `mesh` and `distributed` sub-dicts.
+
+`configs/*.py` start from `default_config()` and change fields; the returned ConfigDict is locked, so a mistyped
+field (in a config file or as `--config.<field>=...`) fails at once instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+# Per-device batch size by token-length range of the dataset file (FlagEmbedding research/BGE_M3 recipe, 80 GB
+# GPUs). Keys are the `len-LO-HI` tags written by scripts/split_data_by_length.py; datasets without a tag use
+# per_device_train_batch_size.
+RESEARCH_BATCH_SIZE_BY_LENGTH = {
+    8: {"0-500": 48, "500-1000": 32, "1000-2000": 20, "2000-3000": 18, "3000-4000": 14, "4000-5000": 14,
+        "5000-6000": 12, "6000-7000": 10, "7000-inf": 8},
+    1: {"0-500": 700, "500-1000": 570, "1000-2000": 388, "2000-3000": 288, "3000-4000": 224, "4000-5000": 180,
+        "5000-6000": 157, "6000-7000": 128, "7000-inf": 104},
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # ---- model / checkpoint in and out --------------------------------------------------------------------
+    c.model_name_or_path = ""  # a bge-m3 directory (HF layout + colbert_linear.pt / sparse_linear.pt)
+    c.output_dir = ""  # work directory: checkpoints, TensorBoard events, logs, exported model
+    c.overwrite_output_dir = False  # False: resume from the latest checkpoint in output_dir when there is one
+    c.seed = 42
+
+    # ---- data (FlagEmbedding AbsEmbedderDataArguments) -----------------------------------------------------
+    c.train_data = ""  # one or more directories of .json/.jsonl datasets, comma-separated
+    c.train_group_size = 8  # passages per query: 1 positive + (G-1) negatives
+    c.query_max_len = 32
+    c.passage_max_len = 128
+    c.max_example_num_per_dataset = 100_000_000
+    c.query_instruction_for_retrieval = ml_collections.config_dict.placeholder(str)
+    c.query_instruction_format = "{}{}"
+    c.passage_instruction_for_retrieval = ml_collections.config_dict.placeholder(str)
+    c.passage_instruction_format = "{}{}"
+    c.knowledge_distillation = False  # use pos_scores / neg_scores from the data as teacher scores
+    c.shuffle_ratio = 0.0
+    c.same_dataset_within_batch = True  # every batch from one dataset (research name: same_task_within_batch)
+    c.small_threshold = 0
+    c.drop_threshold = 0
+    c.per_device_train_batch_size = 1  # batch size for datasets without a length tag in batch_size_by_length
+    # {"LO-HI": per-device batch size}; None = the research recipe's table for train_group_size 8 or 1.
+    c.batch_size_by_length = ml_collections.config_dict.placeholder(dict)
+    # Texts are padded to the smallest of these lengths that fits (capped at the max_len); bounds the number of
+    # compiled step shapes. Empty = powers of two and 1.5x powers of two from 16 up.
+    c.seq_len_buckets = ()
+    c.skip_bad_examples = False  # False: stop at the first malformed example; True: log, count and skip them
+    c.num_data_workers = 2  # grain worker processes (tokenisation runs there); 0 = in the main process
+    c.data_prefetch = 4  # batches buffered ahead per worker
+
+    # ---- loss (FlagEmbedding EncoderOnlyEmbedderM3 training arguments) ------------------------------------
+    c.temperature = 0.02
+    c.unified_finetuning = True  # train dense + sparse + colbert (False: dense only)
+    c.use_self_distill = False
+    c.self_distill_start_step = -1
+    c.kd_loss_type = "kl_div"  # kl_div | m3_kd_loss (only with knowledge_distillation)
+    c.negatives_cross_device = False  # dense in-batch negatives over the whole global batch (FlagEmbedding)
+    c.cross_device_all_heads = False  # m3jax option: global negatives for sparse / colbert / ensemble too
+    c.sentence_pooling_method = "cls"  # cls | mean
+    c.normalize_embeddings = True
+    c.colbert_dim = -1  # -1: hidden size
+    c.fix_encoder = False  # train only colbert_linear and sparse_linear
+    c.fix_position_embedding = False
+
+    # ---- optimisation (HF TrainingArguments names) ---------------------------------------------------------
+    c.learning_rate = 1e-5
+    c.weight_decay = 0.0
+    c.adam_beta1 = 0.9
+    c.adam_beta2 = 0.999
+    c.adam_epsilon = 1e-8
+    c.max_grad_norm = 1.0
+    c.warmup_ratio = 0.0
+    c.warmup_steps = 0  # overrides warmup_ratio when > 0
+    c.lr_scheduler_type = "linear"  # linear | constant | cosine
+    c.num_train_epochs = 1
+    c.max_steps = -1  # > 0 overrides num_train_epochs
+    c.sub_batch_size = -1  # encode passages in chunks of this many (per device) to cap activation memory
+
+    # ---- logging / checkpoints ----------------------------------------------------------------------------
+    c.logging_steps = 10
+    c.save_steps = 500
+    c.save_total_limit = 3
+    c.eval_steps = 0  # > 0: run the retrieval eval (c.eval) every eval_steps
+    c.eval = ml_collections.ConfigDict(dict(
+        corpus="", queries="", qrels="", batch_size=64, query_max_len=-1, passage_max_len=-1))
+
+    # ---- JAX: numerics, kernels, memory -------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict(dict(
+        dtype="bfloat16",  # compute dtype: bfloat16 | float32 (params and optimizer state stay float32)
+        attention_implementation="auto",  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
+        remat_policy="full",  # none | full | dots | dots_no_batch
+        # None: take the checkpoint's config.json values (bge-m3: 0.1 / 0.1), as FlagEmbedding trains with.
+        hidden_dropout_prob=ml_collections.config_dict.placeholder(float),
+        attention_probs_dropout_prob=ml_collections.config_dict.placeholder(float),
+    ))
+
+    # ---- devices ------------------------------------------------------------------------------------------
+    # Mesh axis sizes; -1 takes the remaining devices. Batches shard over data x fsdp, params by the rules.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Logical parameter/activation axis -> mesh axes. The model names every parameter axis with these names.
+    c.sharding_rules = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv", None),
+        ("mlp", "tensor"),
+        ("colbert", None),
+        ("layers", None),
+        ("positions", None),
+        ("types", None),
+        ("one", None),
+    )
+    c.distributed = ml_collections.ConfigDict(dict(
+        initialize="auto",  # auto (when the launcher's environment asks for it) | always | never
+        coordinator_address=ml_collections.config_dict.placeholder(str),
+        num_processes=ml_collections.config_dict.placeholder(int),
+        process_id=ml_collections.config_dict.placeholder(int),
+    ))
+
+    c.lock()
+    return c
+
+
+class ConfigError(ValueError):
+    """A config field has a value m3jax cannot run with; the message names the field."""
+
+
+def _require(ok: bool, field: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field}={value!r}: expected {expected}")
+
+
+def train_data_dirs(config: ml_collections.ConfigDict) -> list[str]:
+    """`train_data` as a list of paths (the command line gives one comma-separated string)."""
+    value = config.train_data
+    if isinstance(value, str):
+        return [p.strip() for p in value.split(",") if p.strip()]
+    return [str(p) for p in value]
+
+
+def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) -> None:
+    """Fail fast, naming the field, on values that would otherwise fail deep inside a run."""
+    c = config
+    if for_training:
+        _require(bool(c.model_name_or_path), "model_name_or_path", "a bge-m3 checkpoint directory", c.model_name_or_path)
+        _require(bool(c.output_dir), "output_dir", "a work directory for checkpoints and logs", c.output_dir)
+        _require(bool(train_data_dirs(c)), "train_data", "one or more data directories (comma-separated)", c.train_data)
+    _require(isinstance(c.train_group_size, int) and c.train_group_size >= 1, "train_group_size", "an int >= 1",
+             c.train_group_size)
+    for f, low in (("query_max_len", 2), ("passage_max_len", 2), ("per_device_train_batch_size", 1)):
+        _require(isinstance(c[f], int) and c[f] >= low, f, f"an int >= {low}", c[f])
+    _require(isinstance(c.temperature, (int, float)) and c.temperature > 0 and math.isfinite(c.temperature),
+             "temperature", "a positive float", c.temperature)
+    _require(c.kd_loss_type in ("kl_div", "m3_kd_loss"), "kd_loss_type", "'kl_div' or 'm3_kd_loss'", c.kd_loss_type)
+    _require(c.sentence_pooling_method in ("cls", "mean"), "sentence_pooling_method", "'cls' or 'mean'",
+             c.sentence_pooling_method)
+    _require(c.colbert_dim == -1 or c.colbert_dim >= 1, "colbert_dim", "-1 (hidden size) or a positive int",
+             c.colbert_dim)
+    _require(0.0 <= c.shuffle_ratio <= 1.0, "shuffle_ratio", "a probability in [0, 1]", c.shuffle_ratio)
+    _require(c.learning_rate >= 0, "learning_rate", "a non-negative float", c.learning_rate)
+    _require(0.0 <= c.warmup_ratio <= 1.0, "warmup_ratio", "a fraction in [0, 1]", c.warmup_ratio)
+    _require(c.lr_scheduler_type in ("linear", "constant", "cosine"), "lr_scheduler_type",
+             "'linear', 'constant' or 'cosine'", c.lr_scheduler_type)
+    _require(c.max_steps > 0 or c.num_train_epochs > 0, "max_steps",
+             "max_steps > 0 or num_train_epochs > 0", (c.max_steps, c.num_train_epochs))
+    _require(c.logging_steps >= 1, "logging_steps", "an int >= 1", c.logging_steps)
+    _require(c.save_steps >= 1, "save_steps", "an int >= 1", c.save_steps)
+    _require(c.sub_batch_size == -1 or c.sub_batch_size >= 1, "sub_batch_size", "-1 (off) or a positive int",
+             c.sub_batch_size)
+    _require(c.num_data_workers >= 0, "num_data_workers", "an int >= 0", c.num_data_workers)
+    _require(c.model.dtype in ("bfloat16", "float32"), "model.dtype", "'bfloat16' or 'float32'", c.model.dtype)
+    _require(c.model.attention_implementation in ("auto", "xla", "cudnn"), "model.attention_implementation",
+             "'auto', 'xla' or 'cudnn'", c.model.attention_implementation)
+    _require(c.model.remat_policy in ("none", "full", "dots", "dots_no_batch"), "model.remat_policy",
+             "'none', 'full', 'dots' or 'dots_no_batch'", c.model.remat_policy)
+    for axis in ("data", "fsdp", "tensor"):
+        size = c.mesh[axis]
+        _require(isinstance(size, int) and (size == -1 or size >= 1), f"mesh.{axis}", "-1 or a positive int", size)
+    _require(sum(1 for a in ("data", "fsdp", "tensor") if c.mesh[a] == -1) <= 1, "mesh",
+             "at most one axis of size -1", dict(c.mesh))
+    _require(c.distributed.initialize in ("auto", "always", "never"), "distributed.initialize",
+             "'auto', 'always' or 'never'", c.distributed.initialize)
+    buckets = tuple(c.seq_len_buckets)
+    _require(all(isinstance(b, int) and b >= 2 for b in buckets) and list(buckets) == sorted(set(buckets)),
+             "seq_len_buckets", "strictly increasing ints >= 2 (or empty for the default)", buckets)
+    if c.batch_size_by_length is not None:
+        for k, v in dict(c.batch_size_by_length).items():
+            lo, _, hi = str(k).partition("-")
+            _require(lo.isdigit() and (hi.isdigit() or hi == "inf") and isinstance(v, int) and v >= 1,
+                     "batch_size_by_length", "{'LO-HI': positive int, ...} with HI an int or 'inf'", {k: v})
