@@ -1,0 +1,461 @@
+"""Read and write BGE-M3 checkpoints in the Hugging Face directory layout, as numpy arrays.
+
+A bge-m3 directory holds an HF XLM-RoBERTa encoder (`config.json` + `model.safetensors` or `pytorch_model.bin`,
+possibly sharded with an `*.index.json`), the two extra heads FlagEmbedding adds (`colbert_linear.pt`,
+`sparse_linear.pt`: torch state dicts, fp16 in bge-m3), tokenizer files and the sentence-transformers files
+(`modules.json`, `1_Pooling/`, ...). This module turns such a directory into an `HFCheckpoint` of float32 numpy
+arrays and writes one back so that transformers `AutoModel`, FlagEmbedding `BGEM3FlagModel` and
+`sentence_transformers.SentenceTransformer` all load it.
+
+Only numpy (and `safetensors`) is needed; torch is imported lazily, and only when a `.bin`/`.pt` file must be
+read or written. Mapping the arrays into Flax parameters is done elsewhere.
+
+Every problem with a checkpoint raises `CheckpointFormatError` naming the file and the tensor concerned.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import warnings
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+PYTORCH_NAME = "pytorch_model.bin"
+PYTORCH_INDEX_NAME = "pytorch_model.bin.index.json"
+COLBERT_NAME = "colbert_linear.pt"
+SPARSE_NAME = "sparse_linear.pt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model")
+
+# Values XLMRobertaConfig uses when config.json leaves a field out (transformers defaults).
+_CONFIG_DEFAULTS = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "intermediate_size": 3072, "max_position_embeddings": 512, "type_vocab_size": 2}
+# Buffers some older transformers versions saved next to the weights; they are not parameters.
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+_ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint directory (or an HFCheckpoint being saved) does not have the expected layout."""
+
+
+@dataclasses.dataclass
+class HFCheckpoint:
+    config: dict  # config.json contents
+    # HF XLMRobertaModel state-dict names without a "roberta." prefix -> float32 arrays; pooler.* kept if present.
+    encoder: dict[str, np.ndarray]
+    colbert: dict[str, np.ndarray] | None  # {"weight": [colbert_dim, hidden], "bias": [colbert_dim]}
+    sparse: dict[str, np.ndarray] | None  # {"weight": [1, hidden], "bias": [1]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes implied by config.json
+
+
+def _config_dims(config: dict, where: str) -> dict[str, int]:
+    dims = {k: config.get(k, v) for k, v in _CONFIG_DEFAULTS.items()}
+    for k, v in dims.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise CheckpointFormatError(f"{where}: {k} must be a positive integer, found {v!r}")
+    if dims["hidden_size"] % dims["num_attention_heads"]:
+        raise CheckpointFormatError(f"{where}: hidden_size {dims['hidden_size']} is not a multiple of "
+                                    f"num_attention_heads {dims['num_attention_heads']}")
+    return dims
+
+
+def expected_encoder_shapes(config: dict, where: str = CONFIG_NAME) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor an XLMRobertaModel encoder (without pooler) needs, as implied by config."""
+    d = _config_dims(config, where)
+    h, i = d["hidden_size"], d["intermediate_size"]
+    shapes = {
+        "embeddings.word_embeddings.weight": (d["vocab_size"], h),
+        "embeddings.position_embeddings.weight": (d["max_position_embeddings"], h),
+        "embeddings.token_type_embeddings.weight": (d["type_vocab_size"], h),
+        "embeddings.LayerNorm.weight": (h,),
+        "embeddings.LayerNorm.bias": (h,),
+    }
+    for n in range(d["num_hidden_layers"]):
+        p = f"encoder.layer.{n}."
+        for proj in ("query", "key", "value"):
+            shapes[f"{p}attention.self.{proj}.weight"] = (h, h)
+            shapes[f"{p}attention.self.{proj}.bias"] = (h,)
+        shapes.update({
+            f"{p}attention.output.dense.weight": (h, h), f"{p}attention.output.dense.bias": (h,),
+            f"{p}attention.output.LayerNorm.weight": (h,), f"{p}attention.output.LayerNorm.bias": (h,),
+            f"{p}intermediate.dense.weight": (i, h), f"{p}intermediate.dense.bias": (i,),
+            f"{p}output.dense.weight": (h, i), f"{p}output.dense.bias": (h,),
+            f"{p}output.LayerNorm.weight": (h,), f"{p}output.LayerNorm.bias": (h,),
+        })
+    return shapes
+
+
+def _pooler_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    h = config.get("hidden_size", _CONFIG_DEFAULTS["hidden_size"])
+    return {"pooler.dense.weight": (h, h), "pooler.dense.bias": (h,)}
+
+
+def _check_config(config: Any, where: str) -> None:
+    if not isinstance(config, dict):
+        raise CheckpointFormatError(f"{where}: expected a JSON object, found {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type != "xlm-roberta":
+        raise CheckpointFormatError(f"{where}: model_type must be 'xlm-roberta' (a bge-m3 / XLM-RoBERTa encoder), "
+                                    f"found {model_type!r}")
+    _config_dims(config, where)
+
+
+def _check_encoder(config: dict, encoder: dict[str, np.ndarray], where: str) -> None:
+    """Every needed tensor present with the right shape; pooler complete or absent; no stray encoder tensors."""
+    expected = expected_encoder_shapes(config)
+    pooler = _pooler_shapes(config)
+    present_pooler = [k for k in pooler if k in encoder]
+    if present_pooler:  # optional, but all or nothing
+        expected.update(pooler)
+    for name, shape in expected.items():
+        if name not in encoder:
+            raise CheckpointFormatError(f"{where}: missing tensor {name!r} (expected shape {list(shape)})")
+        found = tuple(np.shape(encoder[name]))
+        if found != shape:
+            raise CheckpointFormatError(f"{where}: tensor {name!r} has shape {list(found)}, expected {list(shape)} "
+                                        f"from {CONFIG_NAME}")
+    extra = sorted(set(encoder) - set(expected))
+    if extra:
+        raise CheckpointFormatError(f"{where}: tensor {extra[0]!r} is not part of an XLMRobertaModel with "
+                                    f"num_hidden_layers={config.get('num_hidden_layers')} ({len(extra)} such "
+                                    f"tensors); does {CONFIG_NAME} match the weights?")
+
+
+def _check_heads(hidden: int, colbert: dict | None, sparse: dict | None, where_c: str, where_s: str) -> None:
+    if colbert is None or sparse is None:
+        return
+    for where, head in ((where_c, colbert), (where_s, sparse)):
+        for key in ("weight", "bias"):
+            if key not in head:
+                raise CheckpointFormatError(f"{where}: missing tensor {key!r} (found {sorted(head)})")
+        extra = sorted(set(head) - {"weight", "bias"})
+        if extra:
+            raise CheckpointFormatError(f"{where}: unexpected tensor {extra[0]!r}; a head has only weight and bias")
+    cw, cb = np.shape(colbert["weight"]), np.shape(colbert["bias"])
+    if len(cw) != 2 or cw[1] != hidden or cb != (cw[0],):
+        raise CheckpointFormatError(f"{where_c}: tensors 'weight' {list(cw)} and 'bias' {list(cb)} must have shapes "
+                                    f"[colbert_dim, {hidden}] and [colbert_dim]")
+    sw, sb = tuple(np.shape(sparse["weight"])), tuple(np.shape(sparse["bias"]))
+    if sw != (1, hidden) or sb != (1,):
+        raise CheckpointFormatError(f"{where_s}: tensors 'weight' {list(sw)} and 'bias' {list(sb)} must have shapes "
+                                    f"[1, {hidden}] and [1]")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _import_torch(path: str):
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointFormatError(f"{path}: reading or writing this file needs PyTorch; install it with "
+                                    f"pip install 'm3jax[torch]' (or pip install torch)") from e
+    return torch
+
+
+def _to_f32(name: str, array: np.ndarray, where: str) -> np.ndarray:
+    if not np.issubdtype(array.dtype, np.floating):
+        raise CheckpointFormatError(f"{where}: tensor {name!r} has dtype {array.dtype}, expected a float tensor")
+    return np.array(array, dtype=np.float32)  # always a copy: never keep a view of a mmapped file
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        out = {}
+        with safe_open(path, framework="np") as f:
+            for name in f.keys():
+                if header[name]["dtype"] == "BF16":  # numpy has no bfloat16: widen the raw bits by hand
+                    begin, end = header[name]["data_offsets"]
+                    raw = np.fromfile(path, dtype="<u2", count=(end - begin) // 2, offset=8 + header_len + begin)
+                    array = (raw.astype(np.uint32) << 16).view(np.float32).reshape(header[name]["shape"])
+                else:
+                    array = f.get_tensor(name)
+                out[name] = array  # converted (and copied) to float32 by the caller
+    except Exception as e:  # corrupt or truncated file
+        raise CheckpointFormatError(f"{path}: cannot read safetensors file: {e}") from e
+    return out
+
+
+def _torch_load(path: str) -> dict:
+    torch = _import_torch(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointFormatError(f"{path}: cannot read torch file: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{path}: expected a state dict, found {type(state).__name__}")
+    out = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointFormatError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        # float32 here because numpy has no bfloat16; the callers copy (_to_f32). Integer buffers are kept as they
+        # are: they are dropped later, and anything else is reported.
+        out[name] = t.detach().to(torch.float32).numpy() if t.is_floating_point() else t.numpy()
+    return out
+
+
+def _read_weight_file(path: str) -> dict[str, np.ndarray]:
+    return _read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path)
+
+
+def _read_sharded(index_path: str) -> dict[str, np.ndarray]:
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except Exception as e:
+        raise CheckpointFormatError(f"{index_path}: not a valid index file (needs a 'weight_map'): {e}") from e
+    folder = os.path.dirname(index_path)
+    out: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = os.path.join(folder, shard)
+        if not os.path.isfile(shard_path):
+            names = [k for k, v in weight_map.items() if v == shard]
+            raise CheckpointFormatError(f"{index_path}: shard file {shard!r} (holding e.g. tensor {names[0]!r}) "
+                                        f"does not exist")
+        tensors = _read_weight_file(shard_path)
+        for name in weight_map:
+            if weight_map[name] == shard and name not in tensors:
+                raise CheckpointFormatError(f"{shard_path}: missing tensor {name!r} listed in {index_path}")
+        out.update(tensors)
+    return out
+
+
+def _strip_and_filter(tensors: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """Drop a `roberta.` prefix (XLMRobertaForXXX checkpoints), buffers, and non-encoder tensors (e.g. lm_head)."""
+    if any(k.startswith("roberta.") for k in tensors):
+        tensors = {k[len("roberta."):] if k.startswith("roberta.") else k: v for k, v in tensors.items()}
+    encoder, dropped = {}, []
+    for name, value in tensors.items():
+        if name in _BUFFERS:
+            continue
+        if name.startswith(_ENCODER_PREFIXES):
+            encoder[name] = _to_f32(name, value, where)
+        else:
+            dropped.append(name)
+    if dropped:
+        logger.warning("%s: ignoring %d tensors that are not part of the encoder: %s", where, len(dropped),
+                       ", ".join(sorted(dropped)[:8]) + (", ..." if len(dropped) > 8 else ""))
+    return encoder
+
+
+def _load_heads(path: str, hidden: int) -> tuple[dict | None, dict | None]:
+    colbert_path, sparse_path = os.path.join(path, COLBERT_NAME), os.path.join(path, SPARSE_NAME)
+    have_c, have_s = os.path.isfile(colbert_path), os.path.isfile(sparse_path)
+    if not (have_c and have_s):
+        # FlagEmbedding (runner.get_model) only loads the heads when both files exist and silently re-initialises
+        # them otherwise. Say so loudly: such a checkpoint can be fine-tuned, but its sparse/colbert outputs are noise.
+        if have_c or have_s:
+            missing = SPARSE_NAME if have_c else COLBERT_NAME
+            what = f"{missing} is missing (only {COLBERT_NAME if have_c else SPARSE_NAME} found)"
+        else:
+            what = f"neither {COLBERT_NAME} nor {SPARSE_NAME} exists"
+        warnings.warn(f"{path}: {what}; the colbert and sparse heads will be freshly initialised. The checkpoint is "
+                      f"fit for training, not for inference with sparse/colbert scores.", stacklevel=3)
+        return None, None
+    colbert = {k: _to_f32(k, v, colbert_path) for k, v in _torch_load(colbert_path).items()}
+    sparse = {k: _to_f32(k, v, sparse_path) for k, v in _torch_load(sparse_path).items()}
+    _check_heads(hidden, colbert, sparse, colbert_path, sparse_path)
+    return colbert, sparse
+
+
+def load_hf_checkpoint(path: str) -> HFCheckpoint:
+    """Load a bge-m3 style directory into float32 numpy arrays.
+
+    Weights come from model.safetensors, else model.safetensors.index.json, else pytorch_model.bin, else
+    pytorch_model.bin.index.json. A `roberta.` prefix is stripped; tensors outside the encoder (lm_head, ...) are
+    dropped with a logged warning. Every encoder tensor is checked against the shapes config.json implies.
+    The heads are returned only when both colbert_linear.pt and sparse_linear.pt exist (FlagEmbedding's rule);
+    otherwise colbert = sparse = None and a UserWarning says the heads will be freshly initialised.
+    Raises CheckpointFormatError naming the file and tensor on any problem.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointFormatError(f"{path}: checkpoint directory does not exist")
+    if not os.path.isdir(path):
+        raise CheckpointFormatError(f"{path}: is a file; pass the checkpoint directory that contains {CONFIG_NAME}")
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise CheckpointFormatError(f"{config_path}: not found; {path} is not an HF checkpoint directory")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointFormatError(f"{config_path}: invalid JSON: {e}") from e
+    _check_config(config, config_path)
+
+    # Same preference as transformers: safetensors first, then sharded safetensors, then torch pickles.
+    for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME, PYTORCH_INDEX_NAME):
+        weights_path = os.path.join(path, name)
+        if os.path.isfile(weights_path):
+            break
+    else:
+        raise CheckpointFormatError(f"{path}: no weights file; looked for {SAFETENSORS_NAME}, "
+                                    f"{SAFETENSORS_INDEX_NAME}, {PYTORCH_NAME} and {PYTORCH_INDEX_NAME}")
+    if weights_path.endswith(".index.json"):
+        tensors = _read_sharded(weights_path)
+    else:
+        tensors = _read_weight_file(weights_path)
+    encoder = _strip_and_filter(tensors, weights_path)
+    _check_encoder(config, encoder, weights_path)
+
+    colbert, sparse = _load_heads(path, config.get("hidden_size", _CONFIG_DEFAULTS["hidden_size"]))
+    return HFCheckpoint(config=config, encoder=encoder, colbert=colbert, sparse=sparse)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+
+_ST_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+]
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+
+
+def _export_config(config: dict) -> dict:
+    out = dict(config)
+    out.pop("dtype", None)  # one spelling only; torch_dtype is what bge-m3 ships and every transformers reads
+    out.update(architectures=["XLMRobertaModel"], model_type="xlm-roberta", torch_dtype="float32")
+    return out
+
+
+def _save_torch(path: str, tensors: dict[str, np.ndarray], dtype: str) -> None:
+    torch = _import_torch(path)
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    state = collections.OrderedDict(
+        (k, torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(torch_dtype)) for k, v in tensors.items())
+    torch.save(state, path)
+
+
+def _write_sentence_transformers(folder: str, config: dict) -> None:
+    # Same files as bge-m3 ships: CLS pooling then L2 normalisation = BGEM3FlagModel's dense embedding.
+    _write_json(os.path.join(folder, "modules.json"), _ST_MODULES)
+    os.makedirs(os.path.join(folder, "1_Pooling"))
+    _write_json(os.path.join(folder, "1_Pooling", "config.json"), {
+        "word_embedding_dimension": config["hidden_size"],
+        "pooling_mode_cls_token": True,
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": False,
+    })
+    os.makedirs(os.path.join(folder, "2_Normalize"))  # Normalize has no config; the folder is what ST writes
+    max_positions = config.get("max_position_embeddings", _CONFIG_DEFAULTS["max_position_embeddings"])
+    _write_json(os.path.join(folder, "sentence_bert_config.json"),
+                {"max_seq_length": min(8192, max_positions - 2), "do_lower_case": False})
+    # The oldest sentence-transformers version whose format this is; a newer one would make old versions warn.
+    _write_json(os.path.join(folder, "config_sentence_transformers.json"),
+                {"__version__": {"sentence_transformers": "2.2.2"}, "prompts": {}, "default_prompt_name": None})
+
+
+def _copy_tokenizer(tokenizer_dir: str, folder: str) -> None:
+    if not os.path.isdir(tokenizer_dir):
+        raise CheckpointFormatError(f"{tokenizer_dir}: tokenizer directory does not exist")
+    found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
+    if "tokenizer.json" not in found and "sentencepiece.bpe.model" not in found:
+        raise CheckpointFormatError(f"{tokenizer_dir}: no tokenizer.json or sentencepiece.bpe.model to copy")
+    for name in found:
+        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(folder, name))
+
+
+def save_hf_checkpoint(out_dir, ckpt: HFCheckpoint, *, tokenizer_dir: str | None, safetensors: bool = True,
+                       pytorch_bin: bool = False, heads_dtype: str = "float32", sentence_transformers: bool = True,
+                       overwrite: bool = False) -> None:
+    """Write `ckpt` as a bge-m3 directory loadable by transformers, FlagEmbedding and sentence-transformers.
+
+    Everything is written to a temporary sibling directory that is renamed to `out_dir` at the end, so a failure
+    never leaves a half-written `out_dir`. An existing non-empty `out_dir` is refused unless `overwrite`.
+    `heads_dtype` is the dtype of colbert_linear.pt / sparse_linear.pt (bge-m3 ships float16).
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    where = f"HFCheckpoint saved to {out_dir}"
+    if not (safetensors or pytorch_bin):
+        raise CheckpointFormatError(f"{where}: choose at least one of safetensors / pytorch_bin")
+    if heads_dtype not in ("float32", "float16", "bfloat16"):
+        raise CheckpointFormatError(f"{where}: heads_dtype must be float32, float16 or bfloat16, not {heads_dtype!r}")
+    _check_config(ckpt.config, f"{where}: config")
+    _check_encoder(ckpt.config, ckpt.encoder, f"{where}: encoder")
+    if (ckpt.colbert is None) != (ckpt.sparse is None):
+        raise CheckpointFormatError(f"{where}: colbert and sparse heads must both be given or both be None "
+                                    f"(FlagEmbedding loads them only as a pair)")
+    _check_heads(ckpt.config["hidden_size"], ckpt.colbert, ckpt.sparse, f"{where}: colbert head",
+                 f"{where}: sparse head")
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise CheckpointFormatError(f"{out_dir}: exists and is not a directory")
+        if os.listdir(out_dir) and not overwrite:
+            raise CheckpointFormatError(f"{out_dir}: directory exists and is not empty; pass overwrite=True "
+                                        f"to replace it")
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        _write_json(os.path.join(tmp, CONFIG_NAME), _export_config(ckpt.config))
+        encoder = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(ckpt.encoder.items())}
+        if safetensors:
+            from safetensors.numpy import save_file
+
+            # metadata format=pt: transformers refuses safetensors files without it.
+            save_file(encoder, os.path.join(tmp, SAFETENSORS_NAME), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, SAFETENSORS_NAME), 0o644)  # recent safetensors writes 0600
+        if pytorch_bin:
+            _save_torch(os.path.join(tmp, PYTORCH_NAME), encoder, "float32")
+        if ckpt.colbert is not None:
+            _save_torch(os.path.join(tmp, COLBERT_NAME), ckpt.colbert, heads_dtype)
+            _save_torch(os.path.join(tmp, SPARSE_NAME), ckpt.sparse, heads_dtype)
+        else:
+            logger.info("%s: no colbert/sparse heads to save; FlagEmbedding will initialise them randomly", out_dir)
+        if tokenizer_dir is not None:
+            _copy_tokenizer(os.fspath(tokenizer_dir), tmp)
+        else:
+            logger.warning("%s: saved without tokenizer files (tokenizer_dir=None)", out_dir)
+        if sentence_transformers:
+            _write_sentence_transformers(tmp, ckpt.config)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+
+        # Swap in: move any old out_dir aside first, so at every moment out_dir is either the old or the new one.
+        old = None
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "d"))
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            if old is not None:  # put the previous contents back
+                os.rename(os.path.join(old, "d"), out_dir)
+                os.rmdir(old)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
