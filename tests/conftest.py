@@ -5,6 +5,10 @@ The returned directories are shared between tests: treat them as read-only and c
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers warns (and may deadlock) after fork
+# Eight simulated CPU devices for the multi-device tests; must be set before jax is first imported. Single-device
+# code runs on the first one; tests that need a mesh take jax.devices()[:n].
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 

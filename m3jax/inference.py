@@ -1,0 +1,278 @@
+"""`BGEM3FlagModel`: FlagEmbedding's inference API (M3Embedder) on the JAX model.
+
+Same constructor arguments, same `encode` / `encode_queries` / `encode_corpus` / `compute_score` outputs:
+  dense_vecs       np.ndarray [N, H] (float32)
+  lexical_weights  list of {token-id string: weight}, max weight per id, special ids and zero weights dropped
+  colbert_vecs     list of [tokens - 1, D] arrays (no cls vector, padding removed)
+
+Texts are sorted by length and encoded in batches padded to a small ladder of lengths and batch sizes, so a large
+encode job compiles a handful of shapes. On CPU the model runs in float32 whatever use_fp16 says (FlagEmbedding does
+the same); on accelerators use_fp16 / use_bf16 select bfloat16 compute.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from m3jax import model as m3model
+from m3jax import scores
+
+logger = logging.getLogger(__name__)
+
+
+def length_ladder(max_len: int, start: int = 16) -> list[int]:
+    """Powers of two and 1.5x powers of two from `start`, capped by (and ending at) max_len."""
+    ladder, x = [], start
+    while x < max_len:
+        ladder.append(x)
+        if x * 3 // 2 < max_len:
+            ladder.append(x * 3 // 2)
+        x *= 2
+    return sorted(set(ladder)) + [max_len]
+
+
+def bucket(n: int, ladder: Sequence[int]) -> int:
+    """Smallest ladder entry >= n (the last entry when n exceeds it)."""
+    for size in ladder:
+        if size >= n:
+            return size
+    return ladder[-1]
+
+
+def _select_devices(devices) -> list:
+    if devices is None:
+        return jax.local_devices()
+    if isinstance(devices, (str, int)):
+        devices = [devices]
+    chosen = []
+    for d in devices:
+        if isinstance(d, str) and d.startswith("cpu"):
+            chosen.append(jax.local_devices(backend="cpu")[0])
+        else:  # "cuda:1", "tpu:0", 1 -> that index among the default backend's local devices
+            index = int(str(d).rsplit(":", 1)[-1]) if ":" in str(d) or isinstance(d, int) else 0
+            local = jax.local_devices()
+            if index >= len(local):
+                raise ValueError(f"devices={devices!r}: there are only {len(local)} local {local[0].platform} devices")
+            chosen.append(local[index])
+    return list(dict.fromkeys(chosen))
+
+
+class BGEM3FlagModel:
+    """Drop-in for `FlagEmbedding.BGEM3FlagModel` (M3Embedder)."""
+
+    def __init__(
+        self,
+        model_name_or_path: str | None,
+        normalize_embeddings: bool = True,
+        use_fp16: bool = True,
+        use_bf16: bool = False,
+        query_instruction_for_retrieval: str | None = None,
+        query_instruction_format: str = "{}{}",
+        devices=None,
+        pooling_method: str = "cls",
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+        colbert_dim: int = -1,
+        batch_size: int = 256,
+        query_max_length: int = 512,
+        passage_max_length: int = 512,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+        truncate_dim: int | None = None,
+        *,
+        _loaded: tuple | None = None,
+        **kwargs: Any,
+    ):
+        from transformers import AutoTokenizer
+
+        self.devices = _select_devices(devices)
+        on_cpu = self.devices[0].platform == "cpu"
+        dtype = "bfloat16" if (use_fp16 or use_bf16) and not on_cpu else "float32"
+        head_settings = dict(sentence_pooling_method=pooling_method, normalize_embeddings=normalize_embeddings,
+                             dtype=dtype, attention_implementation="cudnn" if self.devices[0].platform == "gpu" else "xla")
+        if _loaded is None:
+            cfg, params = m3model.load_pretrained(model_name_or_path, colbert_dim=colbert_dim, **head_settings)
+            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code,
+                                                      cache_dir=cache_dir)
+        else:
+            cfg, params, tokenizer = _loaded
+            import dataclasses
+            cfg = dataclasses.replace(cfg, **head_settings, remat_policy="none")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.query_instruction_for_retrieval = query_instruction_for_retrieval
+        self.query_instruction_format = query_instruction_format
+        self.batch_size, self.query_max_length, self.passage_max_length = batch_size, query_max_length, passage_max_length
+        self.return_dense, self.return_sparse, self.return_colbert_vecs = return_dense, return_sparse, return_colbert_vecs
+        self.truncate_dim = truncate_dim
+        self._unused_ids = {tokenizer.convert_tokens_to_ids(tokenizer.special_tokens_map[t])
+                            for t in ("cls_token", "eos_token", "pad_token", "unk_token")
+                            if t in tokenizer.special_tokens_map}
+
+        self.mesh = Mesh(np.array(self.devices), ("batch",))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.params = jax.device_put(params, replicated)
+        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
+        self._apply = jax.jit(functools.partial(m3model.BGEM3(cfg).apply, deterministic=True))
+
+    @classmethod
+    def from_params(cls, cfg: m3model.ModelConfig, params, tokenizer, **kwargs) -> "BGEM3FlagModel":
+        """Wrap in-memory params (e.g. the train state during a periodic eval)."""
+        kwargs.setdefault("pooling_method", cfg.sentence_pooling_method)
+        kwargs.setdefault("normalize_embeddings", cfg.normalize_embeddings)
+        return cls(None, _loaded=(cfg, params, tokenizer), **kwargs)
+
+    # ---- encoding ------------------------------------------------------------------------------------------
+
+    def _batches(self, texts: list[str], max_length: int, batch_size: int) -> Iterator[tuple[np.ndarray, dict, list]]:
+        """Yield (text indices, device outputs, unpadded token ids) per length-sorted, bucket-padded batch."""
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length}: expected at least 2 (room for <s> and </s>)")
+        token_ids = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        order = np.argsort([-len(t) for t in token_ids], kind="stable")
+        ladder = length_ladder(max_length)
+        n_dev = len(self.devices)
+        batch_ladder = [b for b in (2 ** k for k in range(20)) if b < batch_size] + [batch_size]
+        pad_id = self.cfg.pad_token_id
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            rows = [token_ids[i] for i in idx]
+            length = bucket(max(len(r) for r in rows), ladder)
+            n_rows = -(-bucket(len(rows), batch_ladder) // n_dev) * n_dev
+            ids = np.full((n_rows, length), pad_id, np.int32)
+            mask = np.zeros((n_rows, length), np.int32)
+            ids[len(rows):, :2] = (self.tokenizer.cls_token_id, self.tokenizer.eos_token_id)  # filler rows
+            mask[len(rows):, :2] = 1
+            for r, toks in enumerate(rows):
+                ids[r, :len(toks)] = toks
+                mask[r, :len(toks)] = 1
+            out = self._apply({"params": self.params}, jax.device_put(ids, self._batch_sharding),
+                              jax.device_put(mask, self._batch_sharding))
+            yield idx, out, rows
+
+    def _lexical(self, weights: np.ndarray, ids: Sequence[int]) -> dict[str, np.float32]:
+        result: dict[str, np.float32] = {}
+        for w, i in zip(weights, ids):
+            if i not in self._unused_ids and w > 0:
+                key = str(i)
+                if w > result.get(key, 0):
+                    result[key] = w
+        return result
+
+    def encode(self, sentences, batch_size: int | None = None, max_length: int | None = None,
+               return_dense: bool | None = None, return_sparse: bool | None = None,
+               return_colbert_vecs: bool | None = None, **kwargs) -> dict:
+        batch_size = batch_size or self.batch_size
+        max_length = max_length or self.passage_max_length
+        return_dense = self.return_dense if return_dense is None else return_dense
+        return_sparse = self.return_sparse if return_sparse is None else return_sparse
+        return_colbert_vecs = self.return_colbert_vecs if return_colbert_vecs is None else return_colbert_vecs
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        n = len(texts)
+        dense = [None] * n
+        lexical = [None] * n
+        colbert = [None] * n
+        for idx, out, rows in self._batches(texts, max_length, batch_size):
+            d = np.asarray(out["dense"], np.float32) if return_dense else None
+            w = np.asarray(out["sparse_weights"], np.float32) if return_sparse else None
+            c = np.asarray(out["colbert"], np.float32) if return_colbert_vecs else None
+            for r, (i, toks) in enumerate(zip(idx, rows)):
+                if return_dense:
+                    dense[i] = d[r, :self.truncate_dim]
+                if return_sparse:
+                    lexical[i] = self._lexical(w[r, :len(toks)], toks)
+                if return_colbert_vecs:
+                    colbert[i] = c[r, :len(toks) - 1, :self.truncate_dim]
+        result = {
+            "dense_vecs": np.stack(dense) if return_dense and n else (np.zeros((0, self.cfg.hidden_size), np.float32) if return_dense else None),
+            "lexical_weights": lexical if return_sparse else None,
+            "colbert_vecs": colbert if return_colbert_vecs else None,
+        }
+        if single:
+            result = {k: (v[0] if v is not None else None) for k, v in result.items()}
+        return result
+
+    def encode_queries(self, queries, batch_size=None, max_length=None, return_dense=None, return_sparse=None,
+                       return_colbert_vecs=None, **kwargs) -> dict:
+        if self.query_instruction_for_retrieval is not None:
+            fmt = lambda q: self.query_instruction_format.format(self.query_instruction_for_retrieval, q)
+            queries = fmt(queries) if isinstance(queries, str) else [fmt(q) for q in queries]
+        return self.encode(queries, batch_size, max_length or self.query_max_length, return_dense, return_sparse,
+                           return_colbert_vecs)
+
+    def encode_corpus(self, corpus, batch_size=None, max_length=None, return_dense=None, return_sparse=None,
+                      return_colbert_vecs=None, **kwargs) -> dict:
+        return self.encode(corpus, batch_size, max_length or self.passage_max_length, return_dense, return_sparse,
+                           return_colbert_vecs)
+
+    # ---- scoring helpers (FlagEmbedding semantics) ---------------------------------------------------------
+
+    def convert_id_to_token(self, lexical_weights):
+        items = [lexical_weights] if isinstance(lexical_weights, dict) else lexical_weights
+        converted = [{self.tokenizer.decode([int(i)]): w for i, w in item.items()} for item in items]
+        return converted[0] if len(converted) == 1 else converted
+
+    @staticmethod
+    def compute_lexical_matching_score(lexical_weights_1, lexical_weights_2):
+        def single(a: dict, b: dict) -> float:
+            return sum(w * b[t] for t, w in a.items() if t in b) if a else 0
+
+        if isinstance(lexical_weights_1, dict) and isinstance(lexical_weights_2, dict):
+            return single(lexical_weights_1, lexical_weights_2)
+        if isinstance(lexical_weights_1, list) and isinstance(lexical_weights_2, list):
+            return np.array([[single(a, b) for b in lexical_weights_2] for a in lexical_weights_1])
+        raise ValueError("The input format of lexical_weights is not correct: expected two dicts or two lists of dicts.")
+
+    @staticmethod
+    def colbert_score(q_reps: np.ndarray, p_reps: np.ndarray) -> np.float32:
+        token_scores = np.asarray(q_reps, np.float32) @ np.asarray(p_reps, np.float32).T
+        return np.float32(token_scores.max(axis=-1).sum() / q_reps.shape[0])
+
+    def compute_score(self, sentence_pairs, batch_size: int | None = None, max_query_length: int | None = None,
+                      max_passage_length: int | None = None, weights_for_different_modes: list[float] | None = None,
+                      **kwargs) -> dict:
+        """Scores of (query, passage) pairs: dense, sparse, colbert, sparse+dense and colbert+sparse+dense.
+
+        Matches FlagEmbedding's compute_score, including its padding: it pads each chunk of `batch_size` passages to
+        the chunk's longest, and those zero colbert vectors take part in the max (a similarity of 0).
+        """
+        batch_size = batch_size or self.batch_size
+        max_query_length = max_query_length or self.query_max_length
+        max_passage_length = max_passage_length or self.passage_max_length
+        if isinstance(sentence_pairs, list) and len(sentence_pairs) == 0:
+            return []
+        single = isinstance(sentence_pairs[0], str)
+        pairs = [sentence_pairs] if single else list(sentence_pairs)
+        kw = dict(batch_size=batch_size, return_dense=True, return_sparse=True, return_colbert_vecs=True)
+        q = self.encode([p[0] for p in pairs], max_length=max_query_length, **kw)
+        p = self.encode([p[1] for p in pairs], max_length=max_passage_length, **kw)
+        p_tokens = np.array([len(v) + 1 for v in p["colbert_vecs"]])
+        if weights_for_different_modes is None:
+            weights_for_different_modes = [1.0, 1.0, 1.0]
+        assert len(weights_for_different_modes) == 3
+        w_dense, w_sparse, w_colbert = weights_for_different_modes
+        out = {k: [] for k in ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")}
+        for i in range(len(pairs)):
+            chunk = slice(i - i % batch_size, i - i % batch_size + batch_size)
+            dense = float(np.float32(q["dense_vecs"][i] @ p["dense_vecs"][i]))
+            sparse = float(np.float32(self.compute_lexical_matching_score(q["lexical_weights"][i],
+                                                                          p["lexical_weights"][i])))
+            sim = q["colbert_vecs"][i] @ p["colbert_vecs"][i].T
+            best = sim.max(axis=-1)
+            if p_tokens[i] < p_tokens[chunk].max():  # this passage was padded in FlagEmbedding's batch
+                best = np.maximum(best, 0.0)
+            colbert = float(np.float32(best.sum() / q["colbert_vecs"][i].shape[0]))
+            out["dense"].append(dense)
+            out["sparse"].append(sparse)
+            out["colbert"].append(colbert)
+            out["sparse+dense"].append((sparse * w_sparse + dense * w_dense) / (w_sparse + w_dense))
+            out["colbert+sparse+dense"].append((colbert * w_colbert + sparse * w_sparse + dense * w_dense)
+                                               / (w_colbert + w_sparse + w_dense))
+        return {k: v[0] for k, v in out.items()} if single else out

@@ -1,0 +1,372 @@
+"""BGE-M3 in Flax Linen: the XLM-RoBERTa encoder and the three M3 heads.
+
+Parameter names mirror HF's XLMRobertaModel so the mapping in `params_from_hf` / `params_to_hf` reads one to one.
+Every parameter carries logical axis names (vocab, embed, heads, kv, mlp, colbert, layers, ...); the train loop
+maps them to mesh axes with the rules in the config. The encoder layers run under `nn.scan` (compile time does not
+grow with depth) wrapped in `nn.remat` with a configurable policy.
+
+Output of `BGEM3.__call__` per text, from the last hidden state h [B, L, H] and attention mask m [B, L]
+(FlagEmbedding's EncoderOnlyEmbedderM3Model):
+  dense           [B, H]      h[:, 0] (cls) or masked mean, L2-normalised when normalize_embeddings   (float32)
+  sparse_weights  [B, L]      relu(sparse_linear(h))  -- per-token weights; `scores.sparse_embedding` pools them
+  colbert         [B, L-1, D] colbert_linear(h[:, 1:]) * m[:, 1:], L2-normalised per token when normalize_embeddings
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m3jax import scores
+
+logger = logging.getLogger(__name__)
+
+# XLM-R special ids: cls (<s>), eos (</s>), pad, unk -- zeroed in the sparse (lexical) vector.
+XLMR_UNUSED_TOKEN_IDS = (0, 2, 1, 3)
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture (from the checkpoint's config.json) plus the M3 head and numerics settings."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int = 1
+    pad_token_id: int = 1
+    layer_norm_eps: float = 1e-5
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    has_pooler: bool = False  # carried through unchanged so an export reproduces the checkpoint's pooler
+    # M3 heads
+    colbert_dim: int = -1  # -1: hidden_size
+    sentence_pooling_method: str = "cls"  # cls | mean
+    normalize_embeddings: bool = True
+    unused_token_ids: tuple[int, ...] = XLMR_UNUSED_TOKEN_IDS
+    # numerics / kernels
+    dtype: str = "float32"  # compute dtype; params are always float32
+    attention_implementation: str = "xla"  # xla | cudnn
+    remat_policy: str = "none"  # none | full | dots | dots_no_batch
+
+    @property
+    def colbert_out_dim(self) -> int:
+        return self.hidden_size if self.colbert_dim <= 0 else self.colbert_dim
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @classmethod
+    def from_hf_config(cls, hf_config: dict, **overrides) -> "ModelConfig":
+        """Architecture fields from an HF config.json dict; head/numerics settings from `overrides`."""
+        act = hf_config.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"config.json hidden_act={act!r}: m3jax implements XLM-R's exact 'gelu' only")
+        pos_type = hf_config.get("position_embedding_type", "absolute")
+        if pos_type != "absolute":
+            raise ValueError(f"config.json position_embedding_type={pos_type!r}: only 'absolute' is supported")
+        if hf_config["hidden_size"] % hf_config["num_attention_heads"]:
+            raise ValueError("config.json hidden_size must be a multiple of num_attention_heads")
+        fields = dict(
+            vocab_size=hf_config["vocab_size"],
+            hidden_size=hf_config["hidden_size"],
+            num_hidden_layers=hf_config["num_hidden_layers"],
+            num_attention_heads=hf_config["num_attention_heads"],
+            intermediate_size=hf_config["intermediate_size"],
+            max_position_embeddings=hf_config["max_position_embeddings"],
+            type_vocab_size=hf_config.get("type_vocab_size", 1),
+            pad_token_id=hf_config.get("pad_token_id", 1),
+            layer_norm_eps=hf_config.get("layer_norm_eps", 1e-5),
+            hidden_dropout_prob=hf_config.get("hidden_dropout_prob", 0.1),
+            attention_probs_dropout_prob=hf_config.get("attention_probs_dropout_prob", 0.1),
+        )
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
+
+def _dense(features, axes, name, dtype, *, in_axes=-1):
+    kernel_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+    bias_axes = axes[len(axes) - (1 if isinstance(features, int) else len(features)):]
+    return nn.DenseGeneral(features, axis=in_axes, dtype=dtype, param_dtype=jnp.float32, name=name,
+                           kernel_init=kernel_init,
+                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes))
+
+
+def _layer_norm(cfg: ModelConfig, name: str):
+    # Statistics in float32 whatever the compute dtype (flax promotes reductions to float32).
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+def xlmr_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
+    """XLM-R positions: pad_token_id+1, +2, ... over non-pad tokens; pad tokens get pad_token_id."""
+    not_pad = (input_ids != pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
+
+
+class Embeddings(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, deterministic: bool):
+        cfg = self.cfg
+
+        def table(n, axes, name):
+            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+            return nn.Embed(n, cfg.hidden_size, dtype=jnp.float32, param_dtype=jnp.float32, embedding_init=init,
+                            name=name)
+
+        words = table(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
+        positions = table(cfg.max_position_embeddings, ("positions", "embed"), "position_embeddings")(
+            xlmr_position_ids(input_ids, cfg.pad_token_id))
+        token_types = table(cfg.type_vocab_size, ("types", "embed"), "token_type_embeddings")(
+            jnp.zeros_like(input_ids))
+        x = _layer_norm(cfg, "LayerNorm")(words + positions + token_types)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+def _attention(q, k, v, lengths, cfg: ModelConfig, deterministic: bool, dropout_module: nn.Module):
+    """Bidirectional attention over right-padded sequences; q, k, v [B, L, N, D]."""
+    if cfg.attention_probs_dropout_prob > 0 and not deterministic:
+        # Fused kernels have no dropout; this path materialises the [B, N, L, L] probabilities.
+        logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
+        key_mask = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        probs = dropout_module(jax.nn.softmax(logits, axis=-1), deterministic=False)
+        return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)
+    if cfg.attention_implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                            implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="xla")
+
+
+class Layer(nn.Module):
+    """One post-LN transformer layer (HF XLMRobertaLayer)."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, lengths):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        n, d = cfg.num_attention_heads, cfg.head_dim
+        q = _dense((n, d), ("embed", "heads", "kv"), "query", dt)(x)
+        k = _dense((n, d), ("embed", "heads", "kv"), "key", dt)(x)
+        v = _dense((n, d), ("embed", "heads", "kv"), "value", dt)(x)
+        attn = _attention(q, k, v, lengths, cfg, self.deterministic,
+                          nn.Dropout(cfg.attention_probs_dropout_prob, name="attention_dropout"))
+        attn = _dense(cfg.hidden_size, ("heads", "kv", "embed"), "attention_output", dt, in_axes=(-2, -1))(attn)
+        attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=self.deterministic)
+        x = _layer_norm(cfg, "attention_LayerNorm")(attn + x)
+
+        y = _dense(cfg.intermediate_size, ("embed", "mlp"), "intermediate", dt)(x)
+        y = nn.gelu(y, approximate=False)
+        y = _dense(cfg.hidden_size, ("mlp", "embed"), "output", dt)(y)
+        y = nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=self.deterministic)
+        x = _layer_norm(cfg, "output_LayerNorm")(y + x)
+        return x, None
+
+
+class Encoder(nn.Module):
+    """XLMRobertaModel without pooler: input ids [B, L] (right-padded) -> last hidden state [B, L, H]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+        cfg = self.cfg
+        x = Embeddings(cfg, name="embeddings")(input_ids, deterministic).astype(cfg.compute_dtype)
+        lengths = attention_mask.astype(jnp.int32).sum(axis=-1)
+        layer = Layer
+        if cfg.remat_policy != "none":
+            layer = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                         in_axes=nn.broadcast, length=cfg.num_hidden_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = layers(cfg, deterministic, name="layers")(x, lengths)
+        return x
+
+
+class BGEM3(nn.Module):
+    """Encoder + dense / sparse / colbert heads (+ the checkpoint's pooler, created at init only)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.encoder = Encoder(cfg)
+        self.colbert_linear = _dense(cfg.colbert_out_dim, ("embed", "colbert"), "colbert_linear", jnp.float32)
+        self.sparse_linear = _dense(1, ("embed", "one"), "sparse_linear", jnp.float32)
+        if cfg.has_pooler:
+            self.pooler = _dense(cfg.hidden_size, ("embed", "mlp"), "pooler", jnp.float32)
+
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True, train_encoder: bool = True):
+        hidden = self.encoder(input_ids, attention_mask, deterministic)
+        if not train_encoder:  # fix_encoder: no backward pass through the encoder at all
+            hidden = jax.lax.stop_gradient(hidden)
+        if self.is_initializing() and self.cfg.has_pooler:
+            self.pooler(hidden[:, 0])  # params only; M3 never uses the pooler
+        return self.heads(hidden, attention_mask)
+
+    def heads(self, hidden, attention_mask):
+        cfg = self.cfg
+        mask = attention_mask.astype(jnp.float32)
+        dense = scores.pool(hidden.astype(jnp.float32), mask, cfg.sentence_pooling_method)
+        sparse_weights = jax.nn.relu(self.sparse_linear(hidden.astype(jnp.float32)))[..., 0]
+        colbert = self.colbert_linear(hidden[:, 1:].astype(jnp.float32)) * mask[:, 1:, None]
+        if cfg.normalize_embeddings:
+            dense = scores.l2_normalize(dense)
+            colbert = scores.l2_normalize(colbert)
+        return dict(dense=dense, sparse_weights=sparse_weights, colbert=colbert.astype(cfg.compute_dtype))
+
+    def encode_hidden(self, input_ids, attention_mask):
+        """The encoder's last hidden state alone (parity checks against HF)."""
+        return self.encoder(input_ids, attention_mask, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF state dict  <->  Flax params. Names on the left are HF XLMRobertaModel's (no "roberta." prefix).
+# ---------------------------------------------------------------------------------------------------------------
+
+def _layer_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], Any, Any]]:
+    """Per-layer HF name -> (flax path inside 'layers', hf->flax transform, flax->hf transform)."""
+    h, n, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    to_heads = lambda w: w.T.reshape(h, n, d)  # Linear [out, in] -> [in, heads, head_dim]
+    from_heads = lambda k: k.reshape(h, n * d).T
+    heads_bias = lambda b: b.reshape(n, d)
+    flat = lambda b: b.reshape(-1)
+    t = lambda w: w.T
+    ident = lambda x: x
+    m = {}
+    for name in ("query", "key", "value"):
+        m[f"attention.self.{name}.weight"] = ((name, "kernel"), to_heads, from_heads)
+        m[f"attention.self.{name}.bias"] = ((name, "bias"), heads_bias, flat)
+    m["attention.output.dense.weight"] = (("attention_output", "kernel"), lambda w: w.T.reshape(n, d, h),
+                                          lambda k: k.reshape(n * d, h).T)
+    m["attention.output.dense.bias"] = (("attention_output", "bias"), ident, ident)
+    m["attention.output.LayerNorm.weight"] = (("attention_LayerNorm", "scale"), ident, ident)
+    m["attention.output.LayerNorm.bias"] = (("attention_LayerNorm", "bias"), ident, ident)
+    m["intermediate.dense.weight"] = (("intermediate", "kernel"), t, t)
+    m["intermediate.dense.bias"] = (("intermediate", "bias"), ident, ident)
+    m["output.dense.weight"] = (("output", "kernel"), t, t)
+    m["output.dense.bias"] = (("output", "bias"), ident, ident)
+    m["output.LayerNorm.weight"] = (("output_LayerNorm", "scale"), ident, ident)
+    m["output.LayerNorm.bias"] = (("output_LayerNorm", "bias"), ident, ident)
+    return m
+
+
+_EMBEDDING_MAP = {
+    "embeddings.word_embeddings.weight": ("word_embeddings", "embedding"),
+    "embeddings.position_embeddings.weight": ("position_embeddings", "embedding"),
+    "embeddings.token_type_embeddings.weight": ("token_type_embeddings", "embedding"),
+    "embeddings.LayerNorm.weight": ("LayerNorm", "scale"),
+    "embeddings.LayerNorm.bias": ("LayerNorm", "bias"),
+}
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def params_from_hf(encoder: dict[str, np.ndarray], colbert: dict | None, sparse: dict | None,
+                   cfg: ModelConfig, *, seed: int = 0) -> dict:
+    """HF numpy tensors -> Flax params (float32 numpy). Missing heads (None) are freshly initialised from `seed`,
+    as FlagEmbedding does when colbert_linear.pt / sparse_linear.pt are absent."""
+    f32 = lambda a: np.asarray(a, dtype=np.float32)
+    params: dict = {}
+    for hf_name, path in _EMBEDDING_MAP.items():
+        _set(params, ("encoder", "embeddings") + path, f32(encoder[hf_name]))
+    for hf_name, (path, to_flax, _) in _layer_map(cfg).items():
+        stacked = np.stack([to_flax(f32(encoder[f"encoder.layer.{i}.{hf_name}"]))
+                            for i in range(cfg.num_hidden_layers)])
+        _set(params, ("encoder", "layers") + path, stacked)
+    if cfg.has_pooler:
+        params["pooler"] = {"kernel": f32(encoder["pooler.dense.weight"]).T, "bias": f32(encoder["pooler.dense.bias"])}
+    if colbert is None or sparse is None:
+        fresh = init_head_params(cfg, seed)
+        colbert = colbert or fresh["colbert"]
+        sparse = sparse or fresh["sparse"]
+    params["colbert_linear"] = {"kernel": f32(colbert["weight"]).T, "bias": f32(colbert["bias"])}
+    params["sparse_linear"] = {"kernel": f32(sparse["weight"]).T, "bias": f32(sparse["bias"])}
+    return params
+
+
+def init_head_params(cfg: ModelConfig, seed: int) -> dict:
+    """torch.nn.Linear's default init (uniform +-1/sqrt(fan_in)) for both heads, in HF layout."""
+    rng = np.random.default_rng(seed)
+    bound = 1.0 / np.sqrt(cfg.hidden_size)
+    u = lambda *shape: rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    return {"colbert": {"weight": u(cfg.colbert_out_dim, cfg.hidden_size), "bias": u(cfg.colbert_out_dim)},
+            "sparse": {"weight": u(1, cfg.hidden_size), "bias": u(1)}}
+
+
+def params_to_hf(params: dict, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], dict, dict]:
+    """Flax params -> (encoder state dict, colbert {weight, bias}, sparse {weight, bias}) as float32 numpy."""
+    p = jax.tree.map(lambda a: np.asarray(a, dtype=np.float32), params)
+    encoder = {hf_name: _get(p["encoder"]["embeddings"], path) for hf_name, path in _EMBEDDING_MAP.items()}
+    for hf_name, (path, _, to_hf) in _layer_map(cfg).items():
+        stacked = _get(p["encoder"]["layers"], path)
+        for i in range(cfg.num_hidden_layers):
+            encoder[f"encoder.layer.{i}.{hf_name}"] = np.ascontiguousarray(to_hf(stacked[i]))
+    if "pooler" in p:
+        encoder["pooler.dense.weight"] = np.ascontiguousarray(p["pooler"]["kernel"].T)
+        encoder["pooler.dense.bias"] = p["pooler"]["bias"]
+    colbert = {"weight": np.ascontiguousarray(p["colbert_linear"]["kernel"].T), "bias": p["colbert_linear"]["bias"]}
+    sparse = {"weight": np.ascontiguousarray(p["sparse_linear"]["kernel"].T), "bias": p["sparse_linear"]["bias"]}
+    return encoder, colbert, sparse
+
+
+def abstract_params(cfg: ModelConfig):
+    """Shapes, dtypes and logical axis names of every parameter, without allocating any (for sharding)."""
+    model = BGEM3(cfg)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    return jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.key(0), ids, jnp.ones_like(ids))
+
+
+def load_pretrained(path: str, *, colbert_dim: int = -1, seed: int = 0, **overrides) -> tuple[ModelConfig, dict]:
+    """A bge-m3 directory -> (ModelConfig, float32 numpy params).
+
+    colbert_dim=-1 takes the head file's size (hidden size when the heads are freshly initialised); an explicit
+    colbert_dim that disagrees with colbert_linear.pt is an error, as in FlagEmbedding.
+    """
+    from m3jax import hf_io
+
+    ckpt = hf_io.load_hf_checkpoint(path)
+    if ckpt.colbert is not None:
+        file_dim = ckpt.colbert["weight"].shape[0]
+        if colbert_dim > 0 and colbert_dim != file_dim:
+            raise hf_io.CheckpointFormatError(
+                f"{path}/colbert_linear.pt: weight has {file_dim} output dims but colbert_dim={colbert_dim} was "
+                f"requested (use colbert_dim=-1 to take the checkpoint's)")
+        colbert_dim = file_dim
+    cfg = ModelConfig.from_hf_config(ckpt.config, colbert_dim=colbert_dim,
+                                     has_pooler="pooler.dense.weight" in ckpt.encoder, **overrides)
+    return cfg, params_from_hf(ckpt.encoder, ckpt.colbert, ckpt.sparse, cfg, seed=seed)
