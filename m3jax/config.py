@@ -53,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     # {"LO-HI": per-device batch size}; None = the research recipe's table for train_group_size 8 or 1.
     c.batch_size_by_length = ml_collections.config_dict.placeholder(dict)
     # Texts are padded to the smallest of these lengths that fits (capped at the max_len); bounds the number of
-    # compiled step shapes. Empty = powers of two and 1.5x powers of two from 16 up.
+    # compiled step shapes. Empty = powers of two from 32 up (m3jax/padding.py).
     c.seq_len_buckets = ()
     c.skip_bad_examples = False  # False: stop at the first malformed example; True: log, count and skip them
     c.num_data_workers = 2  # grain worker processes (tokenisation runs there); 0 = in the main process

@@ -21,28 +21,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from m3jax import model as m3model
-from m3jax import scores
+from m3jax.padding import length_buckets, pad_length
 
 logger = logging.getLogger(__name__)
-
-
-def length_ladder(max_len: int, start: int = 16) -> list[int]:
-    """Powers of two and 1.5x powers of two from `start`, capped by (and ending at) max_len."""
-    ladder, x = [], start
-    while x < max_len:
-        ladder.append(x)
-        if x * 3 // 2 < max_len:
-            ladder.append(x * 3 // 2)
-        x *= 2
-    return sorted(set(ladder)) + [max_len]
-
-
-def bucket(n: int, ladder: Sequence[int]) -> int:
-    """Smallest ladder entry >= n (the last entry when n exceeds it)."""
-    for size in ladder:
-        if size >= n:
-            return size
-    return ladder[-1]
 
 
 def _select_devices(devices) -> list:
@@ -136,15 +117,15 @@ class BGEM3FlagModel:
             raise ValueError(f"max_length={max_length}: expected at least 2 (room for <s> and </s>)")
         token_ids = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         order = np.argsort([-len(t) for t in token_ids], kind="stable")
-        ladder = length_ladder(max_length)
+        ladder = length_buckets(max_length)
         n_dev = len(self.devices)
         batch_ladder = [b for b in (2 ** k for k in range(20)) if b < batch_size] + [batch_size]
         pad_id = self.cfg.pad_token_id
         for start in range(0, len(texts), batch_size):
             idx = order[start:start + batch_size]
             rows = [token_ids[i] for i in idx]
-            length = bucket(max(len(r) for r in rows), ladder)
-            n_rows = -(-bucket(len(rows), batch_ladder) // n_dev) * n_dev
+            length = pad_length(max(len(r) for r in rows), ladder)
+            n_rows = -(-pad_length(len(rows), batch_ladder) // n_dev) * n_dev
             ids = np.full((n_rows, length), pad_id, np.int32)
             mask = np.zeros((n_rows, length), np.int32)
             ids[len(rows):, :2] = (self.tokenizer.cls_token_id, self.tokenizer.eos_token_id)  # filler rows

@@ -1,0 +1,686 @@
+"""m3jax.data: FlagEmbedding's sampling rules, determinism, exact resume, multi-host slices, bad-input messages.
+
+Data is written to tmp dirs; texts are short tagged strings ("d0 pos 3 1") so a decoded batch says where every row
+came from. The tokenizer is the tiny checkpoint's XLM-R-style unigram tokenizer (tests/conftest.py `tiny_ckpt`,
+<s>=0 <pad>=1 </s>=2 <unk>=3), loaded with AutoTokenizer as the train loop does.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from m3jax.config import default_config
+from m3jax.data import BatchShape, DataError, build_train_data, length_buckets
+
+SEED = 7
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_ckpt):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    assert (tok.cls_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    return tok
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("M3JAX_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def records(tag: str, n: int, n_pos: int = 2, n_neg: int = 5, scores: bool = False, long_every: int = 0,
+            **columns) -> list[dict]:
+    """n examples whose texts name themselves; `long_every`: every k-th text gets extra words (length variety)."""
+    out = []
+    for i in range(n):
+        extra = " extra gamma" * (i % long_every) * 3 if long_every else ""  # up to 100+ characters
+        rec = {"query": f"{tag} query {i}{extra}",
+               "pos": [f"{tag} pos {i} {j}{extra}" for j in range(n_pos)],
+               "neg": [f"{tag} neg {i} {j}" + " beta" * ((i + j) % 4) for j in range(n_neg)], **columns}
+        if scores:
+            rec["pos_scores"] = [10.0 + j for j in range(n_pos)]
+            rec["neg_scores"] = [float((7 * j + i) % 5) for j in range(n_neg)]  # ties on purpose
+        out.append(rec)
+    return out
+
+
+def write(path, recs) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in recs:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def config(train_data, **kw):
+    c = default_config()
+    c.unlock()
+    c.train_data = str(train_data)
+    c.seed = SEED
+    c.num_data_workers = 0
+    c.train_group_size = 4
+    c.query_max_len = 16
+    c.passage_max_len = 32
+    c.per_device_train_batch_size = 2
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def decode(tok, ids, mask):
+    return [tok.decode(row[m.astype(bool)], skip_special_tokens=True) for row, m in zip(ids, mask)]
+
+
+def texts(tok, batch):
+    """(queries, [[passages of query i]]) of a local batch."""
+    qs = decode(tok, batch["query_input_ids"], batch["query_attention_mask"])
+    ps = decode(tok, batch["passage_input_ids"], batch["passage_attention_mask"])
+    g = len(ps) // len(qs)
+    return qs, [ps[i * g:(i + 1) * g] for i in range(len(qs))]
+
+
+def epoch_batches(data, epoch=0):
+    return [data.batch(epoch * data.steps_per_epoch + i) for i in range(data.steps_per_epoch)]
+
+
+def assert_batches_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        assert np.asarray(a[k]).dtype == np.asarray(b[k]).dtype, k
+
+
+# ---- batch layout and tokenisation ---------------------------------------------------------------------------------
+
+def test_length_buckets():
+    assert length_buckets(128) == [32, 64, 128]
+    assert length_buckets(100) == [32, 64, 100]
+    assert length_buckets(8192) == [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert length_buckets(8) == [8]
+    assert length_buckets(64, (10, 40, 64, 100)) == [10, 40, 64]
+
+
+def test_batch_layout_and_tokenisation_match_flagembedding_collator(tmp_path, tokenizer):
+    write(tmp_path / "d" / "a.jsonl", records("d0", 8, long_every=3))
+    data = build_train_data(config(tmp_path / "d", passage_max_len=12), tokenizer, num_batch_shards=2)
+    b = data.batch(0)
+    assert {k: (v.shape, v.dtype.name) for k, v in b.items()} == {
+        "query_input_ids": ((4, 16), "int32"), "query_attention_mask": ((4, 16), "int32"),
+        "passage_input_ids": ((16, 12), "int32"), "passage_attention_mask": ((16, 12), "int32"),
+        "teacher_scores": ((4, 4), "float32"), "has_teacher_scores": ((), "bool"), "no_in_batch_neg": ((), "bool"),
+        "epoch": ((), "int32"), "dataset_index": ((), "int32")}
+    assert isinstance(b["has_teacher_scores"], np.bool_) and isinstance(b["epoch"], np.int32)
+    qs, ps = texts(tokenizer, b)
+    flat = [p for group in ps for p in group]
+    # Exactly `tokenizer(texts, truncation=True, max_length=...)`, right-padded with pad id 1 / mask 0.
+    for ids, mask, txts, max_len in ((b["query_input_ids"], b["query_attention_mask"], qs, 16),
+                                     (b["passage_input_ids"], b["passage_attention_mask"], flat, 12)):
+        ref = tokenizer(txts, truncation=True, max_length=max_len)["input_ids"]
+        for row, m, r in zip(ids, mask, ref):
+            assert row[:len(r)].tolist() == r and (row[len(r):] == 1).all()
+            assert m.tolist() == [1] * len(r) + [0] * (len(row) - len(r))
+    # Long passages were truncated to passage_max_len: the batch needs it all.
+    assert b["passage_attention_mask"].sum(1).max() == 12
+
+
+def test_padding_goes_to_the_smallest_bucket_holding_the_longest_text(tmp_path, tokenizer):
+    write(tmp_path / "d" / "a.jsonl", records("d0", 16, long_every=4))
+    data = build_train_data(config(tmp_path / "d", query_max_len=64, passage_max_len=64, seq_len_buckets=(12, 24),
+                                   per_device_train_batch_size=1), tokenizer, num_batch_shards=1)
+    seen = set()
+    for b in epoch_batches(data):
+        for key in ("query", "passage"):
+            longest = int(b[f"{key}_attention_mask"].sum(1).max())
+            width = b[f"{key}_input_ids"].shape[1]
+            assert width == next(x for x in (12, 24, 64) if x >= longest)
+            seen.add(width)
+    assert seen == {12, 24, 64}
+
+
+# ---- sampling rules --------------------------------------------------------------------------------------------------
+
+def expected_choices(step, position, n_pos, n_neg, g, epoch=0, seed=SEED):
+    """The documented per-example draws: positive, negatives (repeat rule), shuffle u, chunk permutation."""
+    rng = np.random.default_rng([seed, epoch, step, position])
+    pos = int(rng.integers(n_pos))
+    k = g - 1
+    if n_neg < k:
+        negs = rng.choice(np.tile(np.arange(n_neg), math.ceil(k / n_neg)), k, replace=False)
+    else:
+        negs = rng.choice(n_neg, k, replace=False)
+    return pos, [int(x) for x in negs], float(rng.random()), rng.permutation(3)
+
+
+def example_index(query: str) -> int:
+    return int(query.split()[2])
+
+
+def test_one_random_positive_and_negatives_without_replacement(tmp_path, tokenizer):
+    write(tmp_path / "d" / "a.jsonl", records("d0", 12, n_pos=3, n_neg=6))
+    data = build_train_data(config(tmp_path / "d"), tokenizer, num_batch_shards=2)
+    for step in range(data.steps_per_epoch):
+        qs, ps = texts(tokenizer, data.batch(step))
+        for position, (q, group) in enumerate(zip(qs, ps)):
+            i = example_index(q)
+            pos, negs, _, _ = expected_choices(step, position, 3, 6, 4)
+            assert group == [f"d0 pos {i} {pos}"] + [f"d0 neg {i} {j}" + " beta" * ((i + j) % 4) for j in negs]
+            assert len(set(negs)) == 3
+
+
+def test_too_few_negatives_are_sampled_from_the_repeated_list(tmp_path, tokenizer):
+    write(tmp_path / "d" / "a.jsonl", records("d0", 4, n_pos=1, n_neg=2))
+    data = build_train_data(config(tmp_path / "d", train_group_size=6, per_device_train_batch_size=4), tokenizer,
+                            num_batch_shards=1)
+    qs, ps = texts(tokenizer, data.batch(0))
+    for position, (q, group) in enumerate(zip(qs, ps)):
+        i = example_index(q)
+        _, negs, _, _ = expected_choices(0, position, 1, 2, 6)
+        assert group[1:] == [f"d0 neg {i} {j}" + " beta" * ((i + j) % 4) for j in negs]
+        # 5 draws without replacement from [0, 1] * 3: each negative 2 or 3 times.
+        assert sorted(negs.count(j) for j in (0, 1)) == [2, 3]
+
+
+def test_kd_negatives_sorted_by_teacher_score_descending(tmp_path, tokenizer):
+    write(tmp_path / "d" / "a.jsonl", records("d0", 8, n_pos=2, n_neg=5, scores=True))
+    data = build_train_data(config(tmp_path / "d", knowledge_distillation=True, train_group_size=5), tokenizer,
+                            num_batch_shards=1)
+    for step in range(data.steps_per_epoch):
+        b = data.batch(step)
+        assert b["has_teacher_scores"]
+        qs, ps = texts(tokenizer, b)
+        for position, (q, group) in enumerate(zip(qs, ps)):
+            i = example_index(q)
+            pos, negs, _, _ = expected_choices(step, position, 2, 5, 5)
+            neg_score = lambda j: float((7 * j + i) % 5)  # noqa: E731
+            order = sorted(negs, key=neg_score, reverse=True)  # stable: ties keep the sampled order
+            assert group == [f"d0 pos {i} {pos}"] + [f"d0 neg {i} {j}" + " beta" * ((i + j) % 4) for j in order]
+            assert b["teacher_scores"][position].tolist() == [10.0 + pos] + [neg_score(j) for j in order]
+
+
+def test_kd_without_scores_in_a_dataset_warns_and_kd_off_ignores_scores(tmp_path, tokenizer, caplog):
+    write(tmp_path / "d" / "a.jsonl", records("d0", 4, scores=True))
+    write(tmp_path / "d" / "b.jsonl", records("d1", 4))
+    with caplog.at_level(logging.WARNING):
+        data = build_train_data(config(tmp_path / "d", knowledge_distillation=True), tokenizer, num_batch_shards=2)
+    assert "b.jsonl has no teacher scores" in caplog.text and "a.jsonl has no" not in caplog.text
+    for b in epoch_batches(data):
+        from_a = texts(tokenizer, b)[0][0].startswith("d0")
+        assert bool(b["has_teacher_scores"]) == from_a
+        assert (b["teacher_scores"] != 0).any() == from_a
+    data = build_train_data(config(tmp_path / "d", knowledge_distillation=False), tokenizer, num_batch_shards=2)
+    for b in epoch_batches(data):
+        assert not b["has_teacher_scores"] and (b["teacher_scores"] == 0).all()
+
+
+def test_same_dataset_batches_and_epoch_plan(tmp_path, tokenizer):
+    """Every batch from one dataset; each epoch covers every example once per full batch; epochs differ."""
+    write(tmp_path / "d" / "a.jsonl", records("d0", 8))
+    write(tmp_path / "d" / "b.jsonl", records("d1", 12))
+    data = build_train_data(config(tmp_path / "d"), tokenizer, num_batch_shards=2)
+    assert data.steps_per_epoch == 2 + 3
+    orders = []
+    for epoch in range(2):
+        seen = []
+        for b in epoch_batches(data, epoch):
+            qs = texts(tokenizer, b)[0]
+            tags = {q.split()[0] for q in qs}
+            assert tags == {f"d{int(b['dataset_index'])}"} and b["epoch"] == epoch
+            seen += qs
+        assert sorted(seen) == sorted([f"d0 query {i}" for i in range(8)] + [f"d1 query {i}" for i in range(12)])
+        orders.append(seen)
+    assert orders[0] != orders[1]
+
+
+def test_epoch_plan_is_flagembeddings(tmp_path, tokenizer):
+    """Same seed, same file order: FlagEmbedding 1.4's refresh_epoch forms the same batches in the same order."""
+    fe = pytest.importorskip("FlagEmbedding.abc.finetune.embedder.AbsDataset")
+    dirs = []
+    for k, n in enumerate((12, 8, 16)):  # multiples of the global batch 4: 1.4 and the research rule agree
+        dirs.append(write(tmp_path / f"dir{k}" / "data.jsonl", records(f"d{k}", n)).rsplit("/", 1)[0])
+    data = build_train_data(config(",".join(dirs)), tokenizer, num_batch_shards=2)
+
+    class Args:  # the AbsEmbedderDataArguments fields the dataset reads
+        train_data, cache_path, max_example_num_per_dataset = dirs, str(tmp_path / "hf"), 10 ** 8
+        knowledge_distillation, shuffle_ratio, small_threshold, drop_threshold = False, 0.0, 0, 0
+        train_group_size, query_instruction_for_retrieval, query_instruction_format = 4, None, "{}{}"
+        passage_instruction_for_retrieval, passage_instruction_format = None, "{}{}"
+
+    ref = fe.AbsEmbedderSameDatasetTrainDataset(Args(), default_batch_size=2, seed=SEED, tokenizer=tokenizer,
+                                                process_index=0, num_processes=2)
+    maker = data._maker
+    for epoch in range(3):
+        if epoch:
+            ref.refresh_epoch()
+        ours = [(d, ids.tolist()) for d, ids in maker.planner().epoch(epoch)]
+        theirs = [(None, list(map(int, ids))) for ids, _ in ref.batch_datas]
+        assert [ids for _, ids in ours] == [ids for _, ids in theirs]
+
+
+def test_small_threshold_merges_and_drop_threshold_drops(tmp_path, tokenizer, caplog):
+    write(tmp_path / "d" / "big.jsonl", records("d0", 12))
+    write(tmp_path / "d" / "s1.jsonl", records("d1", 3, batch_size=3))
+    write(tmp_path / "d" / "s2.jsonl", records("d2", 3))  # batch size 2 (default): the merged set takes the min
+    write(tmp_path / "e" / "s3.jsonl", records("d3", 2))
+    with caplog.at_level(logging.WARNING):
+        data = build_train_data(config(f"{tmp_path}/d,{tmp_path}/e", small_threshold=5, drop_threshold=4),
+                                tokenizer, num_batch_shards=1)
+    assert "dropping 1 small file(s)" in caplog.text and "s3.jsonl" not in "".join(d[0] for d in data.datasets)
+    assert [(os.path.basename(d[0].split(" ")[0]), d[1], d[2]) for d in data.datasets] == [
+        ("big.jsonl", 12, 2), ("d", 6, 2)]
+    merged = [texts(tokenizer, b)[0] for b in epoch_batches(data) if b["dataset_index"] == 1]
+    assert sorted(q for qs in merged for q in qs) == sorted([f"d1 query {i}" for i in range(3)]
+                                                           + [f"d2 query {i}" for i in range(3)])
+
+
+def test_max_example_num_per_dataset_subsamples_deterministically(tmp_path, tokenizer):
+    write(tmp_path / "d" / "a.jsonl", records("d0", 20))
+    cfg = config(tmp_path / "d", max_example_num_per_dataset=6)
+    seen = [sorted(q for b in epoch_batches(build_train_data(cfg, tokenizer, num_batch_shards=1))
+                   for q in texts(tokenizer, b)[0]) for _ in range(2)]
+    assert len(seen[0]) == 6 and len(set(seen[0])) == 6 and seen[0] == seen[1]
+
+
+def test_instructions_and_prompt_column(tmp_path, tokenizer):
+    write(tmp_path / "d" / "a.jsonl", records("d0", 2, n_neg=3))
+    write(tmp_path / "d" / "b.jsonl", records("d1", 2, n_neg=3, prompt="this: "))
+    write(tmp_path / "d" / "c.jsonl", records("d2", 4, n_neg=3, type="symmetric_sts"))  # batch 2 // 2 = 1
+    cfg = config(tmp_path / "d", query_max_len=64, passage_max_len=64,
+                 query_instruction_for_retrieval="Represent", query_instruction_format="{}: {}",
+                 passage_instruction_for_retrieval="passage", passage_instruction_format="{} - {}")
+    data = build_train_data(cfg, tokenizer, num_batch_shards=1)
+    checked = set()
+    for b in epoch_batches(data):
+        qs, ps = texts(tokenizer, b)
+        tag = qs[0].split()[-3] if qs[0].startswith(("Represent", "this")) else qs[0].split()[0]
+        for q, group in zip(qs, ps):
+            i = q.split()[-1]
+            if tag == "d0":
+                assert q == f"Represent: d0 query {i}" and all(p.startswith("passage - d0 ") for p in group)
+            elif tag == "d1":  # the example's prompt replaces the query instruction
+                assert q == f"this: : d1 query {i}" and all(p.startswith("passage - d1 ") for p in group)
+            else:  # symmetric_sts: passages take the query instruction
+                assert q == f"Represent: d2 query {i}" and all(p.startswith("Represent: d2 ") for p in group)
+        checked.add(tag)
+    assert checked == {"d0", "d1", "d2"}
+
+
+def test_shuffle_ratio_shuffles_three_chunks_of_long_positives(tmp_path, tokenizer):
+    long_pos = "alpha beta gamma delta " * 6  # 138 characters
+    recs = [{"query": f"d0 query {i}", "pos": [long_pos if i % 2 else "short pos"], "neg": ["n0", "n1"]}
+            for i in range(8)]
+    write(tmp_path / "d" / "a.jsonl", recs)
+    data = build_train_data(config(tmp_path / "d", shuffle_ratio=0.5, train_group_size=2, passage_max_len=256),
+                            tokenizer, num_batch_shards=1)
+    shuffled = 0
+    for step in range(data.steps_per_epoch):
+        qs, ps = texts(tokenizer, data.batch(step))
+        for position, (q, group) in enumerate(zip(qs, ps)):
+            if example_index(q) % 2 == 0:
+                assert group[0] == "short pos"  # <= 100 characters: never shuffled
+                continue
+            _, _, u, perm = expected_choices(step, position, 1, 2, 2)
+            size = len(long_pos) // 3 + 1
+            chunks = [long_pos[k:k + size] for k in range(0, len(long_pos), size)]
+            want = " ".join(chunks[j] for j in perm) if u < 0.5 else long_pos
+            # decode() normalises runs of spaces the way the tokenizer does
+            assert group[0] == tokenizer.decode(tokenizer(want)["input_ids"], skip_special_tokens=True)
+            shuffled += u < 0.5
+    assert 0 < shuffled < 4
+
+
+def test_per_dataset_columns(tmp_path, tokenizer):
+    write(tmp_path / "d" / "bs.jsonl", records("d0", 6, batch_size=3))
+    write(tmp_path / "d" / "one.jsonl", records("d1", 4, type="only_1neg"))
+    write(tmp_path / "d" / "cls.jsonl", [dict(r, neg=r["neg"][:1 + i % 2]) for i, r in
+                                         enumerate(records("d2", 8, type="symmetric_class"))])
+    write(tmp_path / "d" / "tgs.jsonl", records("d3", 4, train_group_size=3))
+    data = build_train_data(config(tmp_path / "d", per_device_train_batch_size=4, train_group_size=4), tokenizer,
+                            num_batch_shards=1)
+    by_name = {os.path.basename(d[0]): d[1:] for d in data.datasets}
+    assert by_name["bs.jsonl"][1] == 3 and by_name["one.jsonl"][2] == (2,) and by_name["tgs.jsonl"][2] == (3,)
+    assert by_name["cls.jsonl"][1:3] == (2, (2, 3))  # symmetric halves the batch; G = min(#neg of first + 1, 4)
+    for b in epoch_batches(data):
+        qs, ps = texts(tokenizer, b)
+        tag = qs[0].split()[0]
+        g = len(ps[0])
+        if tag == "d2":
+            first_negs = 1 + example_index(qs[0]) % 2
+            assert g == min(first_negs + 1, 4)
+        else:
+            assert g == {"d0": 4, "d1": 2, "d3": 3}[tag]
+        assert len(qs) == {"d0": 3, "d1": 4, "d2": 2, "d3": 4}[tag]
+        assert BatchShape(len(qs), g, b["query_input_ids"].shape[1], b["passage_input_ids"].shape[1], False,
+                          False) in data.shapes()
+
+
+def test_length_tagged_files_take_their_batch_size(tmp_path, tokenizer):
+    write(tmp_path / "d" / "x_len-0-500.jsonl", records("d0", 60))
+    write(tmp_path / "d" / "x_len-500-1000.jsonl", records("d1", 40))
+    write(tmp_path / "d" / "plain.jsonl", records("d2", 4))
+    data = build_train_data(config(tmp_path / "d", train_group_size=8), tokenizer, num_batch_shards=1)
+    assert [d[2] for d in data.datasets] == [2, 48, 32]  # research table for G=8; untagged: per_device 2
+    data = build_train_data(config(tmp_path / "d", batch_size_by_length={"0-500": 5}), tokenizer,
+                            num_batch_shards=1)
+    assert [d[2] for d in data.datasets] == [2, 5, 2]
+
+
+def test_no_in_batch_neg_directory(tmp_path, tokenizer):
+    write(tmp_path / "cls_no_in_batch_neg" / "a.jsonl", records("d0", 4))
+    write(tmp_path / "plain" / "b.jsonl", records("d1", 4))
+    data = build_train_data(config(f"{tmp_path}/cls_no_in_batch_neg/,{tmp_path}/plain"), tokenizer,
+                            num_batch_shards=1)
+    for b in epoch_batches(data):
+        assert bool(b["no_in_batch_neg"]) == texts(tokenizer, b)[0][0].startswith("d0")
+
+
+def test_last_short_batch_research_rule(tmp_path, tokenizer):
+    # per-device 3, W=2: global batches of 6; a short last batch stays if it has >= 2*W=4 examples, cut to 2k.
+    write(tmp_path / "a" / "a.jsonl", records("d0", 11))  # 6, then 5 -> kept as 4
+    write(tmp_path / "b" / "b.jsonl", records("d1", 13))  # 6, 6, then 1 -> dropped
+    write(tmp_path / "c" / "c.jsonl", records("d2", 9))   # 6, then 3 -> dropped
+    data = build_train_data(config(f"{tmp_path}/a,{tmp_path}/b,{tmp_path}/c", per_device_train_batch_size=3),
+                            tokenizer, num_batch_shards=2)
+    sizes = sorted((int(b["dataset_index"]), len(b["query_input_ids"])) for b in epoch_batches(data))
+    assert sizes == [(0, 4), (0, 6), (1, 6), (1, 6), (2, 6)]
+    assert {s.global_batch for s in data.shapes()} == {4, 6}
+
+
+def test_mixed_batches_when_not_same_dataset(tmp_path, tokenizer):
+    write(tmp_path / "d" / "a.jsonl", records("d0", 10, type="only_1neg"))  # type ignored in this mode
+    write(tmp_path / "d" / "b.jsonl", records("d1", 10))
+    data = build_train_data(config(tmp_path / "d", same_dataset_within_batch=False), tokenizer, num_batch_shards=2)
+    assert data.steps_per_epoch == 5
+    tags = set()
+    seen = []
+    for b in epoch_batches(data):
+        assert b["dataset_index"] == -1 and not b["no_in_batch_neg"]
+        qs, ps = texts(tokenizer, b)
+        assert all(len(g) == 4 for g in ps)
+        tags.add(frozenset(q.split()[0] for q in qs))
+        seen += qs
+    assert len(set(seen)) == 20 and any(len(t) == 2 for t in tags)
+
+
+def test_every_batch_has_a_listed_shape(tmp_path, tokenizer):
+    write(tmp_path / "d" / "a.jsonl", records("d0", 14, long_every=5, scores=True))
+    write(tmp_path / "d" / "b.jsonl", records("d1", 9, long_every=3))
+    data = build_train_data(config(tmp_path / "d", knowledge_distillation=True), tokenizer, num_batch_shards=2)
+    shapes = set(data.shapes())
+    for epoch in range(2):
+        for b in epoch_batches(data, epoch):
+            n, lq = b["query_input_ids"].shape
+            assert BatchShape(n, b["passage_input_ids"].shape[0] // n, lq, b["passage_input_ids"].shape[1],
+                              bool(b["has_teacher_scores"]), bool(b["no_in_batch_neg"])) in shapes
+
+
+# ---- determinism, resume, multi-host -------------------------------------------------------------------------------
+
+@pytest.fixture
+def two_datasets(tmp_path):
+    write(tmp_path / "d" / "a.jsonl", records("d0", 14, n_pos=3, long_every=5, scores=True))
+    write(tmp_path / "d" / "b.jsonl", records("d1", 10, long_every=3))
+    write(tmp_path / "e_no_in_batch_neg" / "c.jsonl", records("d2", 8, n_neg=2, long_every=2))
+    return f"{tmp_path}/d,{tmp_path}/e_no_in_batch_neg"
+
+
+def test_same_seed_same_batches_other_seed_other_batches(two_datasets, tokenizer):
+    cfg = config(two_datasets, knowledge_distillation=True, shuffle_ratio=0.3, train_group_size=5)
+    a = build_train_data(cfg, tokenizer, num_batch_shards=2)
+    b = build_train_data(cfg, tokenizer, num_batch_shards=2)
+    for x, y in zip(epoch_batches(a, 1), epoch_batches(b, 1)):
+        assert_batches_equal(x, y)
+    cfg.seed = SEED + 1
+    c = build_train_data(cfg, tokenizer, num_batch_shards=2)
+    assert any(not np.array_equal(x["passage_input_ids"], y["passage_input_ids"])
+               if x["passage_input_ids"].shape == y["passage_input_ids"].shape else True
+               for x, y in zip(epoch_batches(a), epoch_batches(c)))
+
+
+def test_iterator_resumes_mid_epoch_with_the_same_batches(two_datasets, tokenizer):
+    data = build_train_data(config(two_datasets, knowledge_distillation=True), tokenizer, num_batch_shards=2)
+    spe = data.steps_per_epoch
+    it = data.iterator()
+    full = [next(it) for _ in range(2 * spe + 2)]
+    it.close()
+    for i, b in enumerate(full):
+        assert_batches_equal(b, data.batch(i))
+        assert b["epoch"] == i // spe
+    it = data.iterator()
+    for _ in range(spe - 2):
+        next(it)
+    state = it.get_state()
+    assert state == {"step": spe - 2, "steps_per_epoch": spe, "seed": SEED}
+    after = [next(it) for _ in range(5)]
+    it.close()
+    resumed = data.iterator()  # a fresh pipeline, as after a restart
+    resumed.set_state(json.loads(json.dumps(state)))
+    again = [next(resumed) for _ in range(5)]
+    resumed.close()
+    for x, y, z in zip(after, again, full[spe - 2:]):
+        assert_batches_equal(x, y)
+        assert_batches_equal(x, z)
+    assert data.iterator(start_step=spe + 1).__next__()["epoch"] == 1
+
+
+def test_iterator_state_through_grain_checkpoint_handler_with_worker_processes(two_datasets, tokenizer, tmp_path):
+    """The orbax path the train loop uses (grain.checkpoint), with 2 grain worker processes."""
+    from etils import epath
+    import grain
+    data = build_train_data(config(two_datasets, num_data_workers=2, data_prefetch=1), tokenizer,
+                            num_batch_shards=2)
+    it = data.iterator()
+    for _ in range(3):
+        next(it)
+    ckpt = epath.Path(tmp_path / "ckpt")
+    ckpt.mkdir()
+    grain.checkpoint.CheckpointHandler().save(ckpt, args=grain.checkpoint.CheckpointSave(it))
+    expected = [next(it) for _ in range(4)]
+    it.close()
+    restored = grain.checkpoint.CheckpointHandler().restore(
+        ckpt, args=grain.checkpoint.CheckpointRestore(data.iterator()))
+    got = [next(restored) for _ in range(4)]
+    restored.close()
+    for x, y, i in zip(expected, got, range(3, 7)):
+        assert_batches_equal(x, y)
+        assert_batches_equal(x, data.batch(i))
+
+
+def test_state_from_other_data_is_refused(two_datasets, tokenizer):
+    data = build_train_data(config(two_datasets), tokenizer, num_batch_shards=2)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        data.iterator().set_state({"step": 3, "steps_per_epoch": data.steps_per_epoch + 1, "seed": SEED})
+
+
+def test_two_processes_slices_union_is_the_one_process_global_batch(two_datasets, tokenizer, tmp_path):
+    cfg = config(two_datasets, knowledge_distillation=True, shuffle_ratio=0.5, train_group_size=5,
+                 passage_max_len=128)
+    one = build_train_data(cfg, tokenizer, num_batch_shards=4)
+    cfg.num_data_workers = 2  # the token-length table is computed in 2 worker processes
+    procs = [build_train_data(cfg, tokenizer, num_batch_shards=4, process_index=p, process_count=2)
+             for p in range(2)]
+    cache = os.listdir(tmp_path / "cache" / "token_lengths")
+    assert len(cache) == 3  # one token-length table per file, reused by the second process
+    assert procs[0].steps_per_epoch == procs[1].steps_per_epoch == one.steps_per_epoch
+    assert procs[0].shapes() == one.shapes()
+    raw_pos = {tokenizer.decode(tokenizer(p)["input_ids"], skip_special_tokens=True)
+               for d in (records("d0", 14, n_pos=3, long_every=5), records("d1", 10, long_every=3),
+                         records("d2", 8, n_neg=2, long_every=2)) for r in d for p in r["pos"]}
+    shuffled = 0
+    for step in range(one.steps_per_epoch * 2):
+        glob = one.batch(step)
+        parts = [p.batch(step) for p in procs]
+        for k, v in glob.items():
+            if np.ndim(v) == 0:
+                assert parts[0][k] == parts[1][k] == v, k
+            else:
+                np.testing.assert_array_equal(np.concatenate([parts[0][k], parts[1][k]]), v, err_msg=k)
+        shuffled += sum(group[0] not in raw_pos for group in texts(tokenizer, glob)[1])
+    assert shuffled > 0  # reshuffled positives (lengths not in the table) were part of the check
+
+
+def test_num_batch_shards_must_split_evenly_over_processes(two_datasets, tokenizer):
+    with pytest.raises(ValueError, match="multiple of process_count"):
+        build_train_data(config(two_datasets), tokenizer, num_batch_shards=3, process_index=0, process_count=2)
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------------
+
+GOOD = json.dumps({"query": "q", "pos": ["p"], "neg": ["n1", "n2"]})
+
+
+@pytest.mark.parametrize("line, kd, message", [
+    ('{"query": "q", "pos": ["p"], "neg": ["n"]', False, r":2: invalid JSON \(.*\); expected one JSON object per line"),
+    ('["q", "p"]', False, r":2: a JSON list; expected a JSON object with 'query', 'pos' and 'neg'"),
+    ('{"pos": ["p"], "neg": ["n"]}', False, r":2: missing 'query'; expected a string"),
+    ('{"query": "q", "neg": ["n"]}', False, r":2: missing 'pos'; expected a non-empty list of strings"),
+    ('{"query": "q", "pos": [], "neg": ["n"]}', False,
+     r":2: 'pos' is empty; expected at least one positive passage"),
+    ('{"query": 5, "pos": ["p"], "neg": ["n"]}', False, r":2: 'query' is int; expected a string"),
+    ('{"query": "q", "pos": ["p", null], "neg": ["n"]}', False, r":2: 'pos'\[1\] is null; expected a string"),
+    ('{"query": "q", "pos": "p", "neg": ["n"]}', False, r":2: 'pos' is str; expected a list of strings"),
+    ('{"query": "q", "pos": ["p"], "neg": [1]}', False, r":2: 'neg'\[0\] is int; expected a string"),
+    ('{"query": "q", "pos": ["p"]}', False,
+     r":2: missing 'neg'; expected a non-empty list of strings \(group size 4 needs 3 negatives per query\)"),
+    ('{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1, 2], "neg_scores": [0]}', True,
+     r":2: 'pos_scores' has 2 entries but 'pos' has 1; expected one teacher score per passage"),
+    ('{"query": "q", "pos": ["p"], "neg": ["n", "m"], "pos_scores": [1], "neg_scores": [0]}', True,
+     r":2: 'neg_scores' has 1 entries but 'neg' has 2; expected one teacher score per passage"),
+    ('{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1], "neg_scores": ["x"]}', True,
+     r":2: 'neg_scores'\[0\] is 'x'; expected a finite number"),
+])
+def test_bad_example_message_names_file_line_and_expectation(tmp_path, tokenizer, line, kd, message):
+    first = json.dumps({"query": "q", "pos": ["p"], "neg": ["n1", "n2"], "pos_scores": [1], "neg_scores": [0, 1]}) \
+        if kd else GOOD
+    path = write(tmp_path / "d" / "a.jsonl", [first, line, GOOD])
+    with pytest.raises(DataError, match=re.escape(path) + message):
+        build_train_data(config(tmp_path / "d", knowledge_distillation=kd), tokenizer, num_batch_shards=1)
+
+
+def test_skip_bad_examples_logs_and_counts(tmp_path, tokenizer, caplog):
+    path = write(tmp_path / "d" / "a.jsonl", [GOOD, "{oops", '{"query": "q", "pos": []}', GOOD, GOOD, GOOD])
+    with caplog.at_level(logging.WARNING):
+        data = build_train_data(config(tmp_path / "d", skip_bad_examples=True), tokenizer, num_batch_shards=1)
+    assert data.bad_example_counts == {path: 2}
+    assert f"{path}:2: invalid JSON" in caplog.text and f"{path}:3: 'pos' is empty" in caplog.text
+    assert f"{path}: skipped 2 bad example(s)" in caplog.text
+    assert data.datasets[0][1] == 4
+
+
+def test_json_array_files_and_their_errors(tmp_path, tokenizer):
+    recs = records("d0", 4)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.json").write_text(json.dumps(recs, indent=1))
+    data = build_train_data(config(tmp_path / "d"), tokenizer, num_batch_shards=1)
+    assert sorted(q for b in epoch_batches(data) for q in texts(tokenizer, b)[0]) == [r["query"] for r in recs]
+    (tmp_path / "d" / "a.json").write_text(json.dumps(recs[:1] + [{"query": "q", "pos": []}]))
+    with pytest.raises(DataError, match=r"a\.json:element 2: 'pos' is empty"):
+        build_train_data(config(tmp_path / "d"), tokenizer, num_batch_shards=1)
+    (tmp_path / "d" / "a.json").write_text('[{"query": "q",\n "pos": ["p"]')
+    with pytest.raises(DataError, match=r"a\.json:2: invalid JSON"):
+        build_train_data(config(tmp_path / "d"), tokenizer, num_batch_shards=1)
+
+
+def test_parallel_scan_matches_and_reports_errors(tmp_path):
+    from m3jax.data_files import ScanRules, scan_files
+    paths = [write(tmp_path / "d" / f"{k}.json", records(f"d{k}", 5 + k)) for k in range(3)]  # .json as JSON lines
+    rules = ScanRules(4, False, True, False)
+    seq = scan_files(paths, rules, num_workers=0)
+    par = scan_files(paths, rules, num_workers=2, parallel_min_bytes=0)
+    assert [len(f) for f in par] == [5, 6, 7]
+    for a, b in zip(seq, par):
+        np.testing.assert_array_equal(a.offsets, b.offsets)
+        assert a.record(4) == b.record(4) == records(a.record(0)["query"].split()[0], 5)[4]
+    write(tmp_path / "d" / "1.json", [GOOD, '{"query": "q", "pos": ["p"], "neg": []}'])
+    with pytest.raises(DataError, match=r"1\.json:2: 'neg' is empty; expected at least one negative passage"):
+        scan_files(paths, rules, num_workers=2, parallel_min_bytes=0)
+
+
+def test_bad_paths(tmp_path, tokenizer):
+    path = write(tmp_path / "d" / "a.jsonl", [GOOD] * 4)
+    with pytest.raises(DataError, match=re.escape(path) + r"' is a file; expected a directory"):
+        build_train_data(config(path), tokenizer, num_batch_shards=1)
+    with pytest.raises(DataError, match=r"missing' does not exist; expected a directory of \.json/\.jsonl files"):
+        build_train_data(config(tmp_path / "missing"), tokenizer, num_batch_shards=1)
+    with pytest.raises(DataError, match=r"train_data is empty; expected one or more directories"):
+        build_train_data(config(""), tokenizer, num_batch_shards=1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"empty' has no \.json/\.jsonl files"):
+        build_train_data(config(tmp_path / "empty"), tokenizer, num_batch_shards=1)
+
+
+def test_empty_dataset_after_filtering(tmp_path, tokenizer):
+    write(tmp_path / "d" / "a.jsonl", ["{bad", ""])
+    with pytest.raises(DataError, match=r"no training examples in .*a\.jsonl \(no valid examples\)"):
+        build_train_data(config(tmp_path / "d", skip_bad_examples=True), tokenizer, num_batch_shards=1)
+    write(tmp_path / "d" / "a.jsonl", [GOOD] * 3)
+    with pytest.raises(DataError, match=r"no training examples .*3 examples \(< drop_threshold 5\)"):
+        build_train_data(config(tmp_path / "d", small_threshold=5, drop_threshold=5), tokenizer, num_batch_shards=1)
+    with pytest.raises(DataError, match=r"no complete batch"):
+        build_train_data(config(tmp_path / "d", per_device_train_batch_size=4), tokenizer, num_batch_shards=2)
+
+
+def test_inconsistent_per_dataset_columns(tmp_path, tokenizer):
+    write(tmp_path / "d" / "a.jsonl", [dict(json.loads(GOOD), type="only_1neg"), GOOD])
+    with pytest.raises(DataError, match=r"a\.jsonl:2: 'type' is None but the file's first example has 'only_1neg'"):
+        build_train_data(config(tmp_path / "d"), tokenizer, num_batch_shards=1)
+
+
+
+# ---- scripts/split_data_by_length.py ------------------------------------------------------------------------------
+
+def _load_script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "..", "scripts",
+                                                                     name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_split_data_by_length(tmp_path, tokenizer):
+    split = _load_script("split_data_by_length")
+    tok_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(tok_dir)
+    recs = records("d0", 12, long_every=4, type="symmetric_sts")  # extra columns are kept
+    src = write(tmp_path / "in" / "train.jsonl", recs)
+    lines = open(src).read().splitlines()
+    longest = [max(len(tokenizer(t)["input_ids"]) for t in [r["query"]] + r["pos"] + r["neg"]) for r in recs]
+    cuts = sorted(set(longest))
+    bounds = [0, cuts[len(cuts) // 3], cuts[2 * len(cuts) // 3]]  # three non-empty ranges
+    split.main(["--input_path", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+                "--model_name_or_path", str(tok_dir), "--length_list", *map(str, bounds), "--num_proc", "1"])
+    expected = {}
+    for lo, hi in zip(bounds, bounds[1:] + [math.inf]):
+        want = [line for line, n in zip(lines, longest) if lo <= n < hi]
+        if want:
+            expected[f"train_len-{lo}-{hi}.jsonl"] = want
+    assert len(expected) == 3  # every range gets examples
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out)) == sorted(list(expected) + [".split_log"])
+    for name, want in expected.items():
+        assert (out / name).read_text().splitlines() == want
+    log = json.loads((out / ".split_log").read_text())
+    assert log["size"] == 12 and log["split_info"] == {k[6:-6]: len(v) for k, v in expected.items()}
+    # Multi-process: the same split; existing outputs are skipped unless overwrite.
+    first = out / f"train_len-0-{bounds[1]}.jsonl"
+    first.write_text("old\n")
+    tokenizer_json = tokenizer.backend_tokenizer.to_str()
+    ranges = split.length_ranges(bounds)
+    split.split_file(src, str(out / "train"), ranges, tokenizer_json, num_proc=2, overwrite=False, chunk=5)
+    assert first.read_text() == "old\n"
+    split.split_file(src, str(out / "train"), ranges, tokenizer_json, num_proc=2, overwrite=True, chunk=5)
+    for name, want in expected.items():
+        assert (out / name).read_text().splitlines() == want
+    # The split files train with their length tags' batch sizes (halved: the data is symmetric_sts).
+    lo_mid, mid_hi = f"0-{bounds[1]}", f"{bounds[1]}-{bounds[2]}"
+    data = build_train_data(config(out, batch_size_by_length={lo_mid: 6, mid_hi: 4}), tokenizer,
+                            num_batch_shards=1)
+    assert {os.path.basename(d[0]): d[2] for d in data.datasets} == {
+        f"train_len-{lo_mid}.jsonl": 3, f"train_len-{mid_hi}.jsonl": 2, f"train_len-{bounds[2]}-inf.jsonl": 1}
