@@ -12,8 +12,10 @@ _NORM_EPS = 1e-12
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
-    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
-    return (x / jnp.maximum(norm, _NORM_EPS)).astype(x.dtype)
+    """x / max(||x||, eps), with max taken on the squared norm: the same values, and a zero (not NaN) gradient
+    for the all-zero colbert vectors of padded tokens (sqrt has an infinite derivative at 0)."""
+    sumsq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    return (x * jax.lax.rsqrt(jnp.maximum(sumsq, _NORM_EPS**2))).astype(x.dtype)
 
 
 def pool(hidden: jax.Array, mask: jax.Array, method: str) -> jax.Array:
