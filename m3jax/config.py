@@ -92,8 +92,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.save_steps = 500
     c.save_total_limit = 3
     c.eval_steps = 0  # > 0: run the retrieval eval (c.eval) every eval_steps
+    # BEIR-style files (corpus.jsonl, queries.jsonl, qrels.tsv); max_len -1 = the training one. Modes / weights /
+    # metrics as `m3jax eval` takes them (weights: dense, sparse, colbert, as FlagEmbedding's compute_score).
     c.eval = ml_collections.ConfigDict(dict(
-        corpus="", queries="", qrels="", batch_size=64, query_max_len=-1, passage_max_len=-1))
+        corpus="", queries="", qrels="", batch_size=64, query_max_len=-1, passage_max_len=-1,
+        modes=("dense", "sparse", "colbert", "dense+sparse", "all"), weights=(1.0, 1.0, 1.0),
+        metrics=("ndcg@10", "recall@100", "mrr@10")))
 
     # ---- JAX: numerics, kernels, memory -------------------------------------------------------------------
     c.model = ml_collections.ConfigDict(dict(
@@ -142,6 +146,30 @@ def _require(ok: bool, field: str, expected: str, value: Any) -> None:
         raise ConfigError(f"config.{field}={value!r}: expected {expected}")
 
 
+def check_override_flags(argv: list[str]) -> None:
+    """Reject `--config.<field>=...` flags naming no field, before absl's parser turns them into a traceback."""
+    import difflib
+
+    schema = default_config()
+    known = set()
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            known.add(prefix + k)
+            if isinstance(v, ml_collections.ConfigDict):
+                walk(v, prefix + k + ".")
+
+    walk(schema, "")
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        field = arg[len("--config."):].split("=", 1)[0]
+        if field not in known:
+            close = difflib.get_close_matches(field, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"--config.{field}: no such config field{hint} (fields are listed in m3jax/config.py)")
+
+
 def train_data_dirs(config: ml_collections.ConfigDict) -> list[str]:
     """`train_data` as a list of paths (the command line gives one comma-separated string)."""
     value = config.train_data
@@ -177,6 +205,10 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
              "max_steps > 0 or num_train_epochs > 0", (c.max_steps, c.num_train_epochs))
     _require(c.logging_steps >= 1, "logging_steps", "an int >= 1", c.logging_steps)
     _require(c.save_steps >= 1, "save_steps", "an int >= 1", c.save_steps)
+    _require(c.eval_steps >= 0, "eval_steps", "0 (off) or a positive int", c.eval_steps)
+    if c.eval_steps > 0:
+        for f in ("corpus", "queries", "qrels"):
+            _require(bool(c.eval[f]), f"eval.{f}", "a file path (eval_steps > 0 turns the periodic eval on)", c.eval[f])
     _require(c.sub_batch_size == -1 or c.sub_batch_size >= 1, "sub_batch_size", "-1 (off) or a positive int",
              c.sub_batch_size)
     _require(c.num_data_workers >= 0, "num_data_workers", "an int >= 0", c.num_data_workers)

@@ -44,6 +44,12 @@ def _select_devices(devices) -> list:
     return list(dict.fromkeys(chosen))
 
 
+@functools.cache
+def _jitted_apply(cfg: m3model.ModelConfig):
+    """One jitted forward per model config, shared by every BGEM3FlagModel (periodic evals do not recompile)."""
+    return jax.jit(functools.partial(m3model.BGEM3(cfg).apply, deterministic=True))
+
+
 class BGEM3FlagModel:
     """Drop-in for `FlagEmbedding.BGEM3FlagModel` (M3Embedder)."""
 
@@ -100,7 +106,7 @@ class BGEM3FlagModel:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.params = jax.device_put(params, replicated)
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
-        self._apply = jax.jit(functools.partial(m3model.BGEM3(cfg).apply, deterministic=True))
+        self._apply = _jitted_apply(cfg)
 
     @classmethod
     def from_params(cls, cfg: m3model.ModelConfig, params, tokenizer, **kwargs) -> "BGEM3FlagModel":

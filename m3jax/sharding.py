@@ -1,0 +1,128 @@
+"""Device mesh, logical-axis rules and the shardings of params, optimizer state and batches.
+
+The mesh has three named axes sized from the config (`config.mesh`, -1 = the remaining devices):
+  data    pure data parallelism (params replicated along it)
+  fsdp    data parallelism with params / optimizer state sharded along it (ZeRO-3 style)
+  tensor  tensor parallelism over heads / mlp / vocab
+Batches shard over (data, fsdp). Params shard by their logical axis names through `config.sharding_rules`; a
+dimension that the mesh axis does not divide is replicated instead (logged), e.g. the 250002-token vocabulary.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+    sizes = [int(mesh_config[a]) for a in MESH_AXES]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"config.mesh={dict(mesh_config)}: {num_devices} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"config.mesh={dict(mesh_config)} needs {math.prod(sizes)} devices, there are {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+    """The (data, fsdp, tensor) mesh. A single-process run whose axis sizes are all explicit may use fewer devices
+    than it has (the first ones); a multi-process mesh must span every device."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(mesh_config[a]) for a in MESH_AXES]
+    if -1 not in sizes and math.prod(sizes) < len(devices) and jax.process_count() == 1:
+        logger.warning("config.mesh=%s uses %d of the %d devices", dict(mesh_config), math.prod(sizes), len(devices))
+        devices = devices[:math.prod(sizes)]
+    shape = mesh_shape(mesh_config, len(devices))
+    try:  # topology-aware order on TPU / multi-host; process-contiguous batch slices
+        grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, name: str) -> PartitionSpec:
+    """Drop mesh axes that do not divide their dimension (replicate that dimension instead)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            fitted.append(None)
+            continue
+        size = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+        if dim % size:
+            logger.info("sharding: %s dim %d is not divisible by mesh %s=%d; replicated", name, dim, axes, size)
+            fitted.append(None)
+        else:
+            fitted.append(axes)
+    return PartitionSpec(*fitted)
+
+
+def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules) -> object:
+    """NamedShardings for a tree of (possibly nn.Partitioned-boxed) abstract arrays, by the logical rules."""
+    specs = nn.get_partition_spec(abstract_boxed_tree)
+    mesh_specs = nn.logical_to_mesh(specs, [tuple(r) for r in rules])
+    unboxed = nn.unbox(abstract_boxed_tree)
+
+    def to_sharding(path, spec, leaf):
+        if not hasattr(leaf, "shape"):
+            return None
+        return NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh, jax.tree_util.keystr(path)))
+
+    return jax.tree_util.tree_map_with_path(to_sharding, mesh_specs, unboxed,
+                                            is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def state_shardings_like(abstract_state, abstract_params, param_shardings, mesh: Mesh):
+    """Shardings for an optimizer state: a leaf whose key path ends with a parameter's path and has its shape
+    (Adam's mu / nu, ...) takes that parameter's sharding; everything else (counts) is replicated."""
+    by_path = {}
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                      jax.tree.leaves(param_shardings)):
+        by_path[tuple(str(k) for k in path)] = (leaf.shape, sharding)
+
+    def pick(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for i in range(len(keys)):
+            shape, sharding = by_path.get(keys[i:], (None, None))
+            if sharding is not None and shape == leaf.shape:
+                return sharding
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def put_tree(np_tree, shardings):
+    """Host numpy arrays (identical on every process) -> global jax arrays with the given shardings."""
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(put, np_tree, shardings)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's slice of the batch -> global arrays sharded over the batch axes (no host sync)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
