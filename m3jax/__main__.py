@@ -1,0 +1,7 @@
+"""`python -m m3jax <command> ...`: see m3jax/cli.py."""
+import sys
+
+from m3jax.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

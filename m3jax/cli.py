@@ -1,0 +1,215 @@
+"""The `m3jax` command (also `python -m m3jax`): subcommands around a training run.
+
+    m3jax export --checkpoint runs/toy --output runs/toy_export [--step N] [--pytorch-bin] [--heads-dtype float16]
+    m3jax eval --model runs/toy_export --corpus c.jsonl --queries q.jsonl --qrels qrels.tsv [--output r.json]
+
+Errors a user can fix (missing or incomplete checkpoint, malformed eval file, existing output directory) print one
+line "m3jax <command>: error: ..." on stderr and exit with status 2, without a traceback.
+
+Adding a subcommand: write `_add_<name>(subparsers)` that creates its parser and sets `func` to a function taking the
+parsed args and returning an exit status, then append it to SUBCOMMANDS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+logger = logging.getLogger("m3jax")
+
+
+class UsageError(ValueError):
+    """A command-line problem found after parsing (reported like argparse errors, exit status 2)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is the whole story (imported lazily: `m3jax --help` stays fast)."""
+    from m3jax.evaluate import EvalDataError
+    from m3jax.export import ExportError
+    from m3jax.hf_io import CheckpointFormatError
+
+    return ExportError, EvalDataError, CheckpointFormatError, UsageError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export
+
+
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="write a training checkpoint as a bge-m3 (Hugging Face) directory",
+        description="Write an m3jax training checkpoint in the bge-m3 layout: config.json, model.safetensors "
+                    "(+ pytorch_model.bin), colbert_linear.pt, sparse_linear.pt, tokenizer and sentence-transformers "
+                    "files. Loads in transformers AutoModel, FlagEmbedding BGEM3FlagModel and SentenceTransformer. "
+                    "Written to a staging directory and renamed into place: never half-written.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's output_dir (latest complete step), its checkpoints/ dir, or checkpoints/<step>")
+    p.add_argument("--output", required=True, help="directory to create (must not exist or be empty)")
+    p.add_argument("--step", type=int, default=None, help="export this step instead of the latest")
+    p.add_argument("--base-model", default=None,
+                   help="directory with config.json and tokenizer files (default: <output_dir>/base_model, "
+                        "copied there when the run started)")
+    p.add_argument("--pytorch-bin", action="store_true", help="also write pytorch_model.bin (as bge-m3 ships)")
+    p.add_argument("--heads-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of colbert_linear.pt / sparse_linear.pt; float32 (default) is exact, float16 is "
+                        "what bge-m3 ships")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from m3jax.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, step=args.step, base_model=args.base_model,
+                            pytorch_bin=args.pytorch_bin, heads_dtype=args.heads_dtype, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def _modes_arg(value: str):
+    from m3jax.evaluate import parse_modes
+
+    try:
+        return parse_modes(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _metrics_arg(value: str):
+    from m3jax.evaluate import parse_metrics
+
+    try:
+        return parse_metrics(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="retrieval metrics on BEIR-style files (dense, sparse, colbert and combinations)",
+        description="Exact search over a local BEIR-style corpus with the dense, sparse and colbert scores of a "
+                    "bge-m3 model and their weighted sums; prints nDCG@10, Recall@100 and MRR@10 per mode.")
+    p.add_argument("--model", required=True,
+                   help="a Hugging Face bge-m3 directory, or an m3jax run output_dir / checkpoints/<step>")
+    p.add_argument("--corpus", required=True, help="corpus.jsonl: {\"_id\", \"title\", \"text\"} per line")
+    p.add_argument("--queries", required=True, help="queries.jsonl: {\"_id\", \"text\"} per line")
+    p.add_argument("--qrels", required=True, help="qrels TSV: query-id, corpus-id, score (header optional)")
+    p.add_argument("--modes", type=_modes_arg, default="dense,sparse,colbert,dense+sparse,all",
+                   help="comma-separated: dense, sparse, colbert, dense+sparse, all (default: all five)")
+    p.add_argument("--weights", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("DENSE", "SPARSE", "COLBERT"),
+                   help="weights of the combined modes (default 1 1 1, as FlagEmbedding's compute_score)")
+    p.add_argument("--metrics", type=_metrics_arg, default="ndcg@10,recall@100,mrr@10",
+                   help="comma-separated NAME@K, NAME in ndcg, recall, mrr (default ndcg@10,recall@100,mrr@10)")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per encode batch (and passages per search block)")
+    p.add_argument("--query-max-len", type=int, default=512)
+    p.add_argument("--passage-max-len", type=int, default=512)
+    p.add_argument("--query-instruction", default=None, help="prefix for queries (query_instruction_for_retrieval)")
+    p.add_argument("--query-instruction-format", default="{}{}")
+    p.add_argument("--pooling-method", choices=("cls", "mean"), default=None,
+                   help="dense pooling of an HF directory (default: from m3jax_export.json, else cls)")
+    p.add_argument("--step", type=int, default=None, help="with a run directory: evaluate this step")
+    p.add_argument("--base-model", default=None, help="with a run directory: config.json + tokenizer directory")
+    p.add_argument("--devices", default=None, help="e.g. cpu, or cuda:0 (default: all local accelerators)")
+    p.add_argument("--fp32", action="store_true", help="compute in float32 on accelerators (default: bfloat16)")
+    p.add_argument("--output", default=None, help="also write the metrics (and settings) to this JSON file")
+    p.set_defaults(func=_run_eval)
+
+
+def _load_model(args):
+    from m3jax.inference import BGEM3FlagModel
+
+    common = dict(use_fp16=not args.fp32, devices=args.devices, batch_size=args.batch_size,
+                  query_max_length=args.query_max_len, passage_max_length=args.passage_max_len,
+                  query_instruction_for_retrieval=args.query_instruction,
+                  query_instruction_format=args.query_instruction_format)
+    if os.path.isfile(os.path.join(args.model, "config.json")):
+        if args.step is not None or args.base_model is not None:
+            raise UsageError("--step and --base-model apply to an m3jax run directory, not to an HF directory")
+        pooling = args.pooling_method
+        info_path = os.path.join(args.model, "m3jax_export.json")
+        if pooling is None and os.path.isfile(info_path):
+            with open(info_path) as f:
+                pooling = json.load(f).get("sentence_pooling_method")
+        return BGEM3FlagModel(args.model, pooling_method=pooling or "cls", **common)
+
+    from m3jax.export import ExportError, read_checkpoint
+
+    if not os.path.isdir(args.model):
+        raise ExportError(f"{args.model}: does not exist")
+    if args.pooling_method is not None:
+        raise UsageError("--pooling-method applies to an HF directory; a checkpoint uses its run config's")
+    try:
+        ckpt = read_checkpoint(args.model, step=args.step, base_model=args.base_model)
+    except ExportError as e:
+        raise ExportError(f"--model: not an HF model directory (no config.json) and not a usable m3jax "
+                          f"checkpoint: {e}") from e
+    logger.info("evaluating %s (step %d)", ckpt.location.step_dir, ckpt.location.step)
+    return BGEM3FlagModel.from_params(ckpt.model_cfg, ckpt.params, ckpt.load_tokenizer(), **common)
+
+
+def _run_eval(args) -> int:
+    from m3jax import evaluate as ev
+
+    for name in ("batch_size", "query_max_len", "passage_max_len"):
+        if getattr(args, name) < (1 if name == "batch_size" else 2):
+            raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} is too small")
+    try:
+        ev._check_weights(args.weights, args.modes)
+    except ValueError as e:
+        raise UsageError(f"--weights: {e}") from None
+    eval_set = ev.load_eval_set(args.corpus, args.queries, args.qrels)  # file errors before loading the model
+    model = _load_model(args)
+    results = ev.evaluate_eval_set(model, eval_set, batch_size=args.batch_size, query_max_len=args.query_max_len,
+                                   passage_max_len=args.passage_max_len, modes=args.modes, weights=args.weights,
+                                   metrics=args.metrics)
+    print(ev.format_table(results))
+    if args.output:
+        payload = ev.results_json(
+            results, model=os.path.abspath(args.model), corpus=os.path.abspath(args.corpus),
+            queries=os.path.abspath(args.queries), qrels=os.path.abspath(args.qrels), weights=list(args.weights),
+            num_queries=len(eval_set.query_ids), num_passages=len(eval_set.corpus_ids),
+            unknown_query_qrels=eval_set.unknown_query_qrels, unknown_passage_qrels=eval_set.unknown_passage_qrels,
+            batch_size=args.batch_size, query_max_len=args.query_max_len, passage_max_len=args.passage_max_len)
+        parent = os.path.dirname(os.path.abspath(args.output))
+        os.makedirs(parent, exist_ok=True)
+        tmp = args.output + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, args.output)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subcommand registry and entry point
+
+# A future `bench` subcommand: def _add_bench(subparsers): ...; then add it here.
+SUBCOMMANDS = [_add_export, _add_eval]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m3jax", description="BGE-M3 fine-tuning in JAX: export, evaluation.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        for noisy in ("absl", "jax"):  # Orbax logs every handler it creates, jax every backend it probes
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"m3jax {args.command}: error: {e}", file=sys.stderr)
+        return 2

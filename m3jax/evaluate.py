@@ -1,0 +1,620 @@
+"""Retrieval evaluation on BEIR-style local files: nDCG@10, Recall@100 and MRR@10 for the dense, sparse and colbert
+scores of a bge-m3 model and their weighted combinations.
+
+    python -m m3jax eval --model runs/toy_export --corpus toy_eval_data/corpus.jsonl \
+        --queries toy_eval_data/queries.jsonl --qrels toy_eval_data/qrels.tsv
+
+Files (BEIR layout):
+  corpus.jsonl   {"_id": "d1", "title": "...", "text": "..."}   title optional; encoded as "title text" like
+                                                               FlagEmbedding's evaluation searcher
+  queries.jsonl  {"_id": "q1", "text": "..."}
+  qrels.tsv      query-id <tab> corpus-id <tab> score   (header line optional; TREC's "qid 0 docid rel" also read)
+Only queries that have qrels are evaluated (as BEIR does); a qrels line naming an unknown query is skipped and one
+naming an unknown passage is kept as a relevant passage that cannot be retrieved (as pytrec_eval counts it); both
+are counted and logged.
+
+Search is exact, on the model's first device, in blocks: corpus passages are encoded a few batches at a time and
+every block of queries is scored against every block of passages with one jitted function, keeping a running top-k
+(k = max(100, the largest metric cutoff)) per query with `jax.lax.top_k`:
+  dense    q . p
+  sparse   lexical matching: each passage block becomes a dense [block, vocab] matrix of token weights on the device
+           (max weight per token id, as in the lexical_weights dicts), gathered at the query's token ids
+  colbert  sum over query tokens of the max over passage tokens of <q_i, p_j>, divided by the query's token count
+           (FlagEmbedding's colbert_score on the unpadded vectors)
+  dense+sparse  (w_d * dense + w_s * sparse) / (w_d + w_s)
+  all           (w_d * dense + w_s * sparse + w_c * colbert) / (w_d + w_s + w_c)
+with weights [w_d, w_s, w_c] defaulting to [1, 1, 1] like FlagEmbedding's compute_score.
+
+Metrics follow trec_eval / pytrec_eval (what BEIR and FlagEmbedding's evaluation report): nDCG@k with the graded
+qrels scores as gains and a log2(rank + 1) discount, the ideal ranking taken from every judged passage; Recall@k
+= relevant passages (score > 0) in the top k / all relevant passages; MRR@k = 1 / rank of the first relevant
+passage in the top k (0 if none). Equal scores are ranked like trec_eval does (passage id, descending), so the
+numbers are those pytrec_eval gives for the same run. The mean is over the evaluated queries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
+_MODE_ALIASES = {"sparse+dense": "dense+sparse", "colbert+sparse+dense": "all", "lexical": "sparse",
+                 "dense+sparse+colbert": "all"}
+_MODE_PARTS = {"dense": ("dense",), "sparse": ("sparse",), "colbert": ("colbert",),
+               "dense+sparse": ("dense", "sparse"), "all": ("dense", "sparse", "colbert")}
+DEFAULT_WEIGHTS = (1.0, 1.0, 1.0)  # dense, sparse, colbert: FlagEmbedding compute_score's default
+DEFAULT_METRICS = ("ndcg@10", "recall@100", "mrr@10")
+METRIC_NAMES = ("ndcg", "recall", "mrr")
+MIN_TOP_K = 100
+_BLOCK_BYTES = 256 * 2**20  # budget for the largest intermediate of one (query block, passage block) step
+
+
+class EvalDataError(ValueError):
+    """An eval file is missing or malformed; the message names the file and line."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options
+
+
+def parse_modes(modes: str | Sequence[str]) -> tuple[str, ...]:
+    """'dense,sparse' or a list -> canonical mode names (aliases: sparse+dense, colbert+sparse+dense, lexical)."""
+    items = [m.strip() for m in modes.split(",")] if isinstance(modes, str) else [str(m).strip() for m in modes]
+    out = []
+    for m in items:
+        if not m:
+            continue
+        canonical = _MODE_ALIASES.get(m.lower(), m.lower())
+        if canonical not in MODES:
+            raise ValueError(f"unknown mode {m!r}: expected some of {', '.join(MODES)}")
+        if canonical not in out:
+            out.append(canonical)
+    if not out:
+        raise ValueError("no modes given")
+    return tuple(out)
+
+
+def parse_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
+    """'ndcg@10,recall@100' or a list -> canonical 'name@k' strings (name: ndcg, recall, mrr)."""
+    items = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else [str(m).strip() for m in metrics]
+    out = []
+    for m in items:
+        if not m:
+            continue
+        match = re.fullmatch(r"(ndcg|recall|mrr)@(\d+)", m.lower())
+        if not match or int(match.group(2)) < 1:
+            raise ValueError(f"unknown metric {m!r}: expected NAME@K with NAME one of {', '.join(METRIC_NAMES)}")
+        name = f"{match.group(1)}@{int(match.group(2))}"
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ValueError("no metrics given")
+    return tuple(out)
+
+
+def _check_weights(weights: Sequence[float], modes: Sequence[str]) -> tuple[float, float, float]:
+    w = tuple(float(x) for x in weights)
+    if len(w) != 3:
+        raise ValueError(f"weights={list(weights)}: expected three numbers (dense, sparse, colbert)")
+    if any(not math.isfinite(x) or x < 0 for x in w):
+        raise ValueError(f"weights={list(weights)}: expected non-negative numbers")
+    index = {"dense": 0, "sparse": 1, "colbert": 2}
+    for mode in modes:
+        if len(_MODE_PARTS[mode]) > 1 and sum(w[index[p]] for p in _MODE_PARTS[mode]) <= 0:
+            raise ValueError(f"weights={list(weights)}: the weights of mode {mode!r} sum to 0")
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BEIR files
+
+
+def _read_jsonl(path: str, what: str):
+    if not os.path.isfile(path):
+        raise EvalDataError(f"{path}: {what} file does not exist")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalDataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise EvalDataError(f"{path}:{lineno}: expected a JSON object, found {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _id_of(obj: dict, path: str, lineno: int) -> str:
+    key = "_id" if "_id" in obj else "id" if "id" in obj else None
+    if key is None:
+        raise EvalDataError(f"{path}:{lineno}: missing \"_id\"")
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
+        raise EvalDataError(f"{path}:{lineno}: \"{key}\" must be a non-empty string, found {value!r}")
+    return str(value)
+
+
+def _text_of(obj: dict, field: str, path: str, lineno: int, *, optional: bool = False) -> str:
+    value = obj.get(field)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise EvalDataError(f"{path}:{lineno}: \"{field}\" must be a string, found "
+                            f"{'nothing' if field not in obj else repr(value)}")
+    return value
+
+
+def load_corpus(path) -> tuple[list[str], list[str]]:
+    """(passage ids, passage texts) in file order; the text is "title text" when there is a title."""
+    path = os.fspath(path)
+    ids, texts, seen = [], [], {}
+    for lineno, obj in _read_jsonl(path, "corpus"):
+        pid = _id_of(obj, path, lineno)
+        if pid in seen:
+            raise EvalDataError(f"{path}:{lineno}: duplicate _id {pid!r} (first on line {seen[pid]})")
+        seen[pid] = lineno
+        title = _text_of(obj, "title", path, lineno, optional=True)
+        text = _text_of(obj, "text", path, lineno)
+        ids.append(pid)
+        texts.append(f"{title} {text}".strip() if title else text)
+    if not ids:
+        raise EvalDataError(f"{path}: the corpus is empty")
+    return ids, texts
+
+
+def load_queries(path) -> tuple[list[str], list[str]]:
+    """(query ids, query texts) in file order."""
+    path = os.fspath(path)
+    ids, texts, seen = [], [], {}
+    for lineno, obj in _read_jsonl(path, "queries"):
+        qid = _id_of(obj, path, lineno)
+        if qid in seen:
+            raise EvalDataError(f"{path}:{lineno}: duplicate _id {qid!r} (first on line {seen[qid]})")
+        seen[qid] = lineno
+        ids.append(qid)
+        texts.append(_text_of(obj, "text", path, lineno))
+    if not ids:
+        raise EvalDataError(f"{path}: no queries")
+    return ids, texts
+
+
+def _parse_score(value: str, path: str, lineno: int) -> int:
+    try:
+        score = float(value)
+    except ValueError:
+        score = float("nan")
+    if not math.isfinite(score) or score != int(score):
+        raise EvalDataError(f"{path}:{lineno}: score {value!r} is not an integer relevance grade")
+    return int(score)
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def load_qrels(path) -> dict[str, dict[str, int]]:
+    """{query id: {passage id: grade}} from a BEIR qrels TSV (query-id, corpus-id, score; header optional) or a
+    TREC qrels file (query-id, iteration, corpus-id, grade)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise EvalDataError(f"{path}: qrels file does not exist")
+    qrels: dict[str, dict[str, int]] = {}
+    where: dict[tuple[str, str], int] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
+            fields = [x.strip() for x in fields]
+            if len(fields) == 4:  # TREC: qid iter docid rel
+                fields = [fields[0], fields[2], fields[3]]
+            if len(fields) != 3:
+                raise EvalDataError(f"{path}:{lineno}: expected 3 tab-separated fields (query-id, corpus-id, score), "
+                                    f"found {len(fields)}")
+            qid, pid, score = fields
+            if lineno == 1 and not _is_number(score):
+                continue  # header (query-id corpus-id score)
+            if not qid or not pid:
+                raise EvalDataError(f"{path}:{lineno}: empty query-id or corpus-id")
+            grade = _parse_score(score, path, lineno)
+            previous = qrels.setdefault(qid, {}).get(pid)
+            if previous is not None and previous != grade:
+                raise EvalDataError(f"{path}:{lineno}: ({qid}, {pid}) graded {grade} here and {previous} on line "
+                                    f"{where[(qid, pid)]}")
+            qrels[qid][pid] = grade
+            where[(qid, pid)] = lineno
+    if not qrels:
+        raise EvalDataError(f"{path}: no qrels")
+    return qrels
+
+
+@dataclasses.dataclass
+class EvalSet:
+    query_ids: list[str]  # the evaluated queries (those with qrels), in queries-file order
+    query_texts: list[str]
+    corpus_ids: list[str]
+    corpus_texts: list[str]
+    qrels: dict[str, dict[str, int]]  # restricted to the evaluated queries
+    unknown_query_qrels: int = 0  # qrels lines whose query is not in the queries file (skipped)
+    unknown_passage_qrels: int = 0  # qrels lines whose passage is not in the corpus (kept: unretrievable)
+    queries_without_qrels: int = 0  # queries in the file that are not evaluated
+
+
+def load_eval_set(corpus_path, queries_path, qrels_path) -> EvalSet:
+    corpus_ids, corpus_texts = load_corpus(corpus_path)
+    all_qids, all_qtexts = load_queries(queries_path)
+    qrels = load_qrels(qrels_path)
+    known_q = set(all_qids)
+    known_p = set(corpus_ids)
+    unknown_q = [q for q in qrels if q not in known_q]
+    unknown_q_lines = sum(len(qrels[q]) for q in unknown_q)
+    unknown_p_lines = sum(1 for q in qrels if q in known_q for p in qrels[q] if p not in known_p)
+    if unknown_q:
+        logger.warning("%s: %d qrels lines name %d queries that are not in %s (e.g. %r); skipped", qrels_path,
+                       unknown_q_lines, len(unknown_q), queries_path, unknown_q[0])
+    if unknown_p_lines:
+        example = next(p for q in qrels if q in known_q for p in qrels[q] if p not in known_p)
+        logger.warning("%s: %d qrels lines name passages that are not in %s (e.g. %r); they count as relevant "
+                       "passages that cannot be retrieved", qrels_path, unknown_p_lines, corpus_path, example)
+    pairs = [(q, t) for q, t in zip(all_qids, all_qtexts) if q in qrels]
+    if not pairs:
+        raise EvalDataError(f"{qrels_path}: none of its query ids is in {queries_path}; nothing to evaluate")
+    return EvalSet(query_ids=[q for q, _ in pairs], query_texts=[t for _, t in pairs], corpus_ids=corpus_ids,
+                   corpus_texts=corpus_texts, qrels={q: dict(qrels[q]) for q, _ in pairs},
+                   unknown_query_qrels=unknown_q_lines, unknown_passage_qrels=unknown_p_lines,
+                   queries_without_qrels=len(all_qids) - len(pairs))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _trec_order(docs: dict[str, float]) -> list[str]:
+    """Passage ids by score descending, ties by id descending (trec_eval's order)."""
+    ranked = sorted(docs, reverse=True)  # id descending
+    ranked.sort(key=lambda d: docs[d], reverse=True)  # stable: equal scores keep the id order
+    return ranked
+
+
+def _query_metrics(judged: dict[str, int], ranked: list[str], metrics: Sequence[str]) -> dict[str, float]:
+    out = {}
+    relevant = {d for d, g in judged.items() if g > 0}
+    ideal = sorted((g for g in judged.values() if g > 0), reverse=True)
+    for metric in metrics:
+        name, k = metric.split("@")
+        k = int(k)
+        top = ranked[:k]
+        if name == "ndcg":
+            dcg = sum(judged.get(d, 0) / math.log2(i + 2) for i, d in enumerate(top) if judged.get(d, 0) > 0)
+            idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal[:k]))
+            out[metric] = dcg / idcg if idcg > 0 else 0.0
+        elif name == "recall":
+            out[metric] = len(relevant.intersection(top)) / len(relevant) if relevant else 0.0
+        else:  # mrr
+            out[metric] = next((1.0 / (i + 1) for i, d in enumerate(top) if d in relevant), 0.0)
+    return out
+
+
+def compute_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]],
+                    metrics: Sequence[str] = DEFAULT_METRICS, *, per_query: bool = False):
+    """Mean metrics over the queries of `qrels` for a run {query id: {passage id: score}} (pytrec_eval's inputs).
+
+    A query of qrels missing from the run scores 0. With per_query=True returns (means, {query id: {metric: v}}).
+    """
+    metrics = parse_metrics(metrics)
+    if not qrels:
+        raise ValueError("qrels is empty")
+    each = {q: _query_metrics(judged, _trec_order(run.get(q, {})), metrics) for q, judged in qrels.items()}
+    means = {m: float(np.mean([v[m] for v in each.values()])) for m in metrics}
+    return (means, each) if per_query else means
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact search on the device
+
+
+def _round_up(n: int, minimum: int = 8) -> int:
+    """Smallest power of two or 1.5x power of two >= n (bounds the number of compiled shapes)."""
+    size = minimum
+    while True:
+        if size >= n:
+            return size
+        if size * 3 // 2 >= n:
+            return size * 3 // 2
+        size *= 2
+
+
+def _pack_lexical(lexical: list[dict], width: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.zeros((len(lexical), width), np.int32)  # padding: id 0 with weight 0 contributes nothing
+    weights = np.zeros((len(lexical), width), np.float32)
+    for r, item in enumerate(lexical):
+        if item:
+            n = len(item)
+            ids[r, :n] = np.fromiter((int(t) for t in item.keys()), np.int64, n)
+            weights[r, :n] = np.fromiter(item.values(), np.float32, n)
+    return ids, weights
+
+
+def _pack_colbert(vecs: list[np.ndarray], length: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    out = np.zeros((len(vecs), length, dim), np.float32)
+    mask = np.zeros((len(vecs), length), bool)
+    for r, v in enumerate(vecs):
+        out[r, :len(v)] = v
+        mask[r, :len(v)] = True
+    return out, mask
+
+
+def _pack(enc: dict, parts: frozenset, rows: int, *, lex_width: int | None = None,
+          col_length: int | None = None) -> dict:
+    """Encoder outputs for n texts -> padded arrays with `rows` rows (the searched block)."""
+    n = len(next(v for v in enc.values() if v is not None))
+    out = {}
+    if "dense" in parts:
+        dense = np.zeros((rows, np.shape(enc["dense_vecs"])[1]), np.float32)
+        dense[:n] = enc["dense_vecs"]
+        out["dense"] = dense
+    if "sparse" in parts:
+        lexical = list(enc["lexical_weights"]) + [{}] * (rows - n)
+        width = lex_width or _round_up(max(1, max(len(x) for x in lexical)))
+        out["lex_ids"], out["lex_w"] = _pack_lexical(lexical, width)
+    if "colbert" in parts:
+        vecs = list(enc["colbert_vecs"])
+        dim = vecs[0].shape[-1]
+        vecs += [np.zeros((0, dim), np.float32)] * (rows - n)
+        length = col_length or _round_up(max(1, max(len(v) for v in vecs)))
+        out["col"], out["col_mask"] = _pack_colbert(vecs, length, dim)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("modes", "k", "vocab_size"))
+def _search_block(best_scores, best_index, q, p, p_index, p_valid, weights, *, modes, k, vocab_size):
+    """Score one query block against one passage block and merge into the running top-k.
+
+    best_scores / best_index [M, Qb, k]; p_index [Pb] (corpus positions); p_valid [Pb] (False for padding rows).
+    """
+    hi = jax.lax.Precision.HIGHEST  # exact float32 products on TPU/GPU too
+    parts = {part for mode in modes for part in _MODE_PARTS[mode]}
+    base = {}
+    if "dense" in parts:
+        base["dense"] = jnp.einsum("qh,ph->qp", q["dense"], p["dense"], precision=hi,
+                                   preferred_element_type=jnp.float32)
+    if "sparse" in parts:
+        rows = jnp.arange(p["lex_ids"].shape[0])[:, None]
+        p_lex = jnp.zeros((p["lex_ids"].shape[0], vocab_size), jnp.float32).at[rows, p["lex_ids"]].max(p["lex_w"])
+        gathered = p_lex[:, q["lex_ids"]]  # [Pb, Qb, T]
+        base["sparse"] = jnp.einsum("qt,pqt->qp", q["lex_w"], gathered, precision=hi,
+                                    preferred_element_type=jnp.float32)
+    if "colbert" in parts:
+        token = jnp.einsum("qid,pjd->qipj", q["col"], p["col"], precision=hi, preferred_element_type=jnp.float32)
+        token = jnp.where(p["col_mask"][None, None], token, -jnp.inf)
+        best_token = jnp.where(q["col_mask"][:, :, None], token.max(axis=-1), 0.0)  # [Qb, Lq, Pb]
+        count = jnp.maximum(q["col_mask"].sum(axis=1), 1).astype(jnp.float32)
+        base["colbert"] = best_token.sum(axis=1) / count[:, None]
+    w = {"dense": weights[0], "sparse": weights[1], "colbert": weights[2]}
+    scores = []
+    for mode in modes:
+        mode_parts = _MODE_PARTS[mode]
+        if len(mode_parts) == 1:
+            s = base[mode_parts[0]]
+        else:
+            s = sum(w[x] * base[x] for x in mode_parts) / sum(w[x] for x in mode_parts)
+        scores.append(s)
+    scores = jnp.where(p_valid[None, None, :], jnp.stack(scores), -jnp.inf)  # [M, Qb, Pb]
+    index = jnp.broadcast_to(p_index[None, None, :], scores.shape)
+    all_scores = jnp.concatenate([best_scores, scores], axis=-1)
+    all_index = jnp.concatenate([best_index, index], axis=-1)
+    top, pos = jax.lax.top_k(all_scores, k)
+    return top, jnp.take_along_axis(all_index, pos, axis=-1)
+
+
+def _device_of(model):
+    devices = getattr(model, "devices", None)  # m3jax: jax devices; FlagEmbedding: strings like "cpu"
+    if devices and isinstance(devices[0], jax.Device):
+        return devices[0]
+    return jax.devices()[0]
+
+
+def _vocab_size(model) -> int:
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and getattr(cfg, "vocab_size", None):
+        return int(cfg.vocab_size)
+    return len(model.tokenizer)
+
+
+def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, modes: Sequence[str] = MODES,
+           weights: Sequence[float] = DEFAULT_WEIGHTS, top_k: int = MIN_TOP_K, batch_size: int = 64,
+           query_max_len: int = 512, passage_max_len: int = 512,
+           passages_per_encode: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Exact top-k search: {mode: (scores [n_queries, k], corpus positions [n_queries, k])}, best first.
+
+    `model`: m3jax's (or FlagEmbedding's) BGEM3FlagModel; queries go through encode_queries (query instruction),
+    passages through encode_corpus. k = min(top_k, corpus size).
+    """
+    modes = parse_modes(modes)
+    w = _check_weights(weights, modes)
+    parts = frozenset(p for m in modes for p in _MODE_PARTS[m])
+    n_q, n_p = len(query_texts), len(corpus_texts)
+    if n_q == 0 or n_p == 0:
+        raise ValueError("search needs at least one query and one passage")
+    k = min(int(top_k), n_p)
+    need = dict(return_dense="dense" in parts, return_sparse="sparse" in parts, return_colbert_vecs="colbert" in parts)
+    device = _device_of(model)
+    vocab_size = _vocab_size(model)
+
+    def check_vocab(enc, what):
+        if "sparse" in parts:
+            top = max((int(t) for x in enc["lexical_weights"] for t in x), default=0)
+            if top >= vocab_size:
+                raise ValueError(f"{what}: token id {top} is outside the vocabulary ({vocab_size})")
+
+    # Queries: encoded once, padded to a fixed block size, kept on the device.
+    q_enc = model.encode_queries(list(query_texts), batch_size=batch_size, max_length=query_max_len, **need)
+    check_vocab(q_enc, "queries")
+    p_block = max(1, int(batch_size))
+    p_len = _round_up(max(1, passage_max_len))
+    q_pack = _pack(q_enc, parts, n_q)
+    q_len = q_pack["col"].shape[1] if "colbert" in parts else 1
+    q_lex = q_pack["lex_ids"].shape[1] if "sparse" in parts else 1
+    per_query = p_block * max(q_len * p_len if "colbert" in parts else 1, q_lex, 1) * 4
+    q_block = 1
+    while q_block * 2 * per_query <= _BLOCK_BYTES and q_block < n_q:
+        q_block *= 2
+    n_q_blocks = -(-n_q // q_block)
+    q_pack = _pack(q_enc, parts, n_q_blocks * q_block,
+                   lex_width=q_lex if "sparse" in parts else None, col_length=q_len if "colbert" in parts else None)
+    del q_enc
+    q_blocks = [jax.device_put({key: v[i * q_block:(i + 1) * q_block] for key, v in q_pack.items()}, device)
+                for i in range(n_q_blocks)]
+    weights_arr = jax.device_put(jnp.asarray(w, jnp.float32), device)
+    best = [(jax.device_put(jnp.full((len(modes), q_block, k), -jnp.inf, jnp.float32), device),
+             jax.device_put(jnp.zeros((len(modes), q_block, k), jnp.int32), device)) for _ in range(n_q_blocks)]
+
+    # Passages: longest first (less padding per block), encoded a few blocks at a time, searched block by block.
+    order = np.argsort([-len(t) for t in corpus_texts], kind="stable")
+    chunk = passages_per_encode or 8 * p_block
+    chunk = max(p_block, chunk - chunk % p_block)
+    for start in range(0, n_p, chunk):
+        chunk_idx = order[start:start + chunk]
+        enc = model.encode_corpus([corpus_texts[i] for i in chunk_idx], batch_size=batch_size,
+                                  max_length=passage_max_len, **need)
+        check_vocab(enc, "corpus")
+        for sub in range(0, len(chunk_idx), p_block):
+            sl = slice(sub, sub + p_block)
+            block_enc = {key: (v[sl] if v is not None else None) for key, v in enc.items()}
+            n = len(chunk_idx[sl])
+            packed = _pack(block_enc, parts, p_block)
+            p_index = np.zeros(p_block, np.int32)
+            p_index[:n] = chunk_idx[sl]
+            p_valid = np.arange(p_block) < n
+            p_dev = jax.device_put((packed, p_index, p_valid), device)
+            for i in range(n_q_blocks):
+                best[i] = _search_block(best[i][0], best[i][1], q_blocks[i], *p_dev, weights_arr, modes=modes, k=k,
+                                        vocab_size=vocab_size)
+    scores = np.concatenate([np.asarray(s) for s, _ in best], axis=1)[:, :n_q]
+    index = np.concatenate([np.asarray(i) for _, i in best], axis=1)[:, :n_q]
+    return {mode: (scores[m], index[m]) for m, mode in enumerate(modes)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def top_k_for(metrics: Sequence[str]) -> int:
+    return max([MIN_TOP_K] + [int(m.split("@")[1]) for m in parse_metrics(metrics)])
+
+
+def evaluate_eval_set(model, eval_set: EvalSet, *, batch_size: int = 64, query_max_len: int = 512,
+                      passage_max_len: int = 512, modes: Sequence[str] = MODES,
+                      weights: Sequence[float] = DEFAULT_WEIGHTS, metrics: Sequence[str] = DEFAULT_METRICS,
+                      passage_instruction: str | None = None,
+                      passage_instruction_format: str = "{}{}") -> dict[str, dict[str, float]]:
+    """{mode: {metric: mean value}} for an already loaded EvalSet (see `evaluate`)."""
+    modes, metrics = parse_modes(modes), parse_metrics(metrics)
+    corpus_texts = eval_set.corpus_texts
+    if passage_instruction:
+        corpus_texts = [passage_instruction_format.format(passage_instruction, t) for t in corpus_texts]
+    found = search(model, eval_set.query_texts, corpus_texts, modes=modes, weights=weights,
+                   top_k=top_k_for(metrics), batch_size=batch_size, query_max_len=query_max_len,
+                   passage_max_len=passage_max_len)
+    results = {}
+    for mode in modes:
+        run = runs_from_search(found[mode], eval_set.query_ids, eval_set.corpus_ids)
+        results[mode] = compute_metrics(eval_set.qrels, run, metrics)
+    return results
+
+
+def runs_from_search(found: tuple[np.ndarray, np.ndarray], query_ids: Sequence[str],
+                     corpus_ids: Sequence[str]) -> dict[str, dict[str, float]]:
+    """One mode's (scores, positions) -> {query id: {passage id: score}} (pytrec_eval's run format)."""
+    scores, index = found
+    return {q: {corpus_ids[j]: float(s) for s, j in zip(scores[r], index[r])} for r, q in enumerate(query_ids)}
+
+
+def evaluate(model, corpus_path, queries_path, qrels_path, *, batch_size: int = 64, query_max_len: int = 512,
+             passage_max_len: int = 512, modes: Sequence[str] = MODES, weights: Sequence[float] = DEFAULT_WEIGHTS,
+             metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, dict[str, float]]:
+    """Evaluate `model` (m3jax.inference.BGEM3FlagModel) on BEIR files: {mode: {metric: value}}.
+
+    modes: some of dense, sparse, colbert, dense+sparse, all. weights: [dense, sparse, colbert] for the
+    combinations. metrics: NAME@K with NAME in ndcg, recall, mrr (default ndcg@10, recall@100, mrr@10).
+    """
+    modes, metrics = parse_modes(modes), parse_metrics(metrics)
+    _check_weights(weights, modes)
+    eval_set = load_eval_set(corpus_path, queries_path, qrels_path)
+    logger.info("eval: %d queries with qrels, %d passages", len(eval_set.query_ids), len(eval_set.corpus_ids))
+    return evaluate_eval_set(model, eval_set, batch_size=batch_size, query_max_len=query_max_len,
+                             passage_max_len=passage_max_len, modes=modes, weights=weights, metrics=metrics)
+
+
+def _gather_if_multiprocess(params):
+    leaves = jax.tree.leaves(params)
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
+        from m3jax.export import _params_to_host
+        return _params_to_host(params)
+    return params
+
+
+def evaluate_from_config(config, model_cfg, params, tokenizer, *, devices=None) -> dict[str, dict[str, float]]:
+    """The periodic eval of a training run: config.eval names the files; returns {mode: {metric: value}}.
+
+    Reads config.eval.{corpus, queries, qrels, batch_size, query_max_len, passage_max_len} (a max_len of -1 takes
+    the training one) and, when the config has them, config.eval.{modes, weights, metrics}; the query / passage
+    instructions of the training config are applied. `params` may be the train state's sharded params; in a
+    multi-process run every process evaluates (the params are gathered first) and gets the same numbers.
+    `devices`: as BGEM3FlagModel's (default: every local device encodes a slice of each batch).
+    """
+    from m3jax.inference import BGEM3FlagModel
+
+    ev = config.eval
+    for field in ("corpus", "queries", "qrels"):
+        if not ev[field]:
+            raise EvalDataError(f"config.eval.{field} is empty; set corpus, queries and qrels to evaluate")
+    query_max_len = ev.query_max_len if ev.query_max_len > 0 else config.query_max_len
+    passage_max_len = ev.passage_max_len if ev.passage_max_len > 0 else config.passage_max_len
+    get = lambda name, default: ev[name] if name in ev and ev[name] is not None else default  # noqa: E731
+    model = BGEM3FlagModel.from_params(
+        model_cfg, _gather_if_multiprocess(params), tokenizer, use_fp16=model_cfg.dtype == "bfloat16", devices=devices,
+        batch_size=ev.batch_size, query_max_length=query_max_len, passage_max_length=passage_max_len,
+        query_instruction_for_retrieval=config.query_instruction_for_retrieval,
+        query_instruction_format=config.query_instruction_format)
+    eval_set = load_eval_set(ev.corpus, ev.queries, ev.qrels)
+    return evaluate_eval_set(model, eval_set, batch_size=ev.batch_size, query_max_len=query_max_len,
+                             passage_max_len=passage_max_len, modes=get("modes", MODES),
+                             weights=get("weights", DEFAULT_WEIGHTS), metrics=get("metrics", DEFAULT_METRICS),
+                             passage_instruction=config.passage_instruction_for_retrieval,
+                             passage_instruction_format=config.passage_instruction_format)
+
+
+def flatten_metrics(results: dict[str, dict[str, float]], prefix: str = "eval/") -> dict[str, float]:
+    """{mode: {metric: v}} -> {"eval/<mode>/<metric>": v} (TensorBoard scalars)."""
+    return {f"{prefix}{mode}/{metric}": v for mode, values in results.items() for metric, v in values.items()}
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    metrics = list(next(iter(results.values())))
+    width = max(len("mode"), *(len(m) for m in results)) + 2
+    cols = [max(10, len(m) + 2) for m in metrics]
+    lines = ["mode".ljust(width) + "".join(m.rjust(c) for m, c in zip(metrics, cols))]
+    for mode, values in results.items():
+        lines.append(mode.ljust(width) + "".join(f"{values[m]:.4f}".rjust(c) for m, c in zip(metrics, cols)))
+    return "\n".join(lines)
+
+
+def results_json(results: dict[str, dict[str, float]], **info: Any) -> dict:
+    return {"metrics": results, **info}
