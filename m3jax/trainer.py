@@ -173,6 +173,67 @@ def make_train_step(model: m3model.BGEM3, loss_cfg: losses.LossConfig, tx: optax
     return step_fn
 
 
+@dataclasses.dataclass
+class Stepper:
+    """Model, optimizer, state shardings and the jitted train steps of a run (train.py and the benchmark)."""
+
+    model: m3model.BGEM3
+    tx: optax.GradientTransformation
+    schedule: Any
+    mesh: Any
+    param_shardings: Any
+    state_shardings: TrainState
+    abstract_params: Any
+    abstract_opt: Any
+    step_fn: Any
+    _jitted: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def build(cls, config, model_cfg: m3model.ModelConfig, mesh, total_steps: int) -> "Stepper":
+        model = m3model.BGEM3(model_cfg)
+        abstract_boxed = m3model.abstract_params(model_cfg)["params"]
+        param_shardings = shard_lib.logical_shardings(abstract_boxed, mesh, config.sharding_rules)
+        abstract_params = nn.unbox(abstract_boxed)
+        tx, schedule = optim.make_optimizer(config, abstract_params, total_steps)
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        opt_shardings = shard_lib.state_shardings_like(abstract_opt, abstract_params, param_shardings, mesh)
+        state_shardings = TrainState(step=shard_lib.replicated(mesh), params=param_shardings,
+                                     opt_state=opt_shardings)
+        loss_cfg = loss_config_from(config, model_cfg, shard_lib.num_batch_shards(mesh))
+        step_fn = make_train_step(model, loss_cfg, tx, schedule, config, seed=config.seed)
+        return cls(model, tx, schedule, mesh, param_shardings, state_shardings, abstract_params, abstract_opt, step_fn)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and target shardings of the state (what a checkpoint restores into)."""
+        abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params,
+                              opt_state=self.abstract_opt)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                            self.state_shardings)
+
+    def init_state(self, params) -> TrainState:
+        """Step 0 from params already placed in their shardings; the optimizer state is created sharded."""
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
+        return TrainState(step=step, params=params, opt_state=opt_state)
+
+    def random_params(self, seed: int = 0):
+        """Randomly initialised params created directly in their shardings (benchmarks; never on one device)."""
+        ids = jnp.zeros((1, 4), jnp.int32)
+        init = lambda key: nn.unbox(self.model.init(key, ids, jnp.ones_like(ids))["params"])
+        return jax.jit(init, out_shardings=self.param_shardings)(jax.random.key(seed))
+
+    def step(self, group_size: int, no_in_batch_neg: bool, has_teacher: bool):
+        """The jitted step for one batch kind (donates the state); each new input shape compiles once more."""
+        key = (group_size, no_in_batch_neg, has_teacher)
+        if key not in self._jitted:
+            fn = functools.partial(self.step_fn, group_size=group_size, no_in_batch_neg=no_in_batch_neg,
+                                   has_teacher=has_teacher)
+            self._jitted[key] = jax.jit(
+                fn, in_shardings=(self.state_shardings, shard_lib.batch_sharding(self.mesh)),
+                out_shardings=(self.state_shardings, shard_lib.replicated(self.mesh)), donate_argnums=(0,))
+        return self._jitted[key]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Logging
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,49 +324,19 @@ def train(config) -> dict:
         logger.warning("cuDNN fused attention has no dropout: attention_probs_dropout_prob=%g is not applied "
                        "(set --config.model.attention_implementation=xla to apply it, at a speed cost)",
                        model_cfg.attention_probs_dropout_prob)
-    model = m3model.BGEM3(model_cfg)
-    abstract_boxed = m3model.abstract_params(model_cfg)["params"]
-    param_shardings = shard_lib.logical_shardings(abstract_boxed, mesh, config.sharding_rules)
-    abstract_params = nn.unbox(abstract_boxed)
-
-    # --- optimizer and state shardings ------------------------------------------------------------------------
-    tx, schedule = optim.make_optimizer(config, abstract_params, total_steps)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    replicated = shard_lib.replicated(mesh)
-    opt_shardings = shard_lib.state_shardings_like(abstract_opt, abstract_params, param_shardings, mesh)
-    state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+    stepper = Stepper.build(config, model_cfg, mesh, total_steps)
 
     # --- restore, or start from the pretrained checkpoint ---------------------------------------------------
     data_iter = train_data.iterator()
     if resume_step is not None:
-        abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt),
-            state_shardings)
-        state = checkpointer.restore(resume_step, abstract_state, data_iter)
+        state = checkpointer.restore(resume_step, stepper.abstract_state(), data_iter)
         logger.info("resumed from %s step %d", checkpointer.directory, resume_step)
     else:
         ckpt_lib.copy_base_model_files(config.model_name_or_path, output_dir)
         np_params = m3model.params_from_hf(hf.encoder, hf.colbert, hf.sparse, model_cfg, seed=config.seed)
-        params = shard_lib.put_tree(np_params, param_shardings)
-        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-        state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                           opt_state=opt_state)
+        state = stepper.init_state(shard_lib.put_tree(np_params, stepper.param_shardings))
     del hf
     start_step = int(resume_step or 0)
-
-    # --- the jitted step --------------------------------------------------------------------------------------
-    loss_cfg = loss_config_from(config, model_cfg, num_blocks)
-    step_fn = make_train_step(model, loss_cfg, tx, schedule, config, seed=config.seed)
-    batch_sharding = shard_lib.batch_sharding(mesh)
-
-    @functools.cache
-    def jitted(group_size: int, no_in_batch_neg: bool, has_teacher: bool):
-        """One jitted step per batch kind; each new input shape compiles once more (bounded by data.shapes())."""
-        fn = functools.partial(step_fn, group_size=group_size, no_in_batch_neg=no_in_batch_neg,
-                               has_teacher=has_teacher)
-        return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
     # --- loop -------------------------------------------------------------------------------------------------
     config_json = ckpt_lib.config_to_json(config)
@@ -357,7 +388,7 @@ def train(config) -> dict:
             arrays = {k: local[k] for k in ("query_input_ids", "query_attention_mask", "passage_input_ids",
                                             "passage_attention_mask", "teacher_scores")}
             tokens = int(arrays["query_attention_mask"].sum() + arrays["passage_attention_mask"].sum())
-            state, metrics = jitted(*kind)(state, shard_lib.global_batch(arrays, mesh))
+            state, metrics = stepper.step(*kind)(state, shard_lib.global_batch(arrays, mesh))
             pending.append((step, metrics, tokens * jax.process_count()))
             step += 1
             metrics_log.advance()
