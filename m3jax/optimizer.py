@@ -53,14 +53,22 @@ def weight_decay_mask(params) -> object:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def mask_and_clip(labels, max_grad_norm: float) -> optax.GradientTransformation:
+    """Zero the gradients of frozen parameters, then clip the global norm of the rest (torch.nn.utils.clip_grad_norm_
+    over the parameters that have gradients)."""
+    return optax.chain(
+        optax.multi_transform({"train": optax.identity(), "frozen": optax.set_to_zero()}, labels),
+        optax.clip_by_global_norm(max_grad_norm) if max_grad_norm > 0 else optax.identity(),
+    )
+
+
 def make_optimizer(config, params, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = learning_rate_schedule(config, total_steps)
     labels = trainable_labels(params, config)
     adamw = optax.adamw(schedule, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
                         weight_decay=config.weight_decay, mask=weight_decay_mask(params))
     tx = optax.chain(
-        optax.multi_transform({"train": optax.identity(), "frozen": optax.set_to_zero()}, labels),  # grads of frozen -> 0
-        optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm > 0 else optax.identity(),
-        optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels),
+        mask_and_clip(labels, config.max_grad_norm),
+        optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels),  # no moments for frozen
     )
     return tx, schedule
