@@ -21,8 +21,10 @@ Two FlagEmbedding facts this file reproduces on purpose:
     all_gather passes no gradient to other ranks and DDP averages gradients); `_as_gathered` gives it the same
     value and gradient, so learning rates transfer between the two trainers.
   * Padded passage tokens are zero colbert vectors and join the max (see scores.colbert_scores).
-Where FlagEmbedding 1.4.2 cannot run the formula (ensemble and m3_kd_loss on no_in_batch_neg batches index past
-the [B, G] score matrix), this file computes the formula above; tests/test_losses.py documents the difference.
+Where FlagEmbedding 1.4.2 departs from the formula on no_in_batch_neg batches with unified fine-tuning (its ensemble
+reads the diagonal of the [B, G] scores: an identically-zero ensemble loss and a [B, 1] self-distillation teacher
+when B <= G, an IndexError when B > G; m3_kd_loss there indexes past the matrix when B > 1), this file computes the
+formula above; tests/test_losses.py pins FlagEmbedding's behaviour.
 """
 from __future__ import annotations
 
