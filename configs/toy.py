@@ -3,10 +3,10 @@
     python train.py --config configs/toy.py
 
 The tiny checkpoint (random weights, bge-m3 file layout, tokenizer trained on the toy data) is written to
-`runs/tiny_bge_m3/` on first use. Expected (210 steps, about 2.5 minutes on 2 CPU cores, a third of it compiling):
-the logged loss falls from about 2.7 (steps 1-10) to about 1.3 (steps 201-210) -- colbert and sparse memorise the
-toy data; the 32-wide random model's CLS vector barely learns at temperature 0.02, so loss_dense stays near chance,
-and the toy eval (different texts) stays near its random-model level: it shows the plumbing, not quality.
+`runs/tiny_bge_m3/` on first use. Expected (210 steps, one to two minutes on 2 CPU cores, a good part of it
+compiling): the logged loss falls from about 3.3 (steps 1-10) to about 0.33 (steps 201-210), loss_dense from about
+8.4 to about 0.7, and the toy eval (held-out texts on the same topics) reaches nDCG@10 of about 0.6 for sparse and
+0.55 for all three heads at step 105, then drops a little as the 57 examples get memorised.
 `runs/toy/checkpoints/` holds Orbax checkpoints to resume or export from:
 
     python -m m3jax export --checkpoint runs/toy --output runs/toy_export

@@ -102,6 +102,11 @@ def _random_weights(rng: np.random.Generator, shapes: dict[str, tuple[int, ...]]
             out[name] = 1.0 + 0.1 * noise  # not all ones, so a gamma/beta mix-up changes the outputs
         elif "LayerNorm.bias" in name:
             out[name] = 0.1 * noise
+        elif name.startswith("encoder.layer.") and name.endswith(".weight"):
+            # 10x initializer_range: at 0.02 two layers barely mix tokens and every text gets the same CLS vector
+            # (cosine 1.0000), which leaves the dense head untestable and untrainable; at 0.2 CLS cosines spread
+            # over about 0.67..0.99, like a real encoder's.
+            out[name] = 0.2 * noise
         else:
             out[name] = 0.02 * noise  # initializer_range; biases random too, so a missing bias is caught
     return out
