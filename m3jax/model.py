@@ -146,9 +146,12 @@ class Embeddings(nn.Module):
 
 
 def _attention(q, k, v, lengths, cfg: ModelConfig, deterministic: bool, dropout_module: nn.Module):
-    """Bidirectional attention over right-padded sequences; q, k, v [B, L, N, D]."""
-    if cfg.attention_probs_dropout_prob > 0 and not deterministic:
-        # Fused kernels have no dropout; this path materialises the [B, N, L, L] probabilities.
+    """Bidirectional attention over right-padded sequences; q, k, v [B, L, N, D].
+
+    cuDNN's fused kernel has no dropout: with implementation "cudnn" attention-probability dropout is not applied
+    (the trainer says so at start); with "xla" it is, on the probabilities materialised here.
+    """
+    if cfg.attention_implementation == "xla" and cfg.attention_probs_dropout_prob > 0 and not deterministic:
         logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
         key_mask = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)

@@ -151,3 +151,23 @@ def test_missing_heads_start_fresh_with_a_warning(make_ckpt):
     assert params["colbert_linear"]["kernel"].shape == (32, 12)
     bound = 1 / np.sqrt(32)  # torch.nn.Linear's default init
     assert 0 < np.abs(params["colbert_linear"]["kernel"]).max() <= bound
+
+
+def test_colbert_scores_in_passage_blocks_equal_one_block():
+    from m3jax import scores
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((3, 5, 8)), jnp.float32)
+    p = jnp.asarray(rng.standard_normal((12, 7, 8)), jnp.float32).at[:, 5:].set(0.0)  # padded tokens: zero vectors
+    mask = jnp.asarray(np.array([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4]), jnp.int32)
+    per_passage = 3 * 5 * 7 * 4
+
+    def f(q, p, block_bytes):
+        return jnp.sum(jnp.sin(scores.colbert_scores(q, p, mask, block_bytes=block_bytes)))
+
+    for block_bytes in (per_passage * 4, per_passage * 5, per_passage):  # blocks of 4 passages, of 3, of 1
+        np.testing.assert_allclose(scores.colbert_scores(q, p, mask, block_bytes),
+                                   scores.colbert_scores(q, p, mask), atol=1e-6)
+        for a, b in zip(jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)(q, p, block_bytes),
+                        jax.grad(f, argnums=(0, 1))(q, p, 2**30)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
