@@ -1,0 +1,824 @@
+"""Benchmark of the real train step: `m3jax bench` / `python scripts/benchmark.py`.
+
+It times exactly what train.py runs -- `trainer.Stepper.build(...)`'s jitted step with the unified loss,
+self-distillation, AdamW, clipping, the mesh shardings and state donation -- on random weights of the bge-m3 shape (or
+a tiny model), for shapes written like the PyTorch reference's (`../shared/bench/torch_m3_anchor.py`):
+
+    BATCHxGROUP:QLEN:PLEN     BATCH queries per device, GROUP passages per query, QLEN / PLEN tokens
+
+and prints one JSON line per shape with the reference's fields (impl, ckpt, batch, group, qlen, plen, sub_batch,
+step_s, queries_per_s, tokens_per_s, model_tflops, loss, peak_gib) plus compile_s and the settings. Inputs are the
+reference's: ids uniform in [5, vocab) with cls=0 first and eos=2 last, full attention masks, no teacher scores.
+model_tflops is the reference's formula: 3 x the encoder's forward matmul FLOPs (attention included) per second.
+
+Modes:
+    m3jax bench [--shapes 32x8:64:256,8x8:512:2048,8x2:512:8192]      time the step (compile, warmup, timed steps)
+    m3jax bench --analyze [--shapes ...]                                compile only (no params allocated) and print
+        XLA's memory analysis (argument / output / temp / code bytes), XLA's cost analysis and the matmul FLOPs of
+        the optimised HLO (while-loop bodies multiplied by their trip counts) against the model-FLOP formula
+    m3jax bench --find-max-batch 8x8:512:8192 [--memory-budget-gib 73]  largest per-device batch that fits: doubling
+        from BATCH then bisection; by running steps until OOM on an accelerator, or against a memory budget with the
+        compiled memory analysis (on CPU, or whenever --memory-budget-gib is given; `auto` = the device's limit)
+    --tiny                                                               a 2-layer, hidden-64, 1000-token model (CI)
+
+OOM (RESOURCE_EXHAUSTED) prints the shape's line with "error": "OOM", as the reference does.
+peak_gib is the device allocator's peak (`memory_stats()["peak_bytes_in_use"]`), which is a process-lifetime peak:
+with several shapes in one process it is the peak so far (peak_source says so); `analysed_gib` is the compiled
+step's own requirement (arguments + outputs - aliased + temp + code), per device, and is exact per shape.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import gc
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(REPO_ROOT, "configs", "bge_m3_unified.py")
+DEFAULT_SHAPES = ("32x8:64:256", "8x8:512:2048", "8x2:512:8192")
+GIB = 2 ** 30
+
+# config.json of BAAI/bge-m3 (XLMRobertaModel), the fields m3jax reads.
+BGE_M3 = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+              intermediate_size=4096, max_position_embeddings=8194, type_vocab_size=1, pad_token_id=1,
+              layer_norm_eps=1e-5, hidden_act="gelu", position_embedding_type="absolute",
+              hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+TINY = dict(BGE_M3, vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128)
+
+# FlagEmbedding research/BGE_M3 compute_sub_batch_size (the reference's --sub_batch auto): (min length, sub batch).
+AUTO_SUB_BATCH = ((6000, 1), (5000, 2), (4000, 3), (3000, 3), (2000, 5), (1000, 9), (512, 16), (0, 32))
+
+
+class BenchError(ValueError):
+    """A command-line value the benchmark cannot run with."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes and the model-FLOP formula
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int  # queries per device (per batch shard)
+    group: int  # passages per query
+    qlen: int
+    plen: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        m = re.fullmatch(r"\s*(\d+)x(\d+):(\d+):(\d+)\s*", text)
+        if not m:
+            raise BenchError(f"shape {text!r}: expected BATCHxGROUP:QLEN:PLEN, e.g. 32x8:64:256")
+        shape = cls(*(int(x) for x in m.groups()))
+        if shape.batch < 1 or shape.group < 1 or shape.qlen < 2 or shape.plen < 2:
+            raise BenchError(f"shape {text!r}: batch and group must be >= 1, lengths >= 2")
+        return shape
+
+    def with_batch(self, batch: int) -> "Shape":
+        return dataclasses.replace(self, batch=batch)
+
+    def __str__(self) -> str:
+        return f"{self.batch}x{self.group}:{self.qlen}:{self.plen}"
+
+
+def flops_per_token(model_cfg, length: int) -> int:
+    """The reference's forward matmul FLOPs of the encoder per token at sequence length `length` (attention
+    included, embeddings, heads and loss not)."""
+    h, f = model_cfg.hidden_size, model_cfg.intermediate_size
+    return model_cfg.num_hidden_layers * (2 * (4 * h * h + 2 * h * f) + 4 * length * h)
+
+
+def forward_flops(model_cfg, shape: Shape) -> int:
+    """Encoder forward matmul FLOPs of one device's share of a step."""
+    b, g = shape.batch, shape.group
+    return b * shape.qlen * flops_per_token(model_cfg, shape.qlen) + b * g * shape.plen * flops_per_token(
+        model_cfg, shape.plen)
+
+
+def tokens(shape: Shape) -> int:
+    return shape.batch * shape.qlen + shape.batch * shape.group * shape.plen
+
+
+def auto_sub_batch(length: int) -> int:
+    for low, size in AUTO_SUB_BATCH:
+        if length >= low:
+            return size
+    return -1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What XLA says about a compiled step
+
+
+def memory_record(compiled) -> dict:
+    """Per-device bytes of a compiled step from XLA's memory analysis; total = what it needs at once (donated
+    arguments are aliased to outputs and counted once)."""
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return {}
+    get = lambda name: int(getattr(ma, name, 0) or 0)
+    rec = dict(argument_bytes=get("argument_size_in_bytes"), output_bytes=get("output_size_in_bytes"),
+               alias_bytes=get("alias_size_in_bytes"), temp_bytes=get("temp_size_in_bytes"),
+               generated_code_bytes=get("generated_code_size_in_bytes"))
+    rec["total_bytes"] = (rec["argument_bytes"] + rec["output_bytes"] - rec["alias_bytes"] + rec["temp_bytes"]
+                          + rec["generated_code_bytes"])
+    if hasattr(ma, "peak_memory_in_bytes"):
+        rec["xla_peak_bytes"] = get("peak_memory_in_bytes")
+    for k in ("argument", "temp", "total"):
+        rec[f"{k}_gib"] = round(rec[f"{k}_bytes"] / GIB, 3)
+    return rec
+
+
+def cost_flops(compiled) -> float | None:
+    """XLA's cost-analysis FLOPs. Caveat: XLA counts a while loop's body once, not once per iteration, so a
+    scanned encoder's layers count as one layer (see `hlo_stats` for the trip-count-weighted matmul count)."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 -- some backends do not implement it
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    return None if not ca or "flops" not in ca else float(ca["flops"])
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*->.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
+_ARRAY = re.compile(r"\b(pred|s4|s8|s16|s32|s64|u4|u8|u16|u32|u64|f8e4m3fn|f8e5m2|bf16|f16|f32|f64|c64|c128)"
+                    r"\[([\d,]*)\]")
+_BYTES = dict(pred=1, s4=1, s8=1, s16=2, s32=4, s64=8, u4=1, u8=1, u16=2, u32=4, u64=8, f8e4m3fn=1, f8e5m2=1,
+              bf16=2, f16=2, f32=4, f64=8, c64=8, c128=16)
+_GEMM_TARGETS = ("gemm", "matmul")  # GPU: __cublas$gemm, __cublas$lt$matmul, ...
+_ATTENTION_TARGETS = ("fmha", "flash", "attention")  # GPU: __cudnn$fmha... (fused attention kernels)
+
+
+def _split_type(text: str) -> tuple[str, str]:
+    """'(s32[], f32[2]{0}) while(...)...' or 'f32[2,3]{1,0} dot(...)...' -> (type, rest)."""
+    if text.startswith("("):
+        depth = 0
+        for i, ch in enumerate(text):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                return text[:i + 1], text[i + 1:].lstrip()
+    type_, _, rest = text.partition(" ")
+    return type_, rest
+
+
+def _dims(type_: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(type_)]
+
+
+def _int_list(attrs: str, name: str) -> list[int]:
+    m = re.search(name + r"=\{([\d,]*)\}", attrs)
+    return [int(x) for x in m.group(1).split(",") if x] if m else []
+
+
+def hlo_stats(hlo_text: str, *, vocab_size: int | None = None, top: int = 8) -> dict:
+    """Matmul FLOPs and materialised buffers of an optimised HLO module (`compiled.as_text()`).
+
+    matmul_flops: 2 x output elements x contracted size of every dot (and GPU gemm custom call), each weighted by
+    how often its computation runs: while bodies by their known trip count (scan over layers), fusions and calls by
+    their callers. Fused attention kernels (cuDNN custom calls) are not dots: counted in fused_attention_calls only.
+    Split by the op's source (metadata op_name): encoder layers, the M3 heads, and the loss / the rest.
+    largest_buffers: the biggest arrays outside fusions (values XLA may materialise), largest first.
+    """
+    computations: dict[str, list[tuple[str, str, str, str]]] = {}  # name -> [(instr, type, op, rest)]
+    order: list[str] = []
+    entry = None
+    current = None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            current = m.group(1)
+            computations[current] = []
+            order.append(current)
+            if line.startswith("ENTRY"):
+                entry = current
+            continue
+        if current is None:
+            continue
+        m = _INSTRUCTION.match(line)
+        if m:
+            type_, rest = _split_type(m.group(2))
+            op = rest.split("(", 1)[0].strip()
+            computations[current].append((m.group(1), type_, op, rest))
+    if entry is None:
+        return {}
+
+    # Call graph multiplicities: computations are printed callees first, so walk them callers first.
+    mult: dict[str, float] = collections.defaultdict(float)
+    mult[entry] = 1.0
+    fusion_bodies: set[str] = set()
+    unknown_trip_counts = 0
+    trip_counts = []
+    for name in reversed(order):
+        m_here = mult.get(name, 0.0)
+        for _, _, op, rest in computations[name]:
+            if op == "while":
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+                n = int(trip.group(1)) if trip else 1
+                unknown_trip_counts += trip is None
+                trip_counts.append(n)
+                for key, factor in (("body", n), ("condition", n + 1)):
+                    callee = re.search(key + r"=%([\w.\-]+)", rest)
+                    if callee:
+                        mult[callee.group(1)] += m_here * factor
+                continue
+            for callee in re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)", rest):
+                mult[callee] += m_here
+                if op == "fusion":
+                    fusion_bodies.add(callee)
+            branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
+            if branches:
+                for callee in re.findall(r"%([\w.\-]+)", branches.group(1)):
+                    mult[callee] += m_here
+
+    flops = collections.Counter()
+    dots = 0
+    attention_calls = 0
+    buffers: dict[tuple[str, tuple[int, ...]], int] = {}
+    largest_vocab = 0
+    for name in order:
+        m_here = mult.get(name, 0.0)
+        types = {instr: type_ for instr, type_, _, _ in computations[name]}
+        for instr, type_, op, rest in computations[name]:
+            if name not in fusion_bodies and op not in ("parameter", "get-tuple-element", "tuple", "bitcast"):
+                for dt, dims in _dims(type_):
+                    nbytes = math.prod(dims) * _BYTES[dt]
+                    buffers[(dt, dims)] = max(buffers.get((dt, dims), 0), nbytes)
+            for dt, dims in _dims(type_):
+                if vocab_size and vocab_size in dims:
+                    largest_vocab = max(largest_vocab, math.prod(dims))
+            target = re.search(r'custom_call_target="([^"]*)"', rest) if op == "custom-call" else None
+            if target and any(t in target.group(1).lower() for t in _ATTENTION_TARGETS):
+                attention_calls += m_here
+                continue
+            if op == "dot":
+                contracting = _int_list(rest, "lhs_contracting_dims")
+            elif target and any(t in target.group(1).lower() for t in _GEMM_TARGETS):
+                cd = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
+                contracting = [int(x.strip('" ')) for x in cd.group(1).split(",") if x.strip('" ')] if cd else []
+            else:
+                continue
+            operands = re.findall(r"%([\w.\-]+)", rest.split("(", 1)[1])
+            lhs = _dims(types.get(operands[0], "")) if operands else []
+            out = _dims(type_)
+            if not lhs or not out:
+                continue
+            count = 2 * math.prod(out[0][1]) * math.prod(lhs[0][1][d] for d in contracting)
+            meta = re.search(r'op_name="([^"]*)"', rest)
+            source = meta.group(1) if meta else ""
+            part = "encoder" if "/encoder/" in source else "heads" if "BGEM3.heads" in source else "loss_and_rest"
+            if "rematted_computation" in source:
+                flops["recomputed"] += count * m_here
+            flops[part] += count * m_here
+            dots += 1
+    biggest = sorted(buffers.items(), key=lambda kv: -kv[1])[:top]
+    return dict(
+        matmul_flops=float(flops["encoder"] + flops["heads"] + flops["loss_and_rest"]),
+        matmul_flops_by_part={k: float(v) for k, v in flops.items()},
+        dot_instructions=dots, fused_attention_calls=int(attention_calls),
+        while_trip_counts=sorted(set(trip_counts), reverse=True), unknown_trip_counts=unknown_trip_counts,
+        largest_buffers=[dict(shape=f"{dt}[{','.join(map(str, dims))}]", gib=round(n / GIB, 3))
+                         for (dt, dims), n in biggest],
+        largest_vocab_array_elements=largest_vocab)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config and model
+
+
+def load_recipe(path: str = RECIPE):
+    spec = importlib.util.spec_from_file_location("m3jax_bench_recipe", path)
+    if spec is None or spec.loader is None:
+        raise BenchError(f"--config {path}: not a Python config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def parse_mesh(text: str) -> dict:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        axis, sep, size = part.partition("=")
+        if not sep or axis not in ("data", "fsdp", "tensor"):
+            raise BenchError(f"--mesh {text!r}: expected AXIS=SIZE[,...] with AXIS in data, fsdp, tensor")
+        try:
+            out[axis] = int(size)
+        except ValueError:
+            raise BenchError(f"--mesh {text!r}: {size!r} is not an int") from None
+    return out
+
+
+@dataclasses.dataclass
+class Settings:
+    """Resolved benchmark settings (what the JSON lines report)."""
+
+    model: str  # bge-m3 | tiny
+    dtype: str
+    attention: str
+    remat: str
+    sub_batch: str  # an int as text, or auto
+    cross_device: str
+    mesh: dict
+    hidden_dropout: float
+    attention_dropout: float
+
+
+def build_config(args, *, remat: str, for_run: bool):
+    """The recipe's config with the command line's overrides; `for_run` picks float32 for `--dtype auto` on CPU
+    (bf16 is emulated there), while analyses keep the accelerator dtype."""
+    import jax
+
+    config = load_recipe(args.config)
+    config.unlock()
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float32" if (for_run and jax.default_backend() == "cpu") else config.model.dtype
+    config.model.dtype = dtype
+    config.model.remat_policy = remat
+    config.model.attention_implementation = args.attention
+    config.model.hidden_dropout_prob = float(args.hidden_dropout)
+    config.model.attention_probs_dropout_prob = float(args.attention_dropout)
+    if args.cross_device != "recipe":
+        config.negatives_cross_device = args.cross_device in ("dense", "all")
+        config.cross_device_all_heads = args.cross_device == "all"
+    for axis, size in parse_mesh(args.mesh).items():
+        config.mesh[axis] = size
+    config.max_steps = 1000
+    return config
+
+
+class Bench:
+    """One model setting: config, mesh, Stepper and (lazily) a live train state."""
+
+    def __init__(self, args, *, remat: str, for_run: bool):
+        import jax
+
+        from m3jax import config as config_lib
+        from m3jax import sharding as shard_lib
+        from m3jax import trainer
+
+        self.jax = jax
+        self.shard_lib = shard_lib
+        self.args = args
+        self.config = build_config(args, remat=remat, for_run=for_run)
+        config_lib.validate(self.config, for_training=False)
+        hf = TINY if args.tiny else BGE_M3
+        self.model_cfg = trainer.model_config_from(self.config, hf, hf["hidden_size"], False)
+        self.mesh = shard_lib.make_mesh(self.config.mesh)
+        self.num_shards = shard_lib.num_batch_shards(self.mesh)
+        self.local_shards = max(1, self.num_shards // jax.process_count())
+        self.stepper = trainer.Stepper.build(self.config, self.model_cfg, self.mesh, self.config.max_steps)
+        self._state = None
+        self.settings = Settings(
+            model="tiny" if args.tiny else "bge-m3", dtype=self.model_cfg.dtype,
+            attention=self.model_cfg.attention_implementation, remat=remat, sub_batch=str(args.sub_batch_size),
+            cross_device=("all" if self.config.cross_device_all_heads else
+                          "dense" if self.config.negatives_cross_device else "off"),
+            mesh={k: int(v) for k, v in self.mesh.shape.items()},
+            hidden_dropout=self.model_cfg.hidden_dropout_prob,
+            attention_dropout=self.model_cfg.attention_probs_dropout_prob)
+
+    # -- step and inputs ------------------------------------------------------------------------------------------
+
+    def sub_batch_for(self, shape: Shape) -> int:
+        text = str(self.args.sub_batch_size)
+        return auto_sub_batch(shape.plen) if text == "auto" else int(text)
+
+    def step_fn(self, shape: Shape):
+        """The jitted train step of train.py for this group size (in-batch negatives, no teacher scores)."""
+        sub = self.sub_batch_for(shape)
+        if sub != self.config.sub_batch_size:  # the sub batch is part of the traced step: rebuild for a new one
+            from m3jax import trainer
+            self.config.sub_batch_size = sub
+            self.stepper = trainer.Stepper.build(self.config, self.model_cfg, self.mesh, self.config.max_steps)
+        return self.stepper.step(shape.group, False, False)
+
+    def abstract_batch(self, shape: Shape) -> dict:
+        jax, jnp = self.jax, self.jax.numpy
+        sharding = self.shard_lib.batch_sharding(self.mesh)
+        b, w = shape.batch, self.num_shards
+        s = lambda rows, cols, dt: jax.ShapeDtypeStruct((rows * w, cols), dt, sharding=sharding)
+        return dict(query_input_ids=s(b, shape.qlen, jnp.int32), query_attention_mask=s(b, shape.qlen, jnp.int32),
+                    passage_input_ids=s(b * shape.group, shape.plen, jnp.int32),
+                    passage_attention_mask=s(b * shape.group, shape.plen, jnp.int32),
+                    teacher_scores=s(b, shape.group, jnp.float32))
+
+    def random_batch(self, shape: Shape, seed: int = 0) -> dict:
+        """This process's rows, as the reference makes them, placed as global arrays over the batch axes."""
+        rng = np.random.default_rng(seed + self.jax.process_index())
+        vocab = self.model_cfg.vocab_size
+        rows = shape.batch * self.local_shards
+
+        def ids(n, length):
+            x = rng.integers(5, vocab, size=(n, length), dtype=np.int32)
+            x[:, 0], x[:, -1] = 0, 2
+            return x
+
+        q, p = ids(rows, shape.qlen), ids(rows * shape.group, shape.plen)
+        local = dict(query_input_ids=q, query_attention_mask=np.ones_like(q), passage_input_ids=p,
+                     passage_attention_mask=np.ones_like(p),
+                     teacher_scores=np.zeros((rows, shape.group), np.float32))
+        return self.shard_lib.global_batch(local, self.mesh)
+
+    def state(self):
+        """A live train state from random params (re-created if a failed step consumed the donated one)."""
+        leaves = [] if self._state is None else self.jax.tree.leaves(self._state)
+        if self._state is None or any(x.is_deleted() for x in leaves):
+            self._state = None
+            gc.collect()
+            self._state = self.stepper.init_state(self.stepper.random_params(self.args.seed))
+        return self._state
+
+    def compile(self, shape: Shape, *, abstract: bool, batch=None):
+        fn = self.step_fn(shape)
+        state = self.stepper.abstract_state() if abstract else self.state()
+        batch = self.abstract_batch(shape) if batch is None else batch
+        t0 = time.perf_counter()
+        lowered = fn.lower(state, batch)
+        t1 = time.perf_counter()
+        fast = self.args.fast_compile == "on" or (self.args.fast_compile == "auto" and abstract)
+        if fast and self.jax.default_backend() == "cpu":
+            # LLVM at -O0: half the CPU compile time; the HLO passes, so the memory / cost analysis, are unchanged.
+            compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+        else:
+            compiled = lowered.compile()
+        t2 = time.perf_counter()
+        return compiled, t1 - t0, t2 - t1
+
+    # -- records --------------------------------------------------------------------------------------------------
+
+    def base_record(self, shape: Shape) -> dict:
+        jax = self.jax
+        s = self.settings
+        dev = jax.local_devices()[0]
+        return dict(impl="m3jax", ckpt=int(s.remat != "none"), batch=shape.batch, group=shape.group,
+                    qlen=shape.qlen, plen=shape.plen, sub_batch=self.sub_batch_for(shape), model=s.model,
+                    dtype=s.dtype, attention=s.attention, remat=s.remat, cross_device=s.cross_device,
+                    hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout, mesh=s.mesh,
+                    devices=self.num_shards, backend=jax.default_backend(), device_kind=dev.device_kind,
+                    jax=jax.__version__)
+
+    def analyze(self, shape: Shape, *, hlo: bool = True) -> dict:
+        rec = dict(mode="analyze", **self.base_record(shape))
+        try:
+            compiled, lower_s, compile_s = self.compile(shape, abstract=True)
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e):
+                raise
+            return dict(rec, error="OOM", detail=short(e))
+        fwd = forward_flops(self.model_cfg, shape)
+        rec.update(lower_s=round(lower_s, 2), compile_s=round(lower_s + compile_s, 2), **memory_record(compiled))
+        xla = cost_flops(compiled)
+        rec.update(model_forward_flops=float(fwd), xla_cost_flops=xla,
+                   xla_cost_ratio=None if xla is None else round(xla / fwd, 3))
+        if hlo:
+            stats = hlo_stats(compiled.as_text(), vocab_size=self.model_cfg.vocab_size)
+            rec.update(stats)
+            if stats:
+                rec["matmul_ratio"] = round(stats["matmul_flops"] / fwd, 3)
+                rec["encoder_matmul_ratio"] = round(stats["matmul_flops_by_part"].get("encoder", 0.0) / fwd, 3)
+        del compiled
+        gc.collect()
+        return rec
+
+    def run(self, shape: Shape, *, steps: int, warmup: int) -> dict:
+        jax = self.jax
+        rec = self.base_record(shape)
+        rec.update(steps=steps, warmup=warmup)
+        compiled = None
+        try:
+            batch = self.random_batch(shape, self.args.seed)
+            compiled, lower_s, compile_s = self.compile(shape, abstract=False, batch=batch)
+            rec.update(lower_s=round(lower_s, 2), compile_s=round(lower_s + compile_s, 2))
+            mem = memory_record(compiled)
+            if mem:
+                rec["analysed_gib"] = mem["total_gib"]
+            state = self.state()
+            metrics = None
+            for _ in range(warmup):
+                state, metrics = compiled(state, batch)
+                self._state = state
+            jax.block_until_ready((state, metrics))
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = compiled(state, batch)
+                self._state = state
+            t_dispatch = time.perf_counter() - t0
+            jax.block_until_ready((state, metrics))
+            dt = (time.perf_counter() - t0) / max(steps, 1)
+            w = self.num_shards
+            tflops = 3 * forward_flops(self.model_cfg, shape) * w / dt / 1e12
+            rec.update(step_s=round(dt, 4), queries_per_s=round(shape.batch * w / dt, 2),
+                       tokens_per_s=round(tokens(shape) * w / dt), model_tflops=round(tflops, 1 if tflops >= 1 else 6),
+                       loss=round(float(metrics["loss"]), 4), dispatch_s=round(t_dispatch / max(steps, 1), 5))
+            peak, source = device_peak_bytes(jax)
+            if peak is None and mem:
+                peak, source = mem["total_bytes"], "memory_analysis"
+            rec.update(peak_gib=None if peak is None else round(peak / GIB, 2), peak_source=source)
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e):
+                raise
+            rec.update(error="OOM", detail=short(e))
+        finally:
+            del compiled
+            gc.collect()
+        return rec
+
+    def fits_by_analysis(self, shape: Shape, budget_bytes: int) -> tuple[bool, dict]:
+        rec = self.analyze(shape, hlo=False)
+        if "error" in rec:
+            return False, rec
+        return rec["total_bytes"] <= budget_bytes, rec
+
+    def fits_by_running(self, shape: Shape) -> tuple[bool, dict]:
+        rec = self.run(shape, steps=1, warmup=1)
+        return "error" not in rec, rec
+
+
+def device_peak_bytes(jax) -> tuple[int | None, str]:
+    peaks = []
+    for dev in jax.local_devices():
+        try:
+            stats = dev.memory_stats()
+        except Exception:  # noqa: BLE001
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    if not peaks:
+        return None, "none"
+    return max(peaks), "memory_stats (process peak so far)"
+
+
+def device_limit_bytes(jax) -> int | None:
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def is_oom(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    text = f"{type(e).__name__}: {e}"
+    return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OutOfMemory"))
+
+
+def short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Max-batch search
+
+
+def search_max_batch(fits: Callable[[int], bool], start: int, *, limit: int = 1 << 16,
+                     granularity: int = 1) -> tuple[int, int | None]:
+    """(largest batch that fits, smallest that does not): doubling from `start`, then bisection until the gap is
+    at most `granularity`. `fits` is assumed monotone. Returns (0, start) if not even batch 1 fits."""
+    lo, hi = 0, None
+    b = max(1, start)
+    while hi is None:
+        if fits(b):
+            lo = b
+            if b >= limit:
+                return lo, None
+            b = min(2 * b, limit)
+        else:
+            hi = b
+    if lo == 0:  # start did not fit: search below it
+        lo_fit = 0
+        while hi - lo_fit > 1:
+            mid = (lo_fit + hi) // 2
+            if fits(mid):
+                lo_fit = mid
+            else:
+                hi = mid
+        return lo_fit, hi
+    while hi - lo > granularity:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                   help="comma-separated BATCHxGROUP:QLEN:PLEN (BATCH per device); default %(default)s")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer, hidden-64, vocab-1000 model (CPU / CI)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per shape (the reference's default: 6)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (reference: 2)")
+    p.add_argument("--analyze", action="store_true",
+                   help="compile only, no params allocated: XLA memory and cost analysis per shape")
+    p.add_argument("--find-max-batch", metavar="SHAPE", default=None,
+                   help="largest per-device batch at GROUP:QLEN:PLEN of SHAPE, searched from its BATCH")
+    p.add_argument("--memory-budget-gib", default=None,
+                   help="with --find-max-batch: judge by the compiled memory analysis against this many GiB per "
+                        "device ('auto': the device's allocator limit) instead of running steps until OOM; "
+                        "required on CPU")
+    p.add_argument("--granularity", type=int, default=1,
+                   help="with --find-max-batch: stop bisecting when the gap is at most this (default 1)")
+    p.add_argument("--verify", action="store_true",
+                   help="with --find-max-batch: time the step at the batch found (a normal benchmark line)")
+    p.add_argument("--config", default=RECIPE, help="run config the step is built from (default: the bge-m3 "
+                                                    "unified recipe, configs/bge_m3_unified.py)")
+    p.add_argument("--remat", default=None,
+                   help="remat policy, or a comma list to run each: none, full, dots, dots_no_batch "
+                        "(default: the recipe's, full)")
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                   help="attention implementation (auto: cudnn on GPU, xla elsewhere)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="compute dtype (auto: the recipe's bfloat16; float32 for timed runs on CPU)")
+    p.add_argument("--sub-batch-size", default="-1",
+                   help="passages encoded per chunk per device (-1: all at once; auto: FlagEmbedding's table by "
+                        "passage length, as the reference's --sub_batch auto)")
+    p.add_argument("--cross-device", default="recipe", choices=("recipe", "off", "dense", "all"),
+                   help="negatives across devices: the recipe's (dense), off, dense (negatives_cross_device), all "
+                        "(cross_device_all_heads)")
+    p.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=-1 or data=1,fsdp=8 (default: recipe's)")
+    p.add_argument("--hidden-dropout", type=float, default=0.1, help="bge-m3's config.json: 0.1")
+    p.add_argument("--attention-dropout", type=float, default=0.0,
+                   help="bge-m3's config.json has 0.1, which m3jax can only apply by materialising the attention "
+                        "probabilities (no fused kernel); default 0.0 benchmarks the fused-attention step")
+    p.add_argument("--fast-compile", default="auto", choices=("auto", "on", "off"),
+                   help="CPU only: compile with LLVM optimisation level 0 (about half the compile time; the HLO, "
+                        "memory and cost analyses are identical, the code runs slower). auto: for analyses only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--env", action="store_true", help="print versions and devices (one JSON line) and exit")
+
+
+def _validate(args) -> None:
+    if args.sub_batch_size != "auto":
+        try:
+            v = int(args.sub_batch_size)
+        except ValueError:
+            raise BenchError(f"--sub-batch-size {args.sub_batch_size!r}: an int or 'auto'") from None
+        if v == 0 or v < -1:
+            raise BenchError("--sub-batch-size: -1 (off), auto, or a positive int")
+    for name in ("steps", "warmup"):
+        if getattr(args, name) < (1 if name == "steps" else 0):
+            raise BenchError(f"--{name} {getattr(args, name)} is too small")
+    if args.granularity < 1:
+        raise BenchError("--granularity: a positive int")
+    for r in remat_list(args):
+        if r not in ("none", "full", "dots", "dots_no_batch"):
+            raise BenchError(f"--remat {r!r}: none, full, dots or dots_no_batch")
+    parse_mesh(args.mesh)
+
+
+def remat_list(args) -> list[str]:
+    if args.remat is None:
+        return [load_recipe(args.config).model.remat_policy]
+    return [r.strip() for r in args.remat.split(",") if r.strip()]
+
+
+def run(args, emit: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run what the arguments ask for; every record goes to `emit` (default: a JSON line on stdout) as soon as it
+    exists, and the list of them is returned."""
+    import jax
+
+    if args.env:  # before anything that needs the step's dependencies
+        rec = environment()
+        (emit or (lambda r: print(json.dumps(r), flush=True)))(rec)
+        return [rec]
+    _validate(args)
+    records: list[dict] = []
+    sink = open(args.output, "a", encoding="utf-8") if args.output else None
+
+    def out(rec: dict) -> None:
+        records.append(rec)
+        line = json.dumps(rec)
+        (emit or (lambda r: print(line, flush=True)))(rec)
+        if sink:
+            sink.write(line + "\n")
+            sink.flush()
+
+    try:
+        if args.find_max_batch:
+            shape = Shape.parse(args.find_max_batch)
+            by_analysis = args.memory_budget_gib is not None or jax.default_backend() == "cpu"
+            for remat in remat_list(args):
+                bench = Bench(args, remat=remat, for_run=not by_analysis)
+                out(_find_max_batch(bench, shape, args, by_analysis))
+                if args.verify and records[-1].get("max_batch"):
+                    bench_run = bench if not by_analysis else Bench(args, remat=remat, for_run=True)
+                    out(bench_run.run(shape.with_batch(records[-1]["max_batch"]), steps=args.steps,
+                                      warmup=args.warmup))
+            return records
+        shapes = [Shape.parse(s) for s in args.shapes.split(",") if s.strip()]
+        for remat in remat_list(args):
+            bench = Bench(args, remat=remat, for_run=not args.analyze)
+            for shape in shapes:
+                logger.info("%s %s remat=%s", "analyzing" if args.analyze else "timing", shape, remat)
+                out(bench.analyze(shape) if args.analyze else bench.run(shape, steps=args.steps, warmup=args.warmup))
+            del bench
+            gc.collect()
+    finally:
+        if sink:
+            sink.close()
+    return records
+
+
+def _find_max_batch(bench: Bench, shape: Shape, args, by_analysis: bool) -> dict:
+    jax = bench.jax
+    tries: list[dict] = []
+    budget = None
+    if by_analysis:
+        if args.memory_budget_gib in (None, "auto"):
+            budget = device_limit_bytes(jax)
+            if budget is None:
+                raise BenchError("--find-max-batch on a device without an allocator limit (CPU): give "
+                                 "--memory-budget-gib N")
+        else:
+            budget = int(float(args.memory_budget_gib) * GIB)
+
+    def fits(b: int) -> bool:
+        t0 = time.perf_counter()
+        ok, rec = (bench.fits_by_analysis(shape.with_batch(b), budget) if by_analysis
+                   else bench.fits_by_running(shape.with_batch(b)))
+        gib = rec.get("total_gib") if by_analysis else rec.get("peak_gib")
+        tries.append(dict(batch=b, fits=ok, gib=gib, bytes=rec.get("total_bytes") if by_analysis else None,
+                          error=rec.get("error"), seconds=round(time.perf_counter() - t0, 1)))
+        logger.info("batch %d: %s (%s GiB)", b, "fits" if ok else "does not fit", gib)
+        return ok
+
+    best, first_fail = search_max_batch(fits, shape.batch, granularity=args.granularity)
+    at_best = next((t for t in tries if t["batch"] == best), {})
+    rec = dict(mode="find_max_batch", method="memory_analysis" if by_analysis else "run",
+               **{k: v for k, v in bench.base_record(shape).items() if k != "batch"},
+               max_batch=best, first_failing_batch=first_fail, gib_at_max=at_best.get("gib"),
+               budget_gib=None if budget is None else round(budget / GIB, 4), budget_bytes=budget, tries=tries)
+    return rec
+
+
+def environment() -> dict:
+    """Versions of what the step depends on, the devices, and whether the step's modules import."""
+    import importlib
+    import platform
+
+    rec: dict[str, Any] = dict(mode="env", python=sys.version.split()[0], platform=platform.platform())
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "grain", "ml_collections", "numpy", "torch",
+                 "transformers"):
+        try:
+            rec[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception as e:  # noqa: BLE001
+            rec[name] = f"MISSING ({type(e).__name__}: {e})"
+    try:
+        import jax
+
+        rec["backend"] = jax.default_backend()
+        rec["devices"] = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]
+        rec["memory_limit_gib"] = (None if device_limit_bytes(jax) is None
+                                   else round(device_limit_bytes(jax) / GIB, 2))
+        importlib.import_module("m3jax.trainer")
+        rec["m3jax_trainer"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        rec["m3jax_trainer"] = f"FAILED ({type(e).__name__}: {e})"
+    for var in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_FLAGS", "JAX_PLATFORMS"):
+        if os.environ.get(var):
+            rec[var] = os.environ[var]
+    return rec
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmark", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        for noisy in ("absl", "jax"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        run(args)
+    except BenchError as e:
+        print(f"benchmark: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
