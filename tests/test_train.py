@@ -164,15 +164,17 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tiny_ckpt, tmp_path
 def _equivalence_config(tiny_ckpt, out, mesh, per_device):
     return toy_config(tiny_ckpt, out, max_steps=4, save_steps=1000, per_device_train_batch_size=per_device,
                       negatives_cross_device=True, cross_device_all_heads=True, seq_len_buckets=(128,),
-                      **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1]})
+                      **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2] if len(mesh) > 2 else 1})
 
 
 def test_same_global_batch_gives_the_same_losses_on_1_and_8_devices(tiny_ckpt, tmp_path):
-    """cross_device_all_heads makes the loss a function of the global batch alone: any mesh, same numbers."""
+    """cross_device_all_heads makes the loss a function of the global batch alone: any mesh, same numbers. 1 device;
+    8 devices as data, data x fsdp, and data x fsdp x tensor (params split over heads / mlp / vocab)."""
     runs = {}
-    for name, mesh, per_device in (("1", (1, 1), 8), ("data8", (8, 1), 1), ("data2_fsdp4", (2, 4), 1)):
+    for name, mesh, per_device in (("1", (1, 1), 8), ("data8", (8, 1), 1), ("data2_fsdp4", (2, 4), 1),
+                                   ("data2_fsdp2_tensor2", (2, 2, 2), 2)):
         runs[name] = trainer.train(_equivalence_config(tiny_ckpt, tmp_path / name, mesh, per_device))["losses"]
-    for name in ("data8", "data2_fsdp4"):
+    for name in ("data8", "data2_fsdp4", "data2_fsdp2_tensor2"):
         for step in range(4):
             assert abs(runs[name][step] - runs["1"][step]) <= 1e-5, (name, step, runs[name][step], runs["1"][step])
 
