@@ -16,7 +16,6 @@ import logging
 from typing import Any, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -143,6 +142,16 @@ class BGEM3FlagModel:
                               jax.device_put(mask, self._batch_sharding))
             yield idx, out, rows
 
+    def _truncate(self, vecs, truncate_dim: int | None) -> np.ndarray:
+        """Matryoshka truncation as FlagEmbedding does it: cut, then L2-normalise the cut vectors."""
+        vecs = np.asarray(vecs, np.float32)
+        if truncate_dim is None or truncate_dim >= vecs.shape[-1]:
+            return vecs
+        vecs = vecs[..., :truncate_dim]
+        if self.cfg.normalize_embeddings:  # normalising the cut of a unit vector = normalising the raw cut
+            vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=-1, keepdims=True), 1e-12)
+        return vecs
+
     def _lexical(self, weights: np.ndarray, ids: Sequence[int]) -> dict[str, np.float32]:
         result: dict[str, np.float32] = {}
         for w, i in zip(weights, ids):
@@ -155,30 +164,31 @@ class BGEM3FlagModel:
     def encode(self, sentences, batch_size: int | None = None, max_length: int | None = None,
                return_dense: bool | None = None, return_sparse: bool | None = None,
                return_colbert_vecs: bool | None = None, **kwargs) -> dict:
-        batch_size = batch_size or self.batch_size
-        max_length = max_length or self.passage_max_length
-        return_dense = self.return_dense if return_dense is None else return_dense
-        return_sparse = self.return_sparse if return_sparse is None else return_sparse
-        return_colbert_vecs = self.return_colbert_vecs if return_colbert_vecs is None else return_colbert_vecs
+        return self._encode(sentences, batch_size or self.batch_size, max_length or self.passage_max_length,
+                            self.return_dense if return_dense is None else return_dense,
+                            self.return_sparse if return_sparse is None else return_sparse,
+                            self.return_colbert_vecs if return_colbert_vecs is None else return_colbert_vecs,
+                            truncate_dim=self.truncate_dim)
+
+    def _encode(self, sentences, batch_size: int, max_length: int, return_dense: bool, return_sparse: bool,
+                return_colbert_vecs: bool, truncate_dim: int | None) -> dict:
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
-        n = len(texts)
-        dense = [None] * n
-        lexical = [None] * n
-        colbert = [None] * n
+        dense, lexical, colbert = [None] * len(texts), [None] * len(texts), [None] * len(texts)
         for idx, out, rows in self._batches(texts, max_length, batch_size):
-            d = np.asarray(out["dense"], np.float32) if return_dense else None
+            d = self._truncate(out["dense"], truncate_dim) if return_dense else None
             w = np.asarray(out["sparse_weights"], np.float32) if return_sparse else None
-            c = np.asarray(out["colbert"], np.float32) if return_colbert_vecs else None
+            c = self._truncate(out["colbert"], truncate_dim) if return_colbert_vecs else None
             for r, (i, toks) in enumerate(zip(idx, rows)):
                 if return_dense:
-                    dense[i] = d[r, :self.truncate_dim]
+                    dense[i] = d[r]
                 if return_sparse:
                     lexical[i] = self._lexical(w[r, :len(toks)], toks)
                 if return_colbert_vecs:
-                    colbert[i] = c[r, :len(toks) - 1, :self.truncate_dim]
+                    colbert[i] = c[r, :len(toks) - 1]
+        width = truncate_dim or self.cfg.hidden_size
         result = {
-            "dense_vecs": np.stack(dense) if return_dense and n else (np.zeros((0, self.cfg.hidden_size), np.float32) if return_dense else None),
+            "dense_vecs": (np.stack(dense) if texts else np.zeros((0, width), np.float32)) if return_dense else None,
             "lexical_weights": lexical if return_sparse else None,
             "colbert_vecs": colbert if return_colbert_vecs else None,
         }
@@ -237,9 +247,10 @@ class BGEM3FlagModel:
             return []
         single = isinstance(sentence_pairs[0], str)
         pairs = [sentence_pairs] if single else list(sentence_pairs)
-        kw = dict(batch_size=batch_size, return_dense=True, return_sparse=True, return_colbert_vecs=True)
-        q = self.encode([p[0] for p in pairs], max_length=max_query_length, **kw)
-        p = self.encode([p[1] for p in pairs], max_length=max_passage_length, **kw)
+        kw = dict(batch_size=batch_size, return_dense=True, return_sparse=True, return_colbert_vecs=True,
+                  truncate_dim=None)  # FlagEmbedding's compute_score ignores truncate_dim
+        q = self._encode([p[0] for p in pairs], max_length=max_query_length, **kw)
+        p = self._encode([p[1] for p in pairs], max_length=max_passage_length, **kw)
         p_tokens = np.array([len(v) + 1 for v in p["colbert_vecs"]])
         if weights_for_different_modes is None:
             weights_for_different_modes = [1.0, 1.0, 1.0]

@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import time

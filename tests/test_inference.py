@@ -134,3 +134,20 @@ def test_large_encode_compiles_a_bounded_number_of_shapes(models):
 def test_missing_model_directory_gives_a_clear_error(tmp_path):
     with pytest.raises(hf_io.CheckpointFormatError, match="does_not_exist"):
         BGEM3FlagModel(str(tmp_path / "does_not_exist"), devices="cpu")
+
+
+def test_truncate_dim_matches_flagembedding(tiny_ckpt):
+    from FlagEmbedding import BGEM3FlagModel as FlagModel
+
+    ours = BGEM3FlagModel(tiny_ckpt, use_fp16=False, devices="cpu", truncate_dim=16)
+    theirs = FlagModel(tiny_ckpt, use_fp16=False, devices="cpu", truncate_dim=16)
+    kw = dict(max_length=MAX_LENGTH, return_dense=True, return_colbert_vecs=True)
+    a, b = ours.encode(TEXTS[:4], **kw), theirs.encode(TEXTS[:4], **kw)
+    assert a["dense_vecs"].shape == b["dense_vecs"].shape == (4, 16)
+    np.testing.assert_allclose(a["dense_vecs"], b["dense_vecs"], atol=1e-5)
+    for x, y in zip(a["colbert_vecs"], b["colbert_vecs"]):
+        assert x.shape[-1] == 16 and np.abs(x - y).max() <= 1e-5
+    pairs = [(TEXTS[0], TEXTS[1]), (TEXTS[2], TEXTS[3])]
+    sa, sb = ours.compute_score(pairs), theirs.compute_score(pairs)
+    for k in sa:  # compute_score uses the full width in both
+        np.testing.assert_allclose(sa[k], sb[k], atol=1e-5)

@@ -1,7 +1,6 @@
 """The optimizer against what HF Trainer builds for FlagEmbedding: torch AdamW with decay / no-decay groups,
 gradient clipping, the warmup + decay schedules, and FlagEmbedding's frozen parameters."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
