@@ -151,3 +151,16 @@ def test_truncate_dim_matches_flagembedding(tiny_ckpt):
     sa, sb = ours.compute_score(pairs), theirs.compute_score(pairs)
     for k in sa:  # compute_score uses the full width in both
         np.testing.assert_allclose(sa[k], sb[k], atol=1e-5)
+
+
+def test_encoding_over_all_local_devices_matches_one_device(tiny_ckpt, models):
+    ours, _ = models
+    spread = BGEM3FlagModel(tiny_ckpt, use_fp16=False, batch_size=8)  # devices=None: the 8 simulated CPU devices
+    assert len(spread.devices) == 8
+    kw = dict(max_length=MAX_LENGTH, return_dense=True, return_sparse=True, return_colbert_vecs=True)
+    a, b = spread.encode(TEXTS, **kw), ours.encode(TEXTS, **kw)
+    np.testing.assert_allclose(a["dense_vecs"], b["dense_vecs"], atol=1e-6)
+    assert all(np.abs(x - y).max() <= 1e-6 for x, y in zip(a["colbert_vecs"], b["colbert_vecs"]))
+    assert a["lexical_weights"] == b["lexical_weights"] or all(
+        set(x) == set(y) and all(abs(x[k] - y[k]) <= 1e-6 for k in x)
+        for x, y in zip(a["lexical_weights"], b["lexical_weights"]))

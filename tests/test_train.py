@@ -278,3 +278,23 @@ def test_sub_batch_encoding_gives_the_same_step(tiny_ckpt, tmp_path):
         results[sub] = (float(metrics["loss"]), jax.tree.map(np.asarray, state.params))
     assert abs(results[-1][0] - results[2][0]) <= 1e-6
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[-1][1], results[2][1])
+
+
+def test_distillation_and_no_in_batch_neg_batches_train(tiny_ckpt, tmp_path, caplog):
+    """Batch kinds switch step by step (teacher scores / no in-batch negatives / group size): one jit each."""
+    import shutil
+
+    kd_dir, nibn_dir = tmp_path / "kd", tmp_path / "classification_no_in_batch_neg"
+    kd_dir.mkdir()
+    nibn_dir.mkdir()
+    shutil.copy(os.path.join(REPO, "toy_train_data", "retrieval_kd.jsonl"), kd_dir)
+    shutil.copy(os.path.join(REPO, "toy_train_data", "retrieval_en.jsonl"), nibn_dir)
+    config = toy_config(tiny_ckpt, tmp_path / "run", max_steps=8, save_steps=1000, knowledge_distillation=True,
+                        kd_loss_type="m3_kd_loss", train_data=f"{kd_dir},{nibn_dir}", seq_len_buckets=(128,),
+                        eval_steps=0)
+    summary = trainer.train(config)
+    assert "retrieval_en.jsonl has no teacher scores" in caplog.text  # kd on, but that file has none
+    rows = read_metrics(str(tmp_path / "run"))
+    kinds = {(r["loss_kd"] > 0) for r in rows.values()}
+    assert kinds == {True, False}, rows  # steps from both datasets ran
+    assert all(np.isfinite(r["loss"]) for r in rows.values()) and summary["step"] == 8
