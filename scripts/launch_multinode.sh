@@ -14,13 +14,7 @@
 # --dry-run as first argument (or DRY_RUN=1): print the commands instead of running them.
 set -euo pipefail
 
-q() {  # shell-quote one word exactly like Python's shlex.quote
-  local LC_ALL=C s=$1 sq="'\"'\"'"
-  if [[ -z $s ]]; then printf "''"
-  elif [[ $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$s"
-  else printf "'%s'" "${s//\'/$sq}"; fi
-}
-qjoin() { local out="" a; for a in "$@"; do out+="${out:+ }$(q "$a")"; done; printf '%s' "$out"; }
+. "$(dirname "${BASH_SOURCE[0]}")/launch_lib.sh"  # q, qjoin
 die() { echo "launch_multinode.sh: error: $*" >&2; exit 2; }
 int() { [[ $2 =~ ^[0-9]+$ ]] || die "$1=$2: expected a non-negative integer"; }
 

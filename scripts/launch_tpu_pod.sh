@@ -19,13 +19,7 @@ set -euo pipefail
 
 usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
-q() {  # shell-quote one word exactly like Python's shlex.quote
-  local LC_ALL=C s=$1 sq="'\"'\"'"
-  if [[ -z $s ]]; then printf "''"
-  elif [[ $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$s"
-  else printf "'%s'" "${s//\'/$sq}"; fi
-}
-qjoin() { local out="" a; for a in "$@"; do out+="${out:+ }$(q "$a")"; done; printf '%s' "$out"; }
+. "$(dirname "${BASH_SOURCE[0]}")/launch_lib.sh"  # q, qjoin
 run() {  # print (dry run) or execute one command
   if [[ $DRY_RUN == 1 ]]; then qjoin "$@"; echo; else "$@"; fi
 }

@@ -8,13 +8,7 @@
 # DRY_RUN=1: print the command instead of running it.
 set -euo pipefail
 
-q() {  # shell-quote one word exactly like Python's shlex.quote
-  local LC_ALL=C s=$1 sq="'\"'\"'"
-  if [[ -z $s ]]; then printf "''"
-  elif [[ $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$s"
-  else printf "'%s'" "${s//\'/$sq}"; fi
-}
-qjoin() { local out="" a; for a in "$@"; do out+="${out:+ }$(q "$a")"; done; printf '%s' "$out"; }
+. "$(dirname "${BASH_SOURCE[0]}")/launch_lib.sh"  # q, qjoin
 
 [[ $# -ge 1 ]] || { echo "slurm_task.sh: error: usage: slurm_task.sh CONFIG [overrides ...]" >&2; exit 2; }
 : "${SLURM_PROCID:?slurm_task.sh runs under srun}" "${M3JAX_COORDINATOR_ADDRESS:?}" "${M3JAX_NUM_PROCESSES:?}"
