@@ -339,8 +339,22 @@ def train(config) -> dict:
 
     # --- loop -------------------------------------------------------------------------------------------------
     config_json = ckpt_lib.config_to_json(config)
+    # Preemption: one process alone catches SIGTERM and saves at the current step. With several processes the save
+    # is collective, so they must agree on the step: jax's preemption service (on with jax.distributed) catches
+    # SIGTERM on any host and names the same sync step on all of them.
+    multi_process = jax.process_count() > 1
     stop = {"signal": None}
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    previous_handler = None
+    if not multi_process:
+        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+    def preempted(step: int) -> bool:
+        if multi_process:
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(step):
+                stop["signal"] = signal.SIGTERM
+        return stop["signal"] is not None
+
     metrics_log = MetricsLogger(output_dir, total_steps, start_step)
     pending: list[tuple[int, dict, int]] = []  # (step, device metrics, tokens) since the last host read
     history: dict[int, float] = {}
@@ -393,7 +407,7 @@ def train(config) -> dict:
             metrics_log.advance()
             if step % config.logging_steps == 0 or step == total_steps:
                 flush()
-            if stop["signal"] is not None:
+            if preempted(step):
                 logger.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
                 save(step)
                 break
@@ -406,6 +420,7 @@ def train(config) -> dict:
         checkpointer.wait()
         checkpointer.close()
         metrics_log.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     return {"step": step, "metrics": last, "losses": history, "preempted": stop["signal"] is not None,
             "state": state, "model_config": model_cfg}

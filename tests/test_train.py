@@ -161,6 +161,24 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tiny_ckpt, tmp_path
     assert f"step {saved}" in out and ckpt_lib.Checkpointer(out_dir, read_only=True).latest_step() == saved + 2
 
 
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tiny_ckpt, tmp_path):
+    """Preemption of one host: jax's preemption service agrees on a step, both save it together and exit 0."""
+    out_dir = str(tmp_path)
+    procs = _two_processes(cli_args(tiny_ckpt, out_dir, max_steps=200, save_steps=1000,
+                                    per_device_train_batch_size=1, **{"mesh.data": -1}))
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    saved = ckpt_lib.Checkpointer(out_dir, read_only=True).latest_step()
+    assert saved is not None and 3 <= saved < 200
+    assert all(f"saving a checkpoint at step {saved}" in out for out in outs)
+
+
 def _equivalence_config(tiny_ckpt, out, mesh, per_device):
     return toy_config(tiny_ckpt, out, max_steps=4, save_steps=1000, per_device_train_batch_size=per_device,
                       negatives_cross_device=True, cross_device_all_heads=True, seq_len_buckets=(128,),
@@ -179,17 +197,21 @@ def test_same_global_batch_gives_the_same_losses_on_1_and_8_devices(tiny_ckpt, t
             assert abs(runs[name][step] - runs["1"][step]) <= 1e-5, (name, step, runs[name][step], runs["1"][step])
 
 
-def test_two_processes_of_four_devices_match_one_device(tiny_ckpt, tmp_path):
-    single = trainer.train(_equivalence_config(tiny_ckpt, tmp_path / "single", (1, 1), 8))["losses"]
+def _two_processes(args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    return [run_train_py(args, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                                "M3JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "M3JAX_NUM_PROCESSES": "2",
+                                "M3JAX_PROCESS_ID": str(i)}) for i in range(2)]
+
+
+def test_two_processes_of_four_devices_match_one_device(tiny_ckpt, tmp_path):
+    single = trainer.train(_equivalence_config(tiny_ckpt, tmp_path / "single", (1, 1), 8))["losses"]
     out_dir = str(tmp_path / "multi")
     args = cli_args(tiny_ckpt, out_dir, max_steps=4, save_steps=1000, per_device_train_batch_size=1,
                     negatives_cross_device=True, cross_device_all_heads=True, **{"mesh.data": -1})
-    procs = [run_train_py(args, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-                                 "M3JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "M3JAX_NUM_PROCESSES": "2",
-                                 "M3JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    procs = _two_processes(args)
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     multi = read_metrics(out_dir)
