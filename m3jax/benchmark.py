@@ -602,16 +602,8 @@ def search_max_batch(fits: Callable[[int], bool], start: int, *, limit: int = 1 
             b = min(2 * b, limit)
         else:
             hi = b
-    if lo == 0:  # start did not fit: search below it
-        lo_fit = 0
-        while hi - lo_fit > 1:
-            mid = (lo_fit + hi) // 2
-            if fits(mid):
-                lo_fit = mid
-            else:
-                hi = mid
-        return lo_fit, hi
-    while hi - lo > granularity:
+    gap = 1 if lo == 0 else granularity  # start did not fit: find the exact largest batch below it
+    while hi - lo > gap:
         mid = (lo + hi) // 2
         if fits(mid):
             lo = mid
