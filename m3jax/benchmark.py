@@ -44,6 +44,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from m3jax.errors import M3JaxError
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +65,7 @@ TINY = dict(BGE_M3, vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_at
 AUTO_SUB_BATCH = ((6000, 1), (5000, 2), (4000, 3), (3000, 3), (2000, 5), (1000, 9), (512, 16), (0, 32))
 
 
-class BenchError(ValueError):
+class BenchError(M3JaxError, ValueError):
     """A command-line value the benchmark cannot run with."""
 
 
@@ -370,6 +372,7 @@ class Bench:
         import jax
 
         from m3jax import config as config_lib
+        from m3jax import loading
         from m3jax import sharding as shard_lib
         from m3jax import trainer
 
@@ -379,9 +382,11 @@ class Bench:
         self.config = build_config(args, remat=remat, for_run=for_run)
         config_lib.validate(self.config, for_training=False)
         hf = TINY if args.tiny else BGE_M3
-        self.model_cfg = trainer.model_config_from(self.config, hf, hf["hidden_size"], False)
+        source = loading.ModelSource(path="bge-m3 shape" if not args.tiny else "tiny", hf_config=hf,
+                                     tokenizer_dir=None, colbert_dim=None, has_pooler=False)
+        self.model_cfg = loading.model_config(source, loading.ModelSettings.from_run_config(self.config))
         self.mesh = shard_lib.make_mesh(self.config.mesh)
-        self.num_shards = shard_lib.num_batch_shards(self.mesh)
+        self.num_shards = shard_lib.num_batch_shards(self.mesh, self.config.sharding_rules)
         self.local_shards = max(1, self.num_shards // jax.process_count())
         self.stepper = trainer.Stepper.build(self.config, self.model_cfg, self.mesh, self.config.max_steps)
         self._state = None
@@ -411,7 +416,7 @@ class Bench:
 
     def abstract_batch(self, shape: Shape) -> dict:
         jax, jnp = self.jax, self.jax.numpy
-        sharding = self.shard_lib.batch_sharding(self.mesh)
+        sharding = self.stepper.batch_sharding
         b, w = shape.batch, self.num_shards
         s = lambda rows, cols, dt: jax.ShapeDtypeStruct((rows * w, cols), dt, sharding=sharding)
         return dict(query_input_ids=s(b, shape.qlen, jnp.int32), query_attention_mask=s(b, shape.qlen, jnp.int32),
@@ -434,7 +439,7 @@ class Bench:
         local = dict(query_input_ids=q, query_attention_mask=np.ones_like(q), passage_input_ids=p,
                      passage_attention_mask=np.ones_like(p),
                      teacher_scores=np.zeros((rows, shape.group), np.float32))
-        return self.shard_lib.global_batch(local, self.mesh)
+        return self.stepper.global_batch(local)
 
     def state(self):
         """A live train state from random params (re-created if a failed step consumed the donated one)."""

@@ -1,11 +1,14 @@
-"""The `m3jax` command (also `python -m m3jax`): subcommands around a training run.
+"""The `m3jax` command (also `python -m m3jax`): a training run and the subcommands around it.
 
+    m3jax train --config configs/toy.py [--config.<field>=<value> ...]      (the same as python train.py ...)
     m3jax export --checkpoint runs/toy --output runs/toy_export [--step N] [--pytorch-bin] [--heads-dtype float16]
     m3jax eval --model runs/toy_export --corpus c.jsonl --queries q.jsonl --qrels qrels.tsv [--output r.json]
     m3jax bench [--shapes 32x8:64:256,...] [--analyze | --find-max-batch 8x8:512:8192] [--tiny]
 
-Errors a user can fix (missing or incomplete checkpoint, malformed eval file, existing output directory) print one
-line "m3jax <command>: error: ..." on stderr and exit with status 2, without a traceback.
+Errors a user can fix (m3jax.errors.M3JaxError: a bad config value, malformed data or eval file, a missing or
+incomplete checkpoint, an existing output directory) print one line "m3jax <command>: error: ..." on stderr and exit
+with status 2, without a traceback. Flags naming the same thing are spelled the same in every subcommand
+(--step, --base-model, --output, --overwrite, --batch-size, --query-max-len, --passage-max-len).
 
 Adding a subcommand: write `_add_<name>(subparsers)` that creates its parser and sets `func` to a function taking the
 parsed args and returning an exit status, then append it to SUBCOMMANDS.
@@ -13,25 +16,38 @@ parsed args and returning an exit status, then append it to SUBCOMMANDS.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 
+from m3jax.errors import M3JaxError
+
 logger = logging.getLogger("m3jax")
 
 
-class UsageError(ValueError):
+class UsageError(M3JaxError, ValueError):
     """A command-line problem found after parsing (reported like argparse errors, exit status 2)."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is the whole story (imported lazily: `m3jax --help` stays fast)."""
-    from m3jax.evaluate import EvalDataError
-    from m3jax.export import ExportError
-    from m3jax.hf_io import CheckpointFormatError
+# ---------------------------------------------------------------------------------------------------------------
+# train
 
-    return ExportError, EvalDataError, CheckpointFormatError, UsageError
+
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="fine-tune (or resume) from a config file: m3jax train --config configs/toy.py",
+        description="Run train.py's training: --config FILE (a configs/*.py file) and any --config.<field>=<value> "
+                    "overrides (fields: m3jax/config.py; a mistyped field is rejected with a suggestion).")
+    p.add_argument("--config", required=True, help="a configs/*.py file")
+    p.add_argument("--config.FIELD", metavar="VALUE", dest="_override", help="override any config field, e.g. "
+                   "--config.learning_rate=2e-5 --config.mesh.fsdp=4 (repeatable)")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from m3jax import trainer
+
+    return trainer.main(args.train_argv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,39 +139,33 @@ def _add_eval(subparsers) -> None:
 
 
 def _load_model(args):
+    from m3jax.checkpoint import CheckpointError
     from m3jax.inference import BGEM3FlagModel
 
-    common = dict(use_fp16=not args.fp32, devices=args.devices, batch_size=args.batch_size,
-                  query_max_length=args.query_max_len, passage_max_length=args.passage_max_len,
-                  query_instruction_for_retrieval=args.query_instruction,
-                  query_instruction_format=args.query_instruction_format)
-    if os.path.isfile(os.path.join(args.model, "config.json")):
-        if args.step is not None or args.base_model is not None:
-            raise UsageError("--step and --base-model apply to an m3jax run directory, not to an HF directory")
-        pooling = args.pooling_method
-        info_path = os.path.join(args.model, "m3jax_export.json")
-        if pooling is None and os.path.isfile(info_path):
-            with open(info_path) as f:
-                pooling = json.load(f).get("sentence_pooling_method")
-        return BGEM3FlagModel(args.model, pooling_method=pooling or "cls", **common)
-
-    from m3jax.export import ExportError, read_checkpoint
-
-    if not os.path.isdir(args.model):
-        raise ExportError(f"{args.model}: does not exist")
-    if args.pooling_method is not None:
+    hf_dir = os.path.isfile(os.path.join(args.model, "config.json"))
+    if hf_dir and (args.step is not None or args.base_model is not None):
+        raise UsageError("--step and --base-model apply to an m3jax run directory, not to an HF directory")
+    if not hf_dir and args.pooling_method is not None:
         raise UsageError("--pooling-method applies to an HF directory; a checkpoint uses its run config's")
     try:
-        ckpt = read_checkpoint(args.model, step=args.step, base_model=args.base_model)
-    except ExportError as e:
-        raise ExportError(f"--model: not an HF model directory (no config.json) and not a usable m3jax "
-                          f"checkpoint: {e}") from e
-    logger.info("evaluating %s (step %d)", ckpt.location.step_dir, ckpt.location.step)
-    return BGEM3FlagModel.from_params(ckpt.model_cfg, ckpt.params, ckpt.load_tokenizer(), **common)
+        return BGEM3FlagModel(args.model, pooling_method=args.pooling_method, step=args.step,
+                              base_model=args.base_model, use_fp16=not args.fp32, devices=args.devices,
+                              batch_size=args.batch_size, query_max_length=args.query_max_len,
+                              passage_max_length=args.passage_max_len,
+                              query_instruction_for_retrieval=args.query_instruction,
+                              query_instruction_format=args.query_instruction_format)
+    except CheckpointError as e:
+        if hf_dir or not os.path.isdir(args.model):
+            raise
+        raise CheckpointError(f"--model: not an HF model directory (no config.json) and not a usable m3jax "
+                              f"checkpoint: {e}") from e
 
 
 def _run_eval(args) -> int:
+    import json
+
     from m3jax import evaluate as ev
+    from m3jax.storage import atomic_file
 
     for name in ("batch_size", "query_max_len", "passage_max_len"):
         if getattr(args, name) < (1 if name == "batch_size" else 2):
@@ -177,13 +187,9 @@ def _run_eval(args) -> int:
             num_queries=len(eval_set.query_ids), num_passages=len(eval_set.corpus_ids),
             unknown_query_qrels=eval_set.unknown_query_qrels, unknown_passage_qrels=eval_set.unknown_passage_qrels,
             batch_size=args.batch_size, query_max_len=args.query_max_len, passage_max_len=args.passage_max_len)
-        parent = os.path.dirname(os.path.abspath(args.output))
-        os.makedirs(parent, exist_ok=True)
-        tmp = args.output + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(args.output) as f:
             json.dump(payload, f, indent=2)
             f.write("\n")
-        os.replace(tmp, args.output)
     return 0
 
 
@@ -218,11 +224,11 @@ def _run_bench(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Subcommand registry and entry point
 
-SUBCOMMANDS = [_add_export, _add_eval, _add_bench]
+SUBCOMMANDS = [_add_train, _add_export, _add_eval, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m3jax", description="BGE-M3 fine-tuning in JAX: export, evaluation.")
+    parser = argparse.ArgumentParser(prog="m3jax", description="BGE-M3 fine-tuning in JAX: train, export, eval.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
@@ -230,14 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
+        # absl's config flags parse the rest (--config.<field>=<value> for any field of the schema).
+        args = argparse.Namespace(command="train", func=_run_train, train_argv=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         for noisy in ("absl", "jax"):  # Orbax logs every handler it creates, jax every backend it probes
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except _user_errors() as e:
+    except M3JaxError as e:
         print(f"m3jax {args.command}: error: {e}", file=sys.stderr)
         return 2

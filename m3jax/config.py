@@ -14,6 +14,8 @@ from typing import Any
 
 import ml_collections
 
+from m3jax.errors import M3JaxError
+
 # Per-device batch size by token-length range of the dataset file (FlagEmbedding research/BGE_M3 recipe, 80 GB
 # GPUs). Keys are the `len-LO-HI` tags written by scripts/split_data_by_length.py; datasets without a tag use
 # per_device_train_batch_size.
@@ -137,7 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(ValueError):
+class ConfigError(M3JaxError, ValueError):
     """A config field has a value m3jax cannot run with; the message names the field."""
 
 
@@ -224,6 +226,14 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
              "at most one axis of size -1", dict(c.mesh))
     _require(c.distributed.initialize in ("auto", "always", "never"), "distributed.initialize",
              "'auto', 'always' or 'never'", c.distributed.initialize)
+    rules = tuple(c.sharding_rules)
+    for rule in rules:
+        ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+        axes = (rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)) if ok and rule[1] is not None else ()
+        _require(ok and all(a in ("data", "fsdp", "tensor") for a in axes), "sharding_rules",
+                 "(logical_name, None | mesh axis | tuple of mesh axes) pairs over the axes data, fsdp, tensor", rule)
+    _require(any(r[0] == "batch" for r in rules), "sharding_rules",
+             'a rule for "batch" (the mesh axes batches are split over, e.g. ("batch", ("data", "fsdp")))', rules)
     buckets = tuple(c.seq_len_buckets)
     _require(all(isinstance(b, int) and b >= 2 for b in buckets) and list(buckets) == sorted(set(buckets)),
              "seq_len_buckets", "strictly increasing ints >= 2 (or empty for the default)", buckets)

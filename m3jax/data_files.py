@@ -32,12 +32,15 @@ from typing import Any
 
 import numpy as np
 
+from m3jax import storage
+from m3jax.errors import M3JaxError
+
 logger = logging.getLogger(__name__)
 
 SYMMETRIC_QUERY_INSTRUCTION_TYPES = ("symmetric_sts", "symmetric_clustering")
 
 
-class DataError(ValueError):
+class DataError(M3JaxError, ValueError):
     """Training data that m3jax cannot use; the message names the path (and line) and what was expected."""
 
 
@@ -420,10 +423,6 @@ def tokenizer_fingerprint(tokenizer_json: str) -> str:
     return hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16]
 
 
-def default_cache_dir() -> str:
-    return os.environ.get("M3JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "m3jax")
-
-
 def token_length_table(files: Sequence[FileIndex], types: Sequence[str | None], tokenizer_json: str, *,
                        query_max_len: int, passage_max_len: int, ins: Instructions, num_workers: int,
                        cache_dir: str | None = None, chunk: int = 2048) -> list[FileLengths]:
@@ -432,7 +431,7 @@ def token_length_table(files: Sequence[FileIndex], types: Sequence[str | None], 
     Cache key per file: its path, size and mtime, the tokenizer (hash of its JSON), the max lengths, the
     instructions, its type and the records kept (so skip_bad_examples / subsampling changes miss the cache).
     """
-    cache_dir = os.path.join(cache_dir or default_cache_dir(), "token_lengths")
+    cache_dir = os.path.join(cache_dir, "token_lengths") if cache_dir else storage.cache_dir("token_lengths")
     tok_id = tokenizer_fingerprint(tokenizer_json)
     results: list[FileLengths | None] = [None] * len(files)
     keys, todo = [], []

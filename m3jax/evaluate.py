@@ -14,13 +14,13 @@ naming an unknown passage is kept as a relevant passage that cannot be retrieved
 are counted and logged.
 
 Search is exact, on the model's first device, in blocks: corpus passages are encoded a few batches at a time and
-every block of queries is scored against every block of passages with one jitted function, keeping a running top-k
-(k = max(100, the largest metric cutoff)) per query with `jax.lax.top_k`:
+every block of queries is scored against every block of passages with one jitted function (the similarities of
+m3jax.scores), keeping a running top-k (k = max(100, the largest metric cutoff)) per query with `jax.lax.top_k`:
   dense    q . p
   sparse   lexical matching: each passage block becomes a dense [block, vocab] matrix of token weights on the device
-           (max weight per token id, as in the lexical_weights dicts), gathered at the query's token ids
+           (max weight per token id, as in the lexical_weights dicts), read at the query's token ids
   colbert  sum over query tokens of the max over passage tokens of <q_i, p_j>, divided by the query's token count
-           (FlagEmbedding's colbert_score on the unpadded vectors)
+           (FlagEmbedding's colbert_score on the unpadded vectors; padded passage tokens are masked out)
   dense+sparse  (w_d * dense + w_s * sparse) / (w_d + w_s)
   all           (w_d * dense + w_s * sparse + w_c * colbert) / (w_d + w_s + w_c)
 with weights [w_d, w_s, w_c] defaulting to [1, 1, 1] like FlagEmbedding's compute_score.
@@ -46,6 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3jax import scores
+from m3jax import sharding as shard_lib
+from m3jax.inference import pack_outputs
+from m3jax.padding import round_up
+from m3jax.errors import M3JaxError
+
 logger = logging.getLogger(__name__)
 
 MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
@@ -60,7 +66,7 @@ MIN_TOP_K = 100
 _BLOCK_BYTES = 256 * 2**20  # budget for the largest intermediate of one (query block, passage block) step
 
 
-class EvalDataError(ValueError):
+class EvalDataError(M3JaxError, ValueError):
     """An eval file is missing or malformed; the message names the file and line."""
 
 
@@ -329,95 +335,32 @@ def compute_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, f
 # Exact search on the device
 
 
-def _round_up(n: int, minimum: int = 8) -> int:
-    """Smallest power of two or 1.5x power of two >= n (bounds the number of compiled shapes)."""
-    size = minimum
-    while True:
-        if size >= n:
-            return size
-        if size * 3 // 2 >= n:
-            return size * 3 // 2
-        size *= 2
-
-
-def _pack_lexical(lexical: list[dict], width: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.zeros((len(lexical), width), np.int32)  # padding: id 0 with weight 0 contributes nothing
-    weights = np.zeros((len(lexical), width), np.float32)
-    for r, item in enumerate(lexical):
-        if item:
-            n = len(item)
-            ids[r, :n] = np.fromiter((int(t) for t in item.keys()), np.int64, n)
-            weights[r, :n] = np.fromiter(item.values(), np.float32, n)
-    return ids, weights
-
-
-def _pack_colbert(vecs: list[np.ndarray], length: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    out = np.zeros((len(vecs), length, dim), np.float32)
-    mask = np.zeros((len(vecs), length), bool)
-    for r, v in enumerate(vecs):
-        out[r, :len(v)] = v
-        mask[r, :len(v)] = True
-    return out, mask
-
-
-def _pack(enc: dict, parts: frozenset, rows: int, *, lex_width: int | None = None,
-          col_length: int | None = None) -> dict:
-    """Encoder outputs for n texts -> padded arrays with `rows` rows (the searched block)."""
-    n = len(next(v for v in enc.values() if v is not None))
-    out = {}
-    if "dense" in parts:
-        dense = np.zeros((rows, np.shape(enc["dense_vecs"])[1]), np.float32)
-        dense[:n] = enc["dense_vecs"]
-        out["dense"] = dense
-    if "sparse" in parts:
-        lexical = list(enc["lexical_weights"]) + [{}] * (rows - n)
-        width = lex_width or _round_up(max(1, max(len(x) for x in lexical)))
-        out["lex_ids"], out["lex_w"] = _pack_lexical(lexical, width)
-    if "colbert" in parts:
-        vecs = list(enc["colbert_vecs"])
-        dim = vecs[0].shape[-1]
-        vecs += [np.zeros((0, dim), np.float32)] * (rows - n)
-        length = col_length or _round_up(max(1, max(len(v) for v in vecs)))
-        out["col"], out["col_mask"] = _pack_colbert(vecs, length, dim)
-    return out
-
-
 @functools.partial(jax.jit, static_argnames=("modes", "k", "vocab_size"))
 def _search_block(best_scores, best_index, q, p, p_index, p_valid, weights, *, modes, k, vocab_size):
     """Score one query block against one passage block and merge into the running top-k.
 
-    best_scores / best_index [M, Qb, k]; p_index [Pb] (corpus positions); p_valid [Pb] (False for padding rows).
+    q / p: head representations (m3jax.inference.pack_outputs); best_scores / best_index [M, Qb, k]; p_index [Pb]
+    (corpus positions); p_valid [Pb] (False for padding rows).
     """
     hi = jax.lax.Precision.HIGHEST  # exact float32 products on TPU/GPU too
-    parts = {part for mode in modes for part in _MODE_PARTS[mode]}
     base = {}
-    if "dense" in parts:
-        base["dense"] = jnp.einsum("qh,ph->qp", q["dense"], p["dense"], precision=hi,
-                                   preferred_element_type=jnp.float32)
-    if "sparse" in parts:
-        rows = jnp.arange(p["lex_ids"].shape[0])[:, None]
-        p_lex = jnp.zeros((p["lex_ids"].shape[0], vocab_size), jnp.float32).at[rows, p["lex_ids"]].max(p["lex_w"])
-        gathered = p_lex[:, q["lex_ids"]]  # [Pb, Qb, T]
-        base["sparse"] = jnp.einsum("qt,pqt->qp", q["lex_w"], gathered, precision=hi,
-                                    preferred_element_type=jnp.float32)
-    if "colbert" in parts:
-        token = jnp.einsum("qid,pjd->qipj", q["col"], p["col"], precision=hi, preferred_element_type=jnp.float32)
-        token = jnp.where(p["col_mask"][None, None], token, -jnp.inf)
-        best_token = jnp.where(q["col_mask"][:, :, None], token.max(axis=-1), 0.0)  # [Qb, Lq, Pb]
-        count = jnp.maximum(q["col_mask"].sum(axis=1), 1).astype(jnp.float32)
-        base["colbert"] = best_token.sum(axis=1) / count[:, None]
+    for head in {part for mode in modes for part in _MODE_PARTS[mode]}:
+        passages = p[head]
+        if head == "sparse":  # the block's lexical vectors [Pb, V]; the queries' token ids are read from them
+            passages = scores.lexical_vectors(passages.weights, passages.ids, vocab_size)
+        base[head] = scores.SIMILARITIES[head](q[head], passages, precision=hi, **(
+            {"block_bytes": _BLOCK_BYTES} if head == "colbert" else {}))
     w = {"dense": weights[0], "sparse": weights[1], "colbert": weights[2]}
-    scores = []
+    found = []
     for mode in modes:
         mode_parts = _MODE_PARTS[mode]
         if len(mode_parts) == 1:
-            s = base[mode_parts[0]]
+            found.append(base[mode_parts[0]])
         else:
-            s = sum(w[x] * base[x] for x in mode_parts) / sum(w[x] for x in mode_parts)
-        scores.append(s)
-    scores = jnp.where(p_valid[None, None, :], jnp.stack(scores), -jnp.inf)  # [M, Qb, Pb]
-    index = jnp.broadcast_to(p_index[None, None, :], scores.shape)
-    all_scores = jnp.concatenate([best_scores, scores], axis=-1)
+            found.append(sum(w[x] * base[x] for x in mode_parts) / sum(w[x] for x in mode_parts))
+    found = jnp.where(p_valid[None, None, :], jnp.stack(found), -jnp.inf)  # [M, Qb, Pb]
+    index = jnp.broadcast_to(p_index[None, None, :], found.shape)
+    all_scores = jnp.concatenate([best_scores, found], axis=-1)
     all_index = jnp.concatenate([best_index, index], axis=-1)
     top, pos = jax.lax.top_k(all_scores, k)
     return top, jnp.take_along_axis(all_index, pos, axis=-1)
@@ -467,19 +410,19 @@ def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, mo
     q_enc = model.encode_queries(list(query_texts), batch_size=batch_size, max_length=query_max_len, **need)
     check_vocab(q_enc, "queries")
     p_block = max(1, int(batch_size))
-    p_len = _round_up(max(1, passage_max_len))
-    q_pack = _pack(q_enc, parts, n_q)
-    q_len = q_pack["col"].shape[1] if "colbert" in parts else 1
-    q_lex = q_pack["lex_ids"].shape[1] if "sparse" in parts else 1
+    p_len = round_up(max(1, passage_max_len))
+    q_pack = pack_outputs(q_enc, parts, n_q)
+    q_len = q_pack["colbert"].vecs.shape[1] if "colbert" in parts else 1
+    q_lex = q_pack["sparse"].ids.shape[1] if "sparse" in parts else 1
     per_query = p_block * max(q_len * p_len if "colbert" in parts else 1, q_lex, 1) * 4
     q_block = 1
     while q_block * 2 * per_query <= _BLOCK_BYTES and q_block < n_q:
         q_block *= 2
     n_q_blocks = -(-n_q // q_block)
-    q_pack = _pack(q_enc, parts, n_q_blocks * q_block,
-                   lex_width=q_lex if "sparse" in parts else None, col_length=q_len if "colbert" in parts else None)
+    q_pack = pack_outputs(q_enc, parts, n_q_blocks * q_block, lex_width=q_lex if "sparse" in parts else None,
+                          col_length=q_len if "colbert" in parts else None)
     del q_enc
-    q_blocks = [jax.device_put({key: v[i * q_block:(i + 1) * q_block] for key, v in q_pack.items()}, device)
+    q_blocks = [jax.device_put(jax.tree.map(lambda v: v[i * q_block:(i + 1) * q_block], q_pack), device)  # noqa: B023
                 for i in range(n_q_blocks)]
     weights_arr = jax.device_put(jnp.asarray(w, jnp.float32), device)
     best = [(jax.device_put(jnp.full((len(modes), q_block, k), -jnp.inf, jnp.float32), device),
@@ -498,7 +441,7 @@ def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, mo
             sl = slice(sub, sub + p_block)
             block_enc = {key: (v[sl] if v is not None else None) for key, v in enc.items()}
             n = len(chunk_idx[sl])
-            packed = _pack(block_enc, parts, p_block)
+            packed = pack_outputs(block_enc, parts, p_block)
             p_index = np.zeros(p_block, np.int32)
             p_index[:n] = chunk_idx[sl]
             p_valid = np.arange(p_block) < n
@@ -506,9 +449,9 @@ def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, mo
             for i in range(n_q_blocks):
                 best[i] = _search_block(best[i][0], best[i][1], q_blocks[i], *p_dev, weights_arr, modes=modes, k=k,
                                         vocab_size=vocab_size)
-    scores = np.concatenate([np.asarray(s) for s, _ in best], axis=1)[:, :n_q]
+    top = np.concatenate([np.asarray(s) for s, _ in best], axis=1)[:, :n_q]
     index = np.concatenate([np.asarray(i) for _, i in best], axis=1)[:, :n_q]
-    return {mode: (scores[m], index[m]) for m, mode in enumerate(modes)}
+    return {mode: (top[m], index[m]) for m, mode in enumerate(modes)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -562,14 +505,6 @@ def evaluate(model, corpus_path, queries_path, qrels_path, *, batch_size: int = 
                              passage_max_len=passage_max_len, modes=modes, weights=weights, metrics=metrics)
 
 
-def _gather_if_multiprocess(params):
-    leaves = jax.tree.leaves(params)
-    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
-        from m3jax.export import _params_to_host
-        return _params_to_host(params)
-    return params
-
-
 def evaluate_from_config(config, model_cfg, params, tokenizer, *, devices=None) -> dict[str, dict[str, float]]:
     """The periodic eval of a training run: config.eval names the files; returns {mode: {metric: value}}.
 
@@ -588,8 +523,10 @@ def evaluate_from_config(config, model_cfg, params, tokenizer, *, devices=None) 
     query_max_len = ev.query_max_len if ev.query_max_len > 0 else config.query_max_len
     passage_max_len = ev.passage_max_len if ev.passage_max_len > 0 else config.passage_max_len
     get = lambda name, default: ev[name] if name in ev and ev[name] is not None else default  # noqa: E731
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params)):
+        params = shard_lib.to_host(params)  # spread over several processes: every process gets a full copy
     model = BGEM3FlagModel.from_params(
-        model_cfg, _gather_if_multiprocess(params), tokenizer, use_fp16=model_cfg.dtype == "bfloat16", devices=devices,
+        model_cfg, params, tokenizer, use_fp16=model_cfg.dtype == "bfloat16", devices=devices,
         batch_size=ev.batch_size, query_max_length=query_max_len, passage_max_length=passage_max_len,
         query_instruction_for_retrieval=config.query_instruction_for_retrieval,
         query_instruction_format=config.query_instruction_format)

@@ -21,11 +21,13 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 import warnings
 from typing import Any
 
 import numpy as np
+
+from m3jax.errors import M3JaxError
+from m3jax.storage import atomic_directory, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 _ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(M3JaxError, ValueError):
     """A checkpoint directory (or an HFCheckpoint being saved) does not have the expected layout."""
 
 
@@ -197,14 +199,20 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _torch_load(path: str) -> dict:
+def _torch_state(path: str, mmap: bool = False) -> dict:
     torch = _import_torch(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointFormatError(f"{path}: cannot read torch file: {e}") from e
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def _torch_load(path: str) -> dict:
+    torch = _import_torch(path)
+    state = _torch_state(path)
     out = {}
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
@@ -279,16 +287,8 @@ def _load_heads(path: str, hidden: int) -> tuple[dict | None, dict | None]:
     return colbert, sparse
 
 
-def load_hf_checkpoint(path: str) -> HFCheckpoint:
-    """Load a bge-m3 style directory into float32 numpy arrays.
-
-    Weights come from model.safetensors, else model.safetensors.index.json, else pytorch_model.bin, else
-    pytorch_model.bin.index.json. A `roberta.` prefix is stripped; tensors outside the encoder (lm_head, ...) are
-    dropped with a logged warning. Every encoder tensor is checked against the shapes config.json implies.
-    The heads are returned only when both colbert_linear.pt and sparse_linear.pt exist (FlagEmbedding's rule);
-    otherwise colbert = sparse = None and a UserWarning says the heads will be freshly initialised.
-    Raises CheckpointFormatError naming the file and tensor on any problem.
-    """
+def load_hf_config(path: str) -> dict:
+    """config.json of a bge-m3 style directory, checked (model_type, positive dimensions)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointFormatError(f"{path}: checkpoint directory does not exist")
@@ -303,15 +303,67 @@ def load_hf_checkpoint(path: str) -> HFCheckpoint:
     except json.JSONDecodeError as e:
         raise CheckpointFormatError(f"{config_path}: invalid JSON: {e}") from e
     _check_config(config, config_path)
+    return config
 
+
+def _weights_path(path: str) -> str:
     # Same preference as transformers: safetensors first, then sharded safetensors, then torch pickles.
     for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME, PYTORCH_INDEX_NAME):
         weights_path = os.path.join(path, name)
         if os.path.isfile(weights_path):
-            break
-    else:
-        raise CheckpointFormatError(f"{path}: no weights file; looked for {SAFETENSORS_NAME}, "
-                                    f"{SAFETENSORS_INDEX_NAME}, {PYTORCH_NAME} and {PYTORCH_INDEX_NAME}")
+            return weights_path
+    raise CheckpointFormatError(f"{path}: no weights file; looked for {SAFETENSORS_NAME}, "
+                                f"{SAFETENSORS_INDEX_NAME}, {PYTORCH_NAME} and {PYTORCH_INDEX_NAME}")
+
+
+def has_pooler(path: str) -> bool:
+    """Whether the directory's weights hold pooler.dense.* (read from the safetensors header / the index when
+    there is one, so no weights are loaded for those)."""
+    weights_path = _weights_path(path)
+    try:
+        if weights_path.endswith(".index.json"):
+            with open(weights_path) as f:
+                names = list(json.load(f)["weight_map"])
+        elif weights_path.endswith(".safetensors"):
+            with open(weights_path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                names = list(json.loads(f.read(header_len)))
+        else:
+            try:  # mmap: the names without reading the data (zip-format files)
+                names = list(_torch_state(weights_path, mmap=True))
+            except CheckpointFormatError:
+                names = list(_torch_state(weights_path))
+    except (OSError, ValueError, KeyError, struct.error) as e:  # corrupt or truncated file
+        if isinstance(e, CheckpointFormatError):
+            raise
+        raise CheckpointFormatError(f"{weights_path}: cannot read the tensor names: {e}") from e
+    return any(n.removeprefix("roberta.") == "pooler.dense.weight" for n in names)
+
+
+def colbert_head_dim(path: str) -> int | None:
+    """Output size of colbert_linear.pt, or None when the heads are not both there (they would start fresh)."""
+    colbert_path, sparse_path = os.path.join(path, COLBERT_NAME), os.path.join(path, SPARSE_NAME)
+    if not (os.path.isfile(colbert_path) and os.path.isfile(sparse_path)):
+        return None
+    weight = _torch_load(colbert_path).get("weight")
+    if weight is None or np.ndim(weight) != 2:
+        raise CheckpointFormatError(f"{colbert_path}: expected a tensor 'weight' of shape [colbert_dim, hidden]")
+    return int(np.shape(weight)[0])
+
+
+def load_hf_checkpoint(path: str) -> HFCheckpoint:
+    """Load a bge-m3 style directory into float32 numpy arrays.
+
+    Weights come from model.safetensors, else model.safetensors.index.json, else pytorch_model.bin, else
+    pytorch_model.bin.index.json. A `roberta.` prefix is stripped; tensors outside the encoder (lm_head, ...) are
+    dropped with a logged warning. Every encoder tensor is checked against the shapes config.json implies.
+    The heads are returned only when both colbert_linear.pt and sparse_linear.pt exist (FlagEmbedding's rule);
+    otherwise colbert = sparse = None and a UserWarning says the heads will be freshly initialised.
+    Raises CheckpointFormatError naming the file and tensor on any problem.
+    """
+    path = os.fspath(path)
+    config = load_hf_config(path)
+    weights_path = _weights_path(path)
     if weights_path.endswith(".index.json"):
         tensors = _read_sharded(weights_path)
     else:
@@ -333,12 +385,6 @@ _ST_MODULES = [
 ]
 
 
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-
-
 def _export_config(config: dict) -> dict:
     out = dict(config)
     out.pop("dtype", None)  # one spelling only; torch_dtype is what bge-m3 ships and every transformers reads
@@ -354,26 +400,29 @@ def _save_torch(path: str, tensors: dict[str, np.ndarray], dtype: str) -> None:
     torch.save(state, path)
 
 
-def _write_sentence_transformers(folder: str, config: dict) -> None:
-    # Same files as bge-m3 ships: CLS pooling then L2 normalisation = BGEM3FlagModel's dense embedding.
-    _write_json(os.path.join(folder, "modules.json"), _ST_MODULES)
+def _write_sentence_transformers(folder: str, config: dict, pooling: str = "cls", normalize: bool = True) -> None:
+    # bge-m3's files are CLS pooling then L2 normalisation (= BGEM3FlagModel's dense embedding); a model trained
+    # with mean pooling or without normalisation gets modules that reproduce its own dense embedding.
+    modules = _ST_MODULES if normalize else [m for m in _ST_MODULES if not m["type"].endswith(".Normalize")]
+    write_json(os.path.join(folder, "modules.json"), modules)
     os.makedirs(os.path.join(folder, "1_Pooling"))
-    _write_json(os.path.join(folder, "1_Pooling", "config.json"), {
+    write_json(os.path.join(folder, "1_Pooling", "config.json"), {
         "word_embedding_dimension": config["hidden_size"],
-        "pooling_mode_cls_token": True,
-        "pooling_mode_mean_tokens": False,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
         "pooling_mode_max_tokens": False,
         "pooling_mode_mean_sqrt_len_tokens": False,
         "pooling_mode_weightedmean_tokens": False,
         "pooling_mode_lasttoken": False,
     })
-    os.makedirs(os.path.join(folder, "2_Normalize"))  # Normalize has no config; the folder is what ST writes
+    if normalize:
+        os.makedirs(os.path.join(folder, "2_Normalize"))  # Normalize has no config; the folder is what ST writes
     max_positions = config.get("max_position_embeddings", _CONFIG_DEFAULTS["max_position_embeddings"])
-    _write_json(os.path.join(folder, "sentence_bert_config.json"),
-                {"max_seq_length": min(8192, max_positions - 2), "do_lower_case": False})
+    write_json(os.path.join(folder, "sentence_bert_config.json"),
+               {"max_seq_length": min(8192, max_positions - 2), "do_lower_case": False})
     # The oldest sentence-transformers version whose format this is; a newer one would make old versions warn.
-    _write_json(os.path.join(folder, "config_sentence_transformers.json"),
-                {"__version__": {"sentence_transformers": "2.2.2"}, "prompts": {}, "default_prompt_name": None})
+    write_json(os.path.join(folder, "config_sentence_transformers.json"),
+               {"__version__": {"sentence_transformers": "2.2.2"}, "prompts": {}, "default_prompt_name": None})
 
 
 def _copy_tokenizer(tokenizer_dir: str, folder: str) -> None:
@@ -391,12 +440,21 @@ def save_hf_checkpoint(out_dir, ckpt: HFCheckpoint, *, tokenizer_dir: str | None
                        overwrite: bool = False) -> None:
     """Write `ckpt` as a bge-m3 directory loadable by transformers, FlagEmbedding and sentence-transformers.
 
-    Everything is written to a temporary sibling directory that is renamed to `out_dir` at the end, so a failure
-    never leaves a half-written `out_dir`. An existing non-empty `out_dir` is refused unless `overwrite`.
-    `heads_dtype` is the dtype of colbert_linear.pt / sparse_linear.pt (bge-m3 ships float16).
+    Checked first, then written through `storage.atomic_directory`: a failure never leaves a half-written
+    `out_dir`. An existing non-empty `out_dir` is refused unless `overwrite`. `heads_dtype` is the dtype of
+    colbert_linear.pt / sparse_linear.pt (bge-m3 ships float16).
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    where = f"HFCheckpoint saved to {out_dir}"
+    check_hf_checkpoint(ckpt, f"HFCheckpoint saved to {out_dir}", safetensors=safetensors, pytorch_bin=pytorch_bin,
+                        heads_dtype=heads_dtype)
+    with atomic_directory(out_dir, overwrite=overwrite, error=CheckpointFormatError) as folder:
+        write_hf_files(folder, ckpt, tokenizer_dir=tokenizer_dir, safetensors=safetensors, pytorch_bin=pytorch_bin,
+                       heads_dtype=heads_dtype, sentence_transformers=sentence_transformers)
+
+
+def check_hf_checkpoint(ckpt: HFCheckpoint, where: str, *, safetensors: bool = True, pytorch_bin: bool = False,
+                        heads_dtype: str = "float32") -> None:
+    """Everything save_hf_checkpoint would refuse, before anything is written."""
     if not (safetensors or pytorch_bin):
         raise CheckpointFormatError(f"{where}: choose at least one of safetensors / pytorch_bin")
     if heads_dtype not in ("float32", "float16", "bfloat16"):
@@ -408,54 +466,31 @@ def save_hf_checkpoint(out_dir, ckpt: HFCheckpoint, *, tokenizer_dir: str | None
                                     f"(FlagEmbedding loads them only as a pair)")
     _check_heads(ckpt.config["hidden_size"], ckpt.colbert, ckpt.sparse, f"{where}: colbert head",
                  f"{where}: sparse head")
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise CheckpointFormatError(f"{out_dir}: exists and is not a directory")
-        if os.listdir(out_dir) and not overwrite:
-            raise CheckpointFormatError(f"{out_dir}: directory exists and is not empty; pass overwrite=True "
-                                        f"to replace it")
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        _write_json(os.path.join(tmp, CONFIG_NAME), _export_config(ckpt.config))
-        encoder = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(ckpt.encoder.items())}
-        if safetensors:
-            from safetensors.numpy import save_file
 
-            # metadata format=pt: transformers refuses safetensors files without it.
-            save_file(encoder, os.path.join(tmp, SAFETENSORS_NAME), metadata={"format": "pt"})
-            os.chmod(os.path.join(tmp, SAFETENSORS_NAME), 0o644)  # recent safetensors writes 0600
-        if pytorch_bin:
-            _save_torch(os.path.join(tmp, PYTORCH_NAME), encoder, "float32")
-        if ckpt.colbert is not None:
-            _save_torch(os.path.join(tmp, COLBERT_NAME), ckpt.colbert, heads_dtype)
-            _save_torch(os.path.join(tmp, SPARSE_NAME), ckpt.sparse, heads_dtype)
-        else:
-            logger.info("%s: no colbert/sparse heads to save; FlagEmbedding will initialise them randomly", out_dir)
-        if tokenizer_dir is not None:
-            _copy_tokenizer(os.fspath(tokenizer_dir), tmp)
-        else:
-            logger.warning("%s: saved without tokenizer files (tokenizer_dir=None)", out_dir)
-        if sentence_transformers:
-            _write_sentence_transformers(tmp, ckpt.config)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+def write_hf_files(folder: str, ckpt: HFCheckpoint, *, tokenizer_dir: str | None, safetensors: bool = True,
+                   pytorch_bin: bool = False, heads_dtype: str = "float32", sentence_transformers: bool = True,
+                   sentence_pooling_method: str = "cls", normalize_embeddings: bool = True) -> None:
+    """The files of a bge-m3 directory, written into the (empty, staging) `folder`; see save_hf_checkpoint.
+    The sentence-transformers modules follow `sentence_pooling_method` / `normalize_embeddings`."""
+    write_json(os.path.join(folder, CONFIG_NAME), _export_config(ckpt.config))
+    encoder = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(ckpt.encoder.items())}
+    if safetensors:
+        from safetensors.numpy import save_file
 
-        # Swap in: move any old out_dir aside first, so at every moment out_dir is either the old or the new one.
-        old = None
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "d"))
-        try:
-            os.rename(tmp, out_dir)
-        except BaseException:
-            if old is not None:  # put the previous contents back
-                os.rename(os.path.join(old, "d"), out_dir)
-                os.rmdir(old)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # metadata format=pt: transformers refuses safetensors files without it.
+        save_file(encoder, os.path.join(folder, SAFETENSORS_NAME), metadata={"format": "pt"})
+        os.chmod(os.path.join(folder, SAFETENSORS_NAME), 0o644)  # recent safetensors writes 0600
+    if pytorch_bin:
+        _save_torch(os.path.join(folder, PYTORCH_NAME), encoder, "float32")
+    if ckpt.colbert is not None:
+        _save_torch(os.path.join(folder, COLBERT_NAME), ckpt.colbert, heads_dtype)
+        _save_torch(os.path.join(folder, SPARSE_NAME), ckpt.sparse, heads_dtype)
+    else:
+        logger.info("no colbert/sparse heads to save; FlagEmbedding will initialise them randomly")
+    if tokenizer_dir is not None:
+        _copy_tokenizer(os.fspath(tokenizer_dir), folder)
+    else:
+        logger.warning("saved without tokenizer files (tokenizer_dir=None)")
+    if sentence_transformers:
+        _write_sentence_transformers(folder, ckpt.config, sentence_pooling_method, normalize_embeddings)

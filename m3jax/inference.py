@@ -19,8 +19,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from m3jax import loading, scores
 from m3jax import model as m3model
-from m3jax.padding import length_buckets, pad_length
+from m3jax.padding import length_buckets, pad_length, round_up
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class BGEM3FlagModel:
         query_instruction_for_retrieval: str | None = None,
         query_instruction_format: str = "{}{}",
         devices=None,
-        pooling_method: str = "cls",
+        pooling_method: str | None = "cls",
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
         colbert_dim: int = -1,
@@ -73,24 +74,30 @@ class BGEM3FlagModel:
         return_colbert_vecs: bool = False,
         truncate_dim: int | None = None,
         *,
+        step: int | None = None,
+        base_model: str | None = None,
         _loaded: tuple | None = None,
         **kwargs: Any,
     ):
-        from transformers import AutoTokenizer
-
+        """FlagEmbedding's arguments; `model_name_or_path` may also be an m3jax run / checkpoint directory (its latest
+        step, or `step`; `base_model` overrides its base_model/ directory). pooling_method / normalize_embeddings
+        None take the model's own (an m3jax export's or run's)."""
         self.devices = _select_devices(devices)
-        on_cpu = self.devices[0].platform == "cpu"
-        dtype = "bfloat16" if (use_fp16 or use_bf16) and not on_cpu else "float32"
-        head_settings = dict(sentence_pooling_method=pooling_method, normalize_embeddings=normalize_embeddings,
-                             dtype=dtype, attention_implementation="cudnn" if self.devices[0].platform == "gpu" else "xla")
+        platform = self.devices[0].platform
+        dtype = "bfloat16" if (use_fp16 or use_bf16) and platform != "cpu" else "float32"
         if _loaded is None:
-            cfg, params = m3model.load_pretrained(model_name_or_path, colbert_dim=colbert_dim, **head_settings)
-            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code,
-                                                      cache_dir=cache_dir)
+            settings = loading.ModelSettings(sentence_pooling_method=pooling_method,
+                                             normalize_embeddings=normalize_embeddings, colbert_dim=colbert_dim,
+                                             dtype=dtype)
+            cfg, params, source = loading.load_model(model_name_or_path, settings, step=step, base_model=base_model,
+                                                     platform=platform)
+            tokenizer = loading.load_tokenizer(source, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
         else:
             cfg, params, tokenizer = _loaded
-            import dataclasses
-            cfg = dataclasses.replace(cfg, **head_settings, remat_policy="none")
+            cfg = loading.with_settings(cfg, sentence_pooling_method=pooling_method or cfg.sentence_pooling_method,
+                                        normalize_embeddings=cfg.normalize_embeddings if normalize_embeddings is None
+                                        else normalize_embeddings, dtype=dtype,
+                                        attention_implementation="auto", remat_policy="none", platform=platform)
         self.cfg, self.tokenizer = cfg, tokenizer
         self.query_instruction_for_retrieval = query_instruction_for_retrieval
         self.query_instruction_format = query_instruction_format
@@ -229,16 +236,22 @@ class BGEM3FlagModel:
 
     @staticmethod
     def colbert_score(q_reps: np.ndarray, p_reps: np.ndarray) -> np.float32:
-        token_scores = np.asarray(q_reps, np.float32) @ np.asarray(p_reps, np.float32).T
-        return np.float32(token_scores.max(axis=-1).sum() / q_reps.shape[0])
+        """One query's colbert vectors [Lq, D] against one passage's [Lp, D] (m3jax.scores.colbert_scores)."""
+        q = np.asarray(q_reps, np.float32)[None]
+        p = np.asarray(p_reps, np.float32)[None, None]
+        found = scores.colbert_scores(scores.TokenVecs(q, np.ones(q.shape[:2], bool)), scores.TokenVecs(p),
+                                      grouped=True, precision=jax.lax.Precision.HIGHEST)
+        return np.float32(found[0, 0])
 
     def compute_score(self, sentence_pairs, batch_size: int | None = None, max_query_length: int | None = None,
                       max_passage_length: int | None = None, weights_for_different_modes: list[float] | None = None,
                       **kwargs) -> dict:
         """Scores of (query, passage) pairs: dense, sparse, colbert, sparse+dense and colbert+sparse+dense.
 
-        Matches FlagEmbedding's compute_score, including its padding: it pads each chunk of `batch_size` passages to
-        the chunk's longest, and those zero colbert vectors take part in the max (a similarity of 0).
+        FlagEmbedding's compute_score, including its padding: it pads each chunk of `batch_size` passages to the
+        chunk's longest, and those zero colbert vectors take part in the max (a similarity of 0). A query without
+        tokens after the first scores nan for colbert (0 / 0), as there; a chunk whose passages all lack them (where
+        FlagEmbedding raises) is padded to one zero vector.
         """
         batch_size = batch_size or self.batch_size
         max_query_length = max_query_length or self.query_max_length
@@ -251,26 +264,73 @@ class BGEM3FlagModel:
                   truncate_dim=None)  # FlagEmbedding's compute_score ignores truncate_dim
         q = self._encode([p[0] for p in pairs], max_length=max_query_length, **kw)
         p = self._encode([p[1] for p in pairs], max_length=max_passage_length, **kw)
-        p_tokens = np.array([len(v) + 1 for v in p["colbert_vecs"]])
         if weights_for_different_modes is None:
             weights_for_different_modes = [1.0, 1.0, 1.0]
         assert len(weights_for_different_modes) == 3
         w_dense, w_sparse, w_colbert = weights_for_different_modes
-        out = {k: [] for k in ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")}
-        for i in range(len(pairs)):
-            chunk = slice(i - i % batch_size, i - i % batch_size + batch_size)
-            dense = float(np.float32(q["dense_vecs"][i] @ p["dense_vecs"][i]))
-            sparse = float(np.float32(self.compute_lexical_matching_score(q["lexical_weights"][i],
-                                                                          p["lexical_weights"][i])))
-            sim = q["colbert_vecs"][i] @ p["colbert_vecs"][i].T
-            best = sim.max(axis=-1)
-            if p_tokens[i] < p_tokens[chunk].max():  # this passage was padded in FlagEmbedding's batch
-                best = np.maximum(best, 0.0)
-            colbert = float(np.float32(best.sum() / q["colbert_vecs"][i].shape[0]))
-            out["dense"].append(dense)
-            out["sparse"].append(sparse)
-            out["colbert"].append(colbert)
-            out["sparse+dense"].append((sparse * w_sparse + dense * w_dense) / (w_sparse + w_dense))
-            out["colbert+sparse+dense"].append((colbert * w_colbert + sparse * w_sparse + dense * w_dense)
-                                               / (w_colbert + w_sparse + w_dense))
+        heads = ("dense", "sparse", "colbert")
+        found = {h: [] for h in heads}
+        for start in range(0, len(pairs), batch_size):
+            chunk = slice(start, start + batch_size)
+            n = len(pairs[chunk])
+            rows = round_up(n, 1)
+            q_rep = pack_outputs({k: v[chunk] for k, v in q.items()}, heads, rows)
+            longest = max(1, max(len(v) for v in p["colbert_vecs"][chunk]))
+            p_rep = pack_outputs({k: v[chunk] for k, v in p.items()}, heads, rows, col_length=round_up(longest))
+            # FlagEmbedding's padding: every passage of the chunk has `longest` vectors, zeros after its own.
+            p_rep["colbert"] = p_rep["colbert"]._replace(
+                mask=np.broadcast_to(np.arange(p_rep["colbert"].vecs.shape[1]) < longest, p_rep["colbert"].mask.shape))
+            out = _pair_scores(q_rep, p_rep, vocab_size=self.cfg.vocab_size)
+            for h in heads:
+                found[h].extend(np.asarray(out[h], np.float32)[:n].tolist())
+        out = {"colbert": found["colbert"], "sparse": found["sparse"], "dense": found["dense"]}
+        out["sparse+dense"] = [(s * w_sparse + d * w_dense) / (w_sparse + w_dense)
+                               for s, d in zip(found["sparse"], found["dense"])]
+        out["colbert+sparse+dense"] = [(c * w_colbert + s * w_sparse + d * w_dense) / (w_colbert + w_sparse + w_dense)
+                                       for c, s, d in zip(found["colbert"], found["sparse"], found["dense"])]
         return {k: v[0] for k, v in out.items()} if single else out
+
+
+@functools.partial(jax.jit, static_argnames=("vocab_size",))
+def _pair_scores(q: dict, p: dict, *, vocab_size: int) -> dict:
+    """Each query against its own passage (the grouped similarities with one passage per query): {head: [n]}."""
+    hi = jax.lax.Precision.HIGHEST
+    own = lambda x: x[:, None]  # noqa: E731 -- [n, ...] -> [n, 1, ...]
+    lexical = scores.lexical_vectors(p["sparse"].weights, p["sparse"].ids, vocab_size)
+    return {"dense": scores.dense_scores(q["dense"], own(p["dense"]), grouped=True, precision=hi)[:, 0],
+            "sparse": scores.sparse_scores(q["sparse"], own(lexical), grouped=True, precision=hi)[:, 0],
+            "colbert": scores.colbert_scores(q["colbert"], jax.tree.map(own, p["colbert"]), grouped=True,
+                                             precision=hi)[:, 0]}
+
+
+def pack_outputs(enc: dict, heads, rows: int, *, lex_width: int | None = None,
+                 col_length: int | None = None) -> dict:
+    """`encode` outputs of n texts -> the head representations of m3jax.scores, as numpy arrays with `rows` rows
+    (rows >= n; the extra rows are empty): dense [rows, H]; sparse SparseRows(ids, weights) [rows, T] (the
+    lexical_weights dicts: unique ids, padded with id 0 and weight 0); colbert TokenVecs(vecs [rows, L, D],
+    mask [rows, L]). T and L default to a round_up of the longest, so few shapes compile."""
+    n = len(next(v for v in enc.values() if v is not None))
+    out: dict[str, Any] = {}
+    if "dense" in heads:
+        dense = np.zeros((rows, np.shape(enc["dense_vecs"])[1]), np.float32)
+        dense[:n] = enc["dense_vecs"]
+        out["dense"] = dense
+    if "sparse" in heads:
+        lexical = list(enc["lexical_weights"])
+        width = lex_width or round_up(max([1] + [len(x) for x in lexical]))
+        ids, weights = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.float32)
+        for r, item in enumerate(lexical):
+            if item:
+                ids[r, :len(item)] = np.fromiter((int(t) for t in item.keys()), np.int64, len(item))
+                weights[r, :len(item)] = np.fromiter(item.values(), np.float32, len(item))
+        out["sparse"] = scores.SparseRows(ids, weights)
+    if "colbert" in heads:
+        vecs_list = list(enc["colbert_vecs"])
+        length = col_length or round_up(max([1] + [len(v) for v in vecs_list]))
+        vecs = np.zeros((rows, length, vecs_list[0].shape[-1]), np.float32)
+        mask = np.zeros((rows, length), bool)
+        for r, v in enumerate(vecs_list):
+            vecs[r, :len(v)] = v
+            mask[r, :len(v)] = True
+        out["colbert"] = scores.TokenVecs(vecs, mask)
+    return out

@@ -99,6 +99,25 @@ def _blocks(x: jax.Array, w: int) -> jax.Array:
     return x.reshape((w, x.shape[0] // w) + x.shape[1:])
 
 
+# Per-head weights of FlagEmbedding's unified loss: in the base loss and self-distillation, and in the ensemble.
+LOSS_WEIGHTS = {"dense": 1.0, "sparse": 0.1, "colbert": 1.0}
+ENSEMBLE_WEIGHTS = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
+
+
+def representations(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Array,
+                    cfg: LossConfig) -> tuple[dict, dict]:
+    """Model outputs -> what each head's similarity (m3jax.scores) reads, for queries and passages.
+
+    sparse: lexical vectors [N, V]; colbert: TokenVecs, the query's real tokens after cls as its mask, no passage
+    mask (padded passage tokens are zero vectors that join the max, as in FlagEmbedding).
+    """
+    lex = lambda out, ids: scores.lexical_vectors(out["sparse_weights"], ids, cfg.vocab_size,  # noqa: E731
+                                                  cfg.unused_token_ids)
+    qr = {"dense": q["dense"], "sparse": lex(q, q_ids), "colbert": scores.TokenVecs(q["colbert"], q_mask[:, 1:])}
+    pr = {"dense": p["dense"], "sparse": lex(p, p_ids), "colbert": scores.TokenVecs(p["colbert"], None)}
+    return qr, pr
+
+
 def m3_loss(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Array,
             teacher_scores: jax.Array | None, step: jax.Array, *, cfg: LossConfig, group_size: int,
             no_in_batch_neg: bool = False) -> tuple[jax.Array, dict]:
@@ -110,15 +129,21 @@ def m3_loss(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Ar
     """
     w, g, temp = cfg.num_blocks, group_size, cfg.temperature
     n_q = q["dense"].shape[0]
+    heads = ("dense", "sparse", "colbert") if cfg.unified_finetuning else ("dense",)
     teacher = None if teacher_scores is None else jax.nn.softmax(teacher_scores.astype(jnp.float32), axis=-1)
+    qr, pr = representations(q, p, q_ids, p_ids, q_mask, cfg) if cfg.unified_finetuning else (q, p)
 
-    def head_scores(sim, qx, px, use_global: bool):
-        """Score tensor [W', B', N] the head's loss runs over, and whether it spans the gathered global batch."""
+    def head_scores(head: str) -> tuple[jax.Array, bool]:
+        """Score tensor [W', B', N] the head's loss runs over, and whether it is FlagEmbedding's gathered dense
+        term (queries against the passages of all blocks, 1/W of its gradient)."""
+        sim, qx, px = scores.SIMILARITIES[head], qr[head], pr[head]
         if no_in_batch_neg:  # own group only: [1, WB, G]
-            return sim(qx, px.reshape((n_q, g) + px.shape[1:]), grouped=True)[None] / temp, False
-        if use_global:  # FlagEmbedding's gathered dense term (1/W gradient) unless all heads are global
-            return sim(qx, px)[None] / temp, w > 1 and not cfg.cross_device_all_heads
-        return jax.vmap(sim)(_blocks(qx, w), _blocks(px, w)) / temp, False
+            own = jax.tree.map(lambda x: x.reshape((n_q, g) + x.shape[1:]), px)
+            return sim(qx, own, grouped=True)[None] / temp, False
+        if cfg.cross_device_all_heads or (head == "dense" and cfg.negatives_cross_device):
+            return sim(qx, px)[None] / temp, head == "dense" and w > 1 and not cfg.cross_device_all_heads
+        blocks = lambda x: jax.tree.map(lambda a: _blocks(a, w), x)  # noqa: E731
+        return jax.vmap(sim)(blocks(qx), blocks(px)) / temp, False
 
     def loss_of(s, is_global):
         t = None if teacher is None else (teacher[None] if s.shape[0] == 1 else _blocks(teacher, w))
@@ -129,59 +154,27 @@ def m3_loss(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Ar
                 kd = _as_gathered(kd, w)
         return ce + kd, kd
 
-    def dense_sim(a, b, grouped=False):
-        return jnp.einsum("bh,bgh->bg" if grouped else "bh,ph->bp", a, b, preferred_element_type=jnp.float32)
-
-    dense_global = cfg.negatives_cross_device or cfg.cross_device_all_heads
-    dense_s, dense_is_global = head_scores(dense_sim, q["dense"], p["dense"], dense_global)
-    loss_dense, kd_dense = loss_of(dense_s, dense_is_global)
-    parts = {"dense": loss_dense}
+    s, loss, kd = {}, {}, {}
+    for head in heads:
+        s[head], is_global = head_scores(head)
+        loss[head], kd[head] = loss_of(s[head], is_global)
+        if is_global:  # the ensemble and self-distillation use each block's own dense scores
+            per_block = s[head][0].reshape(w, n_q // w, w, -1)
+            s[head] = jnp.moveaxis(jnp.diagonal(per_block, axis1=0, axis2=2), -1, 0)  # [W, B, B*G]
     if not cfg.unified_finetuning:
-        parts.update(kd=kd_dense)
-        return loss_dense, parts
+        return loss["dense"], {"dense": loss["dense"], "kd": kd["dense"]}
 
-    q_lex = scores.sparse_embedding(q["sparse_weights"], q_ids, cfg.vocab_size, cfg.unused_token_ids)
-    p_lex = scores.sparse_embedding(p["sparse_weights"], p_ids, cfg.vocab_size, cfg.unused_token_ids)
-
-    def sparse_sim(a, b, grouped=False):
-        return jnp.einsum("bv,bgv->bg" if grouped else "bv,pv->bp", a, b, preferred_element_type=jnp.float32)
-
-    def colbert_sim(a, b, a_mask, grouped=False):
-        if grouped:
-            token = jnp.einsum("bid,bgjd->bgij", a, b, preferred_element_type=jnp.float32)
-            summed = jnp.sum(jnp.max(token, axis=-1), axis=-1)
-            return summed / jnp.sum(a_mask[:, 1:].astype(jnp.float32), axis=-1, keepdims=True)
-        return scores.colbert_scores(a, b, a_mask)
-
-    sparse_s, _ = head_scores(sparse_sim, q_lex, p_lex, cfg.cross_device_all_heads)
-    if no_in_batch_neg:
-        colbert_s = colbert_sim(q["colbert"], p["colbert"].reshape((n_q, g) + p["colbert"].shape[1:]), q_mask,
-                                grouped=True)[None] / temp
-    elif cfg.cross_device_all_heads:
-        colbert_s = colbert_sim(q["colbert"], p["colbert"], q_mask)[None] / temp
-    else:
-        colbert_s = jax.vmap(colbert_sim)(_blocks(q["colbert"], w), _blocks(p["colbert"], w),
-                                          _blocks(q_mask, w)) / temp
-    loss_sparse, kd_sparse = loss_of(sparse_s, False)
-    loss_colbert, kd_colbert = loss_of(colbert_s, False)
-
-    # The ensemble (and self-distillation) use each block's own dense scores unless all heads are global.
-    if dense_is_global:
-        per_block = dense_s[0].reshape(w, n_q // w, w, -1)
-        dense_s = jnp.moveaxis(jnp.diagonal(per_block, axis1=0, axis2=2), -1, 0)  # [W, B, B*G]
-    ensemble_s = dense_s + 0.3 * sparse_s + colbert_s
-    loss_ens, kd_ens = loss_of(ensemble_s, False)
-
-    base = (loss_dense + loss_ens + 0.1 * loss_sparse + loss_colbert) / 4
-    parts.update(sparse=loss_sparse, colbert=loss_colbert, ensemble=loss_ens,
-                 kd=(kd_dense + kd_ens + 0.1 * kd_sparse + kd_colbert) / 4)
+    ensemble_s = sum(ENSEMBLE_WEIGHTS[h] * s[h] for h in heads)
+    loss["ensemble"], kd["ensemble"] = loss_of(ensemble_s, False)
+    weight = dict(LOSS_WEIGHTS, ensemble=1.0)
+    base = sum(weight[k] * loss[k] for k in loss) / len(loss)
+    parts = dict(loss, kd=sum(weight[k] * kd[k] for k in kd) / len(kd))
     if not cfg.use_self_distill:
         parts["self_distill"] = jnp.zeros((), jnp.float32)
         return base, parts
 
     self_teacher = jax.nn.softmax(jax.lax.stop_gradient(ensemble_s), axis=-1)
-    sd = (_soft_ce(dense_s, self_teacher) + 0.1 * _soft_ce(sparse_s, self_teacher)
-          + _soft_ce(colbert_s, self_teacher)) / 3
+    sd = sum(LOSS_WEIGHTS[h] * _soft_ce(s[h], self_teacher) for h in heads) / len(heads)
     active = step > cfg.self_distill_start_step
     parts["self_distill"] = jnp.where(active, sd, 0.0)
     return jnp.where(active, (base + sd) / 2, base), parts

@@ -8,7 +8,7 @@ grow with depth) wrapped in `nn.remat` with a configurable policy.
 Output of `BGEM3.__call__` per text, from the last hidden state h [B, L, H] and attention mask m [B, L]
 (FlagEmbedding's EncoderOnlyEmbedderM3Model):
   dense           [B, H]      h[:, 0] (cls) or masked mean, L2-normalised when normalize_embeddings   (float32)
-  sparse_weights  [B, L]      relu(sparse_linear(h))  -- per-token weights; `scores.sparse_embedding` pools them
+  sparse_weights  [B, L]      relu(sparse_linear(h))  -- per-token weights; `scores.lexical_vectors` pools them
   colbert         [B, L-1, D] colbert_linear(h[:, 1:]) * m[:, 1:], L2-normalised per token when normalize_embeddings
 """
 from __future__ import annotations
@@ -352,24 +352,3 @@ def abstract_params(cfg: ModelConfig):
     model = BGEM3(cfg)
     ids = jnp.zeros((1, 4), jnp.int32)
     return jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.key(0), ids, jnp.ones_like(ids))
-
-
-def load_pretrained(path: str, *, colbert_dim: int = -1, seed: int = 0, **overrides) -> tuple[ModelConfig, dict]:
-    """A bge-m3 directory -> (ModelConfig, float32 numpy params).
-
-    colbert_dim=-1 takes the head file's size (hidden size when the heads are freshly initialised); an explicit
-    colbert_dim that disagrees with colbert_linear.pt is an error, as in FlagEmbedding.
-    """
-    from m3jax import hf_io
-
-    ckpt = hf_io.load_hf_checkpoint(path)
-    if ckpt.colbert is not None:
-        file_dim = ckpt.colbert["weight"].shape[0]
-        if colbert_dim > 0 and colbert_dim != file_dim:
-            raise hf_io.CheckpointFormatError(
-                f"{path}/colbert_linear.pt: weight has {file_dim} output dims but colbert_dim={colbert_dim} was "
-                f"requested (use colbert_dim=-1 to take the checkpoint's)")
-        colbert_dim = file_dim
-    cfg = ModelConfig.from_hf_config(ckpt.config, colbert_dim=colbert_dim,
-                                     has_pooler="pooler.dense.weight" in ckpt.encoder, **overrides)
-    return cfg, params_from_hf(ckpt.encoder, ckpt.colbert, ckpt.sparse, cfg, seed=seed)

@@ -27,3 +27,15 @@ def pad_length(longest: int, buckets: Sequence[int]) -> int:
         if b >= longest:
             return b
     raise ValueError(f"a text of {longest} tokens is longer than the max length {buckets[-1]}")
+
+
+def round_up(n: int, minimum: int = 8) -> int:
+    """Smallest power of two or 1.5 x a power of two that is >= n (and >= minimum): sizes for arrays whose
+    length varies from call to call (at most 1.5x padding, a handful of compiled shapes)."""
+    size = minimum
+    while True:
+        if size >= n:
+            return size
+        if size * 3 // 2 >= n:
+            return size * 3 // 2
+        size *= 2

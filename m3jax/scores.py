@@ -1,8 +1,22 @@
-"""Pooling and the three M3 similarity functions, as pure jnp functions (no temperature here; the loss divides).
+"""Pooling and the three M3 similarities: the one place scores are computed (loss, eval search, compute_score).
 
-Shapes: B queries, P passages, L tokens, H hidden, D colbert dim, V vocabulary.
+Every similarity has the same signature, `f(q, p, *, grouped=False, precision=None)`:
+  flat     q for B queries, p for P passages      -> [B, P]  (every query against every passage)
+  grouped  q for B queries, p for B x G passages  -> [B, G]  (each query against its own G passages)
+with the representation of each head (B queries / P passages; L tokens, H hidden, D colbert dim, V vocabulary):
+  dense    [N, H] sentence embeddings                               score = <q, p>
+  sparse   [N, V] lexical vectors (`lexical_vectors`), or for the query side `SparseRows` (unique token ids and
+           their weights, e.g. packed lexical_weights dicts)        score = sum over shared ids of w_q(id) * w_p(id)
+  colbert  `TokenVecs(vecs [N, L, D], mask [N, L] or None)`         score = sum_i max_j <q_i, p_j> / #query tokens
+No temperature here; the loss divides. `SIMILARITIES` maps head name -> function, so callers treat heads uniformly.
+
+Colbert masks: the query mask marks its real tokens (the mean is over them); a passage mask excludes padded tokens
+from the max. A passage mask of None lets padded tokens (zero vectors) take part in the max, as FlagEmbedding's
+training loss does (they only matter when every real token similarity is negative).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,51 +41,97 @@ def pool(hidden: jax.Array, mask: jax.Array, method: str) -> jax.Array:
     raise ValueError(f"sentence_pooling_method={method!r}: expected 'cls' or 'mean'")
 
 
-def sparse_embedding(token_weights: jax.Array, input_ids: jax.Array, vocab_size: int,
-                     unused_token_ids: tuple[int, ...]) -> jax.Array:
-    """Lexical vector [B, V]: per token id, the max weight over its occurrences; special ids zeroed.
+def lexical_vectors(token_weights: jax.Array, input_ids: jax.Array, vocab_size: int,
+                    unused_token_ids: tuple[int, ...] = ()) -> jax.Array:
+    """Lexical vectors [N, V]: per token id, the max weight over its occurrences; `unused_token_ids` zeroed.
 
     A (batch, vocab) scatter-max: the same numbers as FlagEmbedding's (batch, seq, vocab) scatter + max over seq,
-    with memory (and gradient memory) B*V instead of B*L*V.
+    with memory (and gradient memory) N*V instead of N*L*V.
     """
-    b = token_weights.shape[0]
-    rows = jnp.arange(b)[:, None]
-    lexical = jnp.zeros((b, vocab_size), token_weights.dtype).at[rows, input_ids].max(token_weights)
-    return lexical.at[:, jnp.asarray(unused_token_ids)].set(0.0)
+    rows = jnp.arange(token_weights.shape[0])[:, None]
+    lexical = jnp.zeros((token_weights.shape[0], vocab_size), token_weights.dtype).at[rows, input_ids].max(
+        token_weights)
+    if unused_token_ids:
+        lexical = lexical.at[:, jnp.asarray(unused_token_ids)].set(0.0)
+    return lexical
 
 
-def dense_scores(q: jax.Array, p: jax.Array) -> jax.Array:
-    """[B, H] x [P, H] -> [B, P] inner products."""
-    return jnp.einsum("bh,ph->bp", q, p, preferred_element_type=jnp.float32)
+class SparseRows(NamedTuple):
+    """Sparse lexical vectors as (unique token ids, weights) per row, padded with weight 0: [N, T] each."""
+    ids: jax.Array
+    weights: jax.Array
 
 
-def sparse_scores(q_lexical: jax.Array, p_lexical: jax.Array) -> jax.Array:
-    """[B, V] x [P, V] -> [B, P]: sum over shared token ids of w_q(id) * w_p(id)."""
-    return jnp.einsum("bv,pv->bp", q_lexical, p_lexical, preferred_element_type=jnp.float32)
+class TokenVecs(NamedTuple):
+    """Colbert token vectors [N, L, D] and which of them are real tokens [N, L] (None: all of them)."""
+    vecs: jax.Array
+    mask: jax.Array | None = None
 
 
-def colbert_scores(q_vecs: jax.Array, p_vecs: jax.Array, q_mask: jax.Array,
+def _passages(p, grouped: bool):
+    """Flat [P, ...] passages -> [1, P, ...] shared by every query; grouped [B, G, ...] stays."""
+    return p if grouped else jax.tree.map(lambda x: x[None], p)
+
+
+def dense_scores(q: jax.Array, p: jax.Array, *, grouped: bool = False, precision=None) -> jax.Array:
+    """[B, H] x ([P, H] | [B, G, H]) -> inner products [B, P] | [B, G]."""
+    spec = "bh,bgh->bg" if grouped else "bh,ph->bp"
+    return jnp.einsum(spec, q, p, precision=precision, preferred_element_type=jnp.float32)
+
+
+def sparse_scores(q: jax.Array | SparseRows, p: jax.Array, *, grouped: bool = False, precision=None) -> jax.Array:
+    """Lexical matching: sum over shared token ids of w_q(id) * w_p(id).
+
+    q: lexical vectors [B, V], or SparseRows (ids unique per row) -- then only the query's T token ids are read
+    from the passages' vectors (B x P x T products instead of B x P x V); p: lexical vectors [P, V] | [B, G, V].
+    """
+    if isinstance(q, SparseRows):
+        if grouped:  # [B, G, T]: each query's ids in its own passages
+            gathered = jnp.take_along_axis(p, q.ids[:, None, :], axis=-1)
+            return jnp.einsum("bt,bgt->bg", q.weights, gathered, precision=precision,
+                              preferred_element_type=jnp.float32)
+        gathered = p[:, q.ids]  # [P, B, T]
+        return jnp.einsum("bt,pbt->bp", q.weights, gathered, precision=precision, preferred_element_type=jnp.float32)
+    spec = "bv,bgv->bg" if grouped else "bv,pv->bp"
+    return jnp.einsum(spec, q, p, precision=precision, preferred_element_type=jnp.float32)
+
+
+def colbert_scores(q: TokenVecs, p: TokenVecs, *, grouped: bool = False, precision=None,
                    block_bytes: int = 256 * 2**20) -> jax.Array:
-    """Late interaction [B, Lq-1, D] x [P, Lp-1, D] -> [B, P].
+    """Late interaction: sum over real query tokens of the max over passage tokens of <q_i, p_j>, divided by the
+    number of real query tokens (FlagEmbedding's colbert score; a query without tokens gives 0/0 = nan, as there).
 
-    sum_i max_j <q_i, p_j> / (number of non-pad query tokens after cls). Padded passage tokens are zero vectors and
-    take part in the max, as in FlagEmbedding (they only matter when every real token similarity is negative).
-    The [B, Lq, P, Lp] token scores grow with the square of the batch (3 x 32 GiB at 16 x 8 passages of 8192
-    tokens), so passages go in blocks of at most `block_bytes` of scores, each recomputed in the backward pass.
+    q: TokenVecs [B, Lq, D] with mask [B, Lq]; p: TokenVecs [P, Lp, D] | [B, G, Lp, D], mask of the same leading
+    shape or None (padded tokens join the max as zero vectors). The [B, Lq, P, Lp] token scores grow with the
+    square of the batch (3 x 32 GiB at 16 x 8 passages of 8192 tokens), so flat passages go in blocks of at most
+    `block_bytes` of scores, each recomputed in the backward pass.
     """
-    b, lq, d = q_vecs.shape
-    p, lp, _ = p_vecs.shape
-    per_passage = b * lq * lp * 4
-    block = max(c for c in range(1, min(p, max(1, block_bytes // per_passage)) + 1) if p % c == 0)
+    q_mask = q.mask.astype(jnp.float32)
+    count = jnp.sum(q_mask, axis=-1)
 
-    @jax.checkpoint
-    def one_block(p_block):  # [c, Lp, D] -> [B, c]
-        token = jnp.einsum("bid,pjd->bipj", q_vecs, p_block, preferred_element_type=jnp.float32)
-        return jnp.sum(jnp.max(token, axis=-1), axis=1)
+    def summed(pv, pm, grouped_block: bool):  # -> [B, c] sums over query tokens of the max over passage tokens
+        spec = "bid,bgjd->bigj" if grouped_block else "bid,pjd->bipj"
+        token = jnp.einsum(spec, q.vecs, pv, precision=precision, preferred_element_type=jnp.float32)
+        if pm is not None:
+            keep = pm[:, None] if grouped_block else pm[None, None]  # [B|1, 1, c, Lp]
+            token = jnp.where(keep, token, -jnp.inf)
+        best = jnp.max(token, axis=-1)  # [B, Lq, c]
+        return jnp.sum(jnp.where(q_mask[:, :, None] > 0, best, 0.0), axis=1)
 
-    if block == p:
-        summed = one_block(p_vecs)
+    if grouped:
+        return summed(p.vecs, p.mask, True) / count[:, None]
+    b, lq, _ = q.vecs.shape
+    n, lp, d = p.vecs.shape
+    block = max(c for c in range(1, min(n, max(1, block_bytes // (b * lq * lp * 4))) + 1) if n % c == 0)
+    one_block = jax.checkpoint(lambda pv, pm: summed(pv, pm, False))
+    if block == n:
+        out = one_block(p.vecs, p.mask)
     else:
-        summed = jax.lax.map(one_block, p_vecs.reshape(p // block, block, lp, d))  # [P/c, B, c]
-        summed = jnp.moveaxis(summed, 0, 1).reshape(b, p)
-    return summed / jnp.sum(q_mask[:, 1:].astype(jnp.float32), axis=-1, keepdims=True)
+        vecs = p.vecs.reshape(n // block, block, lp, d)
+        masks = None if p.mask is None else p.mask.reshape(n // block, block, lp)
+        out = jax.lax.map(lambda args: one_block(*args), (vecs, masks))  # [P/c, B, c]
+        out = jnp.moveaxis(out, 0, 1).reshape(b, n)
+    return out / count[:, None]
+
+
+SIMILARITIES = {"dense": dense_scores, "sparse": sparse_scores, "colbert": colbert_scores}

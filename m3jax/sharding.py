@@ -4,8 +4,9 @@ The mesh has three named axes sized from the config (`config.mesh`, -1 = the rem
   data    pure data parallelism (params replicated along it)
   fsdp    data parallelism with params / optimizer state sharded along it (ZeRO-3 style)
   tensor  tensor parallelism over heads / mlp / vocab
-Batches shard over (data, fsdp). Params shard by their logical axis names through `config.sharding_rules`; a
-dimension that the mesh axis does not divide is replicated instead (logged), e.g. the 250002-token vocabulary.
+Everything shards by logical axis names through the rules in `config.sharding_rules`: the batch by the rule for
+"batch" (default: data and fsdp), params by the names their modules give them; a dimension that the mesh axis does
+not divide is replicated instead (logged), e.g. the 250002-token vocabulary.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
@@ -52,12 +52,23 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
-def num_batch_shards(mesh: Mesh) -> int:
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+def batch_axes(rules) -> tuple[str, ...]:
+    """The mesh axes the batch dimension shards over: the rule for the logical axis "batch"."""
+    for name, axes in rules:
+        if name == "batch":
+            if axes is None:
+                return ()
+            return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+    raise ValueError('config.sharding_rules: no rule for "batch" (e.g. ("batch", ("data", "fsdp")))')
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+def num_batch_shards(mesh: Mesh, rules) -> int:
+    """Devices the batch is split over (W): each holds one block of queries and their passages."""
+    return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(batch_axes(rules) or None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -122,7 +133,18 @@ def put_tree(np_tree, shardings):
     return jax.tree.map(put, np_tree, shardings)
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's slice of the batch -> global arrays sharded over the batch axes (no host sync)."""
-    sharding = batch_sharding(mesh)
+def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's slice of the batch -> global arrays with the batch sharding (no host sync)."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def to_host(tree):
+    """Host float32 numpy copies of a tree of (possibly sharded) arrays; arrays spread over several processes are
+    all-gathered first (a collective: every process must call this)."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            x = multihost_utils.process_allgather(x, tiled=True)
+        return np.array(x, dtype=np.float32)  # a writable copy (torch.from_numpy warns on read-only arrays)
+
+    return jax.tree.map(get, tree)

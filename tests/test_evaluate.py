@@ -20,6 +20,7 @@ from m3jax import checkpoint as ckpt_lib
 from m3jax import cli
 from m3jax import config as config_lib
 from m3jax import evaluate as ev
+from m3jax import loading
 from m3jax import model as m3model
 from m3jax.evaluate import EvalDataError, compute_metrics, evaluate, load_corpus, load_eval_set, load_qrels, search
 
@@ -340,7 +341,7 @@ def test_evaluate_and_evaluate_from_config_agree(toy, tiny_ckpt):
         config.query_max_len, config.passage_max_len = QLEN, PLEN
         config.eval.update(corpus=TOY["corpus"], queries=TOY["queries"], qrels=TOY["qrels"], batch_size=BATCH)
         config.eval.modes = ("dense", "sparse")  # optional fields: all modes / default weights when absent
-    model_cfg, params = m3model.load_pretrained(tiny_ckpt)
+    model_cfg, params, _ = loading.load_model(tiny_ckpt)
     sharded = jax.device_put(params, jax.devices()[0])  # device arrays, as the trainer holds them
     results = ev.evaluate_from_config(config, model_cfg, sharded, AutoTokenizer.from_pretrained(tiny_ckpt),
                                       devices="cpu")
@@ -358,7 +359,7 @@ def test_cli_eval_on_a_run_directory(toy, tiny_ckpt, tmp_path, capsys):
     """`m3jax eval --model <run dir>`: a run whose only step holds the tiny checkpoint's params scores exactly like
     the HF directory itself."""
     work = str(tmp_path / "run")
-    _, params = m3model.load_pretrained(tiny_ckpt)
+    _, params, _ = loading.load_model(tiny_ckpt)
     ckpt_lib.copy_base_model_files(tiny_ckpt, work)
     from m3jax.trainer import TrainState
     checkpointer = ckpt_lib.Checkpointer(work)

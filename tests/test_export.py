@@ -21,11 +21,12 @@ import pytest
 from m3jax import checkpoint as ckpt_lib
 from m3jax import cli
 from m3jax import config as config_lib
-from m3jax import export as export_lib
 from m3jax import hf_io
+from m3jax import loading
 from m3jax import model as m3model
 from m3jax import sharding as shard_lib
-from m3jax.export import ExportError, export_checkpoint, export_params, locate_checkpoint, read_checkpoint
+from m3jax.checkpoint import CheckpointError, locate_checkpoint
+from m3jax.export import ExportError, export_checkpoint, export_params
 from m3jax.trainer import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,7 @@ def _save_step(work, step, params, model_cfg, *, devices, mesh_axes, config_chan
 def run(tiny_ckpt, tmp_path_factory):
     """A work dir with steps 3 (params over 2 devices) and 7 (over 8 devices, the latest)."""
     work = str(tmp_path_factory.mktemp("run") / "work")
-    model_cfg, base = m3model.load_pretrained(tiny_ckpt)
+    model_cfg, base, _ = loading.load_model(tiny_ckpt)
     ckpt_lib.copy_base_model_files(tiny_ckpt, work)
     params3, params7 = _perturbed(base, 3), _perturbed(base, 7)
     sharded3 = _save_step(work, 3, params3, model_cfg, devices=jax.devices()[:2], mesh_axes=dict(data=1, fsdp=2))
@@ -108,26 +109,26 @@ def _assert_trees_equal(a, b):
 def test_locate_checkpoint_accepts_work_checkpoints_and_step_dirs(run):
     work = run["work"]
     ckpts = os.path.join(work, "checkpoints")
-    assert locate_checkpoint(work) == export_lib.CheckpointLocation(work, ckpts, 7, os.path.join(ckpts, "7"))
+    assert locate_checkpoint(work) == ckpt_lib.CheckpointLocation(work, ckpts, 7, os.path.join(ckpts, "7"))
     assert locate_checkpoint(ckpts).step == 7
     assert locate_checkpoint(os.path.join(ckpts, "3")).step == 3
     assert locate_checkpoint(work, step=3).step_dir == os.path.join(ckpts, "3")
     assert locate_checkpoint(os.path.join(ckpts, "3"), step=3).step == 3
-    with pytest.raises(ExportError, match="is the directory of step 3 but step 7 was requested"):
+    with pytest.raises(CheckpointError, match="is the directory of step 3 but step 7 was requested"):
         locate_checkpoint(os.path.join(ckpts, "3"), step=7)
 
 
 def test_restores_sharded_params_onto_one_cpu_bitwise(run):
-    latest = read_checkpoint(run["work"])
-    assert latest.location.step == 7
+    latest = loading.load_model(run["work"])
+    assert latest.source.location.step == 7
     _assert_trees_equal(latest.params, run["params"][7])  # written from 8 devices, read as host numpy
-    _assert_trees_equal(read_checkpoint(run["work"], step=3).params, run["params"][3])  # from 2 devices
-    cfg = latest.model_cfg
+    _assert_trees_equal(loading.load_model(run["work"], step=3).params, run["params"][3])  # from 2 devices
+    cfg = latest.cfg
     assert (cfg.colbert_out_dim, cfg.has_pooler, cfg.num_hidden_layers, cfg.vocab_size) == (HIDDEN, True, 2, 1502)
     assert (cfg.sentence_pooling_method, cfg.normalize_embeddings) == ("cls", True)
-    assert latest.run_config["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert latest.tokenizer_dir == os.path.join(run["work"], "base_model")
-    assert latest.load_tokenizer()("a b")["input_ids"][0] == 0
+    assert latest.source.run_config["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert latest.source.tokenizer_dir == os.path.join(run["work"], "base_model")
+    assert loading.load_tokenizer(latest.source)("a b")["input_ids"][0] == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,9 +149,9 @@ def test_exported_files(exported, run):
 
 
 def test_export_loads_back_bitwise(exported, run):
-    cfg, params = m3model.load_pretrained(exported)
+    cfg, params, _ = loading.load_model(exported)
     _assert_trees_equal(params, run["params"][7])
-    assert cfg == read_checkpoint(run["work"]).model_cfg
+    assert cfg == loading.load_model(run["work"]).cfg
 
 
 def test_export_matches_m3jax_in_transformers_flagembedding_sentence_transformers(exported, run):
@@ -161,8 +162,8 @@ def test_export_matches_m3jax_in_transformers_flagembedding_sentence_transformer
 
     from m3jax.inference import BGEM3FlagModel
 
-    ckpt = read_checkpoint(run["work"])
-    ours = BGEM3FlagModel.from_params(ckpt.model_cfg, ckpt.params, ckpt.load_tokenizer(), use_fp16=False,
+    ckpt = loading.load_model(run["work"])
+    ours = BGEM3FlagModel.from_params(ckpt.cfg, ckpt.params, loading.load_tokenizer(ckpt.source), use_fp16=False,
                                       devices="cpu")
     kw = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True, batch_size=4, max_length=64)
     ref = ours.encode(TEXTS, **kw)  # (m3jax loading the export has bitwise-equal params: test above)
@@ -201,7 +202,7 @@ def test_export_params_from_sharded_train_state(run, tmp_path):
         hf_config = json.load(f)
     out = export_params(run["sharded7"], hf_config, tmp_path / "final", tokenizer_dir=run["tiny"],
                         export_info={"step": 7})
-    _, params = m3model.load_pretrained(out)
+    _, params, _ = loading.load_model(out)
     _assert_trees_equal(params, run["params"][7])
 
 
@@ -217,7 +218,7 @@ def test_export_options_pytorch_bin_and_fp16_heads(run, tmp_path):
         np.testing.assert_array_equal(v.numpy(), safetensors[k], err_msg=k)
     colbert = torch.load(os.path.join(out, "colbert_linear.pt"), map_location="cpu", weights_only=True)
     assert colbert["weight"].dtype == torch.float16
-    _, params = m3model.load_pretrained(out)
+    _, params, _ = loading.load_model(out)
     expected = run["params"][3]
     np.testing.assert_array_equal(params["colbert_linear"]["kernel"],
                                   expected["colbert_linear"]["kernel"].astype(np.float16).astype(np.float32))
@@ -235,8 +236,8 @@ def test_mean_pooling_run_exports_matching_sentence_transformers(run, tmp_path):
     ckpt_lib.copy_base_model_files(run["tiny"], work)
     _save_step(work, 1, run["params"][3], run["model_cfg"], devices=jax.devices()[:1], mesh_axes=dict(data=1),
                config_changes=dict(sentence_pooling_method="mean", normalize_embeddings=False))
-    ckpt = read_checkpoint(work)
-    assert (ckpt.model_cfg.sentence_pooling_method, ckpt.model_cfg.normalize_embeddings) == ("mean", False)
+    ckpt = loading.load_model(work)
+    assert (ckpt.cfg.sentence_pooling_method, ckpt.cfg.normalize_embeddings) == ("mean", False)
     out = export_checkpoint(work, tmp_path / "out")
     with open(os.path.join(out, "1_Pooling", "config.json")) as f:
         pooling = json.load(f)
@@ -244,7 +245,7 @@ def test_mean_pooling_run_exports_matching_sentence_transformers(run, tmp_path):
     with open(os.path.join(out, "modules.json")) as f:
         assert [m["path"] for m in json.load(f)] == ["", "1_Pooling"]
     assert not os.path.exists(os.path.join(out, "2_Normalize"))
-    ours = BGEM3FlagModel.from_params(ckpt.model_cfg, ckpt.params, ckpt.load_tokenizer(), use_fp16=False,
+    ours = BGEM3FlagModel.from_params(ckpt.cfg, ckpt.params, loading.load_tokenizer(ckpt.source), use_fp16=False,
                                       devices="cpu").encode(TEXTS, max_length=64)["dense_vecs"]
     assert abs(np.linalg.norm(ours[0]) - 1) > 0.01  # really unnormalised
     st = SentenceTransformer(out, device="cpu").encode(TEXTS, convert_to_numpy=True)
@@ -261,44 +262,44 @@ def _rename_step(work, step, new_name):
 
 
 def test_missing_or_wrong_paths(run, tmp_path):
-    with pytest.raises(ExportError, match="does not exist"):
-        read_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        loading.load_model(tmp_path / "nope")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ExportError, match="is a file"):
-        read_checkpoint(tmp_path / "file")
+    with pytest.raises(CheckpointError, match="is a file"):
+        loading.load_model(tmp_path / "file")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ExportError, match="not an m3jax run directory"):
-        read_checkpoint(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="not an m3jax run directory"):
+        loading.load_model(tmp_path / "empty")
     (tmp_path / "fresh" / "base_model").mkdir(parents=True)
-    with pytest.raises(ExportError, match="has saved no checkpoint yet"):
-        read_checkpoint(tmp_path / "fresh")
+    with pytest.raises(CheckpointError, match="has saved no checkpoint yet"):
+        loading.load_model(tmp_path / "fresh")
     (tmp_path / "run2" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(ExportError, match="no checkpoint steps; nothing to export"):
-        read_checkpoint(tmp_path / "run2")
-    with pytest.raises(ExportError, match=r"no step 5; completed steps: \[3, 7\]"):
-        read_checkpoint(run["work"], step=5)
+    with pytest.raises(CheckpointError, match="no checkpoint steps; nothing to export"):
+        loading.load_model(tmp_path / "run2")
+    with pytest.raises(CheckpointError, match=r"no step 5; completed steps: \[3, 7\]"):
+        loading.load_model(run["work"], step=5)
 
 
 def test_incomplete_steps_are_refused(run, tmp_path):
     work = _copy_run(run, tmp_path)
     ckpts = os.path.join(work, "checkpoints")
     _rename_step(work, 7, "7.orbax-checkpoint-tmp-1234")  # the save of step 7 never finished
-    with pytest.raises(ExportError, match="unfinished Orbax checkpoint .*step 7"):
-        read_checkpoint(os.path.join(ckpts, "7.orbax-checkpoint-tmp-1234"))
-    with pytest.raises(ExportError, match=r"step 7 is incomplete .*completed steps: \[3\]"):
-        read_checkpoint(work, step=7)
+    with pytest.raises(CheckpointError, match="unfinished Orbax checkpoint .*step 7"):
+        loading.load_model(os.path.join(ckpts, "7.orbax-checkpoint-tmp-1234"))
+    with pytest.raises(CheckpointError, match=r"step 7 is incomplete .*completed steps: \[3\]"):
+        loading.load_model(work, step=7)
     shutil.rmtree(os.path.join(ckpts, "3", "state"))
-    with pytest.raises(ExportError, match="step 3 is incomplete: missing state"):
-        read_checkpoint(os.path.join(ckpts, "3"))
-    with pytest.raises(ExportError, match="only incomplete steps: 3, 7.orbax-checkpoint-tmp-1234"):
-        read_checkpoint(work)
+    with pytest.raises(CheckpointError, match="step 3 is incomplete: missing state"):
+        loading.load_model(os.path.join(ckpts, "3"))
+    with pytest.raises(CheckpointError, match="only incomplete steps: 3, 7.orbax-checkpoint-tmp-1234"):
+        loading.load_model(work)
 
 
 def test_latest_skips_an_unfinished_newer_step(run, tmp_path, caplog):
     work = _copy_run(run, tmp_path)
     shutil.copytree(os.path.join(work, "checkpoints", "7"), os.path.join(work, "checkpoints", "9.orbax-checkpoint-tmp"))
-    with caplog.at_level(logging.WARNING, logger="m3jax.export"):
-        assert read_checkpoint(work).location.step == 7
+    with caplog.at_level(logging.WARNING, logger="m3jax.checkpoint"):
+        assert loading.load_model(work).source.location.step == 7
     assert "skipping incomplete newer step(s) 9.orbax-checkpoint-tmp" in caplog.text
 
 
@@ -309,11 +310,11 @@ def test_corrupt_state_is_refused(run, tmp_path):
         for name in files:
             if "ocdbt" in root or name.startswith("manifest"):
                 os.remove(os.path.join(root, name))
-    with pytest.raises(ExportError, match=r"state: cannot .*\); the checkpoint is incomplete or corrupt$"):
-        read_checkpoint(work)
+    with pytest.raises(CheckpointError, match=r"state: cannot .*\); the checkpoint is incomplete or corrupt$"):
+        loading.load_model(work)
     os.remove(os.path.join(state, "_METADATA"))
-    with pytest.raises(ExportError, match="cannot read the Orbax checkpoint metadata"):
-        read_checkpoint(work)
+    with pytest.raises(CheckpointError, match="cannot read the Orbax checkpoint metadata"):
+        loading.load_model(work)
 
 
 def test_base_model_problems(run, tmp_path):
@@ -323,16 +324,16 @@ def test_base_model_problems(run, tmp_path):
         config = json.load(f)
     with open(os.path.join(base, "config.json"), "w") as f:
         json.dump({**config, "num_hidden_layers": 3}, f)
-    with pytest.raises(ExportError, match="has shape .* implies .*is --base-model the model that was trained"):
-        read_checkpoint(work)
-    assert read_checkpoint(work, base_model=run["tiny"]).location.step == 7  # --base-model fixes it
+    with pytest.raises(CheckpointError, match="has shape .* implies .*is --base-model the model that was trained"):
+        loading.load_model(work)
+    assert loading.load_model(work, base_model=run["tiny"]).source.location.step == 7  # --base-model fixes it
     for name in ("tokenizer.json", "sentencepiece.bpe.model"):
         os.remove(os.path.join(base, name))
-    with pytest.raises(ExportError, match="no tokenizer files"):
-        read_checkpoint(work)
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        loading.load_model(work)
     shutil.rmtree(base)
-    with pytest.raises(ExportError, match="base_model: does not exist.*--base-model"):
-        read_checkpoint(work)
+    with pytest.raises(CheckpointError, match="base_model: does not exist.*--base-model"):
+        loading.load_model(work)
 
 
 def test_output_dir_rules_and_atomicity(run, tmp_path, monkeypatch):
@@ -348,7 +349,7 @@ def test_output_dir_rules_and_atomicity(run, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export_lib, "_set_sentence_transformers_pooling", boom)
+    monkeypatch.setattr(hf_io, "_write_sentence_transformers", boom)
     with pytest.raises(OSError, match="disk full"):
         export_checkpoint(run["work"], out, overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
@@ -370,7 +371,7 @@ def test_cli_export_and_errors(run, tmp_path, capsys):
     out = str(tmp_path / "cli_out")
     assert cli.main(["export", "--checkpoint", run["work"], "--output", out, "--step", "3"]) == 0
     assert capsys.readouterr().out.strip() == out
-    _, params = m3model.load_pretrained(out)
+    _, params, _ = loading.load_model(out)
     _assert_trees_equal(params, run["params"][3])
 
     assert cli.main(["export", "--checkpoint", run["work"], "--output", out]) == 2

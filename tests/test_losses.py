@@ -40,6 +40,7 @@ from transformers import AutoTokenizer
 
 import fe_reference as fer
 from m3jax import hf_io, losses, scores
+from m3jax import loading
 from m3jax import model as m3model
 
 L = 64  # tokens per text (truncation and padding length)
@@ -185,7 +186,7 @@ def refs(tiny_ckpt, make_ckpt, tmp_path_factory):
                 path = flattened(path, tmp_path_factory.mktemp("flat") / "ckpt")
             tok = AutoTokenizer.from_pretrained(path)
             assert (tok.cls_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (0, 2, 1, 3)
-            cfg, params = m3model.load_pretrained(path)
+            cfg, params, _ = loading.load_model(path)
             cache[colbert_dim, ckpt] = Ref(path, tok, fer.load_fe_base(path, colbert_dim), cfg,
                                            jax.device_put(params))
         return cache[colbert_dim, ckpt]
@@ -652,8 +653,8 @@ def _sparse_ce_grad_memory(bq: int, lq: int, lp: int):
     p = bq * MEM_G
 
     def sparse_ce(q_w, p_w, q_ids, p_ids):
-        q_lex = scores.sparse_embedding(q_w, q_ids, V_BGE_M3, UNUSED)
-        p_lex = scores.sparse_embedding(p_w, p_ids, V_BGE_M3, UNUSED)
+        q_lex = scores.lexical_vectors(q_w, q_ids, V_BGE_M3, UNUSED)
+        p_lex = scores.lexical_vectors(p_w, p_ids, V_BGE_M3, UNUSED)
         s = scores.sparse_scores(q_lex, p_lex) / fer.TEMPERATURE
         logp = jax.nn.log_softmax(s, axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, (jnp.arange(bq) * MEM_G)[:, None], axis=-1))
@@ -667,7 +668,7 @@ def _sparse_ce_grad_memory(bq: int, lq: int, lp: int):
 
 
 def test_sparse_path_memory_scales_with_batch_times_vocab():
-    """sparse_embedding (queries and passages) + sparse_scores + CE and its gradient w.r.t. the token weights, at
+    """lexical_vectors (queries and passages) + sparse_scores + CE and its gradient w.r.t. the token weights, at
     V=250002, 32 queries x 8 passages of 256 tokens (queries 64): temp+output bytes under 4 (batch x V) fp32
     tensors, far below one (passages x L x V) tensor, and unchanged when the sequences double."""
     n = MEM_BQ * (1 + MEM_G)

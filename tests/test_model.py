@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from m3jax import hf_io
+from m3jax import loading
 from m3jax import model as m3model
 
 TEXTS = [
@@ -37,7 +38,7 @@ def test_encoder_matches_transformers_fp32(tiny_ckpt):
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids, dtype=torch.long),
                           attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
-    cfg, params = m3model.load_pretrained(tiny_ckpt)
+    cfg, params, _ = loading.load_model(tiny_ckpt)
     out = m3model.BGEM3(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
                                    method=m3model.BGEM3.encode_hidden)
     real = mask.astype(bool)  # padded positions are never used downstream
@@ -48,14 +49,14 @@ def test_safetensors_and_pytorch_bin_give_identical_params(tiny_ckpt, tmp_path):
     only_bin = tmp_path / "bin"
     shutil.copytree(tiny_ckpt, only_bin)
     os.remove(only_bin / "model.safetensors")
-    _, from_safetensors = m3model.load_pretrained(tiny_ckpt)
-    _, from_bin = m3model.load_pretrained(str(only_bin))
+    _, from_safetensors, _ = loading.load_model(tiny_ckpt)
+    _, from_bin, _ = loading.load_model(str(only_bin))
     jax.tree.map(np.testing.assert_array_equal, from_safetensors, from_bin)
 
 
 def test_hf_flax_mapping_round_trips_bitwise(tiny_ckpt):
     ckpt = hf_io.load_hf_checkpoint(tiny_ckpt)
-    cfg, params = m3model.load_pretrained(tiny_ckpt)
+    cfg, params, _ = loading.load_model(tiny_ckpt)
     encoder, colbert, sparse = m3model.params_to_hf(params, cfg)
     assert encoder.keys() == ckpt.encoder.keys()
     for name, array in ckpt.encoder.items():
@@ -66,7 +67,7 @@ def test_hf_flax_mapping_round_trips_bitwise(tiny_ckpt):
 
 
 def test_flax_param_tree_matches_init_and_every_param_has_logical_axes(tiny_ckpt):
-    cfg, params = m3model.load_pretrained(tiny_ckpt)
+    cfg, params, _ = loading.load_model(tiny_ckpt)
     boxed = m3model.abstract_params(cfg)["params"]
     assert jax.tree.map(lambda a: a.shape, nn.unbox(boxed)) == jax.tree.map(np.shape, params)
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -89,7 +90,7 @@ def test_layers_are_scanned_so_program_size_does_not_grow_with_depth():
 
 def test_heads_follow_flagembedding_definitions(tiny_ckpt):
     ids, mask = _batch(tiny_ckpt, TEXTS)
-    cfg, params = m3model.load_pretrained(tiny_ckpt)
+    cfg, params, _ = loading.load_model(tiny_ckpt)
     model = m3model.BGEM3(cfg)
     out = model.apply({"params": params}, ids, mask)
     hidden = np.asarray(model.apply({"params": params}, ids, mask, method=m3model.BGEM3.encode_hidden))
@@ -109,7 +110,7 @@ def test_heads_follow_flagembedding_definitions(tiny_ckpt):
 
 def test_bf16_compute_and_remat_policies_stay_close_to_fp32(tiny_ckpt):
     ids, mask = _batch(tiny_ckpt, TEXTS)
-    cfg, params = m3model.load_pretrained(tiny_ckpt)
+    cfg, params, _ = loading.load_model(tiny_ckpt)
     ref = m3model.BGEM3(cfg).apply({"params": params}, ids, mask)["dense"]
     def grads(policy):
         model = m3model.BGEM3(m3model.ModelConfig(**{**cfg.__dict__, "remat_policy": policy}))
@@ -124,7 +125,7 @@ def test_bf16_compute_and_remat_policies_stay_close_to_fp32(tiny_ckpt):
 
 def test_dropout_is_active_only_when_not_deterministic(tiny_ckpt):
     ids, mask = _batch(tiny_ckpt, TEXTS[:3])
-    cfg, params = m3model.load_pretrained(tiny_ckpt)
+    cfg, params, _ = loading.load_model(tiny_ckpt)
     assert cfg.hidden_dropout_prob == 0.1 and cfg.attention_probs_dropout_prob == 0.1  # bge-m3's config
     model = m3model.BGEM3(cfg)
     det = model.apply({"params": params}, ids, mask)["dense"]
@@ -138,16 +139,16 @@ def test_dropout_is_active_only_when_not_deterministic(tiny_ckpt):
 
 def test_explicit_colbert_dim_must_match_the_head_file(make_ckpt):
     path = make_ckpt(colbert_dim=16)
-    cfg, params = m3model.load_pretrained(path)
+    cfg, params, _ = loading.load_model(path)
     assert cfg.colbert_out_dim == 16 and params["colbert_linear"]["kernel"].shape == (32, 16)
     with pytest.raises(hf_io.CheckpointFormatError, match="colbert_linear.pt.*16 output dims.*colbert_dim=8"):
-        m3model.load_pretrained(path, colbert_dim=8)
+        loading.load_model(path, loading.ModelSettings(colbert_dim=8))
 
 
 def test_missing_heads_start_fresh_with_a_warning(make_ckpt):
     path = make_ckpt(with_heads=False)
     with pytest.warns(UserWarning, match="(?i)initiali"):
-        cfg, params = m3model.load_pretrained(path, colbert_dim=12, seed=3)
+        cfg, params = loading.load_model(path, loading.ModelSettings(colbert_dim=12), seed=3)[:2]
     assert params["colbert_linear"]["kernel"].shape == (32, 12)
     bound = 1 / np.sqrt(32)  # torch.nn.Linear's default init
     assert 0 < np.abs(params["colbert_linear"]["kernel"]).max() <= bound
@@ -162,12 +163,14 @@ def test_colbert_scores_in_passage_blocks_equal_one_block():
     mask = jnp.asarray(np.array([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4]), jnp.int32)
     per_passage = 3 * 5 * 7 * 4
 
+    def colbert(q, p, block_bytes=256 * 2**20):
+        return scores.colbert_scores(scores.TokenVecs(q, mask[:, 1:]), scores.TokenVecs(p), block_bytes=block_bytes)
+
     def f(q, p, block_bytes):
-        return jnp.sum(jnp.sin(scores.colbert_scores(q, p, mask, block_bytes=block_bytes)))
+        return jnp.sum(jnp.sin(colbert(q, p, block_bytes)))
 
     for block_bytes in (per_passage * 4, per_passage * 5, per_passage):  # blocks of 4 passages, of 3, of 1
-        np.testing.assert_allclose(scores.colbert_scores(q, p, mask, block_bytes),
-                                   scores.colbert_scores(q, p, mask), atol=1e-6)
+        np.testing.assert_allclose(colbert(q, p, block_bytes), colbert(q, p), atol=1e-6)
         for a, b in zip(jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)(q, p, block_bytes),
                         jax.grad(f, argnums=(0, 1))(q, p, 2**30)):
             np.testing.assert_allclose(a, b, atol=1e-5)

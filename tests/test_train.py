@@ -84,8 +84,8 @@ def test_one_step_of_the_toy_config(tiny_ckpt, tmp_path):
     events = os.listdir(tmp_path / "tensorboard")
     assert any(e.startswith("events.out.tfevents") for e in events)
     _, params = final_params(str(tmp_path))
-    from m3jax.model import load_pretrained
-    _, initial = load_pretrained(tiny_ckpt)
+    from m3jax.loading import load_model
+    _, initial, _ = load_model(tiny_ckpt)
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params, initial)
     assert moved["encoder"]["layers"]["query"]["kernel"] > 0 and moved["colbert_linear"]["kernel"] > 0
     assert moved["pooler"]["kernel"] == 0  # never used by M3, frozen like in FlagEmbedding
@@ -277,9 +277,8 @@ def test_sub_batch_encoding_gives_the_same_step(tiny_ckpt, tmp_path):
     from transformers import AutoTokenizer
 
     from m3jax import data as data_lib
-    from m3jax import hf_io
+    from m3jax import loading
     from m3jax import sharding as shard_lib
-    from m3jax.model import params_from_hf
 
     results = {}
     for sub in (-1, 2):
@@ -287,16 +286,14 @@ def test_sub_batch_encoding_gives_the_same_step(tiny_ckpt, tmp_path):
                             **{"mesh.data": 2, "model.hidden_dropout_prob": 0.0,
                                "model.attention_probs_dropout_prob": 0.0})
         mesh = shard_lib.make_mesh(config.mesh)
-        hf = hf_io.load_hf_checkpoint(tiny_ckpt)
-        model_cfg = trainer.model_config_from(config, hf.config, -1, True)
+        model_cfg, params, _ = loading.load_model(tiny_ckpt, loading.ModelSettings.from_run_config(config))
         stepper = trainer.Stepper.build(config, model_cfg, mesh, total_steps=10)
-        state = stepper.init_state(shard_lib.put_tree(params_from_hf(hf.encoder, hf.colbert, hf.sparse, model_cfg),
-                                                      stepper.param_shardings))
+        state = stepper.init_state(shard_lib.put_tree(params, stepper.param_shardings))
         batch = data_lib.build_train_data(config, AutoTokenizer.from_pretrained(tiny_ckpt), num_batch_shards=2).batch(0)
         arrays = {k: batch[k] for k in ("query_input_ids", "query_attention_mask", "passage_input_ids",
                                         "passage_attention_mask", "teacher_scores")}
         assert arrays["passage_input_ids"].shape[0] == 2 * 2 * 4  # 2 devices x 2 queries x 4 passages
-        state, metrics = stepper.step(4, False, False)(state, shard_lib.global_batch(arrays, mesh))
+        state, metrics = stepper.step(4, False, False)(state, stepper.global_batch(arrays))
         results[sub] = (float(metrics["loss"]), jax.tree.map(np.asarray, state.params))
     assert abs(results[-1][0] - results[2][0]) <= 1e-6
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[-1][1], results[2][1])

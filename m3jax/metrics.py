@@ -1,0 +1,86 @@
+"""What a run reports: a console progress bar with ETA, log lines, TensorBoard events and metrics.jsonl.
+
+The step returns its metrics as device arrays; `MetricsLogger.add` queues them without a host sync, and `flush`
+(every logging_steps, before a save and before an eval) reads the queue in one transfer, stops the run on a
+non-finite loss or gradient norm, and logs the averages with the step time and tokens per second. Only process 0
+writes; every process runs the checks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from m3jax.errors import M3JaxError
+
+
+class NonFiniteLossError(M3JaxError, RuntimeError):
+    """The loss or the gradient norm stopped being finite; the message names the step and the last good checkpoint."""
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, total_steps: int, start_step: int, *,
+                 last_good_checkpoint: Callable[[], str] = lambda: ""):
+        self.enabled = jax.process_index() == 0
+        self.last_good_checkpoint = last_good_checkpoint
+        self.history: dict[int, float] = {}  # step -> loss (steps counted from 0)
+        self.last: dict[str, float] = {}  # the last logged averages
+        self._pending: list[tuple[int, Any, int]] = []  # (step, device metrics, tokens) since the last flush
+        self._window_start = time.perf_counter()
+        self.writer = self.bar = self.jsonl = None
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def add(self, step: int, device_metrics: dict, tokens: int) -> None:
+        """Queue one step's metrics (device arrays; not read yet) and advance the progress bar."""
+        self._pending.append((step, device_metrics, tokens))
+        if self.enabled:
+            self.bar.update(1)
+
+    def flush(self) -> None:
+        """Read the queued metrics to host (the only host sync of the loop), fail on non-finite values, log the
+        averages over the window."""
+        if not self._pending:
+            return
+        host = jax.device_get([m for _, m, _ in self._pending])
+        for (step, _, _), m in zip(self._pending, host):
+            if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+                raise NonFiniteLossError(f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; "
+                                         f"stopping. {self.last_good_checkpoint()}".rstrip())
+            self.history[step] = float(m["loss"])
+        elapsed = time.perf_counter() - self._window_start
+        tokens = sum(t for _, _, t in self._pending)
+        self.last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+        self.last.update(step_time_s=elapsed / len(self._pending), tokens_per_s=tokens / elapsed)
+        self.log(self._pending[-1][0] + 1, self.last)
+        self._pending.clear()
+        self._window_start = time.perf_counter()
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        self.writer.flush()
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
+        self.jsonl.flush()
+        if prefix == "train":
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+        line = " ".join(f"{k}={v:.5g}" for k, v in metrics.items())
+        self.bar.write(f"{prefix} step {step}: {line}" if prefix != "train" else f"step {step}: {line}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            self.jsonl.close()
