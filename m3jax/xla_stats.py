@@ -21,6 +21,8 @@ import math
 import re
 from typing import Callable
 
+import numpy as np
+
 GIB = 2 ** 30
 
 
@@ -320,8 +322,8 @@ def _valid_taps(size_in: int, size_out: int, window: int, stride: int, pad_lo: i
             hi = min(size_out - 1, (last - offset) // stride)
             total += max(0, hi - lo + 1)
         else:
-            total += sum(1 for o in range(size_out)
-                         if 0 <= o * stride + offset <= last and (o * stride + offset) % lhs_dilate == 0)
+            pos = np.arange(size_out) * stride + offset
+            total += int(np.count_nonzero((pos >= 0) & (pos <= last) & (pos % lhs_dilate == 0)))
     return total
 
 
