@@ -3,7 +3,6 @@
     m3jax train --config configs/toy.py [--config.<field>=<value> ...]      (the same as python train.py ...)
     m3jax export --checkpoint runs/toy --output runs/toy_export [--step N] [--pytorch-bin] [--heads-dtype float16]
     m3jax eval --model runs/toy_export --corpus c.jsonl --queries q.jsonl --qrels qrels.tsv [--output r.json]
-    m3jax bench [--shapes 32x8:64:256,...] [--analyze | --find-max-batch 8x8:512:8192] [--tiny]
 
 Errors a user can fix (m3jax.errors.M3JaxError: a bad config value, malformed data or eval file, a missing or
 incomplete checkpoint, an existing output directory) print one line "m3jax <command>: error: ..." on stderr and exit
@@ -194,37 +193,9 @@ def _run_eval(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# bench
-
-
-def _add_bench(subparsers) -> None:
-    from m3jax import benchmark  # stdlib + numpy only at import time
-
-    p = subparsers.add_parser(
-        "bench", help="time the real train step at BATCHxGROUP:QLEN:PLEN shapes (JSON lines), analyse its memory",
-        description="Time train.py's jitted train step (unified loss, self-distillation, AdamW, shardings, "
-                    "donation) on random weights of the bge-m3 shape and print one JSON line per shape with the "
-                    "fields of the PyTorch reference (shared/bench/torch_m3_anchor.py). --analyze compiles only "
-                    "and prints XLA's memory and FLOP analysis; --find-max-batch searches the largest per-device "
-                    "batch that fits. See BENCHMARKS.md.")
-    benchmark.add_arguments(p)
-    p.set_defaults(func=_run_bench)
-
-
-def _run_bench(args) -> int:
-    from m3jax import benchmark
-
-    try:
-        benchmark.run(args)
-    except benchmark.BenchError as e:
-        raise UsageError(str(e)) from None
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Subcommand registry and entry point
 
-SUBCOMMANDS = [_add_train, _add_export, _add_eval, _add_bench]
+SUBCOMMANDS = [_add_train, _add_export, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

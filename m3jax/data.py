@@ -60,7 +60,7 @@ with pad_token_id and attention mask 0.
 Workers: num_data_workers grain processes (0: a thread of the main process) build whole batches, tokenisation
 included (one tokenizer thread per worker when there are several); they re-read records by byte offset
 (data_files.FileIndex) instead of receiving the texts. Files are validated at start-up, in worker processes too when
-there are many megabytes of them. Measured throughput: scripts/benchmark_data.py.
+there are many megabytes of them. Measured throughput: benchmarks/data_pipeline.py.
 """
 from __future__ import annotations
 

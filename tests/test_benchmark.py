@@ -1,28 +1,31 @@
-"""m3jax bench (m3jax/benchmark.py) and scripts/device_bench.sh, on CPU.
+"""The benchmarks (benchmarks/: train_step.py, torch_reference.py, device_bench.sh), on CPU.
 
 * the tiny model runs the real train step and prints the PyTorch reference's JSON fields with sane values;
 * --find-max-batch against a memory budget returns a batch whose analysed memory fits and whose double does not;
 * --analyze at a real bge-m3 shape (24 layers, hidden 1024, vocab 250002) guards memory and FLOPs: the figures and
   how the bounds were derived are in BENCHMARKS.md ("CPU analysis");
+* our PyTorch reference step runs on a tiny model and prints the same fields; on the same weights and inputs its
+  loss and gradient norm equal m3jax's step (float32, no dropout);
 * the accelerator script's dry run prints the commands, and its real run (with a fake python) runs them in order
   under a deadline.
 """
-import ast
 import json
 import math
 import os
 import stat
 import subprocess
+import sys
 
+import numpy as np
 import pytest
 
-from m3jax import benchmark
+from benchmarks import torch_reference, train_step
+from m3jax import xla_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANCHOR = os.path.join(REPO, "..", "shared", "bench", "torch_m3_anchor.py")
-# The fields of one line of the PyTorch reference (torch_m3_anchor.py), success and OOM alike.
-ANCHOR_FIELDS = {"impl", "ckpt", "batch", "group", "qlen", "plen", "sub_batch", "step_s", "queries_per_s",
-                 "tokens_per_s", "model_tflops", "loss", "peak_gib"}
+# The fields of one line of the PyTorch reference (benchmarks/torch_reference.py), success and OOM alike.
+REFERENCE_FIELDS = {"impl", "ckpt", "batch", "group", "qlen", "plen", "sub_batch", "step_s", "queries_per_s",
+                    "tokens_per_s", "model_tflops", "loss", "peak_gib"}
 
 # --analyze of the bge-m3 step at 32x8:64:256 on CPU (jax 0.10.2, bf16, remat full, XLA attention): temp was
 # 23,748,476,480 bytes (22.12 GiB). The guard is that x 1.25; see BENCHMARKS.md for what the temp holds.
@@ -31,92 +34,27 @@ BGE_M3_TEMP_BOUND = int(1.25 * 23_748_476_480)
 
 
 def _args(argv):
-    parser = benchmark.argparse.ArgumentParser()
-    benchmark.add_arguments(parser)
+    parser = train_step.argparse.ArgumentParser()
+    train_step.add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def _run(argv):
     records = []
-    benchmark.run(_args(argv), emit=records.append)
+    train_step.run(_args(argv), emit=records.append)
     return records
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pure parts
+# Pure parts (the shapes, FLOP formula, max-batch search and HLO statistics: tests/test_xla_stats.py)
 
 
-def test_shape_parsing_and_the_reference_flop_formula():
-    s = benchmark.Shape.parse("32x8:64:256")
-    assert (s.batch, s.group, s.qlen, s.plen) == (32, 8, 64, 256) and str(s) == "32x8:64:256"
-    for bad in ("32x8:64", "x8:64:256", "0x8:64:256", "32x8:1:256", "a"):
-        with pytest.raises(benchmark.BenchError):
-            benchmark.Shape.parse(bad)
-    h, f, layers = 1024, 4096, 24  # the reference's flops_per_token at bge-m3's shape
-
-    class Cfg:
-        hidden_size, intermediate_size, num_hidden_layers = h, f, layers
-
-    for length in (64, 256, 2048, 8192):
-        assert benchmark.flops_per_token(Cfg, length) == layers * (2 * (4 * h * h + 2 * h * f) + 4 * length * h)
-    assert benchmark.forward_flops(Cfg, s) == 32 * 64 * benchmark.flops_per_token(Cfg, 64) + \
-        256 * 256 * benchmark.flops_per_token(Cfg, 256)
-    assert benchmark.auto_sub_batch(8192) == 1 and benchmark.auto_sub_batch(2048) == 5
-    assert benchmark.auto_sub_batch(256) == 32
-
-
-def test_search_max_batch_doubles_then_bisects():
-    tried = []
-
-    def fits_up_to(n):
-        def fits(b):
-            tried.append(b)
-            return b <= n
-        return fits
-
-    assert benchmark.search_max_batch(fits_up_to(13), 4) == (13, 14)
-    assert tried == [4, 8, 16, 12, 14, 13]
-    tried.clear()
-    assert benchmark.search_max_batch(fits_up_to(2), 8) == (2, 3)  # the start itself does not fit
-    assert benchmark.search_max_batch(fits_up_to(0), 4) == (0, 1)
-    tried.clear()
-    assert benchmark.search_max_batch(fits_up_to(13), 4, granularity=4) == (12, 16)
-    assert tried == [4, 8, 16, 12]
-    assert benchmark.search_max_batch(fits_up_to(100), 4, granularity=1000) == (64, 128)
-
-
-def test_hlo_stats_weights_dots_by_while_trip_counts():
-    hlo = """HloModule m
-
-%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
-  %p = (s32[], f32[4,8]{1,0}) parameter(0)
-  %x = f32[4,8]{1,0} get-tuple-element(%p), index=1
-  %w = f32[8,8]{1,0} constant({...})
-  %d = f32[4,8]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/encoder/while/body/dot_general"}
-  %i = s32[] get-tuple-element(%p), index=0
-  ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%i, %d)
-}
-
-%cond (p: (s32[], f32[4,8])) -> pred[] {
-  %p = (s32[], f32[4,8]{1,0}) parameter(0)
-  ROOT %c = pred[] constant(true)
-}
-
-ENTRY %main (a: f32[4,8], v: f32[3,250002]) -> f32[4,8] {
-  %a = f32[4,8]{1,0} parameter(0)
-  %v = f32[3,250002]{1,0} parameter(1)
-  %z = s32[] constant(0)
-  %t = (s32[], f32[4,8]{1,0}) tuple(%z, %a)
-  %w = (s32[], f32[4,8]{1,0}) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"24"}}
-  %y = f32[4,8]{1,0} get-tuple-element(%w), index=1
-  ROOT %e = f32[4,8]{1,0} dot(%y, %a), lhs_contracting_dims={0}, rhs_contracting_dims={0}
-}
-"""
-    stats = benchmark.hlo_stats(hlo, vocab_size=250002)
-    assert stats["matmul_flops_by_part"]["encoder"] == 24 * 2 * 4 * 8 * 8
-    assert stats["matmul_flops_by_part"]["loss_and_rest"] == 2 * 4 * 8 * 4
-    assert stats["while_trip_counts"] == [24] and stats["unknown_trip_counts"] == 0
-    assert stats["largest_vocab_array_elements"] == 3 * 250002
+def test_auto_sub_batch_is_flagembeddings_table():
+    assert train_step.auto_sub_batch is torch_reference.auto_sub_batch  # one table for both benchmarks
+    assert train_step.auto_sub_batch(8192) == 1 and train_step.auto_sub_batch(2048) == 5
+    assert train_step.auto_sub_batch(256) == 32
+    assert [torch_reference.auto_sub_batch(n) for n in (6000, 5999, 4000, 3000, 2000, 1000, 512, 511)] == \
+        [1, 2, 3, 3, 5, 9, 16, 32]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,7 +69,7 @@ def tiny_run():
 
 def test_tiny_mode_runs_the_step_and_prints_every_field(tiny_run):
     (rec,) = tiny_run
-    assert ANCHOR_FIELDS <= rec.keys(), ANCHOR_FIELDS - rec.keys()
+    assert REFERENCE_FIELDS <= rec.keys(), REFERENCE_FIELDS - rec.keys()
     assert "error" not in rec
     assert rec["impl"] == "m3jax" and rec["model"] == "tiny" and rec["ckpt"] == 1 and rec["remat"] == "full"
     assert (rec["batch"], rec["group"], rec["qlen"], rec["plen"]) == (2, 2, 8, 16)
@@ -148,26 +86,10 @@ def test_tiny_mode_runs_the_step_and_prints_every_field(tiny_run):
     json.dumps(rec)  # one JSON line
 
 
-def _anchor_fields_from_source(path):
-    """Keyword names of the reference's `rec = dict(...)` and `rec.update(...)` calls."""
-    tree = ast.parse(open(path, encoding="utf-8").read())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            func = node.func
-            is_dict = isinstance(func, ast.Name) and func.id == "dict"
-            is_update = isinstance(func, ast.Attribute) and func.attr == "update" and \
-                isinstance(func.value, ast.Name) and func.value.id == "rec"
-            if is_dict or is_update:
-                names.update(k.arg for k in node.keywords if k.arg)
-    return names - {"error"}
-
-
 def test_json_schema_matches_the_reference(tiny_run):
-    if os.path.isfile(ANCHOR):
-        assert _anchor_fields_from_source(ANCHOR) == ANCHOR_FIELDS
+    assert set(torch_reference.FIELDS) == REFERENCE_FIELDS
     rec = tiny_run[0]
-    assert ANCHOR_FIELDS <= rec.keys()
+    assert REFERENCE_FIELDS <= rec.keys()
     assert isinstance(rec["impl"], str) and isinstance(rec["ckpt"], int)
     for k in ("batch", "group", "qlen", "plen", "sub_batch", "tokens_per_s"):
         assert isinstance(rec[k], int), k
@@ -175,22 +97,28 @@ def test_json_schema_matches_the_reference(tiny_run):
         assert isinstance(rec[k], (int, float)), k
 
 
-def test_main_prints_json_lines_and_cli_reports_bad_shapes(capsys):
+def test_main_prints_json_lines_and_reports_bad_shapes(capsys):
     from m3jax import cli
 
-    assert cli.main(["bench", "--shapes", "1x1:64"]) == 2
-    assert "m3jax bench: error: shape '1x1:64'" in capsys.readouterr().err
-    assert benchmark.main(["--remat", "everything", "--tiny"]) == 2
-    assert benchmark.main(["--env"]) == 0
+    assert train_step.main(["--shapes", "1x1:64"]) == 2
+    assert "benchmarks.train_step: error: shape '1x1:64'" in capsys.readouterr().err
+    assert train_step.main(["--remat", "everything", "--tiny"]) == 2
+    assert train_step.main(["--env"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     env = json.loads(line)
     assert env["mode"] == "env" and env["m3jax_trainer"] == "ok" and env["jax"]
+    with pytest.raises(SystemExit):  # one entry point: `m3jax bench` is gone
+        cli.main(["bench", "--tiny"])
+    capsys.readouterr()
 
 
-def test_oom_becomes_an_error_line():
-    assert benchmark.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB"))
-    assert benchmark.is_oom(MemoryError())
-    assert not benchmark.is_oom(ValueError("shapes do not match"))
+def test_one_entry_point_runs_from_the_repository_root():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--help"], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--find-max-batch" in result.stdout and "python -m benchmarks.train_step" in result.stdout
+    assert not os.path.exists(os.path.join(REPO, "m3jax", "benchmark.py"))
+    assert not os.path.exists(os.path.join(REPO, "scripts", "benchmark.py"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,7 +151,7 @@ def test_analyze_bge_m3_step_memory_and_flops():
     b, g, lq, lp, vocab, hidden = 32, 8, 64, 256, 250002, 1024
 
     # Arguments are exactly the float32 params and the two AdamW moments (the donated state); no batch-sized copy.
-    bench = benchmark.Bench(_args(["--mesh", "data=1"]), remat="full", for_run=False)
+    bench = train_step.Bench(_args(["--mesh", "data=1"]), remat="full", for_run=False)
     params = bench.jax.tree.leaves(bench.stepper.abstract_params)
     param_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in params)
     batch_bytes = 4 * (2 * b * lq + 2 * b * g * lp + b * g)
@@ -241,7 +169,7 @@ def test_analyze_bge_m3_step_memory_and_flops():
     # FLOPs: the layers run under a 24-trip while loop; weighted by it, the encoder's matmuls are 4x the forward
     # formula with full remat (forward, recomputed forward, 2x backward), the heads and loss add under 3%.
     assert 24 in rec["while_trip_counts"]
-    fwd = benchmark.forward_flops(bench.model_cfg, benchmark.Shape.parse(BGE_M3_SHAPE))
+    fwd = xla_stats.forward_flops(bench.model_cfg, xla_stats.Shape.parse(BGE_M3_SHAPE))
     assert rec["model_forward_flops"] == fwd
     assert 3.98 <= rec["encoder_matmul_ratio"] <= 4.02
     assert 0.98 * fwd <= rec["matmul_flops_by_part"]["recomputed"] <= 1.02 * fwd
@@ -251,34 +179,101 @@ def test_analyze_bge_m3_step_memory_and_flops():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# scripts/device_bench.sh
+# benchmarks/torch_reference.py
+
+TINY_TORCH = ["--layers", "1", "--hidden", "32", "--heads", "2", "--ffn", "64", "--vocab", "100", "--device", "cpu"]
+
+
+def test_torch_reference_runs_a_tiny_model_and_prints_the_fields():
+    result = subprocess.run([sys.executable, os.path.join("benchmarks", "torch_reference.py"), "--configs",
+                             "2x2:8:16,2x3:8:12", "--sub_batch", "2", "--steps", "2", "--warmup", "1", *TINY_TORCH],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 2
+    for rec, (b, g, lq, lp) in zip(records, ((2, 2, 8, 16), (2, 3, 8, 12))):
+        assert set(rec) == REFERENCE_FIELDS
+        assert rec["impl"] == "torch" and rec["ckpt"] == 1 and rec["sub_batch"] == 2
+        assert (rec["batch"], rec["group"], rec["qlen"], rec["plen"]) == (b, g, lq, lp)
+        assert math.isfinite(rec["loss"]) and rec["loss"] > 0
+        assert rec["step_s"] > 0 and rec["peak_gib"] is None  # no CUDA allocator on CPU
+        assert abs(rec["tokens_per_s"] - b * (lq + g * lp) / rec["step_s"]) <= 0.01 * rec["tokens_per_s"] + 1
+        fwd = b * lq * torch_reference.flops_per_token(1, 32, 64, lq) + \
+            b * g * lp * torch_reference.flops_per_token(1, 32, 64, lp)
+        assert rec["model_tflops"] == pytest.approx(3 * fwd / rec["step_s"] / 1e12, rel=0.01, abs=2e-6)
+    bad = subprocess.run([sys.executable, os.path.join("benchmarks", "torch_reference.py"), "--configs", "2x2:8"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "BATCHxGROUP:QLEN:PLEN" in bad.stderr
+
+
+def test_torch_reference_loss_equals_m3jax_on_the_same_weights():
+    """One step of each on the tiny model's weights (the reference's random init, read into m3jax), the same inputs,
+    float32, no dropout, passages in sub-batches of 2, gradient checkpointing on both: the same unified loss with
+    self-distillation and the same gradient norm."""
+    import torch
+
+    from m3jax import model as model_lib
+    from m3jax import sharding as shard_lib
+
+    shape = xla_stats.Shape.parse("3x2:8:16")
+    bench = train_step.Bench(_args(["--tiny", "--mesh", "data=1", "--dtype", "float32", "--hidden-dropout", "0",
+                                    "--attention-dropout", "0", "--sub-batch-size", "2"]), remat="full", for_run=True)
+    cfg = bench.model_cfg
+    torch.manual_seed(0)
+    ref = torch_reference.build_model(layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
+                                      heads=cfg.num_attention_heads, ffn=cfg.intermediate_size,
+                                      vocab=cfg.vocab_size, max_positions=cfg.max_position_embeddings, dropout=0.0)
+    ref.encoder.gradient_checkpointing_enable()
+    ref.train()
+    inputs = torch_reference.random_inputs(shape.batch, shape.group, shape.qlen, shape.plen, cfg.vocab_size)
+    loss = torch_reference.unified_loss(ref, *inputs, group=shape.group, sub_batch=2)
+    loss.backward()
+    grads = [p.grad for p in ref.parameters()]
+    assert all(g is not None for g in grads)
+    grad_norm = math.sqrt(sum(float(torch.sum(g.double() ** 2)) for g in grads))
+
+    numpy = lambda module: {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    params = model_lib.params_from_hf(numpy(ref.encoder), numpy(ref.colbert_linear), numpy(ref.sparse_linear), cfg)
+    state = bench.stepper.init_state(shard_lib.put_tree(params, bench.stepper.param_shardings))
+    q_ids, q_mask, p_ids, p_mask = (x.numpy().astype(np.int32) for x in inputs)
+    batch = dict(query_input_ids=q_ids, query_attention_mask=q_mask, passage_input_ids=p_ids,
+                 passage_attention_mask=p_mask, teacher_scores=np.zeros((shape.batch, shape.group), np.float32))
+    _, metrics = bench.step_fn(shape)(state, bench.stepper.global_batch(batch))
+    assert float(metrics["loss_self_distill"]) > 0  # the recipe's self-distillation is on from step 0
+    assert float(metrics["loss"]) == pytest.approx(loss.item(), rel=1e-5)
+    assert float(metrics["grad_norm"]) == pytest.approx(grad_norm, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks/device_bench.sh
 
 
 def _device_bench(args, env=None):
     full_env = {k: v for k, v in os.environ.items() if k != "OUT"}
     full_env.update(env or {})
-    return subprocess.run(["bash", os.path.join(REPO, "scripts", "device_bench.sh"), *args], capture_output=True,
+    return subprocess.run(["bash", os.path.join(REPO, "benchmarks", "device_bench.sh"), *args], capture_output=True,
                           text=True, env=full_env, cwd=REPO, timeout=60)
 
 
 def test_device_bench_dry_run_prints_the_commands(tmp_path):
     out = tmp_path / "out"
-    result = _device_bench(["--dry-run", "--out", str(out), "--anchor", "runs/anchor/torch_m3_anchor.py"])
+    result = _device_bench(["--dry-run", "--out", str(out)])  # the reference: ours, benchmarks/torch_reference.py
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "export XLA_PYTHON_CLIENT_MEM_FRACTION=.92"
     commands = [line for line in lines if line.startswith("timeout ")]
     shapes = "32x8:64:256,8x8:512:2048,8x2:512:8192"
     expected = [
-        f"python3 -m m3jax.benchmark --env >> {out}/env.txt",
-        f"python3 runs/anchor/torch_m3_anchor.py --configs {shapes} --ckpt 1 --sub_batch auto >> {out}/anchor.jsonl",
-        *[f"python3 -m m3jax.benchmark --shapes {s} --attention cudnn --remat full >> {out}/m3jax.jsonl"
+        f"python3 -m benchmarks.train_step --env >> {out}/env.txt",
+        f"python3 benchmarks/torch_reference.py --configs {shapes} --ckpt 1 --sub_batch auto "
+        f">> {out}/reference.jsonl",
+        *[f"python3 -m benchmarks.train_step --shapes {s} --attention cudnn --remat full >> {out}/m3jax.jsonl"
           for s in shapes.split(",")],
-        "python3 -m m3jax.benchmark --find-max-batch 8x8:512:8192 --memory-budget-gib auto --granularity 4 "
+        "python3 -m benchmarks.train_step --find-max-batch 8x8:512:8192 --memory-budget-gib auto --granularity 4 "
         f"--verify --steps 2 --warmup 1 --attention cudnn --remat full >> {out}/maxbatch.jsonl",
-        "python3 -m m3jax.benchmark --find-max-batch 8x8:512:8192 --memory-budget-gib auto --granularity 4 "
+        "python3 -m benchmarks.train_step --find-max-batch 8x8:512:8192 --memory-budget-gib auto --granularity 4 "
         f"--attention cudnn --remat none --sub-batch-size 1 >> {out}/maxbatch.jsonl",
-        "python3 -m m3jax.benchmark --shapes 32x8:64:256,8x8:512:2048 --attention cudnn --remat dots_no_batch "
+        "python3 -m benchmarks.train_step --shapes 32x8:64:256,8x8:512:2048 --attention cudnn --remat dots_no_batch "
         f">> {out}/m3jax.jsonl",
     ]
     assert [c.split(" ", 4)[4] for c in commands] == expected
@@ -300,24 +295,25 @@ def _fake_python(folder):
 def test_device_bench_runs_each_step_and_records_status(tmp_path):
     python, log = _fake_python(tmp_path)
     out = tmp_path / "out"
-    result = _device_bench(["--out", str(out), "--python", python, "--anchor", "anchor.py"])
+    result = _device_bench(["--out", str(out), "--python", python, "--reference", "reference.py"])
     assert result.returncode == 0, result.stderr
     calls = log.read_text().splitlines()
-    assert calls[0] == "-m m3jax.benchmark --env"
-    assert calls[1].startswith("anchor.py --configs 32x8:64:256,8x8:512:2048,8x2:512:8192 --ckpt 1")
+    assert calls[0] == "-m benchmarks.train_step --env"
+    assert calls[1].startswith("reference.py --configs 32x8:64:256,8x8:512:2048,8x2:512:8192 --ckpt 1")
     assert len(calls) == 8 and "--find-max-batch 8x8:512:8192" in calls[5] and "--sub-batch-size 1" in calls[6]
     status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
     assert [s["rc"] for s in status] == [0] * 8
-    assert (out / "anchor.jsonl").read_text() == '{"fake": true}\n'
+    assert (out / "reference.jsonl").read_text() == '{"fake": true}\n'
     assert len((out / "m3jax.jsonl").read_text().splitlines()) == 4
-    assert {p.name for p in out.iterdir()} <= {"env.txt", "anchor.jsonl", "m3jax.jsonl", "maxbatch.jsonl",
+    assert {p.name for p in out.iterdir()} <= {"env.txt", "reference.jsonl", "m3jax.jsonl", "maxbatch.jsonl",
                                                "status.jsonl", "bench.log"}  # at most 8 files come back
 
 
 def test_device_bench_deadline_skips_the_rest(tmp_path):
     python, log = _fake_python(tmp_path)
     out = tmp_path / "out"
-    result = _device_bench(["--out", str(out), "--python", python, "--anchor", "anchor.py", "--budget-s", "5"])
+    result = _device_bench(["--out", str(out), "--python", python, "--reference", "reference.py",
+                            "--budget-s", "5"])
     assert result.returncode == 0, result.stderr
     status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
     assert len(status) == 8 and all(s.get("skipped") == "deadline" for s in status)

@@ -1,8 +1,8 @@
-"""Benchmark of the real train step: `m3jax bench` / `python scripts/benchmark.py`.
+"""Benchmark of the real train step: `python -m benchmarks.train_step ...` from the repository root.
 
 It times exactly what train.py runs -- `trainer.Stepper.build(...)`'s jitted step with the unified loss,
 self-distillation, AdamW, clipping, the mesh shardings and state donation -- on random weights of the bge-m3 shape (or
-a tiny model), for shapes written like the PyTorch reference's (`../shared/bench/torch_m3_anchor.py`):
+a tiny model), for shapes written like those of our PyTorch reference step (`benchmarks/torch_reference.py`):
 
     BATCHxGROUP:QLEN:PLEN     BATCH queries per device, GROUP passages per query, QLEN / PLEN tokens
 
@@ -12,46 +12,49 @@ reference's: ids uniform in [5, vocab) with cls=0 first and eos=2 last, full att
 model_tflops is the reference's formula: 3 x the encoder's forward matmul FLOPs (attention included) per second.
 
 Modes:
-    m3jax bench [--shapes 32x8:64:256,8x8:512:2048,8x2:512:8192]      time the step (compile, warmup, timed steps)
-    m3jax bench --analyze [--shapes ...]                                compile only (no params allocated) and print
-        XLA's memory analysis (argument / output / temp / code bytes), XLA's cost analysis and the matmul FLOPs of
-        the optimised HLO (while-loop bodies multiplied by their trip counts) against the model-FLOP formula
-    m3jax bench --find-max-batch 8x8:512:8192 [--memory-budget-gib 73]  largest per-device batch that fits: doubling
-        from BATCH then bisection; by running steps until OOM on an accelerator, or against a memory budget with the
-        compiled memory analysis (on CPU, or whenever --memory-budget-gib is given; `auto` = the device's limit)
-    --tiny                                                               a 2-layer, hidden-64, 1000-token model (CI)
+    python -m benchmarks.train_step [--shapes 32x8:64:256,8x8:512:2048,8x2:512:8192]
+        time the step (compile, warmup, timed steps)
+    python -m benchmarks.train_step --analyze [--shapes ...]
+        compile only (no params allocated) and print XLA's memory analysis (argument / output / temp / code bytes),
+        XLA's cost analysis and the matmul FLOPs of the optimised HLO (while-loop bodies multiplied by their trip
+        counts) against the model-FLOP formula (m3jax.xla_stats)
+    python -m benchmarks.train_step --find-max-batch 8x8:512:8192 [--memory-budget-gib 73]
+        largest per-device batch that fits: doubling from BATCH then bisection; by running steps until OOM on an
+        accelerator, or against a memory budget with the compiled memory analysis (on CPU, or whenever
+        --memory-budget-gib is given; `auto` = the device's limit)
+    --tiny      a 2-layer, hidden-64, 1000-token model (CI)
+    --env       versions and devices
 
 OOM (RESOURCE_EXHAUSTED) prints the shape's line with "error": "OOM", as the reference does.
 peak_gib is the device allocator's peak (`memory_stats()["peak_bytes_in_use"]`), which is a process-lifetime peak:
 with several shapes in one process it is the peak so far (peak_source says so); `analysed_gib` is the compiled
 step's own requirement (arguments + outputs - aliased + temp + code), per device, and is exact per shape.
+backend and device_kind are those of the mesh's devices (the compile target), not necessarily the host's.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import gc
 import importlib.util
 import json
 import logging
-import math
 import os
-import re
 import sys
 import time
 from typing import Any, Callable
 
 import numpy as np
 
-from m3jax.errors import M3JaxError
+from benchmarks.torch_reference import auto_sub_batch  # the reference's --sub_batch auto
+from m3jax.xla_stats import (GIB, BenchError, Shape, analysis_record, forward_flops, is_oom, memory_record,
+                             search_max_batch, short, target_device, tokens)
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO_ROOT, "configs", "bge_m3_unified.py")
 DEFAULT_SHAPES = ("32x8:64:256", "8x8:512:2048", "8x2:512:8192")
-GIB = 2 ** 30
 
 # config.json of BAAI/bge-m3 (XLMRobertaModel), the fields m3jax reads.
 BGE_M3 = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
@@ -60,244 +63,6 @@ BGE_M3 = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_att
               hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 TINY = dict(BGE_M3, vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=128)
-
-# FlagEmbedding research/BGE_M3 compute_sub_batch_size (the reference's --sub_batch auto): (min length, sub batch).
-AUTO_SUB_BATCH = ((6000, 1), (5000, 2), (4000, 3), (3000, 3), (2000, 5), (1000, 9), (512, 16), (0, 32))
-
-
-class BenchError(M3JaxError, ValueError):
-    """A command-line value the benchmark cannot run with."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shapes and the model-FLOP formula
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    batch: int  # queries per device (per batch shard)
-    group: int  # passages per query
-    qlen: int
-    plen: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Shape":
-        m = re.fullmatch(r"\s*(\d+)x(\d+):(\d+):(\d+)\s*", text)
-        if not m:
-            raise BenchError(f"shape {text!r}: expected BATCHxGROUP:QLEN:PLEN, e.g. 32x8:64:256")
-        shape = cls(*(int(x) for x in m.groups()))
-        if shape.batch < 1 or shape.group < 1 or shape.qlen < 2 or shape.plen < 2:
-            raise BenchError(f"shape {text!r}: batch and group must be >= 1, lengths >= 2")
-        return shape
-
-    def with_batch(self, batch: int) -> "Shape":
-        return dataclasses.replace(self, batch=batch)
-
-    def __str__(self) -> str:
-        return f"{self.batch}x{self.group}:{self.qlen}:{self.plen}"
-
-
-def flops_per_token(model_cfg, length: int) -> int:
-    """The reference's forward matmul FLOPs of the encoder per token at sequence length `length` (attention
-    included, embeddings, heads and loss not)."""
-    h, f = model_cfg.hidden_size, model_cfg.intermediate_size
-    return model_cfg.num_hidden_layers * (2 * (4 * h * h + 2 * h * f) + 4 * length * h)
-
-
-def forward_flops(model_cfg, shape: Shape) -> int:
-    """Encoder forward matmul FLOPs of one device's share of a step."""
-    b, g = shape.batch, shape.group
-    return b * shape.qlen * flops_per_token(model_cfg, shape.qlen) + b * g * shape.plen * flops_per_token(
-        model_cfg, shape.plen)
-
-
-def tokens(shape: Shape) -> int:
-    return shape.batch * shape.qlen + shape.batch * shape.group * shape.plen
-
-
-def auto_sub_batch(length: int) -> int:
-    for low, size in AUTO_SUB_BATCH:
-        if length >= low:
-            return size
-    return -1
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# What XLA says about a compiled step
-
-
-def memory_record(compiled) -> dict:
-    """Per-device bytes of a compiled step from XLA's memory analysis; total = what it needs at once (donated
-    arguments are aliased to outputs and counted once)."""
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return {}
-    get = lambda name: int(getattr(ma, name, 0) or 0)
-    rec = dict(argument_bytes=get("argument_size_in_bytes"), output_bytes=get("output_size_in_bytes"),
-               alias_bytes=get("alias_size_in_bytes"), temp_bytes=get("temp_size_in_bytes"),
-               generated_code_bytes=get("generated_code_size_in_bytes"))
-    rec["total_bytes"] = (rec["argument_bytes"] + rec["output_bytes"] - rec["alias_bytes"] + rec["temp_bytes"]
-                          + rec["generated_code_bytes"])
-    if hasattr(ma, "peak_memory_in_bytes"):
-        rec["xla_peak_bytes"] = get("peak_memory_in_bytes")
-    for k in ("argument", "temp", "total"):
-        rec[f"{k}_gib"] = round(rec[f"{k}_bytes"] / GIB, 3)
-    return rec
-
-
-def cost_flops(compiled) -> float | None:
-    """XLA's cost-analysis FLOPs. Caveat: XLA counts a while loop's body once, not once per iteration, so a
-    scanned encoder's layers count as one layer (see `hlo_stats` for the trip-count-weighted matmul count)."""
-    try:
-        ca = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 -- some backends do not implement it
-        return None
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else None
-    return None if not ca or "flops" not in ca else float(ca["flops"])
-
-
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*->.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
-_ARRAY = re.compile(r"\b(pred|s4|s8|s16|s32|s64|u4|u8|u16|u32|u64|f8e4m3fn|f8e5m2|bf16|f16|f32|f64|c64|c128)"
-                    r"\[([\d,]*)\]")
-_BYTES = dict(pred=1, s4=1, s8=1, s16=2, s32=4, s64=8, u4=1, u8=1, u16=2, u32=4, u64=8, f8e4m3fn=1, f8e5m2=1,
-              bf16=2, f16=2, f32=4, f64=8, c64=8, c128=16)
-_GEMM_TARGETS = ("gemm", "matmul")  # GPU: __cublas$gemm, __cublas$lt$matmul, ...
-_ATTENTION_TARGETS = ("fmha", "flash", "attention")  # GPU: __cudnn$fmha... (fused attention kernels)
-
-
-def _split_type(text: str) -> tuple[str, str]:
-    """'(s32[], f32[2]{0}) while(...)...' or 'f32[2,3]{1,0} dot(...)...' -> (type, rest)."""
-    if text.startswith("("):
-        depth = 0
-        for i, ch in enumerate(text):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                return text[:i + 1], text[i + 1:].lstrip()
-    type_, _, rest = text.partition(" ")
-    return type_, rest
-
-
-def _dims(type_: str) -> list[tuple[str, tuple[int, ...]]]:
-    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(type_)]
-
-
-def _int_list(attrs: str, name: str) -> list[int]:
-    m = re.search(name + r"=\{([\d,]*)\}", attrs)
-    return [int(x) for x in m.group(1).split(",") if x] if m else []
-
-
-def hlo_stats(hlo_text: str, *, vocab_size: int | None = None, top: int = 8) -> dict:
-    """Matmul FLOPs and materialised buffers of an optimised HLO module (`compiled.as_text()`).
-
-    matmul_flops: 2 x output elements x contracted size of every dot (and GPU gemm custom call), each weighted by
-    how often its computation runs: while bodies by their known trip count (scan over layers), fusions and calls by
-    their callers. Fused attention kernels (cuDNN custom calls) are not dots: counted in fused_attention_calls only.
-    Split by the op's source (metadata op_name): encoder layers, the M3 heads, and the loss / the rest.
-    largest_buffers: the biggest arrays outside fusions (values XLA may materialise), largest first.
-    """
-    computations: dict[str, list[tuple[str, str, str, str]]] = {}  # name -> [(instr, type, op, rest)]
-    order: list[str] = []
-    entry = None
-    current = None
-    for line in hlo_text.splitlines():
-        m = _COMPUTATION.match(line)
-        if m:
-            current = m.group(1)
-            computations[current] = []
-            order.append(current)
-            if line.startswith("ENTRY"):
-                entry = current
-            continue
-        if current is None:
-            continue
-        m = _INSTRUCTION.match(line)
-        if m:
-            type_, rest = _split_type(m.group(2))
-            op = rest.split("(", 1)[0].strip()
-            computations[current].append((m.group(1), type_, op, rest))
-    if entry is None:
-        return {}
-
-    # Call graph multiplicities: computations are printed callees first, so walk them callers first.
-    mult: dict[str, float] = collections.defaultdict(float)
-    mult[entry] = 1.0
-    fusion_bodies: set[str] = set()
-    unknown_trip_counts = 0
-    trip_counts = []
-    for name in reversed(order):
-        m_here = mult.get(name, 0.0)
-        for _, _, op, rest in computations[name]:
-            if op == "while":
-                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
-                n = int(trip.group(1)) if trip else 1
-                unknown_trip_counts += trip is None
-                trip_counts.append(n)
-                for key, factor in (("body", n), ("condition", n + 1)):
-                    callee = re.search(key + r"=%([\w.\-]+)", rest)
-                    if callee:
-                        mult[callee.group(1)] += m_here * factor
-                continue
-            for callee in re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)", rest):
-                mult[callee] += m_here
-                if op == "fusion":
-                    fusion_bodies.add(callee)
-            branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
-            if branches:
-                for callee in re.findall(r"%([\w.\-]+)", branches.group(1)):
-                    mult[callee] += m_here
-
-    flops = collections.Counter()
-    dots = 0
-    attention_calls = 0
-    buffers: dict[tuple[str, tuple[int, ...]], int] = {}
-    largest_vocab = 0
-    for name in order:
-        m_here = mult.get(name, 0.0)
-        types = {instr: type_ for instr, type_, _, _ in computations[name]}
-        for instr, type_, op, rest in computations[name]:
-            if name not in fusion_bodies and op not in ("parameter", "get-tuple-element", "tuple", "bitcast"):
-                for dt, dims in _dims(type_):
-                    nbytes = math.prod(dims) * _BYTES[dt]
-                    buffers[(dt, dims)] = max(buffers.get((dt, dims), 0), nbytes)
-            for dt, dims in _dims(type_):
-                if vocab_size and vocab_size in dims:
-                    largest_vocab = max(largest_vocab, math.prod(dims))
-            target = re.search(r'custom_call_target="([^"]*)"', rest) if op == "custom-call" else None
-            if target and any(t in target.group(1).lower() for t in _ATTENTION_TARGETS):
-                attention_calls += m_here
-                continue
-            if op == "dot":
-                contracting = _int_list(rest, "lhs_contracting_dims")
-            elif target and any(t in target.group(1).lower() for t in _GEMM_TARGETS):
-                cd = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
-                contracting = [int(x.strip('" ')) for x in cd.group(1).split(",") if x.strip('" ')] if cd else []
-            else:
-                continue
-            operands = re.findall(r"%([\w.\-]+)", rest.split("(", 1)[1])
-            lhs = _dims(types.get(operands[0], "")) if operands else []
-            out = _dims(type_)
-            if not lhs or not out:
-                continue
-            count = 2 * math.prod(out[0][1]) * math.prod(lhs[0][1][d] for d in contracting)
-            meta = re.search(r'op_name="([^"]*)"', rest)
-            source = meta.group(1) if meta else ""
-            part = "encoder" if "/encoder/" in source else "heads" if "BGEM3.heads" in source else "loss_and_rest"
-            if "rematted_computation" in source:
-                flops["recomputed"] += count * m_here
-            flops[part] += count * m_here
-            dots += 1
-    biggest = sorted(buffers.items(), key=lambda kv: -kv[1])[:top]
-    return dict(
-        matmul_flops=float(flops["encoder"] + flops["heads"] + flops["loss_and_rest"]),
-        matmul_flops_by_part={k: float(v) for k, v in flops.items()},
-        dot_instructions=dots, fused_attention_calls=int(attention_calls),
-        while_trip_counts=sorted(set(trip_counts), reverse=True), unknown_trip_counts=unknown_trip_counts,
-        largest_buffers=[dict(shape=f"{dt}[{','.join(map(str, dims))}]", gib=round(n / GIB, 3))
-                         for (dt, dims), n in biggest],
-        largest_vocab_array_elements=largest_vocab)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,29 +131,28 @@ def build_config(args, *, remat: str, for_run: bool):
 
 
 class Bench:
-    """One model setting: config, mesh, Stepper and (lazily) a live train state."""
+    """One model setting: config, mesh, Stepper and (lazily) a live train state.
 
-    def __init__(self, args, *, remat: str, for_run: bool):
+    `devices` (default: all of this host's) are the mesh's: compile-only devices of another backend (e.g. a TPU
+    topology from jax.experimental.topologies on a CPU host) can be analysed but not run."""
+
+    def __init__(self, args, *, remat: str, for_run: bool, devices=None):
         import jax
 
         from m3jax import config as config_lib
-        from m3jax import loading
         from m3jax import sharding as shard_lib
-        from m3jax import trainer
 
         self.jax = jax
         self.shard_lib = shard_lib
         self.args = args
         self.config = build_config(args, remat=remat, for_run=for_run)
         config_lib.validate(self.config, for_training=False)
-        hf = TINY if args.tiny else BGE_M3
-        source = loading.ModelSource(path="bge-m3 shape" if not args.tiny else "tiny", hf_config=hf,
-                                     tokenizer_dir=None, colbert_dim=None, has_pooler=False)
-        self.model_cfg = loading.model_config(source, loading.ModelSettings.from_run_config(self.config))
-        self.mesh = shard_lib.make_mesh(self.config.mesh)
+        self.mesh = shard_lib.make_mesh(self.config.mesh, devices)
+        self.target = target_device(self.mesh)
+        self.model_cfg = self._model_config(TINY if args.tiny else BGE_M3)
         self.num_shards = shard_lib.num_batch_shards(self.mesh, self.config.sharding_rules)
         self.local_shards = max(1, self.num_shards // jax.process_count())
-        self.stepper = trainer.Stepper.build(self.config, self.model_cfg, self.mesh, self.config.max_steps)
+        self.stepper = self._build_stepper()
         self._state = None
         self.settings = Settings(
             model="tiny" if args.tiny else "bge-m3", dtype=self.model_cfg.dtype,
@@ -398,6 +162,22 @@ class Bench:
             mesh={k: int(v) for k, v in self.mesh.shape.items()},
             hidden_dropout=self.model_cfg.hidden_dropout_prob,
             attention_dropout=self.model_cfg.attention_probs_dropout_prob)
+
+    # -- the trainer's model config and step ---------------------------------------------------------------------
+
+    def _model_config(self, hf_config: dict):
+        """The run's ModelConfig for random weights of this shape; attention 'auto' resolved for the target."""
+        from m3jax import loading
+
+        source = loading.ModelSource(path="random weights", hf_config=hf_config, tokenizer_dir=None,
+                                     colbert_dim=None, has_pooler=False)
+        return loading.model_config(source, loading.ModelSettings.from_run_config(self.config),
+                                    platform=self.target["backend"])
+
+    def _build_stepper(self):
+        from m3jax.step import Stepper
+
+        return Stepper.build(self.config, self.model_cfg, self.mesh, self.config.max_steps)
 
     # -- step and inputs ------------------------------------------------------------------------------------------
 
@@ -409,9 +189,8 @@ class Bench:
         """The jitted train step of train.py for this group size (in-batch negatives, no teacher scores)."""
         sub = self.sub_batch_for(shape)
         if sub != self.config.sub_batch_size:  # the sub batch is part of the traced step: rebuild for a new one
-            from m3jax import trainer
             self.config.sub_batch_size = sub
-            self.stepper = trainer.Stepper.build(self.config, self.model_cfg, self.mesh, self.config.max_steps)
+            self.stepper = self._build_stepper()
         return self.stepper.step(shape.group, False, False)
 
     def abstract_batch(self, shape: Shape) -> dict:
@@ -458,7 +237,7 @@ class Bench:
         lowered = fn.lower(state, batch)
         t1 = time.perf_counter()
         fast = self.args.fast_compile == "on" or (self.args.fast_compile == "auto" and abstract)
-        if fast and self.jax.default_backend() == "cpu":
+        if fast and self.target["backend"] == "cpu":
             # LLVM at -O0: half the CPU compile time; the HLO passes, so the memory / cost analysis, are unchanged.
             compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
         else:
@@ -469,15 +248,12 @@ class Bench:
     # -- records --------------------------------------------------------------------------------------------------
 
     def base_record(self, shape: Shape) -> dict:
-        jax = self.jax
         s = self.settings
-        dev = jax.local_devices()[0]
         return dict(impl="m3jax", ckpt=int(s.remat != "none"), batch=shape.batch, group=shape.group,
                     qlen=shape.qlen, plen=shape.plen, sub_batch=self.sub_batch_for(shape), model=s.model,
                     dtype=s.dtype, attention=s.attention, remat=s.remat, cross_device=s.cross_device,
                     hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout, mesh=s.mesh,
-                    devices=self.num_shards, backend=jax.default_backend(), device_kind=dev.device_kind,
-                    jax=jax.__version__)
+                    devices=self.num_shards, **self.target, jax=self.jax.__version__)
 
     def analyze(self, shape: Shape, *, hlo: bool = True) -> dict:
         rec = dict(mode="analyze", **self.base_record(shape))
@@ -487,17 +263,8 @@ class Bench:
             if not is_oom(e):
                 raise
             return dict(rec, error="OOM", detail=short(e))
-        fwd = forward_flops(self.model_cfg, shape)
-        rec.update(lower_s=round(lower_s, 2), compile_s=round(lower_s + compile_s, 2), **memory_record(compiled))
-        xla = cost_flops(compiled)
-        rec.update(model_forward_flops=float(fwd), xla_cost_flops=xla,
-                   xla_cost_ratio=None if xla is None else round(xla / fwd, 3))
-        if hlo:
-            stats = hlo_stats(compiled.as_text(), vocab_size=self.model_cfg.vocab_size)
-            rec.update(stats)
-            if stats:
-                rec["matmul_ratio"] = round(stats["matmul_flops"] / fwd, 3)
-                rec["encoder_matmul_ratio"] = round(stats["matmul_flops_by_part"].get("encoder", 0.0) / fwd, 3)
+        rec.update(lower_s=round(lower_s, 2), compile_s=round(lower_s + compile_s, 2),
+                   **analysis_record(compiled, self.model_cfg, shape, hlo=hlo))
         del compiled
         gc.collect()
         return rec
@@ -576,45 +343,6 @@ def device_limit_bytes(jax) -> int | None:
     except Exception:  # noqa: BLE001
         return None
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
-
-
-def is_oom(e: BaseException) -> bool:
-    if isinstance(e, MemoryError):
-        return True
-    text = f"{type(e).__name__}: {e}"
-    return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OutOfMemory"))
-
-
-def short(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Max-batch search
-
-
-def search_max_batch(fits: Callable[[int], bool], start: int, *, limit: int = 1 << 16,
-                     granularity: int = 1) -> tuple[int, int | None]:
-    """(largest batch that fits, smallest that does not): doubling from `start`, then bisection until the gap is
-    at most `granularity`. `fits` is assumed monotone. Returns (0, start) if not even batch 1 fits."""
-    lo, hi = 0, None
-    b = max(1, start)
-    while hi is None:
-        if fits(b):
-            lo = b
-            if b >= limit:
-                return lo, None
-            b = min(2 * b, limit)
-        else:
-            hi = b
-    gap = 1 if lo == 0 else granularity  # start did not fit: find the exact largest batch below it
-    while hi - lo > gap:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, hi
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -801,7 +529,7 @@ def environment() -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmark", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -812,7 +540,7 @@ def main(argv=None) -> int:
     try:
         run(args)
     except BenchError as e:
-        print(f"benchmark: error: {e}", file=sys.stderr)
+        print(f"benchmarks.train_step: error: {e}", file=sys.stderr)
         return 2
     return 0
 

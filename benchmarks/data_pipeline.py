@@ -1,7 +1,7 @@
 """Throughput of the training data pipeline (m3jax.data) on this machine: tokenised tokens per second.
 
-    python scripts/benchmark_data.py                      # synthetic data, 2 grain workers, prints one JSON line
-    python scripts/benchmark_data.py --tokenizer DIR --train_data DIR --num_workers 4
+    python -m benchmarks.data_pipeline                    # synthetic data, 2 grain workers, prints one JSON line
+    python -m benchmarks.data_pipeline --tokenizer DIR --train_data DIR --num_workers 4
 
 Without --train_data it writes a synthetic corpus of realistic lengths (queries of 8-24 words, passages of 60-300
 words, 1-2 positives and 15 negatives per example) to a temporary directory. Without --tokenizer it trains an
@@ -18,11 +18,8 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _words(rng: random.Random, n: int) -> list[str]:

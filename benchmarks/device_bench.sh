@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared accelerator run of the benchmarks (about 9.5 minutes of a 15-minute device budget):
 #   1. versions, nvidia-smi                                                       -> env.txt
-#   2. the PyTorch reference (FlagEmbedding's step) at the three shapes            -> anchor.jsonl
+#   2. our PyTorch reference step (benchmarks/torch_reference.py), three shapes  -> reference.jsonl
 #   3. m3jax's train step at the same shapes, cuDNN attention, remat full, one process per shape (so that each
 #      peak_gib is that shape's own)                                              -> m3jax.jsonl
 #   4. the largest per-device batch at 512/8192 tokens, train_group_size 8: compiled memory analysis against the
@@ -12,13 +12,12 @@
 # less than 20 s left is skipped. Each command's exit status and time go to status.jsonl, stderr to bench.log.
 # JSON lines go to $OUT (the device tool's result folder) or --out DIR (default runs/device_bench).
 #
-#   bash scripts/device_bench.sh --dry-run                 # print the commands, run nothing
-#   bash scripts/device_bench.sh --anchor runs/anchor/torch_m3_anchor.py --wheels .whl
+#   bash benchmarks/device_bench.sh --dry-run                 # print the commands, run nothing
+#   bash benchmarks/device_bench.sh --wheels runs/wheels
 #
-# On the device machine ../shared (beside the checkout) does not exist: copy the reference into the repo first
-# (`mkdir -p runs/anchor && cp ../shared/bench/torch_m3_anchor.py runs/anchor/`) and carry runs/anchor. Python
-# packages the machine lacks (grain, ml-collections, array-record, portpicker, importlib_resources) travel as
-# wheels in --wheels DIR (BENCHMARKS.md has the download command); they are installed into /tmp/site.
+# It runs from the repository root (`python -m benchmarks.train_step`, `python benchmarks/torch_reference.py`).
+# Python packages the machine lacks (grain, ml-collections, array-record, portpicker, importlib_resources) travel
+# as wheels in --wheels DIR (BENCHMARKS.md has the download command); they are installed into /tmp/site.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,14 +27,14 @@ SHAPES="32x8:64:256,8x8:512:2048,8x2:512:8192"
 ALT_SHAPES="32x8:64:256,8x8:512:2048"
 ALT_REMAT="dots_no_batch"
 MAX_BATCH_SHAPE="8x8:512:8192"
-ANCHOR=""
+REFERENCE="benchmarks/torch_reference.py"
 WHEELS=""
 BUDGET_S=570
 DRY_RUN=0
 
 usage() {
-  sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-  echo "options: --dry-run --out DIR --anchor PATH --wheels DIR --python PY --shapes LIST --alt-remat POLICY"
+  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  echo "options: --dry-run --out DIR --reference PATH --wheels DIR --python PY --shapes LIST --alt-remat POLICY"
   echo "         --alt-shapes LIST --max-batch-shape SHAPE --budget-s SECONDS"
 }
 
@@ -43,7 +42,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
     --out) OUT_DIR="$2"; shift ;;
-    --anchor) ANCHOR="$2"; shift ;;
+    --reference) REFERENCE="$2"; shift ;;
     --wheels) WHEELS="$2"; shift ;;
     --python) PYTHON="$2"; shift ;;
     --shapes) SHAPES="$2"; shift ;;
@@ -57,13 +56,6 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-if [ -z "$ANCHOR" ]; then
-  for candidate in "$REPO/runs/anchor/torch_m3_anchor.py" "$REPO/shared/bench/torch_m3_anchor.py" \
-                   "$REPO/../shared/bench/torch_m3_anchor.py"; do
-    if [ -f "$candidate" ]; then ANCHOR="$candidate"; break; fi
-  done
-  ANCHOR="${ANCHOR:-$REPO/../shared/bench/torch_m3_anchor.py}"
-fi
 if [ -z "$WHEELS" ] && [ -d "$REPO/.whl" ]; then WHEELS="$REPO/.whl"; fi
 
 export XLA_PYTHON_CLIENT_MEM_FRACTION=.92
@@ -131,27 +123,27 @@ if [ "$DRY_RUN" = 1 ]; then
 else
   { date -u; nvidia-smi 2>&1 | head -20; } >> "$OUT_DIR/env.txt"
 fi
-run env 60 env.txt "$PYTHON" -m m3jax.benchmark --env
+run env 60 env.txt "$PYTHON" -m benchmarks.train_step --env
 
 # --- 2. the PyTorch reference ---------------------------------------------------------------------------------
-run anchor 150 anchor.jsonl "$PYTHON" "$ANCHOR" --configs "$SHAPES" --ckpt 1 --sub_batch auto
+run reference 150 reference.jsonl "$PYTHON" "$REFERENCE" --configs "$SHAPES" --ckpt 1 --sub_batch auto
 
 # --- 3. m3jax, one process per shape --------------------------------------------------------------------------
 IFS=',' read -r -a SHAPE_LIST <<< "$SHAPES"
 for shape in "${SHAPE_LIST[@]}"; do
-  run "m3jax $shape" 100 m3jax.jsonl "$PYTHON" -m m3jax.benchmark --shapes "$shape" --attention cudnn --remat full
+  run "m3jax $shape" 100 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$shape" --attention cudnn --remat full
 done
 
 # --- 4. max batch at 512/8192, group 8 -------------------------------------------------------------------------
-run "max batch $MAX_BATCH_SHAPE" 220 maxbatch.jsonl "$PYTHON" -m m3jax.benchmark --find-max-batch "$MAX_BATCH_SHAPE" \
+run "max batch $MAX_BATCH_SHAPE" 220 maxbatch.jsonl "$PYTHON" -m benchmarks.train_step --find-max-batch "$MAX_BATCH_SHAPE" \
   --memory-budget-gib auto --granularity 4 --verify --steps 2 --warmup 1 --attention cudnn --remat full
 
 # --- 4b. the same search with passages encoded one per chunk and no per-layer remat (same FLOPs as 4) -----------
-run "max batch $MAX_BATCH_SHAPE sub-batch 1" 150 maxbatch.jsonl "$PYTHON" -m m3jax.benchmark --find-max-batch \
+run "max batch $MAX_BATCH_SHAPE sub-batch 1" 150 maxbatch.jsonl "$PYTHON" -m benchmarks.train_step --find-max-batch \
   "$MAX_BATCH_SHAPE" --memory-budget-gib auto --granularity 4 --attention cudnn --remat none --sub-batch-size 1
 
 # --- 5. the alternative remat policy ---------------------------------------------------------------------------
-run "m3jax remat $ALT_REMAT" 120 m3jax.jsonl "$PYTHON" -m m3jax.benchmark --shapes "$ALT_SHAPES" --attention cudnn \
+run "m3jax remat $ALT_REMAT" 120 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$ALT_SHAPES" --attention cudnn \
   --remat "$ALT_REMAT"
 
 if [ "$DRY_RUN" != 1 ]; then
