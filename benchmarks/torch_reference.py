@@ -189,7 +189,7 @@ def run_config(model, optimizer, args, config: str) -> dict:
         if cuda:
             rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     finally:
-        del inputs
+        inputs = None  # free the batch before the next shape
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

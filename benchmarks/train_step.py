@@ -42,13 +42,25 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from benchmarks.torch_reference import auto_sub_batch  # the reference's --sub_batch auto
-from m3jax.xla_stats import (GIB, BenchError, Shape, analysis_record, forward_flops, is_oom, memory_record,
-                             search_max_batch, short, target_device, tokens)
+from m3jax.xla_stats import (
+    GIB,
+    BenchError,
+    Shape,
+    analysis_record,
+    forward_flops,
+    is_oom,
+    memory_record,
+    search_max_batch,
+    short,
+    target_device,
+    tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -431,7 +443,7 @@ def run(args, emit: Callable[[dict], None] | None = None) -> list[dict]:
         return [rec]
     _validate(args)
     records: list[dict] = []
-    sink = open(args.output, "a", encoding="utf-8") if args.output else None
+    sink = open(args.output, "a", encoding="utf-8") if args.output else None  # noqa: SIM115 (closed below)
 
     def out(rec: dict) -> None:
         records.append(rec)

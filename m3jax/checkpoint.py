@@ -176,8 +176,8 @@ def locate_checkpoint(path, step: int | None = None) -> CheckpointLocation:
     elif os.path.isdir(os.path.join(path, "base_model")):
         raise CheckpointError(f"{path}: the run has saved no checkpoint yet (no checkpoints/ directory)")
     else:
-        raise CheckpointError(f"{path}: not an m3jax run directory (no checkpoints/ in it), nor a checkpoints/ directory, "
-                              f"nor a step directory checkpoints/<step>")
+        raise CheckpointError(f"{path}: not an m3jax run directory (no checkpoints/ in it), nor a checkpoints/ "
+                              f"directory, nor a step directory checkpoints/<step>")
     work_dir = os.path.dirname(checkpoints_dir)
 
     steps, tmp = _step_dirs(checkpoints_dir)

@@ -184,7 +184,8 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
     """Fail fast, naming the field, on values that would otherwise fail deep inside a run."""
     c = config
     if for_training:
-        _require(bool(c.model_name_or_path), "model_name_or_path", "a bge-m3 checkpoint directory", c.model_name_or_path)
+        _require(bool(c.model_name_or_path), "model_name_or_path", "a bge-m3 checkpoint directory",
+                 c.model_name_or_path)
         _require(bool(c.output_dir), "output_dir", "a work directory for checkpoints and logs", c.output_dir)
         _require(bool(train_data_dirs(c)), "train_data", "one or more data directories (comma-separated)", c.train_data)
     _require(isinstance(c.train_group_size, int) and c.train_group_size >= 1, "train_group_size", "an int >= 1",

@@ -77,10 +77,21 @@ import numpy as np
 from absl import flags as absl_flags
 
 from m3jax.config import RESEARCH_BATCH_SIZE_BY_LENGTH, train_data_dirs
-from m3jax.padding import length_buckets, pad_length
 from m3jax.data_files import (
-    DataError, FileIndex, FileLengths, Instructions, ScanRules, file_group_size, list_dataset_files, passage_text,
-    query_text, scan_files, token_length_table, make_backend_tokenizer)
+    DataError,
+    FileIndex,
+    FileLengths,
+    Instructions,
+    ScanRules,
+    file_group_size,
+    list_dataset_files,
+    make_backend_tokenizer,
+    passage_text,
+    query_text,
+    scan_files,
+    token_length_table,
+)
+from m3jax.padding import length_buckets, pad_length
 
 __all__ = ["DataError", "BatchShape", "DatasetInfo", "TrainData", "TrainIterator", "build_train_data", "length_buckets"]
 
@@ -237,7 +248,7 @@ class _BatchMaker:
         state["_planner"], state["_tok"] = None, {}
         return state
 
-    def fresh(self) -> "_BatchMaker":
+    def fresh(self) -> _BatchMaker:
         """A copy with its own caches and file handles (arrays shared), for one more consumer thread."""
         new = object.__new__(_BatchMaker)
         new.__dict__.update(self.__getstate__())

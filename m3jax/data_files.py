@@ -86,7 +86,7 @@ class FileIndex:
         state["_fh"] = None  # open file handles stay in the process that opened them
         return state
 
-    def subset(self, keep: np.ndarray) -> "FileIndex":
+    def subset(self, keep: np.ndarray) -> FileIndex:
         """The same file restricted to records `keep` (max_example_num_per_dataset)."""
         return dataclasses.replace(
             self, line_numbers=self.line_numbers[keep], num_pos=self.num_pos[keep], num_neg=self.num_neg[keep],
@@ -98,7 +98,7 @@ class FileIndex:
         if self.blobs is not None:
             return self.blobs[i]
         if self._fh is None:
-            self._fh = open(self.path, "rb")
+            self._fh = open(self.path, "rb")  # noqa: SIM115 (kept open between records; close() closes it)
         self._fh.seek(int(self.offsets[i]))
         return self._fh.readline().rstrip(b"\r\n")
 

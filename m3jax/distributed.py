@@ -6,6 +6,7 @@ any host and names the same sync step on all of them. `Preemption.reached(step)`
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -43,10 +44,8 @@ def initialize(dist_config) -> None:
     launcher = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if dist_config.initialize == "auto" and not (explicit or launcher):
         return
-    try:  # CPU collectives across processes (tests, CPU clusters); accelerators ignore it
+    with contextlib.suppress(AttributeError, ValueError):  # CPU collectives across processes; accelerators ignore it
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except (AttributeError, ValueError):
-        pass
     logger.info("jax.distributed.initialize(coordinator=%s, num_processes=%s, process_id=%s)", address, num, pid)
     jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
 
@@ -59,7 +58,7 @@ class Preemption:
         self.signalled = False
         self._previous = None
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         if not self.multi_process:
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self

@@ -40,7 +40,8 @@ import logging
 import math
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +49,9 @@ import numpy as np
 
 from m3jax import scores
 from m3jax import sharding as shard_lib
+from m3jax.errors import M3JaxError
 from m3jax.inference import pack_outputs
 from m3jax.padding import round_up
-from m3jax.errors import M3JaxError
 
 logger = logging.getLogger(__name__)
 
@@ -422,7 +423,7 @@ def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, mo
     q_pack = pack_outputs(q_enc, parts, n_q_blocks * q_block, lex_width=q_lex if "sparse" in parts else None,
                           col_length=q_len if "colbert" in parts else None)
     del q_enc
-    q_blocks = [jax.device_put(jax.tree.map(lambda v: v[i * q_block:(i + 1) * q_block], q_pack), device)  # noqa: B023
+    q_blocks = [jax.device_put(jax.tree.map(lambda v, s=slice(i * q_block, (i + 1) * q_block): v[s], q_pack), device)
                 for i in range(n_q_blocks)]
     weights_arr = jax.device_put(jnp.asarray(w, jnp.float32), device)
     best = [(jax.device_put(jnp.full((len(modes), q_block, k), -jnp.inf, jnp.float32), device),
@@ -522,7 +523,7 @@ def evaluate_from_config(config, model_cfg, params, tokenizer, *, devices=None) 
             raise EvalDataError(f"config.eval.{field} is empty; set corpus, queries and qrels to evaluate")
     query_max_len = ev.query_max_len if ev.query_max_len > 0 else config.query_max_len
     passage_max_len = ev.passage_max_len if ev.passage_max_len > 0 else config.passage_max_len
-    get = lambda name, default: ev[name] if name in ev and ev[name] is not None else default  # noqa: E731
+    get = lambda name, default: ev[name] if name in ev and ev[name] is not None else default
     if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params)):
         params = shard_lib.to_host(params)  # spread over several processes: every process gets a full copy
     model = BGEM3FlagModel.from_params(

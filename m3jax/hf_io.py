@@ -186,7 +186,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
             header = json.loads(f.read(header_len))
         out = {}
         with safe_open(path, framework="np") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if header[name]["dtype"] == "BF16":  # numpy has no bfloat16: widen the raw bits by hand
                     begin, end = header[name]["data_offsets"]
                     raw = np.fromfile(path, dtype="<u2", count=(end - begin) // 2, offset=8 + header_len + begin)

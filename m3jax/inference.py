@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -101,8 +102,10 @@ class BGEM3FlagModel:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.query_instruction_for_retrieval = query_instruction_for_retrieval
         self.query_instruction_format = query_instruction_format
-        self.batch_size, self.query_max_length, self.passage_max_length = batch_size, query_max_length, passage_max_length
-        self.return_dense, self.return_sparse, self.return_colbert_vecs = return_dense, return_sparse, return_colbert_vecs
+        self.batch_size = batch_size
+        self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
+        self.return_dense, self.return_sparse = return_dense, return_sparse
+        self.return_colbert_vecs = return_colbert_vecs
         self.truncate_dim = truncate_dim
         self._unused_ids = {tokenizer.convert_tokens_to_ids(tokenizer.special_tokens_map[t])
                             for t in ("cls_token", "eos_token", "pad_token", "unk_token")
@@ -115,7 +118,7 @@ class BGEM3FlagModel:
         self._apply = _jitted_apply(cfg)
 
     @classmethod
-    def from_params(cls, cfg: m3model.ModelConfig, params, tokenizer, **kwargs) -> "BGEM3FlagModel":
+    def from_params(cls, cfg: m3model.ModelConfig, params, tokenizer, **kwargs) -> BGEM3FlagModel:
         """Wrap in-memory params (e.g. the train state during a periodic eval)."""
         kwargs.setdefault("pooling_method", cfg.sentence_pooling_method)
         kwargs.setdefault("normalize_embeddings", cfg.normalize_embeddings)
@@ -232,7 +235,8 @@ class BGEM3FlagModel:
             return single(lexical_weights_1, lexical_weights_2)
         if isinstance(lexical_weights_1, list) and isinstance(lexical_weights_2, list):
             return np.array([[single(a, b) for b in lexical_weights_2] for a in lexical_weights_1])
-        raise ValueError("The input format of lexical_weights is not correct: expected two dicts or two lists of dicts.")
+        raise ValueError("The input format of lexical_weights is not correct: expected two dicts or two lists of "
+                         "dicts.")
 
     @staticmethod
     def colbert_score(q_reps: np.ndarray, p_reps: np.ndarray) -> np.float32:
@@ -295,7 +299,7 @@ class BGEM3FlagModel:
 def _pair_scores(q: dict, p: dict, *, vocab_size: int) -> dict:
     """Each query against its own passage (the grouped similarities with one passage per query): {head: [n]}."""
     hi = jax.lax.Precision.HIGHEST
-    own = lambda x: x[:, None]  # noqa: E731 -- [n, ...] -> [n, 1, ...]
+    own = lambda x: x[:, None]  # [n, ...] -> [n, 1, ...]
     lexical = scores.lexical_vectors(p["sparse"].weights, p["sparse"].ids, vocab_size)
     return {"dense": scores.dense_scores(q["dense"], own(p["dense"]), grouped=True, precision=hi)[:, 0],
             "sparse": scores.sparse_scores(q["sparse"], own(lexical), grouped=True, precision=hi)[:, 0],
@@ -321,7 +325,7 @@ def pack_outputs(enc: dict, heads, rows: int, *, lex_width: int | None = None,
         ids, weights = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.float32)
         for r, item in enumerate(lexical):
             if item:
-                ids[r, :len(item)] = np.fromiter((int(t) for t in item.keys()), np.int64, len(item))
+                ids[r, :len(item)] = np.fromiter((int(t) for t in item), np.int64, len(item))
                 weights[r, :len(item)] = np.fromiter(item.values(), np.float32, len(item))
         out["sparse"] = scores.SparseRows(ids, weights)
     if "colbert" in heads:

@@ -49,7 +49,7 @@ class ModelSettings:
     attention_probs_dropout_prob: float | None = None
 
     @classmethod
-    def from_run_config(cls, config) -> "ModelSettings":
+    def from_run_config(cls, config) -> ModelSettings:
         """The model fields of a run config (m3jax.config)."""
         return cls(sentence_pooling_method=config.sentence_pooling_method,
                    normalize_embeddings=config.normalize_embeddings, colbert_dim=int(config.colbert_dim),
@@ -87,7 +87,7 @@ class ModelSource:
     run_config: dict | None = None  # the run config saved with an m3jax checkpoint
 
     @classmethod
-    def of_params(cls, hf_config: dict, params: dict, tokenizer_dir: str | None = None) -> "ModelSource":
+    def of_params(cls, hf_config: dict, params: dict, tokenizer_dir: str | None = None) -> ModelSource:
         """In-memory params (a train state) with their base config.json."""
         try:
             colbert_dim = int(np.shape(params["colbert_linear"]["kernel"])[-1])

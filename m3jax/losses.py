@@ -111,7 +111,7 @@ def representations(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask
     sparse: lexical vectors [N, V]; colbert: TokenVecs, the query's real tokens after cls as its mask, no passage
     mask (padded passage tokens are zero vectors that join the max, as in FlagEmbedding).
     """
-    lex = lambda out, ids: scores.lexical_vectors(out["sparse_weights"], ids, cfg.vocab_size,  # noqa: E731
+    lex = lambda out, ids: scores.lexical_vectors(out["sparse_weights"], ids, cfg.vocab_size,
                                                   cfg.unused_token_ids)
     qr = {"dense": q["dense"], "sparse": lex(q, q_ids), "colbert": scores.TokenVecs(q["colbert"], q_mask[:, 1:])}
     pr = {"dense": p["dense"], "sparse": lex(p, p_ids), "colbert": scores.TokenVecs(p["colbert"], None)}
@@ -142,7 +142,7 @@ def m3_loss(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Ar
             return sim(qx, own, grouped=True)[None] / temp, False
         if cfg.cross_device_all_heads or (head == "dense" and cfg.negatives_cross_device):
             return sim(qx, px)[None] / temp, head == "dense" and w > 1 and not cfg.cross_device_all_heads
-        blocks = lambda x: jax.tree.map(lambda a: _blocks(a, w), x)  # noqa: E731
+        blocks = lambda x: jax.tree.map(lambda a: _blocks(a, w), x)
         return jax.vmap(sim)(blocks(qx), blocks(px)) / temp, False
 
     def loss_of(s, is_global):

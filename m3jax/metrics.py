@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -38,7 +39,7 @@ class MetricsLogger:
         from tqdm.auto import tqdm
 
         self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115 (close())
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def add(self, step: int, device_metrics: dict, tokens: int) -> None:

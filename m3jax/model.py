@@ -76,7 +76,7 @@ class ModelConfig:
         return jnp.dtype(self.dtype)
 
     @classmethod
-    def from_hf_config(cls, hf_config: dict, **overrides) -> "ModelConfig":
+    def from_hf_config(cls, hf_config: dict, **overrides) -> ModelConfig:
         """Architecture fields from an HF config.json dict; head/numerics settings from `overrides`."""
         act = hf_config.get("hidden_act", "gelu")
         if act != "gelu":

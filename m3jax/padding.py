@@ -5,7 +5,7 @@ powers of two from 32 (at most 2x padding, about 25% on average), ending at the 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def length_buckets(max_len: int, configured: Sequence[int] = ()) -> list[int]:

@@ -134,7 +134,7 @@ class Stepper:
     _jitted: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def build(cls, config, model_cfg: m3model.ModelConfig, mesh, total_steps: int) -> "Stepper":
+    def build(cls, config, model_cfg: m3model.ModelConfig, mesh, total_steps: int) -> Stepper:
         """Everything from the run config: optimizer and schedule, loss settings, shardings by the logical rules."""
         model = m3model.BGEM3(model_cfg)
         abstract_boxed = m3model.abstract_params(model_cfg)["params"]
@@ -168,7 +168,7 @@ class Stepper:
     def random_params(self, seed: int = 0):
         """Randomly initialised params created directly in their shardings (benchmarks; never on one device)."""
         ids = jnp.zeros((1, 4), jnp.int32)
-        init = lambda key: nn.unbox(self.model.init(key, ids, jnp.ones_like(ids))["params"])  # noqa: E731
+        init = lambda key: nn.unbox(self.model.init(key, ids, jnp.ones_like(ids))["params"])
         return jax.jit(init, out_shardings=self.param_shardings)(jax.random.key(seed))
 
     def global_batch(self, local_batch: dict) -> dict:

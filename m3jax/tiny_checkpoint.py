@@ -59,7 +59,7 @@ def _training_texts() -> list[str]:
     files = sorted(TOY_DATA_DIR.glob("*.jsonl")) if TOY_DATA_DIR.is_dir() else []
     if not files:
         warnings.warn(f"{TOY_DATA_DIR} not found (m3jax not run from a source checkout): the tokenizer is trained on "
-                      f"the built-in sample only and differs from the one a source checkout builds")
+                      f"the built-in sample only and differs from the one a source checkout builds", stacklevel=2)
     for path in files:
         with open(path, encoding="utf-8") as f:
             for line in f:

@@ -19,7 +19,7 @@ import collections
 import dataclasses
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class Shape:
     plen: int
 
     @classmethod
-    def parse(cls, text: str) -> "Shape":
+    def parse(cls, text: str) -> Shape:
         m = re.fullmatch(r"\s*(\d+)x(\d+):(\d+):(\d+)\s*", text)
         if not m:
             raise BenchError(f"shape {text!r}: expected BATCHxGROUP:QLEN:PLEN, e.g. 32x8:64:256")
@@ -53,7 +53,7 @@ class Shape:
             raise BenchError(f"shape {text!r}: batch and group must be >= 1, lengths >= 2")
         return shape
 
-    def with_batch(self, batch: int) -> "Shape":
+    def with_batch(self, batch: int) -> Shape:
         return dataclasses.replace(self, batch=batch)
 
     def __str__(self) -> str:
@@ -415,7 +415,7 @@ def hlo_stats(hlo_text: str, *, vocab_size: int | None = None, top: int = 8) -> 
                 for dt, dims in _dims(ins.type):
                     nbytes = math.prod(dims) * _BYTES[dt]
                     buffers[(dt, dims)] = max(buffers.get((dt, dims), 0), nbytes)
-            for dt, dims in _dims(ins.type):
+            for _, dims in _dims(ins.type):
                 if vocab_size and vocab_size in dims:
                     largest_vocab = max(largest_vocab, math.prod(dims))
             target = re.search(r'custom_call_target="([^"]*)"', ins.attrs) if ins.op == "custom-call" else None

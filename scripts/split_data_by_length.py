@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from m3jax.data_files import (  # noqa: E402
-    DataError, ScanRules, init_split_worker, max_text_lengths, scan_file)
+from m3jax.data_files import DataError, ScanRules, init_split_worker, max_text_lengths, scan_file  # noqa: E402
+
 
 def length_ranges(length_list: list[int]) -> list[tuple[int, float]]:
     bounds = sorted(length_list)

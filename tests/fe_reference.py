@@ -78,7 +78,7 @@ class Batch:
     def batch_size(self) -> int:
         return len(self.queries)
 
-    def rows(self, start: int, stop: int) -> "Batch":
+    def rows(self, start: int, stop: int) -> Batch:
         """Queries start..stop-1 with their groups (one rank's share of a global batch)."""
         g = self.group_size
         return Batch(self.queries[start:stop], self.passages[start * g:stop * g],

@@ -470,8 +470,8 @@ def test_iterator_resumes_mid_epoch_with_the_same_batches(two_datasets, tokenize
 
 def test_iterator_state_through_grain_checkpoint_handler_with_worker_processes(two_datasets, tokenizer, tmp_path):
     """The orbax path the train loop uses (grain.checkpoint), with 2 grain worker processes."""
-    from etils import epath
     import grain
+    from etils import epath
     data = build_train_data(config(two_datasets, num_data_workers=2, data_prefetch=1), tokenizer,
                             num_batch_shards=2)
     it = data.iterator()

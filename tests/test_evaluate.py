@@ -17,11 +17,9 @@ import numpy as np
 import pytest
 
 from m3jax import checkpoint as ckpt_lib
-from m3jax import cli
+from m3jax import cli, loading
 from m3jax import config as config_lib
 from m3jax import evaluate as ev
-from m3jax import loading
-from m3jax import model as m3model
 from m3jax.evaluate import EvalDataError, compute_metrics, evaluate, load_corpus, load_eval_set, load_qrels, search
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,8 +8,8 @@ m3jax's encode of the checkpoint, and load back into m3jax with bitwise-equal pa
 import json
 import logging
 import os
-import shutil
 import runpy
+import shutil
 import sys
 
 import jax
@@ -19,10 +19,8 @@ import optax
 import pytest
 
 from m3jax import checkpoint as ckpt_lib
-from m3jax import cli
+from m3jax import cli, hf_io, loading
 from m3jax import config as config_lib
-from m3jax import hf_io
-from m3jax import loading
 from m3jax import model as m3model
 from m3jax import sharding as shard_lib
 from m3jax.checkpoint import CheckpointError, locate_checkpoint

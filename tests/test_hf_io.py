@@ -161,8 +161,8 @@ def test_roberta_prefix_and_extra_tensors(tiny_ckpt, tmp_path, caplog):
 
 
 def test_bf16_safetensors_become_float32(tiny_ckpt, tmp_path):
-    import torch
     import safetensors.torch
+    import torch
 
     folder = _copy(tiny_ckpt, tmp_path)
     state = safetensors.torch.load_file(folder / "model.safetensors")

@@ -32,15 +32,14 @@ import sys
 import time
 import warnings
 
+import fe_reference as fer
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-import fe_reference as fer
-from m3jax import hf_io, losses, scores
-from m3jax import loading
+from m3jax import hf_io, loading, losses, scores
 from m3jax import model as m3model
 
 L = 64  # tokens per text (truncation and padding length)
@@ -237,7 +236,7 @@ class Setting:
     pooling: str
 
     @classmethod
-    def of(cls, case: dict) -> "Setting":
+    def of(cls, case: dict) -> Setting:
         use_sd, start, _ = _sd_settings(case["sd"])
         return cls(case["kd"], case["nibn"], case["unified"], use_sd, start, case["pooling"])
 
@@ -565,7 +564,8 @@ def _xdev_jax(ref: Ref, batch: fer.Batch):
     programs -- its YNNPACK fusion gets every vmapped entry but the first wrong, e.g. for the VJP of
     x * sum(x * x, -1) on a [16, 63, 32] array, and for the colbert L2 normalisation here.)
     """
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     configs = _xdev_loss_configs(ref.cfg.vocab_size)
     names = list(configs)
@@ -747,4 +747,4 @@ def test_parity_data_file(refs, record_property):
                f"from {path}; worst loss rel {worst['loss_rel']:.1e}, grad rel {worst['grad_rel_tensor']:.1e}")
     record_property("parity_extra_batches", n_batches)
     print(message)
-    warnings.warn(message)
+    warnings.warn(message, stacklevel=1)

@@ -10,8 +10,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from m3jax import hf_io
-from m3jax import loading
+from m3jax import hf_io, loading
 from m3jax import model as m3model
 
 TEXTS = [
