@@ -163,38 +163,35 @@ def _text_of(obj: dict, field: str, path: str, lineno: int, *, optional: bool = 
     return value
 
 
-def load_corpus(path) -> tuple[list[str], list[str]]:
-    """(passage ids, passage texts) in file order; the text is "title text" when there is a title."""
+def _load_texts(path, what: str, text_of) -> tuple[list[str], list[str]]:
+    """(ids, texts) of a BEIR jsonl file in file order; `text_of(obj, lineno)` makes a line's text."""
     path = os.fspath(path)
     ids, texts, seen = [], [], {}
-    for lineno, obj in _read_jsonl(path, "corpus"):
-        pid = _id_of(obj, path, lineno)
-        if pid in seen:
-            raise EvalDataError(f"{path}:{lineno}: duplicate _id {pid!r} (first on line {seen[pid]})")
-        seen[pid] = lineno
+    for lineno, obj in _read_jsonl(path, what):
+        record_id = _id_of(obj, path, lineno)
+        if record_id in seen:
+            raise EvalDataError(f"{path}:{lineno}: duplicate _id {record_id!r} (first on line {seen[record_id]})")
+        seen[record_id] = lineno
+        ids.append(record_id)
+        texts.append(text_of(obj, lineno))
+    if not ids:
+        raise EvalDataError(f"{path}: the corpus is empty" if what == "corpus" else f"{path}: no queries")
+    return ids, texts
+
+
+def load_corpus(path) -> tuple[list[str], list[str]]:
+    """(passage ids, passage texts) in file order; the text is "title text" when there is a title."""
+    def text_of(obj, lineno):
         title = _text_of(obj, "title", path, lineno, optional=True)
         text = _text_of(obj, "text", path, lineno)
-        ids.append(pid)
-        texts.append(f"{title} {text}".strip() if title else text)
-    if not ids:
-        raise EvalDataError(f"{path}: the corpus is empty")
-    return ids, texts
+        return f"{title} {text}".strip() if title else text
+
+    return _load_texts(path, "corpus", text_of)
 
 
 def load_queries(path) -> tuple[list[str], list[str]]:
     """(query ids, query texts) in file order."""
-    path = os.fspath(path)
-    ids, texts, seen = [], [], {}
-    for lineno, obj in _read_jsonl(path, "queries"):
-        qid = _id_of(obj, path, lineno)
-        if qid in seen:
-            raise EvalDataError(f"{path}:{lineno}: duplicate _id {qid!r} (first on line {seen[qid]})")
-        seen[qid] = lineno
-        ids.append(qid)
-        texts.append(_text_of(obj, "text", path, lineno))
-    if not ids:
-        raise EvalDataError(f"{path}: no queries")
-    return ids, texts
+    return _load_texts(path, "queries", lambda obj, lineno: _text_of(obj, "text", path, lineno))
 
 
 def _parse_score(value: str, path: str, lineno: int) -> int:

@@ -1,4 +1,5 @@
 """The BGE-M3 unified fine-tuning loss (FlagEmbedding EncoderOnlyEmbedderM3Model.forward), as one pure function.
+(docs/flagembedding_semantics.md, "The unified loss", states the behaviour in full.)
 
 One step sees B*W queries and B*W*G passages as global arrays: W blocks (the devices the batch is sharded over,
 FlagEmbedding's processes), each holding B queries followed by their G passages (positive first). Per head:

@@ -6,7 +6,7 @@ maps them to mesh axes with the rules in the config. The encoder layers run unde
 grow with depth) wrapped in `nn.remat` with a configurable policy.
 
 Output of `BGEM3.__call__` per text, from the last hidden state h [B, L, H] and attention mask m [B, L]
-(FlagEmbedding's EncoderOnlyEmbedderM3Model):
+(FlagEmbedding's EncoderOnlyEmbedderM3Model; docs/flagembedding_semantics.md, "The three heads"):
   dense           [B, H]      h[:, 0] (cls) or masked mean, L2-normalised when normalize_embeddings   (float32)
   sparse_weights  [B, L]      relu(sparse_linear(h))  -- per-token weights; `scores.lexical_vectors` pools them
   colbert         [B, L-1, D] colbert_linear(h[:, 1:]) * m[:, 1:], L2-normalised per token when normalize_embeddings

@@ -8,7 +8,8 @@ with the representation of each head (B queries / P passages; L tokens, H hidden
   sparse   [N, V] lexical vectors (`lexical_vectors`), or for the query side `SparseRows` (unique token ids and
            their weights, e.g. packed lexical_weights dicts)        score = sum over shared ids of w_q(id) * w_p(id)
   colbert  `TokenVecs(vecs [N, L, D], mask [N, L] or None)`         score = sum_i max_j <q_i, p_j> / #query tokens
-No temperature here; the loss divides. `SIMILARITIES` maps head name -> function, so callers treat heads uniformly.
+No temperature here; the loss divides. docs/flagembedding_semantics.md, "Similarities", states where FlagEmbedding
+pads and where it does not. `SIMILARITIES` maps head name -> function, so callers treat heads uniformly.
 
 Colbert masks: the query mask marks its real tokens (the mean is over them); a passage mask excludes padded tokens
 from the max. A passage mask of None lets padded tokens (zero vectors) take part in the max, as FlagEmbedding's

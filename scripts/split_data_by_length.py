@@ -21,14 +21,11 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from m3jax.data_files import DataError, ScanRules, init_split_worker, max_text_lengths, scan_file  # noqa: E402
+from m3jax.data_files import DataError, ScanRules, init_split_worker, max_text_lengths, scan_file
 
 
 def length_ranges(length_list: list[int]) -> list[tuple[int, float]]:

@@ -163,3 +163,33 @@ def test_encoding_over_all_local_devices_matches_one_device(tiny_ckpt, models):
     assert a["lexical_weights"] == b["lexical_weights"] or all(
         set(x) == set(y) and all(abs(x[k] - y[k]) <= 1e-6 for k in x)
         for x, y in zip(a["lexical_weights"], b["lexical_weights"]))
+
+
+def test_compute_score_without_tokens_after_the_first_matches_flagembedding(tiny_ckpt, tmp_path):
+    """A tokenizer without special tokens turns a one-word text into one token: no colbert vector at all. Where
+    FlagEmbedding returns a score (its padded chunk), m3jax returns the same: nan for an empty query (0 / 0), the
+    padded zero vectors' 0 for an empty passage in a longer chunk."""
+    import json
+    import shutil
+
+    from FlagEmbedding import BGEM3FlagModel as FlagModel
+
+    folder = shutil.copytree(tiny_ckpt, tmp_path / "no_special_tokens")
+    with open(folder / "tokenizer.json") as f:
+        tokenizer = json.load(f)
+    tokenizer["post_processor"] = None  # no <s> ... </s>
+    with open(folder / "tokenizer.json", "w") as f:
+        json.dump(tokenizer, f)
+    ours = BGEM3FlagModel(str(folder), use_fp16=False, devices="cpu", batch_size=4)
+    theirs = FlagModel(str(folder), use_fp16=False, devices="cpu", batch_size=4)
+    one_token = next(w for w in ("the", "a", "de", "is") if len(ours.tokenizer(w)["input_ids"]) == 1)
+    pairs = [(one_token, one_token), ("the quick brown fox", "jumps over the lazy dog"),
+             (one_token, "the lazy dog"), ("the quick brown fox", one_token)]
+    mine, ref = ours.compute_score(pairs), theirs.compute_score(pairs)
+    assert np.isnan(mine["colbert"][0]) and np.isnan(ref["colbert"][0]) and np.isnan(mine["colbert"][2])
+    assert mine["colbert"][3] == pytest.approx(ref["colbert"][3], abs=1e-5)  # the empty passage's zero vectors
+    for key in ref:
+        np.testing.assert_allclose(mine[key], ref[key], atol=1e-5, rtol=1e-5, equal_nan=True, err_msg=key)
+    # A chunk whose passages all lack vectors (FlagEmbedding raises there) scores with one zero vector.
+    alone = ours.compute_score([("the quick brown fox", one_token)])
+    assert alone["colbert"] == [0.0] and np.isfinite(alone["dense"][0])
