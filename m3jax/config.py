@@ -104,7 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     # ---- JAX: numerics, kernels, memory -------------------------------------------------------------------
     c.model = ml_collections.ConfigDict(dict(
         dtype="bfloat16",  # compute dtype: bfloat16 | float32 (params and optimizer state stay float32)
-        attention_implementation="auto",  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
+        attention_implementation="auto",  # auto (cudnn on GPU, splash on TPU, xla elsewhere) | xla | cudnn | splash
         remat_policy="full",  # none | full | dots | dots_no_batch
         # None: take the checkpoint's config.json values (bge-m3: 0.1 / 0.1), as FlagEmbedding trains with.
         hidden_dropout_prob=ml_collections.config_dict.placeholder(float),
@@ -216,8 +216,8 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
              c.sub_batch_size)
     _require(c.num_data_workers >= 0, "num_data_workers", "an int >= 0", c.num_data_workers)
     _require(c.model.dtype in ("bfloat16", "float32"), "model.dtype", "'bfloat16' or 'float32'", c.model.dtype)
-    _require(c.model.attention_implementation in ("auto", "xla", "cudnn"), "model.attention_implementation",
-             "'auto', 'xla' or 'cudnn'", c.model.attention_implementation)
+    _require(c.model.attention_implementation in ("auto", "xla", "cudnn", "splash"), "model.attention_implementation",
+             "'auto', 'xla', 'cudnn' or 'splash'", c.model.attention_implementation)
     _require(c.model.remat_policy in ("none", "full", "dots", "dots_no_batch"), "model.remat_policy",
              "'none', 'full', 'dots' or 'dots_no_batch'", c.model.remat_policy)
     for axis in ("data", "fsdp", "tensor"):

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from m3jax import loading, scores
 from m3jax import model as m3model
+from m3jax import sharding as shard_lib
 from m3jax.padding import length_buckets, pad_length, round_up
 
 logger = logging.getLogger(__name__)
@@ -45,10 +46,20 @@ def _select_devices(devices) -> list:
     return list(dict.fromkeys(chosen))
 
 
+_INFERENCE_RULES = (("batch", "batch"),)  # the inference mesh has one axis, "batch": params replicated
+
+
 @functools.cache
-def _jitted_apply(cfg: m3model.ModelConfig):
-    """One jitted forward per model config, shared by every BGEM3FlagModel (periodic evals do not recompile)."""
-    return jax.jit(functools.partial(m3model.BGEM3(cfg).apply, deterministic=True))
+def _jitted_apply(cfg: m3model.ModelConfig, mesh: Mesh):
+    """One jitted forward per model config and mesh, shared by every BGEM3FlagModel (periodic evals do not
+    recompile)."""
+    model = m3model.BGEM3(cfg)
+
+    def apply(variables, ids, mask):
+        with shard_lib.tracing_context(mesh, _INFERENCE_RULES):
+            return model.apply(variables, ids, mask, deterministic=True)
+
+    return jax.jit(apply)
 
 
 class BGEM3FlagModel:
@@ -115,7 +126,7 @@ class BGEM3FlagModel:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.params = jax.device_put(params, replicated)
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
-        self._apply = _jitted_apply(cfg)
+        self._apply = _jitted_apply(cfg, self.mesh)
 
     @classmethod
     def from_params(cls, cfg: m3model.ModelConfig, params, tokenizer, **kwargs) -> BGEM3FlagModel:

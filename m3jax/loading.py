@@ -32,7 +32,7 @@ from m3jax.model import ModelConfig, init_head_params, params_from_hf
 logger = logging.getLogger(__name__)
 
 EXPORT_INFO_NAME = "m3jax_export.json"  # written next to an export: source step and head settings
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ModelSettings:
     normalize_embeddings: bool | None = None
     colbert_dim: int = -1  # -1: the saved head's size (hidden size for fresh heads); > 0 must match a saved head
     dtype: str = "float32"  # compute dtype; params stay float32
-    attention_implementation: str = "auto"  # auto | xla | cudnn (resolve_attention)
+    attention_implementation: str = "auto"  # auto | xla | cudnn | splash (resolve_attention)
     remat_policy: str = "none"
     hidden_dropout_prob: float | None = None  # None: config.json's
     attention_probs_dropout_prob: float | None = None
@@ -59,17 +59,21 @@ class ModelSettings:
 
 
 def resolve_attention(implementation: str, platform: str | None = None) -> str:
-    """The attention kernel to use: 'auto' is cuDNN's fused attention on GPU and XLA's elsewhere."""
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
+    """The attention kernel for `platform` (the devices the step runs or is compiled for; default: jax's default
+    backend): 'auto' is cuDNN's fused attention on GPU, Pallas splash attention on TPU and XLA's elsewhere;
+    'splash' off TPU runs the same kernel interpreted ('splash-interpret': numerics tests, slow)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS + ("splash-interpret",):
         raise ValueError(f"attention_implementation={implementation!r}: expected one of "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    if implementation != "auto":
-        return implementation
     if platform is None:
         import jax
 
         platform = jax.default_backend()
-    return "cudnn" if platform == "gpu" else "xla"
+    if implementation == "auto":
+        return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
+    if implementation.startswith("splash"):
+        return "splash" if platform == "tpu" else "splash-interpret"
+    return implementation
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,8 @@ not divide is replicated instead (logged), e.g. the 250002-token vocabulary.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 
@@ -52,14 +54,42 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
-def batch_axes(rules) -> tuple[str, ...]:
-    """The mesh axes the batch dimension shards over: the rule for the logical axis "batch"."""
-    for name, axes in rules:
-        if name == "batch":
+def rule_axes(rules, name: str) -> tuple[str, ...] | None:
+    """The mesh axes of a logical axis name by the rules (() = replicated), None if no rule names it."""
+    for rule_name, axes in rules:
+        if rule_name == name:
             if axes is None:
                 return ()
             return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
-    raise ValueError('config.sharding_rules: no rule for "batch" (e.g. ("batch", ("data", "fsdp")))')
+    return None
+
+
+def batch_axes(rules) -> tuple[str, ...]:
+    """The mesh axes the batch dimension shards over: the rule for the logical axis "batch"."""
+    axes = rule_axes(rules, "batch")
+    if axes is None:
+        raise ValueError('config.sharding_rules: no rule for "batch" (e.g. ("batch", ("data", "fsdp")))')
+    return axes
+
+
+_TRACING_RULES: contextvars.ContextVar[tuple] = contextvars.ContextVar("m3jax_sharding_rules", default=())
+
+
+@contextlib.contextmanager
+def tracing_context(mesh: Mesh, rules):
+    """While a sharded computation is traced: the abstract mesh and the logical rules, which model code reads (with
+    `current_rules`) to run Pallas kernels per shard (m3jax.model's splash attention)."""
+    token = _TRACING_RULES.set(tuple(tuple(r) for r in rules))
+    try:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            yield
+    finally:
+        _TRACING_RULES.reset(token)
+
+
+def current_rules() -> tuple:
+    """The logical rules of the enclosing tracing_context (empty outside one)."""
+    return _TRACING_RULES.get()
 
 
 def num_batch_shards(mesh: Mesh, rules) -> int:

@@ -11,6 +11,7 @@ benchmarks share this class.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -77,13 +78,15 @@ def encode(model: m3model.BGEM3, params, ids, mask, rng, *, deterministic: bool,
 
 
 def make_train_step(model: m3model.BGEM3, loss_cfg: losses.LossConfig, tx: optax.GradientTransformation,
-                    schedule, *, trainable, seed: int, sub_batch_size: int = -1, train_encoder: bool = True):
+                    schedule, *, trainable, seed: int, sub_batch_size: int = -1, train_encoder: bool = True,
+                    tracing_context=contextlib.nullcontext):
     """The step function (not yet jitted) for `Stepper.step`.
 
     trainable: the 'train' / 'frozen' label tree of the params (optimizer.trainable_labels), for the gradient norm;
     seed: the dropout seed (each step folds in its number, so a resumed run draws the same masks);
     sub_batch_size: passages per device encoded at once (-1: all); train_encoder: False backpropagates into the
-    heads only (fix_encoder).
+    heads only (fix_encoder); tracing_context: entered while the step is traced (sharding.tracing_context: the mesh
+    and logical rules, for the Pallas kernels).
     """
     deterministic = model.cfg.hidden_dropout_prob == 0 and model.cfg.attention_probs_dropout_prob == 0
     base_key = jax.random.key(seed)
@@ -94,6 +97,11 @@ def make_train_step(model: m3model.BGEM3, loss_cfg: losses.LossConfig, tx: optax
         return jax.tree.map(lambda x, label: x if label == "train" else jnp.zeros_like(x), tree, trainable)
 
     def step_fn(state: TrainState, batch: dict, *, group_size: int, no_in_batch_neg: bool, has_teacher: bool):
+        with tracing_context():
+            return _step(state, batch, group_size=group_size, no_in_batch_neg=no_in_batch_neg,
+                         has_teacher=has_teacher)
+
+    def _step(state: TrainState, batch: dict, *, group_size: int, no_in_batch_neg: bool, has_teacher: bool):
         rng_q, rng_p = jax.random.split(jax.random.fold_in(base_key, state.step))
 
         def loss_fn(params):
@@ -148,7 +156,8 @@ class Stepper:
         loss_cfg = loss_config_from(config, model_cfg, shard_lib.num_batch_shards(mesh, config.sharding_rules))
         step_fn = make_train_step(model, loss_cfg, tx, schedule, trainable=optim.trainable_labels(
             abstract_params, config), seed=config.seed, sub_batch_size=config.sub_batch_size,
-            train_encoder=not config.fix_encoder)
+            train_encoder=not config.fix_encoder,
+            tracing_context=functools.partial(shard_lib.tracing_context, mesh, config.sharding_rules))
         return cls(model, tx, schedule, mesh, shard_lib.batch_sharding(mesh, config.sharding_rules), param_shardings,
                    state_shardings, abstract_params, abstract_opt, step_fn)
 
