@@ -197,7 +197,7 @@ def test_kd_negatives_sorted_by_teacher_score_descending(tmp_path, tokenizer):
         for position, (q, group) in enumerate(zip(qs, ps)):
             i = example_index(q)
             pos, negs, _, _ = expected_choices(step, position, 2, 5, 5)
-            neg_score = lambda j: float((7 * j + i) % 5)  # noqa: E731
+            neg_score = lambda j, i=i: float((7 * j + i) % 5)  # noqa: E731
             order = sorted(negs, key=neg_score, reverse=True)  # stable: ties keep the sampled order
             assert group == [f"d0 pos {i} {pos}"] + [f"d0 neg {i} {j}" + " beta" * ((i + j) % 4) for j in order]
             assert b["teacher_scores"][position].tolist() == [10.0 + pos] + [neg_score(j) for j in order]
