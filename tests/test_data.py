@@ -253,11 +253,11 @@ def test_epoch_plan_is_flagembeddings(tmp_path, tokenizer):
 
     ref = fe.AbsEmbedderSameDatasetTrainDataset(Args(), default_batch_size=2, seed=SEED, tokenizer=tokenizer,
                                                 process_index=0, num_processes=2)
-    maker = data._maker
+    planner = data._pipeline.plan.planner()
     for epoch in range(3):
         if epoch:
             ref.refresh_epoch()
-        ours = [(d, ids.tolist()) for d, ids in maker.planner().epoch(epoch)]
+        ours = [(d, ids.tolist()) for d, ids in planner.epoch(epoch)]
         theirs = [(None, list(map(int, ids))) for ids, _ in ref.batch_datas]
         assert [ids for _, ids in ours] == [ids for _, ids in theirs]
 
