@@ -4,8 +4,8 @@
     data.steps_per_epoch, data.shapes()          # global batches per epoch; every step shape that can occur
     it = data.iterator(start_step)               # grain DatasetIterator of local batches; get_state()/set_state()
 
-What a step is (shared/reference/M3_SEMANTICS.md "Data"; FlagEmbedding 1.4 `AbsEmbedderSameDatasetTrainDataset`
-and the research trainer `research/BGE_M3/data.py`):
+What a step is: FlagEmbedding 1.4's `AbsEmbedderSameDatasetTrainDataset` and its research trainer
+(`research/BGE_M3/data.py`), in our words (docs/flagembedding_semantics.md, "Data"):
 - every train_data path is a directory; each .json/.jsonl file in it is one dataset (see m3jax/data_files.py for
   the record format and validation). Files are taken in sorted order.
 - same_dataset_within_batch (default): each batch comes from one dataset. Per-device batch size b: the file's
@@ -57,14 +57,25 @@ has_teacher_scores, no_in_batch_neg (np.bool_); epoch, dataset_index (np.int32).
 collator: `tokenizer(texts, truncation=True, max_length=...)` (through the tokenizer's Rust backend), right padding
 with pad_token_id and attention mask 0.
 
-Workers: num_data_workers grain processes (0: a thread of the main process) build whole batches, tokenisation
-included (one tokenizer thread per worker when there are several); they re-read records by byte offset
+Stages. The pipeline is a grain `MapDataset` of step numbers mapped through small named transforms, each one
+picklable and testable alone:
+    step --PlanStep--> Plan: epoch, dataset index, the global batch's example ids
+         --DrawSamples--> Samples: G and every example's choices (positive, negatives, shuffle draws)
+         --GlobalPadLengths--> the pad lengths all processes agree on (only when process_count > 1)
+         --LocalSlice--> this process's slice of the examples
+         --ReadTexts--> Texts: queries, passages and teacher scores, as strings and floats
+         --TokenizeAndPad--> (step, the local batch of arrays below)
+
+Workers: num_data_workers grain processes (0: a thread of the main process) run the whole chain for a step,
+tokenisation included (one tokenizer thread per worker when there are several); they re-read records by byte offset
 (data_files.FileIndex) instead of receiving the texts. Files are validated at start-up, in worker processes too when
 there are many megabytes of them. Measured throughput: benchmarks/data_pipeline.py.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -198,13 +209,164 @@ class _Planner:
         return self._batches
 
 
-@dataclasses.dataclass
-class _Sample:
+# ---- the pipeline: step -> Plan -> Samples -> Texts -> padded arrays ------------------------------------------------
+#
+# Each stage is a grain Map transform with one job; TrainData chains them on a grain MapDataset of step numbers.
+# A stage holds read-only inputs (shared by every copy) and a `_cache` of what it builds on first use (the epoch
+# plans, tokenizers): the cache is not pickled to grain workers and each `fresh()` copy starts its own, so two
+# consumers (an iterator's thread, TrainData.batch) never share mutable state.
+
+_stage = functools.partial(dataclasses.dataclass, eq=False, repr=False)  # grain names a stage by its class
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class Corpus:
+    """Every example of the run by global id (a dataset is a contiguous id range): its file, record and counts."""
+    files: list[FileIndex]
+    file_of: np.ndarray  # int32 [examples]: index into files
+    rec_of: np.ndarray  # int64 [examples]: record number in its file
+    per_dataset_columns: bool  # same_dataset_within_batch: `type`, `train_group_size` are honoured
+
+    def where(self, ex: int) -> tuple[int, int]:
+        """(file number, record number) of example ex."""
+        return int(self.file_of[ex]), int(self.rec_of[ex])
+
+    def counts(self, ex: int) -> tuple[int, int]:
+        """(positives, negatives) of example ex."""
+        fi, r = self.where(ex)
+        return int(self.files[fi].num_pos[r]), int(self.files[fi].num_neg[r])
+
+    def type(self, ex: int) -> str | None:
+        return self.files[self.file_of[ex]].type if self.per_dataset_columns else None
+
+    def group_size(self, first_example: int, train_group_size: int) -> int:
+        """G of a batch, read off its first example as FlagEmbedding does (data_files.file_group_size)."""
+        if not self.per_dataset_columns:
+            return train_group_size
+        fi, r = self.where(first_example)
+        f = self.files[fi]
+        return file_group_size(f.type, f.group_size_column, train_group_size, int(f.num_neg[r]))
+
+    def records(self, examples: Sequence[int]) -> list[dict]:
+        """The records of these examples, in order; each file is opened once, for this call only."""
+        rows: dict[int, list[tuple[int, int]]] = {}
+        for k, ex in enumerate(examples):
+            fi, r = self.where(ex)
+            rows.setdefault(fi, []).append((k, r))
+        out: list[Any] = [None] * len(examples)
+        for fi, kr in rows.items():
+            for (k, _), rec in zip(kr, self.files[fi].records([r for _, r in kr])):
+                out[k] = rec
+        return out
+
+
+class Plan(NamedTuple):
+    """A step's global batch: which examples, in batch order."""
+    step: int
+    epoch: int
+    dataset_index: int  # -1: batches mixed across datasets (same_dataset_within_batch=False)
+    examples: np.ndarray  # global example ids
+
+
+class Sample(NamedTuple):
+    """The random choices for one example of a batch."""
     example: int  # global example id
-    pos: int
-    negs: np.ndarray
-    shuffle_u: float
-    shuffle_perm: np.ndarray
+    pos: int  # the positive
+    negs: np.ndarray  # the G-1 negatives, in sampled order
+    shuffle_u: float  # shuffle_ratio test: the positive is reshuffled when shuffle_u < shuffle_ratio (and long)
+    shuffle_perm: np.ndarray  # the order of its three chunks
+
+
+class Samples(NamedTuple):
+    """A planned batch with its examples' choices; every process draws the whole global batch."""
+    plan: Plan
+    group_size: int
+    has_teacher: bool
+    no_in_batch_neg: bool
+    samples: list[Sample]  # the global batch; after LocalSlice, this process's slice
+    pad_to: tuple[int, int] | None = None  # (query, passage) lengths every process pads to; None: own longest
+
+
+class Texts(NamedTuple):
+    """This process's slice as strings: instructions applied, negatives in final order."""
+    batch: Samples
+    queries: list[str]
+    passages: list[str]  # G per query, positive first
+    teacher_scores: np.ndarray  # float32 [n, G]; zeros without teacher scores
+
+
+@_stage
+class _Stage(grain.transforms.Map):
+    """One named stage of the pipeline (see the comment above)."""
+    _cache: dict[str, Any] = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+    def cached(self, key: str, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def __getstate__(self):  # pickling (grain workers) and copy.copy (fresh) leave the cache behind
+        return {**self.__dict__, "_cache": {}}
+
+    def fresh(self):
+        """A copy with its own cache (inputs shared), for one more consumer."""
+        return copy.copy(self)
+
+    def tokenizer(self, tokenizer_json: str, max_len: int):
+        return self.cached(f"tokenizer {max_len}", lambda: make_backend_tokenizer(tokenizer_json, max_len))
+
+
+@_stage
+class PlanStep(_Stage):
+    """step -> Plan: epoch plans (FlagEmbedding's refresh_epoch, _Planner) replayed from the seed on demand."""
+    seed: int
+    datasets: list[_Dataset]
+    num_shards: int
+    same_dataset: bool
+    steps_per_epoch: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.steps_per_epoch = len(self.planner().epoch(0))
+
+    def planner(self) -> _Planner:
+        return self.cached("planner", lambda: _Planner(self.seed, self.datasets, self.num_shards, self.same_dataset))
+
+    def map(self, step: int) -> Plan:
+        step = int(step)
+        epoch, i = divmod(step, self.steps_per_epoch)
+        d, examples = self.planner().epoch(epoch)[i]
+        return Plan(step, epoch, d, examples)
+
+
+def draw_sample(seed: int, plan: Plan, position: int, num_pos: int, num_neg: int, group_size: int) -> Sample:
+    """One example's choices, from `default_rng([seed, epoch, step, position])`: a positive, G-1 negatives without
+    replacement (from the negatives repeated ceil((G-1)/#neg) times when there are too few), the shuffle draws."""
+    rng = np.random.default_rng([_seed_words(seed), plan.epoch, plan.step, position])
+    pos = int(rng.integers(num_pos))
+    k = group_size - 1
+    if k == 0:
+        negs = np.zeros(0, np.int64)
+    elif num_neg < k:
+        negs = rng.choice(np.tile(np.arange(num_neg), math.ceil(k / num_neg)), k, replace=False)
+    else:
+        negs = rng.choice(num_neg, k, replace=False)
+    # Drawn whether used or not, so the stream (and the shuffle decision) never depends on text contents.
+    return Sample(int(plan.examples[position]), pos, negs, float(rng.random()), rng.permutation(3))
+
+
+@_stage
+class DrawSamples(_Stage):
+    """Plan -> Samples: G from the batch's first example, then draw_sample for each example of the global batch."""
+    seed: int
+    train_group_size: int
+    corpus: Corpus
+    datasets: list[_Dataset]
+
+    def map(self, plan: Plan) -> Samples:
+        g = self.corpus.group_size(int(plan.examples[0]), self.train_group_size)
+        d = self.datasets[max(plan.dataset_index, 0)]
+        samples = [draw_sample(self.seed, plan, k, *self.corpus.counts(ex), g) for k, ex in enumerate(plan.examples)]
+        return Samples(plan, g, d.has_teacher, d.no_in_batch_neg, samples)
 
 
 def _shuffle_text(text: str, perm: np.ndarray) -> str:
@@ -215,110 +377,102 @@ def _shuffle_text(text: str, perm: np.ndarray) -> str:
     return " ".join(chunks[j] for j in perm)
 
 
-class _BatchMaker:
-    """step -> (step, local batch). Picklable; runs in grain workers (tokenizers are built lazily there)."""
+def _positive(sample: Sample, rec: dict, shuffle_ratio: float) -> str:
+    """The sampled positive, its chunks shuffled when it is over 100 characters and shuffle_u < shuffle_ratio."""
+    text = rec["pos"][sample.pos]
+    if shuffle_ratio > 0 and len(text) > 100 and sample.shuffle_u < shuffle_ratio:
+        return _shuffle_text(text, sample.shuffle_perm)
+    return text
 
-    def __init__(self, settings: _Settings, files: list[FileIndex], datasets: list[_Dataset],
-                 file_of: np.ndarray, rec_of: np.ndarray, steps_per_epoch: int, num_shards: int,
-                 process_index: int, process_count: int, tokenizer_json: str, pad_id: int,
-                 lengths: list[FileLengths] | None):
-        self.s = settings
-        self.files = files
-        self.datasets = datasets
-        self.file_of = file_of
-        self.rec_of = rec_of
-        self.steps_per_epoch = steps_per_epoch
-        self.num_shards = num_shards
-        self.process_index = process_index
-        self.process_count = process_count
-        self.tokenizer_json = tokenizer_json
-        self.pad_id = pad_id
-        self.lengths = lengths
-        if lengths is not None:  # where each record's pos / neg lengths start in the flat per-file arrays
-            self.pos_start = [np.concatenate([[0], np.cumsum(f.num_pos)[:-1]]).astype(np.int64) for f in files]
-            self.neg_start = [np.concatenate([[0], np.cumsum(f.num_neg)[:-1]]).astype(np.int64) for f in files]
-        self._reset_caches()
 
-    def _reset_caches(self) -> None:
-        self._planner: _Planner | None = None
-        self._tok: dict[str, Any] = {}
+def _first_index(counts: np.ndarray) -> np.ndarray:
+    """Where each record's entries start in a flat per-file array of `counts` entries per record."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_planner"], state["_tok"] = None, {}
-        return state
 
-    def fresh(self) -> _BatchMaker:
-        """A copy with its own caches and file handles (arrays shared), for one more consumer thread."""
-        new = object.__new__(_BatchMaker)
-        new.__dict__.update(self.__getstate__())
-        new.files = [dataclasses.replace(f, _fh=None) for f in self.files]
-        return new
+@_stage
+class GlobalPadLengths(_Stage):
+    """Samples -> Samples with pad_to (multi-host): the global batch's pad lengths, from the token-length table.
 
-    # -- pieces ---------------------------------------------------------------------------------------------------
-    def planner(self) -> _Planner:
-        if self._planner is None:
-            self._planner = _Planner(self.s.seed, self.datasets, self.num_shards, self.s.same_dataset)
-        return self._planner
+    A reshuffled positive is the one text the table cannot know: it is read and tokenised here (in every process,
+    since the shuffle decision comes from the shared draws), so the lengths are exact.
+    """
 
-    def tokenizer(self, which: str):
-        if which not in self._tok:
-            max_len = self.s.query_max_len if which == "q" else self.s.passage_max_len
-            self._tok[which] = make_backend_tokenizer(self.tokenizer_json, max_len)
-        return self._tok[which]
+    s: _Settings
+    corpus: Corpus
+    lengths: list[FileLengths]  # per file: token length of every query, positive and negative
+    tokenizer_json: str
+    # per file: where each record's entries start in its lengths.pos and lengths.neg
+    first: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(init=False)
 
-    def _record(self, ex: int) -> dict:
-        return self.files[self.file_of[ex]].record(int(self.rec_of[ex]))
+    def __post_init__(self):
+        self.first = [(_first_index(f.num_pos), _first_index(f.num_neg)) for f in self.corpus.files]
 
-    def _type(self, ex: int) -> str | None:
-        return self.files[self.file_of[ex]].type if self.s.same_dataset else None
+    def map(self, batch: Samples) -> Samples:
+        ratio = self.s.shuffle_ratio
+        reshuffled = [smp for smp in batch.samples if ratio > 0 and smp.shuffle_u < ratio]
+        reshuffled_len = {}
+        tokenizer = self.tokenizer(self.tokenizer_json, self.s.passage_max_len)
+        for smp, rec in zip(reshuffled, self.corpus.records([smp.example for smp in reshuffled])):
+            text = passage_text(_positive(smp, rec, ratio), rec, self.corpus.type(smp.example), self.s.instructions)
+            reshuffled_len[smp.example] = len(tokenizer.encode(text).ids)
+        lq = lp = 0
+        for smp in batch.samples:
+            fi, r = self.corpus.where(smp.example)
+            table, (first_pos, first_neg) = self.lengths[fi], self.first[fi]
+            lq = max(lq, int(table.query[r]))
+            if len(smp.negs):
+                lp = max(lp, int(table.neg[first_neg[r] + smp.negs].max()))
+            lp = max(lp, reshuffled_len.get(smp.example, int(table.pos[first_pos[r] + smp.pos])))
+        return batch._replace(pad_to=(pad_length(lq, self.s.query_buckets), pad_length(lp, self.s.passage_buckets)))
 
-    def group_size(self, first_example: int) -> int:
-        if not self.s.same_dataset:
-            return self.s.train_group_size
-        f = self.files[self.file_of[first_example]]
-        return file_group_size(f.type, f.group_size_column, self.s.train_group_size,
-                               int(f.num_neg[self.rec_of[first_example]]))
 
-    def _sample(self, epoch: int, step: int, position: int, ex: int, group_size: int) -> _Sample:
-        f, r = self.files[self.file_of[ex]], int(self.rec_of[ex])
-        rng = np.random.default_rng([_seed_words(self.s.seed), epoch, step, position])
-        pos = int(rng.integers(f.num_pos[r]))
-        k, n_neg = group_size - 1, int(f.num_neg[r])
-        if k == 0:
-            negs = np.zeros(0, np.int64)
-        elif n_neg < k:  # too few negatives: sample from them repeated ceil(k / n_neg) times
-            negs = rng.choice(np.tile(np.arange(n_neg), math.ceil(k / n_neg)), k, replace=False)
-        else:
-            negs = rng.choice(n_neg, k, replace=False)
-        # Drawn whether used or not, so the stream (and the shuffle decision) never depends on text contents.
-        return _Sample(ex, pos, negs, float(rng.random()), rng.permutation(3))
+@_stage
+class LocalSlice(_Stage):
+    """Samples -> Samples: this process's contiguous slice [p*n, (p+1)*n) of the global batch."""
+    process_index: int
+    process_count: int
 
-    def _shuffled(self, sample: _Sample, pos_text: str) -> bool:
-        return self.s.shuffle_ratio > 0 and len(pos_text) > 100 and sample.shuffle_u < self.s.shuffle_ratio
+    def map(self, batch: Samples) -> Samples:
+        n = len(batch.samples) // self.process_count
+        return batch._replace(samples=batch.samples[self.process_index * n:(self.process_index + 1) * n])
 
-    def _texts(self, sample: _Sample, has_teacher: bool):
-        """(query, [positive, negatives...], teacher scores) of one sampled example, instructions applied."""
-        rec = self._record(sample.example)
-        type_ = self._type(sample.example)
-        pos = rec["pos"][sample.pos]
-        if self._shuffled(sample, pos):
-            pos = _shuffle_text(pos, sample.shuffle_perm)
-        negs = [int(j) for j in sample.negs]
-        scores = []
-        if has_teacher:
-            neg_scores = rec["neg_scores"]
-            negs = sorted(negs, key=lambda j: neg_scores[j], reverse=True)  # stable: ties keep sampled order
-            scores = [rec["pos_scores"][sample.pos]] + [neg_scores[j] for j in negs]
-        passages = [passage_text(t, rec, type_, self.s.instructions) for t in [pos] + [rec["neg"][j] for j in negs]]
-        return query_text(rec, self.s.instructions), passages, scores
 
-    def _encode(self, texts: list[str], which: str, pad_to: int | None):
-        """Token ids and attention mask, right-padded to pad_to (None: to the longest text's bucket)."""
-        encs = self.tokenizer(which).encode_batch(texts)
+@_stage
+class ReadTexts(_Stage):
+    """Samples -> Texts: read the records apply the shuffle, the KD negative order and instructions."""
+    s: _Settings
+    corpus: Corpus
+
+    def map(self, batch: Samples) -> Texts:
+        ins = self.s.instructions
+        queries, passages, scores = [], [], []
+        for smp, rec in zip(batch.samples, self.corpus.records([smp.example for smp in batch.samples])):
+            negs = [int(j) for j in smp.negs]
+            if batch.has_teacher:  # research trainer: negatives by teacher score, descending (stable: ties keep order)
+                negs = sorted(negs, key=lambda j: rec["neg_scores"][j], reverse=True)
+                scores.append([rec["pos_scores"][smp.pos]] + [rec["neg_scores"][j] for j in negs])
+            queries.append(query_text(rec, ins))
+            texts = [_positive(smp, rec, self.s.shuffle_ratio)] + [rec["neg"][j] for j in negs]
+            passages.extend(passage_text(t, rec, self.corpus.type(smp.example), ins) for t in texts)
+        shape = (len(queries), batch.group_size)
+        teacher = np.asarray(scores, np.float32).reshape(shape) if batch.has_teacher else np.zeros(shape, np.float32)
+        return Texts(batch, queries, passages, teacher)
+
+
+@_stage
+class TokenizeAndPad(_Stage):
+    """Texts -> (step, local batch): FlagEmbedding's collator, `tokenizer(texts, truncation=True, max_length=...)`
+    through the Rust backend, right-padded with pad_token_id (mask 0) to pad_to, else to the bucket of the longest."""
+    s: _Settings
+    tokenizer_json: str
+    pad_id: int
+
+    def encode(self, texts: list[str], max_len: int, buckets: tuple[int, ...], pad_to: int | None):
+        """Token ids and attention mask [len(texts), pad_to] (pad_to None: the longest text's bucket)."""
+        encs = self.tokenizer(self.tokenizer_json, max_len).encode_batch(texts)
         lens = [len(e.ids) for e in encs]
         if pad_to is None:
-            buckets = self.s.query_buckets if which == "q" else self.s.passage_buckets
             pad_to = pad_length(max(lens), buckets)
         ids = np.full((len(texts), pad_to), self.pad_id, np.int32)
         mask = np.zeros((len(texts), pad_to), np.int32)
@@ -330,61 +484,44 @@ class _BatchMaker:
             mask[i, :n] = 1
         return ids, mask
 
-    def _global_lengths(self, samples: list[_Sample], has_teacher: bool) -> tuple[int, int]:
-        """Pad lengths of the global batch from the token-length table (multi-host)."""
-        lq, lp = 0, 0
-        for smp in samples:
-            fi, r = int(self.file_of[smp.example]), int(self.rec_of[smp.example])
-            tab = self.lengths[fi]
-            lq = max(lq, int(tab.query[r]))
-            if len(smp.negs):
-                lp = max(lp, int(tab.neg[self.neg_start[fi][r] + smp.negs].max()))
-            pos_len = int(tab.pos[self.pos_start[fi][r] + smp.pos])
-            if self.s.shuffle_ratio > 0 and smp.shuffle_u < self.s.shuffle_ratio:
-                # A reshuffled positive tokenises differently: tokenise it (only these few texts, all processes).
-                _, passages, _ = self._texts(smp, has_teacher)
-                pos_len = len(self.tokenizer("p").encode(passages[0]).ids)
-            lp = max(lp, pos_len)
-        return pad_length(lq, self.s.query_buckets), pad_length(lp, self.s.passage_buckets)
-
-    # -- the batch ------------------------------------------------------------------------------------------------
-    def global_batch(self, step: int) -> tuple[int, int, np.ndarray]:
-        """(epoch, dataset index or -1, global example ids) of a step."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        d, ids = self.planner().epoch(epoch)[i]
-        return epoch, d, ids
-
-    def __call__(self, step: int) -> tuple[int, dict[str, np.ndarray]]:
-        step = int(step)
-        epoch, d, ids = self.global_batch(step)
-        ds = self.datasets[max(d, 0)]
-        g = self.group_size(int(ids[0]))
-        has_teacher = ds.has_teacher
-        samples = [self._sample(epoch, step, k, int(ex), g) for k, ex in enumerate(ids)]
-        n = len(ids) // self.process_count
-        local = samples[self.process_index * n:(self.process_index + 1) * n]
-        if self.process_count == 1:
-            lq = lp = None  # this process sees the whole global batch: pad to its own longest texts
-        else:
-            lq, lp = self._global_lengths(samples, has_teacher)
-        queries, passages, scores = [], [], []
-        for smp in local:
-            q, ps, sc = self._texts(smp, has_teacher)
-            queries.append(q)
-            passages.extend(ps)
-            scores.append(sc)
-        q_ids, q_mask = self._encode(queries, "q", lq)
-        p_ids, p_mask = self._encode(passages, "p", lp)
-        teacher = np.asarray(scores, np.float32) if has_teacher else np.zeros((n, g), np.float32)
-        for f in self.files:  # don't hold file handles between batches of a worker
-            f.close()
-        return step, {
+    def map(self, texts: Texts) -> tuple[int, dict[str, np.ndarray]]:
+        b, s = texts.batch, self.s
+        lq, lp = b.pad_to or (None, None)
+        q_ids, q_mask = self.encode(texts.queries, s.query_max_len, s.query_buckets, lq)
+        p_ids, p_mask = self.encode(texts.passages, s.passage_max_len, s.passage_buckets, lp)
+        return b.plan.step, {
             "query_input_ids": q_ids, "query_attention_mask": q_mask,
             "passage_input_ids": p_ids, "passage_attention_mask": p_mask,
-            "teacher_scores": teacher.reshape(n, g),
-            "has_teacher_scores": np.bool_(has_teacher), "no_in_batch_neg": np.bool_(ds.no_in_batch_neg),
-            "epoch": np.int32(epoch), "dataset_index": np.int32(d),
+            "teacher_scores": texts.teacher_scores,
+            "has_teacher_scores": np.bool_(b.has_teacher), "no_in_batch_neg": np.bool_(b.no_in_batch_neg),
+            "epoch": np.int32(b.plan.epoch), "dataset_index": np.int32(b.plan.dataset_index),
         }
+
+
+class _Pipeline:
+    """The stages of one consumer, in order: PlanStep, DrawSamples, [GlobalPadLengths], LocalSlice, ReadTexts,
+    TokenizeAndPad."""
+
+    def __init__(self, stages: list[_Stage]):
+        assert isinstance(stages[0], PlanStep)
+        self.stages = stages
+        self.plan: PlanStep = stages[0]
+
+    def fresh(self) -> _Pipeline:
+        return _Pipeline([stage.fresh() for stage in self.stages])
+
+    def dataset(self, start: int, stop: int) -> grain.MapDataset:
+        """step -> (step, local batch) for the steps [start, stop)."""
+        ds = grain.MapDataset.range(start, stop)
+        for stage in self.stages:
+            ds = ds.map(stage)
+        return ds
+
+    def __call__(self, step: int) -> tuple[int, dict[str, np.ndarray]]:
+        element: Any = step
+        for stage in self.stages:
+            element = stage.map(element)
+        return element
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
@@ -400,9 +537,9 @@ class TrainIterator(grain.DatasetIterator):
     grain pipeline there. Works with grain's orbax handler (grain.checkpoint.CheckpointSave / CheckpointRestore).
     """
 
-    def __init__(self, maker: _BatchMaker, start_step: int, num_workers: int, prefetch: int):
+    def __init__(self, pipeline: _Pipeline, start_step: int, num_workers: int, prefetch: int):
         super().__init__()
-        self._maker = maker
+        self._pipeline = pipeline
         self._step = int(start_step)
         self._num_workers = num_workers
         self._prefetch = max(1, prefetch)
@@ -411,8 +548,7 @@ class TrainIterator(grain.DatasetIterator):
     def _start(self) -> None:
         if self._num_workers > 0 and not absl_flags.FLAGS.is_parsed():
             absl_flags.FLAGS.mark_as_parsed()  # grain's worker start reads absl flags; outside an absl app, defaults
-        stop = self._step + self._maker.steps_per_epoch * _ENDLESS_EPOCHS
-        ds = grain.MapDataset.range(self._step, stop).map(self._maker)
+        ds = self._pipeline.dataset(self._step, self._step + self._pipeline.plan.steps_per_epoch * _ENDLESS_EPOCHS)
         if self._num_workers > 0:
             ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
             ids = ids.mp_prefetch(grain.MultiprocessingOptions(
@@ -432,7 +568,8 @@ class TrainIterator(grain.DatasetIterator):
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"step": self._step, "steps_per_epoch": self._maker.steps_per_epoch, "seed": self._maker.s.seed}
+        return {"step": self._step, "steps_per_epoch": self._pipeline.plan.steps_per_epoch,
+                "seed": self._pipeline.plan.seed}
 
     def set_state(self, state: dict[str, Any]) -> None:
         for key in ("steps_per_epoch", "seed"):
@@ -473,28 +610,28 @@ class DatasetInfo(NamedTuple):
 class TrainData:
     """What build_train_data returns: the step count, the step shapes and iterators over local batches."""
 
-    def __init__(self, maker: _BatchMaker, shapes: list[BatchShape], num_workers: int, prefetch: int,
+    def __init__(self, pipeline: _Pipeline, shapes: list[BatchShape], num_workers: int, prefetch: int,
                  bad_example_counts: dict[str, int]):
-        self._maker = maker
+        self._pipeline = pipeline
         self._shapes = shapes
         self._num_workers = num_workers
         self._prefetch = prefetch
-        self.steps_per_epoch: int = maker.steps_per_epoch
+        self.steps_per_epoch: int = pipeline.plan.steps_per_epoch
         self.bad_example_counts = bad_example_counts  # file -> examples skipped (skip_bad_examples)
         self.datasets = [DatasetInfo(d.name, len(d), d.batch_size, d.group_sizes, d.has_teacher, d.no_in_batch_neg)
-                         for d in maker.datasets]  # in dataset_index order
-        self._direct: _BatchMaker | None = None
+                         for d in pipeline.plan.datasets]  # in dataset_index order
+        self._direct: _Pipeline | None = None
 
     def shapes(self) -> list[BatchShape]:
         return list(self._shapes)
 
     def iterator(self, start_step: int = 0) -> TrainIterator:
-        return TrainIterator(self._maker.fresh(), start_step, self._num_workers, self._prefetch)
+        return TrainIterator(self._pipeline.fresh(), start_step, self._num_workers, self._prefetch)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """The local batch of one step, built in this process (for tests and inspection)."""
         if self._direct is None:
-            self._direct = self._maker.fresh()
+            self._direct = self._pipeline.fresh()
         return self._direct(step)[1]
 
 
@@ -542,7 +679,7 @@ def _settings(config) -> _Settings:
                                   config.passage_instruction_for_retrieval, config.passage_instruction_format))
 
 
-def _read_datasets(config, s: _Settings):
+def _read_datasets(config, s: _Settings) -> tuple[Corpus, list[_Dataset], dict[str, int]]:
     """Scan every file and form the datasets (FlagEmbedding's thresholds and batch sizes)."""
     dirs = train_data_dirs(config)
     if not dirs:
@@ -619,7 +756,7 @@ def _read_datasets(config, s: _Settings):
                                                                         if dropped else ""))
     file_of = np.concatenate([np.full(len(files[i]), i, np.int32) for i in order])
     rec_of = np.concatenate([np.arange(len(files[i]), dtype=np.int64) for i in order])
-    return files, datasets, file_of, rec_of, bad_counts
+    return Corpus(files, file_of, rec_of, s.same_dataset), datasets, bad_counts
 
 
 def _shapes(datasets: Sequence[_Dataset], s: _Settings, num_shards: int) -> list[BatchShape]:
@@ -659,22 +796,23 @@ def build_train_data(config, tokenizer, *, num_batch_shards: int, process_index:
         raise TypeError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer; load it with "
                         "AutoTokenizer.from_pretrained(..., use_fast=True)")
     s = _settings(config)
-    files, datasets, file_of, rec_of, bad_counts = _read_datasets(config, s)
-
-    tokenizer_json = backend.to_str()
-    lengths = None
-    if process_count > 1:
-        types = [f.type if s.same_dataset else None for f in files]
-        lengths = token_length_table(files, types, tokenizer_json, query_max_len=s.query_max_len,
-                                     passage_max_len=s.passage_max_len, ins=s.instructions,
-                                     num_workers=int(config.num_data_workers))
-    steps = len(_Planner(s.seed, datasets, num_batch_shards, s.same_dataset).epoch(0))
+    corpus, datasets, bad_counts = _read_datasets(config, s)
+    plan = PlanStep(s.seed, datasets, num_batch_shards, s.same_dataset)
+    steps = plan.steps_per_epoch
     if steps == 0:
         raise DataError("no complete batch: every dataset is smaller than its global batch (per-device batch size x "
                         f"{num_batch_shards} shards) and than 2 x {num_batch_shards}; datasets: "
                         + ", ".join(f"{d.name} ({len(d)} examples, batch {d.batch_size})" for d in datasets))
-    maker = _BatchMaker(s, files, datasets, file_of, rec_of, steps, num_batch_shards, process_index, process_count,
-                        tokenizer_json, int(tokenizer.pad_token_id), lengths)
+    tokenizer_json = backend.to_str()
+    stages: list[_Stage] = [plan, DrawSamples(s.seed, s.train_group_size, corpus, datasets)]
+    if process_count > 1:  # every process must pad to the global batch's lengths: take them from a table
+        types = [f.type if s.same_dataset else None for f in corpus.files]
+        lengths = token_length_table(corpus.files, types, tokenizer_json, query_max_len=s.query_max_len,
+                                     passage_max_len=s.passage_max_len, ins=s.instructions,
+                                     num_workers=int(config.num_data_workers))
+        stages.append(GlobalPadLengths(s, corpus, lengths, tokenizer_json))
+    stages += [LocalSlice(process_index, process_count), ReadTexts(s, corpus),
+               TokenizeAndPad(s, tokenizer_json, int(tokenizer.pad_token_id))]
     shapes = _shapes(datasets, s, num_batch_shards)
     for d in datasets:
         logger.info("dataset %s: %d examples, batch %d/device, group sizes %s, teacher scores %s, no_in_batch_neg %s",
@@ -683,4 +821,4 @@ def build_train_data(config, tokenizer, *, num_batch_shards: int, process_index:
     logger.info("%d steps per epoch; at most %d step shapes: (global_batch, group_size, has_teacher, "
                 "no_in_batch_neg) in %s x query_len in %s x passage_len in %s", steps, len(shapes), combos,
                 list(s.query_buckets), list(s.passage_buckets))
-    return TrainData(maker, shapes, int(config.num_data_workers), int(config.data_prefetch), bad_counts)
+    return TrainData(_Pipeline(stages), shapes, int(config.num_data_workers), int(config.data_prefetch), bad_counts)

@@ -99,16 +99,27 @@ class FileIndex:
             return self.blobs[i]
         if self._fh is None:
             self._fh = open(self.path, "rb")  # noqa: SIM115 (kept open between records; close() closes it)
-        self._fh.seek(int(self.offsets[i]))
-        return self._fh.readline().rstrip(b"\r\n")
+        return _line_at(self._fh, self.offsets[i])
 
     def record(self, i: int) -> dict:
         return json.loads(self.raw(i))
+
+    def records(self, rows: Sequence[int]) -> list[dict]:
+        """Records `rows`, read through a file handle of this call's own: no state, so threads may share the index."""
+        if self.blobs is not None:
+            return [json.loads(self.blobs[i]) for i in rows]
+        with open(self.path, "rb") as fh:
+            return [json.loads(_line_at(fh, self.offsets[i])) for i in rows]
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def _line_at(fh, offset) -> bytes:
+    fh.seek(int(offset))
+    return fh.readline().rstrip(b"\r\n")
 
 
 def file_group_size(type_: str | None, group_size_column: int | None, train_group_size: int,

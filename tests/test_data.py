@@ -253,11 +253,11 @@ def test_epoch_plan_is_flagembeddings(tmp_path, tokenizer):
 
     ref = fe.AbsEmbedderSameDatasetTrainDataset(Args(), default_batch_size=2, seed=SEED, tokenizer=tokenizer,
                                                 process_index=0, num_processes=2)
-    maker = data._maker
+    planner = data._pipeline.plan.planner()
     for epoch in range(3):
         if epoch:
             ref.refresh_epoch()
-        ours = [(d, ids.tolist()) for d, ids in maker.planner().epoch(epoch)]
+        ours = [(d, ids.tolist()) for d, ids in planner.epoch(epoch)]
         theirs = [(None, list(map(int, ids))) for ids, _ in ref.batch_datas]
         assert [ids for _, ids in ours] == [ids for _, ids in theirs]
 
@@ -418,6 +418,158 @@ def test_every_batch_has_a_listed_shape(tmp_path, tokenizer):
             assert BatchShape(n, b["passage_input_ids"].shape[0] // n, lq, b["passage_input_ids"].shape[1],
                               bool(b["has_teacher_scores"]), bool(b["no_in_batch_neg"])) in shapes
 
+
+# ---- the pipeline's stages, each alone on a tiny input ------------------------------------------------------------
+
+def corpus_of(tmp_path, *files, per_dataset_columns=True):
+    """A Corpus of these files (lists of records), examples numbered file after file."""
+    from m3jax.data import Corpus
+    from m3jax.data_files import ScanRules, scan_file
+    rules = ScanRules(4, True, per_dataset_columns, False)
+    index = [scan_file(write(tmp_path / "c" / f"{k}.jsonl", recs), rules) for k, recs in enumerate(files)]
+    file_of = np.concatenate([np.full(len(f), k, np.int32) for k, f in enumerate(index)])
+    rec_of = np.concatenate([np.arange(len(f), dtype=np.int64) for f in index])
+    return Corpus(index, file_of, rec_of, per_dataset_columns)
+
+
+def settings(**kw):
+    from m3jax.data import _Settings
+    from m3jax.data_files import Instructions
+    s = dict(seed=SEED, train_group_size=3, query_max_len=16, passage_max_len=32, query_buckets=(8, 16),
+             passage_buckets=(8, 16, 32), shuffle_ratio=0.0, knowledge_distillation=False, same_dataset=True,
+             instructions=Instructions())
+    return _Settings(**{**s, **kw})
+
+
+def tiny_datasets():
+    from m3jax.data import _Dataset
+    return [_Dataset("a", [0], 0, 4, 2, no_in_batch_neg=False, has_teacher=False, group_sizes=(3,)),
+            _Dataset("b", [1], 4, 10, 3, no_in_batch_neg=True, has_teacher=True, group_sizes=(3,))]
+
+
+def test_plan_step_replays_the_epoch_plans_for_any_step():
+    import pickle
+
+    from m3jax.data import PlanStep
+    plan = PlanStep(SEED, tiny_datasets(), 1, True)
+    assert plan.steps_per_epoch == 2 + 2  # 4 examples in batches of 2; 6 in batches of 3
+    got = [(p.step, p.epoch, p.dataset_index, p.examples.tolist()) for p in map(plan.map, range(8))]
+    assert got == [(0, 0, 0, [3, 1]), (1, 0, 1, [4, 8, 5]), (2, 0, 1, [7, 9, 6]), (3, 0, 0, [2, 0]),
+                   (4, 1, 1, [5, 4, 8]), (5, 1, 0, [3, 1]), (6, 1, 1, [7, 9, 6]), (7, 1, 0, [2, 0])]
+    # Random access: going back an epoch replays from the seed; a pickled copy (a grain worker) plans the same.
+    assert plan.map(1).examples.tolist() == [4, 8, 5]
+    assert pickle.loads(pickle.dumps(plan)).map(6).examples.tolist() == [7, 9, 6]
+    mixed = PlanStep(SEED, tiny_datasets()[:1], 2, False)  # W=2: one batch of 4, dataset_index -1
+    assert [(p.dataset_index, sorted(p.examples.tolist())) for p in map(mixed.map, range(2))] == [
+        (-1, [0, 1, 2, 3]), (-1, [0, 1, 2, 3])]
+
+
+def test_draw_samples_draws_each_example_from_its_own_generator(tmp_path):
+    from m3jax.data import DrawSamples, Plan, draw_sample
+    recs = records("d0", 3, n_pos=2, n_neg=1)  # one negative: G-1 = 2 negatives come from [0] * 2
+    corpus = corpus_of(tmp_path, records("d1", 2), recs)  # examples 0-1 in file 0, 2-4 in file 1
+    plan = Plan(step=5, epoch=1, dataset_index=1, examples=np.array([4, 2]))
+    batch = DrawSamples(SEED, 3, corpus, tiny_datasets()).map(plan)
+    assert (batch.plan, batch.group_size, batch.has_teacher, batch.no_in_batch_neg, batch.pad_to) == (
+        plan, 3, True, True, None)
+    for position, smp in enumerate(batch.samples):
+        pos, negs, u, perm = expected_choices(5, position, 2, 1, 3, epoch=1)
+        assert (smp.example, smp.pos, smp.negs.tolist(), smp.shuffle_u, smp.shuffle_perm.tolist()) == (
+            [4, 2][position], pos, negs, u, perm.tolist())
+        assert negs == [0, 0]
+    assert draw_sample(SEED, plan, 1, 2, 1, 3).shuffle_u == batch.samples[1].shuffle_u
+    # G comes from the batch's first example: symmetric_class -> min(#neg + 1, G).
+    cls = corpus_of(tmp_path, [dict(r, type="symmetric_class", neg=r["neg"][:1 + i]) for i, r in
+                               enumerate(records("d0", 3))])
+    draw = DrawSamples(SEED, 3, cls, tiny_datasets())
+    assert [draw.map(Plan(0, 0, -1, np.array(ids))).group_size for ids in ([0, 1], [1, 0], [2, 0])] == [2, 3, 3]
+    assert draw.map(Plan(0, 0, -1, np.array([0, 1]))).no_in_batch_neg is False  # -1 (mixed): dataset 0's flags
+
+
+def test_local_slice_takes_this_process_part():
+    from m3jax.data import LocalSlice, Plan, Samples
+    batch = Samples(Plan(0, 0, 0, np.arange(6)), 2, False, False, samples=list("abcdef"))
+    assert [LocalSlice(p, 3).map(batch).samples for p in range(3)] == [["a", "b"], ["c", "d"], ["e", "f"]]
+    assert LocalSlice(0, 1).map(batch) == batch
+
+
+def test_read_texts_applies_shuffle_teacher_order_and_instructions(tmp_path):
+    from m3jax.data import Plan, ReadTexts, Sample, Samples
+    from m3jax.data_files import Instructions
+    long_pos = "alpha beta gamma delta " * 6  # 138 characters: chunks of 47
+    recs = [{"query": "q0", "pos": ["p0", long_pos], "neg": ["n0", "n1", "n2"], "pos_scores": [1, 2],
+             "neg_scores": [0.5, 3, 0.5]},
+            {"query": "q1", "pos": [long_pos], "neg": ["m0", "m1"], "pos_scores": [4], "neg_scores": [1, 2],
+             "prompt": "P"}]
+    corpus = corpus_of(tmp_path, recs)
+    s = settings(shuffle_ratio=0.5, instructions=Instructions("Q", "{}: {}", "D", "{} | {}"))
+    samples = [Sample(1, 0, np.array([0, 1]), 0.9, np.array([2, 0, 1])),  # u >= ratio: not shuffled
+               Sample(0, 1, np.array([2, 0]), 0.1, np.array([2, 0, 1]))]  # shuffled: chunks 2, 0, 1
+    chunks = [long_pos[:47], long_pos[47:94], long_pos[94:]]
+    texts = ReadTexts(s, corpus).map(Samples(Plan(0, 0, 0, np.array([1, 0])), 3, True, False, samples))
+    assert texts.queries == ["P: q1", "Q: q0"]  # the example's prompt wins over the query instruction
+    assert texts.passages == ["D | " + long_pos, "D | m1", "D | m0",  # by teacher score, descending
+                              "D | " + " ".join([chunks[2], chunks[0], chunks[1]]), "D | n2", "D | n0"]  # tie: as drawn
+    assert texts.teacher_scores.dtype == np.float32
+    assert texts.teacher_scores.tolist() == [[4, 2, 1], [2, 0.5, 0.5]]
+    plain = ReadTexts(settings(), corpus).map(Samples(Plan(0, 0, 0, np.array([1, 0])), 3, False, False, samples))
+    assert plain.passages[:3] == [long_pos, "m0", "m1"] and plain.teacher_scores.tolist() == [[0, 0, 0]] * 2
+
+
+def test_tokenize_and_pad_is_the_collator_padded_to_a_bucket(tokenizer):
+    from m3jax.data import Plan, Samples, Texts, TokenizeAndPad
+    s = settings(query_max_len=16, query_buckets=(4, 16), passage_max_len=8, passage_buckets=(4, 8))
+    queries, passages = ["a b", "c"], ["one", "two words here", "x " * 20, "y"]
+    batch = Samples(Plan(9, 2, 1, np.array([0, 1])), 2, False, True, [])
+    step, out = TokenizeAndPad(s, tokenizer.backend_tokenizer.to_str(), 1).map(
+        Texts(batch, queries, passages, np.zeros((2, 2), np.float32)))
+    assert step == 9 and (out["epoch"], out["dataset_index"], out["no_in_batch_neg"]) == (2, 1, True)
+    for key, txts, max_len, width in (("query", queries, 16, 4), ("passage", passages, 8, 8)):
+        ids, mask = out[f"{key}_input_ids"], out[f"{key}_attention_mask"]
+        assert ids.shape == mask.shape == (len(txts), width) and ids.dtype == mask.dtype == np.int32
+        for row, m, want in zip(ids, mask, tokenizer(txts, truncation=True, max_length=max_len)["input_ids"]):
+            assert row.tolist() == want + [1] * (width - len(want)) and m.tolist() == [1] * len(want) + [0] * (
+                width - len(want))
+    assert out["passage_attention_mask"].sum(1).max() == 8  # "x x x ..." truncated to passage_max_len
+    fixed = TokenizeAndPad(s, tokenizer.backend_tokenizer.to_str(), 1).map(
+        Texts(batch._replace(pad_to=(16, 8)), queries[:1], passages[:2], np.zeros((1, 2), np.float32)))[1]
+    assert fixed["query_input_ids"].shape == (1, 16) and fixed["passage_input_ids"].shape == (2, 8)
+    with pytest.raises(RuntimeError, match="token-length cache is stale"):
+        TokenizeAndPad(s, tokenizer.backend_tokenizer.to_str(), 1).map(
+            Texts(batch._replace(pad_to=(16, 2)), queries[:1], passages[:2], np.zeros((1, 2), np.float32)))
+
+
+def test_global_pad_lengths_from_the_table_and_reshuffled_positives(tmp_path, tokenizer):
+    from m3jax.data import GlobalPadLengths, Plan, Sample, Samples
+    from m3jax.data_files import FileLengths
+    long_pos = "alpha beta gamma delta " * 6
+    corpus = corpus_of(tmp_path, [{"query": "q0", "pos": ["p0", long_pos], "neg": ["n0", "n1", "n2"]},
+                                  {"query": "q1", "pos": ["p"], "neg": ["m"]}])
+    # Made-up lengths, to see which entries are read: record 0's pos at [0, 2), neg at [0, 3); record 1's after.
+    table = FileLengths(query=np.array([5, 9]), pos=np.array([3, 20, 7]), neg=np.array([4, 6, 8, 30]))
+    batch = Samples(Plan(0, 0, 0, np.array([0, 1])), 3, False, False,
+                    [Sample(0, 1, np.array([0, 2]), 0.1, np.array([2, 0, 1])),
+                     Sample(1, 0, np.array([], np.int64), 0.9, np.array([0, 1, 2]))])
+    stage = GlobalPadLengths(settings(), corpus, [table], tokenizer.backend_tokenizer.to_str())
+    assert stage.map(batch).pad_to == (16, 32)  # longest query 9 -> 16; longest passage 20 (record 0's pos 1) -> 32
+    assert stage.map(batch._replace(samples=batch.samples[1:])).pad_to == (16, 8)  # 9 -> 16; 7 -> 8
+    # shuffle_ratio 0.5: record 0's positive is reshuffled (u=0.1): its tokenised length counts, not the table's 20.
+    s = settings(shuffle_ratio=0.5, passage_max_len=128, passage_buckets=(8, 16, 32, 64, 128))
+    chunks = [long_pos[:47], long_pos[47:94], long_pos[94:]]
+    assert len(tokenizer(" ".join([chunks[2], chunks[0], chunks[1]]))["input_ids"]) == 86
+    stage = GlobalPadLengths(s, corpus, [table], tokenizer.backend_tokenizer.to_str())
+    assert stage.map(batch).pad_to == (16, 128)
+
+
+def test_stages_pickle_and_fresh_copies_without_their_caches(tmp_path):
+    import pickle
+
+    from m3jax.data import PlanStep, ReadTexts
+    plan = PlanStep(SEED, tiny_datasets(), 1, True)
+    assert "planner" in plan._cache  # built when steps_per_epoch was counted
+    assert pickle.loads(pickle.dumps(plan))._cache == {} and plan.fresh()._cache == {} and "planner" in plan._cache
+    read = ReadTexts(settings(), corpus_of(tmp_path, records("d0", 2)))
+    assert read.fresh().corpus is read.corpus  # inputs shared, read-only
 
 # ---- determinism, resume, multi-host -------------------------------------------------------------------------------
 
