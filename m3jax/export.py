@@ -73,9 +73,7 @@ class TrainedCheckpoint:
     tokenizer_dir: str  # directory with the tokenizer files (base_model/ unless overridden)
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        return hf_io.load_tokenizer(self.tokenizer_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from m3jax import hf_io
 from m3jax import model as m3model
 from m3jax.padding import length_buckets, pad_length
 
@@ -76,8 +77,6 @@ class BGEM3FlagModel:
         _loaded: tuple | None = None,
         **kwargs: Any,
     ):
-        from transformers import AutoTokenizer
-
         self.devices = _select_devices(devices)
         on_cpu = self.devices[0].platform == "cpu"
         dtype = "bfloat16" if (use_fp16 or use_bf16) and not on_cpu else "float32"
@@ -85,8 +84,8 @@ class BGEM3FlagModel:
                              dtype=dtype, attention_implementation="cudnn" if self.devices[0].platform == "gpu" else "xla")
         if _loaded is None:
             cfg, params = m3model.load_pretrained(model_name_or_path, colbert_dim=colbert_dim, **head_settings)
-            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code,
-                                                      cache_dir=cache_dir)
+            tokenizer = hf_io.load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code,
+                                             cache_dir=cache_dir)
         else:
             cfg, params, tokenizer = _loaded
             import dataclasses
