@@ -282,8 +282,6 @@ class MetricsLogger:
 
 def train(config) -> dict:
     """Run (or resume) a fine-tuning run; returns a summary dict (final step, last metrics, per-step losses)."""
-    from transformers import AutoTokenizer
-
     from m3jax import data as data_lib
     from m3jax import hf_io
 
@@ -301,9 +299,10 @@ def train(config) -> dict:
                 dict(mesh.shape), mesh.size, jax.process_count(), num_blocks)
 
     # --- data -------------------------------------------------------------------------------------------------
-    tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+    tokenizer = hf_io.load_tokenizer(config.model_name_or_path)
     train_data = data_lib.build_train_data(config, tokenizer, num_batch_shards=num_blocks,
                                            process_index=jax.process_index(), process_count=jax.process_count())
+    data_lib.log_unknown_token_share(tokenizer, train_data)  # a broken or mismatched tokenizer is otherwise silent
     total_steps = config.max_steps if config.max_steps > 0 else config.num_train_epochs * train_data.steps_per_epoch
     shapes = train_data.shapes()
     logger.info("%d steps (%d per epoch); %d possible step shapes (each compiles once): %s", total_steps,
