@@ -11,6 +11,7 @@ compiling): the logged loss falls from about 3.3 (steps 1-10) to about 0.33 (ste
 
     python -m m3jax export --checkpoint runs/toy --output runs/toy_export
 """
+import logging
 import os
 
 from m3jax.config import default_config
@@ -46,7 +47,7 @@ def get_config():
     c.model.dtype = "float32"  # CPU: bfloat16 is emulated and slower
     c.model.remat_policy = "none"
 
-    if not os.path.exists(os.path.join(c.model_name_or_path, "config.json")):  # first use
-        from m3jax.tiny_checkpoint import make_tiny_checkpoint
-        make_tiny_checkpoint(c.model_name_or_path)
+    if not os.path.isdir(c.model_name_or_path):  # the run stops there unless --config.model_name_or_path says else
+        logging.warning("%s does not exist: write the tiny checkpoint first, with "
+                        "`python scripts/make_tiny_checkpoint.py runs/tiny_bge_m3`", c.model_name_or_path)
     return c
