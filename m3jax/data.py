@@ -822,3 +822,40 @@ def build_train_data(config, tokenizer, *, num_batch_shards: int, process_index:
                 "no_in_batch_neg) in %s x query_len in %s x passage_len in %s", steps, len(shapes), combos,
                 list(s.query_buckets), list(s.passage_buckets))
     return TrainData(_Pipeline(stages), shapes, int(config.num_data_workers), int(config.data_prefetch), bad_counts)
+
+
+# ---- tokenizer check ----------------------------------------------------------------------------------------------
+
+UNKNOWN_TOKEN_WARN_SHARE = 0.05  # more <unk> than this in the first batches: the tokenizer does not fit the texts
+
+
+def unknown_token_share(tokenizer, batches: Sequence[dict[str, np.ndarray]]) -> float:
+    """Share of `<unk>` among the text tokens of the batches' queries and passages: attention mask 1, special
+    tokens other than `<unk>` (`<s>`, `</s>`, ...) not counted. 0.0 without an unk token or without text tokens."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return 0.0
+    other_special = sorted(set(tokenizer.all_special_ids) - {unk})
+    n_unk = n_text = 0
+    for batch in batches:
+        for side in ("query", "passage"):
+            ids = batch[f"{side}_input_ids"]
+            text = batch[f"{side}_attention_mask"].astype(bool) & ~np.isin(ids, other_special)
+            n_text += int(text.sum())
+            n_unk += int((text & (ids == unk)).sum())
+    return n_unk / n_text if n_text else 0.0
+
+
+def log_unknown_token_share(tokenizer, train_data: TrainData, num_batches: int = 2) -> float:
+    """Log the share of `<unk>` tokens in the first batches (INFO; WARNING above UNKNOWN_TOKEN_WARN_SHARE), which
+    is otherwise silent when a tokenizer is broken or belongs to another model; returns the share."""
+    steps = range(min(num_batches, train_data.steps_per_epoch))
+    share = unknown_token_share(tokenizer, [train_data.batch(step) for step in steps])
+    message = "%.1f%% of the text tokens of the first %d batches are %s"
+    if share > UNKNOWN_TOKEN_WARN_SHARE:
+        logger.warning(message + " (more than %.0f%%): the tokenizer does not fit the training texts; check the "
+                       "tokenizer files of %s", 100 * share, len(steps), tokenizer.unk_token,
+                       100 * UNKNOWN_TOKEN_WARN_SHARE, tokenizer.name_or_path)
+    else:
+        logger.info(message, 100 * share, len(steps), tokenizer.unk_token)
+    return share

@@ -375,6 +375,31 @@ def load_hf_checkpoint(path: str) -> HFCheckpoint:
     return HFCheckpoint(config=config, encoder=encoder, colbert=colbert, sparse=sparse)
 
 
+def load_tokenizer(path: str, **kwargs):
+    """`AutoTokenizer.from_pretrained(path, **kwargs)` that tokenises as the directory's tokenizer.json says.
+
+    transformers 4 runs tokenizer.json as written. transformers 5 keeps only its vocabulary, post-processor and
+    charsmap and rebuilds an XLM-R tokenizer's normalizer, pre-tokenizer and decoder from its class (no Strip /
+    Replace normalizers, a whitespace split before Metaspace): bge-m3's tokenizer then gives other ids for texts
+    with U+0085 (NEXT LINE). Those three are put back from the file, so a directory gives the same ids under both.
+    """
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointFormatError(f"{path}: checkpoint directory does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tokenizer_json = os.path.join(path, TOKENIZER_FILES[0])
+    if backend is not None and os.path.isfile(tokenizer_json):
+        import tokenizers
+
+        written = tokenizers.Tokenizer.from_file(tokenizer_json)
+        backend.normalizer, backend.pre_tokenizer, backend.decoder = (
+            written.normalizer, written.pre_tokenizer, written.decoder)
+    return tokenizer
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Saving
 

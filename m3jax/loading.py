@@ -236,12 +236,11 @@ def load_model(path, settings: ModelSettings = ModelSettings(), *, step: int | N
 
 
 def load_tokenizer(source: ModelSource, **kwargs):
-    """The source's Hugging Face tokenizer (the run's base_model/ for an m3jax checkpoint)."""
-    from transformers import AutoTokenizer
-
+    """The source's Hugging Face tokenizer (the run's base_model/ for an m3jax checkpoint), giving the same ids
+    under transformers 4 and 5 (hf_io.load_tokenizer)."""
     if source.tokenizer_dir is None:
         raise hf_io.CheckpointFormatError(f"{source.path}: no tokenizer directory known")
-    return AutoTokenizer.from_pretrained(source.tokenizer_dir, **kwargs)
+    return hf_io.load_tokenizer(source.tokenizer_dir, **kwargs)
 
 
 __all__ = ["ModelSettings", "ModelSource", "LoadedModel", "resolve_attention", "find_model", "model_config",

@@ -4,7 +4,8 @@
 - an XLM-R-style unigram sentencepiece tokenizer trained here, deterministically, on the texts of
   `toy_train_data/*.jsonl` plus a built-in multilingual sample (several scripts), saved both as
   `sentencepiece.bpe.model` and as a fast `tokenizer.json` (`<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, `<mask>` last,
-  exactly like XLM-R's fairseq id layout);
+  exactly like XLM-R's fairseq id layout). The tokenizer files are written with `sentencepiece` and `tokenizers`
+  alone, byte for byte what transformers 4.57 writes, whatever transformers is installed;
 - a random XLMRobertaModel with bge-m3's config but tiny dimensions, random colbert/sparse heads, and the
   sentence-transformers files, all through `m3jax.hf_io.save_hf_checkpoint`.
 
@@ -69,10 +70,51 @@ def _training_texts() -> list[str]:
     return texts + _BUILTIN_SAMPLE.splitlines()
 
 
+# The special tokens of XLM-R's fairseq id layout and the tokenizer files transformers 4.57 writes for them.
+_SPECIALS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}  # and "<mask>": the last id
+_SPECIAL_TOKENS_MAP = {"bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
+                       "pad_token": "<pad>", "unk_token": "<unk>"}
+_MASK = {"content": "<mask>", "lstrip": True, "normalized": True, "rstrip": False, "single_word": False}
+
+
+def _fast_tokenizer(spm_model: bytes):
+    """The `tokenizers.Tokenizer` of an XLM-R sentencepiece model, as transformers 4's XLMRobertaConverter builds it.
+
+    Built here with the `tokenizers` library alone, so that tokenizer.json is the same whatever the transformers
+    version (transformers 5 has no converter taking a .model file in its XLM-R tokenizer's constructor).
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(spm_model)
+    # sentencepiece has <unk>=0 <s>=1 </s>=2; fairseq moves <unk> to 3, puts <pad> at 1 and appends <mask>.
+    vocab = [(token, 0.0) for token in _SPECIALS] + [(p.piece, p.score) for p in proto.pieces[3:]] + [("<mask>", 0.0)]
+    tok = Tokenizer(Unigram(vocab, unk_id=_SPECIALS["<unk>"], byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([
+        normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+        normalizers.Strip(left=False, right=True),
+        normalizers.Replace(Regex(" {2,}"), "\u2581"),
+    ])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", _SPECIALS["<s>"]), ("</s>", _SPECIALS["</s>"])])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in _SPECIALS]
+                           + [AddedToken(**_MASK, special=True)])
+    return tok
+
+
 def train_tokenizer(out_dir: str, *, model_max_length: int = 512) -> int:
-    """Train the tiny XLM-R tokenizer into out_dir (sentencepiece.bpe.model + HF files); returns its size."""
+    """Train the tiny XLM-R tokenizer into out_dir (sentencepiece.bpe.model + HF files); returns its size.
+
+    The files do not depend on the installed transformers: tokenizer.json holds the full unigram vocabulary and
+    the pipeline transformers 4 builds for XLM-R, tokenizer_config.json / special_tokens_map.json what transformers
+    4.57 writes (tests/test_tokenizer.py pins the ids it gives).
+    """
     import sentencepiece as spm
-    from transformers import XLMRobertaTokenizerFast
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -84,14 +126,24 @@ def train_tokenizer(out_dir: str, *, model_max_length: int = 512) -> int:
         num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,  # determinism: no sampling, one thread
         minloglevel=2,
     )
+    tok = _fast_tokenizer(model.getvalue())
+    size = tok.get_vocab_size()
+    added = {str(i): {**dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False),
+                      "special": True} for t, i in _SPECIALS.items()}
+    added[str(size - 1)] = {**_MASK, "special": True}
+    config = {"added_tokens_decoder": added, **_SPECIAL_TOKENS_MAP, "clean_up_tokenization_spaces": False,
+              "extra_special_tokens": {}, "mask_token": "<mask>", "model_max_length": model_max_length,
+              "sp_model_kwargs": {}, "tokenizer_class": "XLMRobertaTokenizer"}
     os.makedirs(out_dir, exist_ok=True)
-    spm_path = os.path.join(out_dir, "sentencepiece.bpe.model")
-    with open(spm_path, "wb") as f:
+    with open(os.path.join(out_dir, "sentencepiece.bpe.model"), "wb") as f:
         f.write(model.getvalue())
-    # Built from the slow tokenizer by transformers' XLMRobertaConverter, as for the real XLM-R.
-    tok = XLMRobertaTokenizerFast(vocab_file=spm_path, model_max_length=model_max_length)
-    tok.save_pretrained(out_dir)
-    return len(tok)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    special_tokens_map = dict(sorted({**_SPECIAL_TOKENS_MAP, "mask_token": _MASK}.items()))
+    for name, content in [("tokenizer_config.json", dict(sorted(config.items()))),
+                          ("special_tokens_map.json", special_tokens_map)]:
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            f.write(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+    return size
 
 
 def _random_weights(rng: np.random.Generator, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

@@ -57,6 +57,7 @@ def train(config) -> dict:
     tokenizer = loading.load_tokenizer(source)
     train_data = data_lib.build_train_data(config, tokenizer, num_batch_shards=num_blocks,
                                            process_index=jax.process_index(), process_count=jax.process_count())
+    data_lib.log_unknown_token_share(tokenizer, train_data)  # a broken or mismatched tokenizer is otherwise silent
     total_steps = config.max_steps if config.max_steps > 0 else config.num_train_epochs * train_data.steps_per_epoch
     shapes = train_data.shapes()
     logger.info("%d steps (%d per epoch); %d possible step shapes (each compiles once): %s", total_steps,

@@ -5,13 +5,9 @@
 See m3jax/tiny_checkpoint.py for what is written.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a source checkout
-
-from m3jax.hf_io import CheckpointFormatError  # noqa: E402
-from m3jax.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+from m3jax.hf_io import CheckpointFormatError
+from m3jax.tiny_checkpoint import make_tiny_checkpoint
 
 
 def main(argv=None):

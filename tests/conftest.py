@@ -1,6 +1,10 @@
 """Shared fixtures: tiny random bge-m3 checkpoints built once per test session (m3jax.tiny_checkpoint).
 
 The returned directories are shared between tests: treat them as read-only and copy one before changing it.
+
+Test stacks (.ci/run): tests that compare with FlagEmbedding carry the `needs_flagembedding` marker. Where
+FlagEmbedding does not import (the "latest" stack: transformers 5), they are deselected and the run says how many;
+with M3JAX_STACK=pinned (the parity stack) FlagEmbedding must import and none of them may be skipped.
 """
 import os
 
@@ -11,6 +15,56 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
+
+FLAGEMBEDDING = "needs_flagembedding"
+_PINNED = os.environ.get("M3JAX_STACK") == "pinned"
+_DESELECTED = pytest.StashKey[tuple]()  # (number of needs_flagembedding tests deselected, the import error)
+
+
+def _flagembedding_import_error() -> str | None:
+    try:
+        import FlagEmbedding  # noqa: F401
+    except Exception as e:  # noqa: BLE001 -- under transformers 5 FlagEmbedding 1.4 fails with various errors
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [item for item in items if item.get_closest_marker(FLAGEMBEDDING)]
+    if not marked:
+        return
+    error = _flagembedding_import_error()
+    if error is None:
+        return
+    if _PINNED:
+        raise pytest.UsageError(f"M3JAX_STACK=pinned but FlagEmbedding does not import ({error}): the pinned stack "
+                                f"must run the {len(marked)} {FLAGEMBEDDING} tests")
+    config.hook.pytest_deselected(items=marked)
+    items[:] = [item for item in items if not item.get_closest_marker(FLAGEMBEDDING)]
+    config.stash[_DESELECTED] = (len(marked), error)
+    if hasattr(config, "workeroutput"):  # a pytest-xdist worker: the controller prints the line
+        config.workeroutput[FLAGEMBEDDING] = (len(marked), error)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):  # pytest-xdist controller
+    if FLAGEMBEDDING in getattr(node, "workeroutput", {}):
+        node.config.stash[_DESELECTED] = tuple(node.workeroutput[FLAGEMBEDDING])
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if _DESELECTED in config.stash:
+        n, error = config.stash[_DESELECTED]
+        terminalreporter.write_line(f"{n} {FLAGEMBEDDING} tests deselected: FlagEmbedding does not import ({error})")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if _PINNED and report.skipped and item.get_closest_marker(FLAGEMBEDDING):
+        report.outcome = "failed"
+        report.longrepr = f"M3JAX_STACK=pinned: {FLAGEMBEDDING} test skipped ({report.longrepr})"
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 Data is written to tmp dirs; texts are short tagged strings ("d0 pos 3 1") so a decoded batch says where every row
 came from. The tokenizer is the tiny checkpoint's XLM-R-style unigram tokenizer (tests/conftest.py `tiny_ckpt`,
-<s>=0 <pad>=1 </s>=2 <unk>=3), loaded with AutoTokenizer as the train loop does.
+<s>=0 <pad>=1 </s>=2 <unk>=3), loaded with hf_io.load_tokenizer as the train loop does.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import re
 import numpy as np
 import pytest
 
+from m3jax import hf_io
 from m3jax.config import default_config
 from m3jax.data import BatchShape, DataError, build_train_data, length_buckets
 
@@ -23,8 +24,7 @@ SEED = 7
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_ckpt):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    tok = hf_io.load_tokenizer(tiny_ckpt)
     assert (tok.cls_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
     return tok
 
@@ -237,9 +237,10 @@ def test_same_dataset_batches_and_epoch_plan(tmp_path, tokenizer):
     assert orders[0] != orders[1]
 
 
+@pytest.mark.needs_flagembedding
 def test_epoch_plan_is_flagembeddings(tmp_path, tokenizer):
     """Same seed, same file order: FlagEmbedding 1.4's refresh_epoch forms the same batches in the same order."""
-    fe = pytest.importorskip("FlagEmbedding.abc.finetune.embedder.AbsDataset")
+    from FlagEmbedding.abc.finetune.embedder import AbsDataset as fe
     dirs = []
     for k, n in enumerate((12, 8, 16)):  # multiples of the global batch 4: 1.4 and the research rule agree
         dirs.append(write(tmp_path / f"dir{k}" / "data.jsonl", records(f"d{k}", n)).rsplit("/", 1)[0])

@@ -152,20 +152,26 @@ def test_export_loads_back_bitwise(exported, run):
     assert cfg == loading.load_model(run["work"]).cfg
 
 
-def test_export_matches_m3jax_in_transformers_flagembedding_sentence_transformers(exported, run):
-    import torch
-    from FlagEmbedding import BGEM3FlagModel as FlagBGEM3
-    from sentence_transformers import SentenceTransformer
-    from transformers import AutoModel, AutoTokenizer
+KW = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True, batch_size=4, max_length=64)
 
+
+@pytest.fixture(scope="module")
+def m3jax_outputs(run):
+    """m3jax's encoding of TEXTS with the trained params (m3jax loading the export has bitwise-equal params)."""
     from m3jax.inference import BGEM3FlagModel
 
     ckpt = loading.load_model(run["work"])
     ours = BGEM3FlagModel.from_params(ckpt.cfg, ckpt.params, loading.load_tokenizer(ckpt.source), use_fp16=False,
                                       devices="cpu")
-    kw = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True, batch_size=4, max_length=64)
-    ref = ours.encode(TEXTS, **kw)  # (m3jax loading the export has bitwise-equal params: test above)
+    return ours.encode(TEXTS, **KW)
 
+
+def test_export_matches_m3jax_in_transformers_and_sentence_transformers(exported, m3jax_outputs):
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    ref = m3jax_outputs
     # transformers AutoModel: normalised CLS of the last hidden state.
     tok = AutoTokenizer.from_pretrained(exported)
     hf_model = AutoModel.from_pretrained(exported).eval()
@@ -174,11 +180,21 @@ def test_export_matches_m3jax_in_transformers_flagembedding_sentence_transformer
         cls = torch.nn.functional.normalize(hf_model(**batch).last_hidden_state[:, 0], dim=-1).numpy()
     np.testing.assert_allclose(cls, ref["dense_vecs"], atol=1e-5, rtol=0)
 
+    # sentence-transformers: CLS pooling + Normalize.
+    st = SentenceTransformer(exported, device="cpu")
+    np.testing.assert_allclose(st.encode(TEXTS, convert_to_numpy=True), ref["dense_vecs"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.needs_flagembedding
+def test_export_matches_m3jax_in_flagembedding(exported, run, m3jax_outputs):
+    from FlagEmbedding import BGEM3FlagModel as FlagBGEM3
+
+    ckpt, ref = loading.load_model(run["work"]), m3jax_outputs
     # FlagEmbedding: all three outputs, heads read from the exported files (not re-initialised).
     flag = FlagBGEM3(exported, use_fp16=False, devices="cpu")
     np.testing.assert_array_equal(flag.model.colbert_linear.weight.detach().numpy(),
                                   ckpt.params["colbert_linear"]["kernel"].T)
-    theirs = flag.encode(TEXTS, **kw)
+    theirs = flag.encode(TEXTS, **KW)
     np.testing.assert_allclose(theirs["dense_vecs"], ref["dense_vecs"], atol=1e-5, rtol=0)
     assert sum(len(x) for x in ref["lexical_weights"]) > 10
     for mine, other in zip(ref["lexical_weights"], theirs["lexical_weights"]):
@@ -188,10 +204,6 @@ def test_export_matches_m3jax_in_transformers_flagembedding_sentence_transformer
     for mine, other in zip(ref["colbert_vecs"], theirs["colbert_vecs"]):
         assert mine.shape == other.shape and mine.shape[1] == HIDDEN
         np.testing.assert_allclose(other, mine, atol=1e-5, rtol=0)
-
-    # sentence-transformers: CLS pooling + Normalize.
-    st = SentenceTransformer(exported, device="cpu")
-    np.testing.assert_allclose(st.encode(TEXTS, convert_to_numpy=True), ref["dense_vecs"], atol=1e-5, rtol=0)
 
 
 def test_export_params_from_sharded_train_state(run, tmp_path):

@@ -367,6 +367,7 @@ def flag_model(tiny_ckpt):
     return BGEM3FlagModel(tiny_ckpt, use_fp16=False, devices="cpu")
 
 
+@pytest.mark.needs_flagembedding
 def test_loads_in_flagembedding(tiny_ckpt, flag_model):
     ckpt = load_hf_checkpoint(tiny_ckpt)
     # The heads were read from our files, not freshly initialised.
@@ -378,6 +379,7 @@ def test_loads_in_flagembedding(tiny_ckpt, flag_model):
     assert [v.shape[1] for v in out["colbert_vecs"]] == [HIDDEN] * len(TEXTS)
 
 
+@pytest.mark.needs_flagembedding
 def test_flagembedding_with_colbert_dim(make_ckpt):
     from FlagEmbedding import BGEM3FlagModel
 
@@ -387,6 +389,7 @@ def test_flagembedding_with_colbert_dim(make_ckpt):
     assert [v.shape[1] for v in out["colbert_vecs"]] == [8, 8]
 
 
+@pytest.mark.needs_flagembedding
 def test_sentence_transformers_matches_flagembedding_dense(tiny_ckpt, flag_model):
     from sentence_transformers import SentenceTransformer
 

@@ -41,14 +41,19 @@ def _parity_texts():
 
 
 @pytest.fixture(scope="module")
-def models(tiny_ckpt):
+def ours(tiny_ckpt):
+    return BGEM3FlagModel(tiny_ckpt, use_fp16=False, devices="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_ckpt, ours):
     from FlagEmbedding import BGEM3FlagModel as FlagModel
 
-    ours = BGEM3FlagModel(tiny_ckpt, use_fp16=False, devices="cpu", batch_size=8)
     theirs = FlagModel(tiny_ckpt, use_fp16=False, devices="cpu", batch_size=8)
     return ours, theirs
 
 
+@pytest.mark.needs_flagembedding
 def test_encode_matches_flagembedding(models, record_property):
     ours, theirs = models
     texts = _parity_texts()
@@ -67,6 +72,7 @@ def test_encode_matches_flagembedding(models, record_property):
     print(f"compared {len(texts)} texts ({len(texts) - len(TEXTS)} from M3JAX_PARITY_TEXTS)")
 
 
+@pytest.mark.needs_flagembedding
 def test_compute_score_matches_flagembedding(models):
     ours, theirs = models
     texts = _parity_texts()
@@ -83,6 +89,7 @@ def test_compute_score_matches_flagembedding(models):
     assert all(abs(single_a[k] - single_b[k]) <= 1e-5 for k in single_a)
 
 
+@pytest.mark.needs_flagembedding
 def test_scoring_helpers_match_flagembedding(models):
     ours, theirs = models
     kw = dict(max_length=MAX_LENGTH, return_dense=True, return_sparse=True, return_colbert_vecs=True)
@@ -98,6 +105,7 @@ def test_scoring_helpers_match_flagembedding(models):
     assert ours.convert_id_to_token(lw) == theirs.convert_id_to_token(lw)
 
 
+@pytest.mark.needs_flagembedding
 def test_single_string_and_flags_give_flagembedding_structure(models):
     ours, theirs = models
     a = ours.encode(TEXTS[0], return_sparse=True)
@@ -108,8 +116,7 @@ def test_single_string_and_flags_give_flagembedding_structure(models):
     assert only_dense["lexical_weights"] is None and only_dense["dense_vecs"].shape[0] == 3
 
 
-def test_query_instruction_is_prefixed(tiny_ckpt, models):
-    ours, _ = models
+def test_query_instruction_is_prefixed(tiny_ckpt, ours):
     with_instruction = BGEM3FlagModel(tiny_ckpt, use_fp16=False, devices="cpu",
                                       query_instruction_for_retrieval="Represent this query: ")
     a = with_instruction.encode_queries(["capital of France"])["dense_vecs"]
@@ -117,8 +124,7 @@ def test_query_instruction_is_prefixed(tiny_ckpt, models):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_large_encode_compiles_a_bounded_number_of_shapes(models):
-    ours, _ = models
+def test_large_encode_compiles_a_bounded_number_of_shapes(ours):
     rng = np.random.default_rng(0)
     words = " ".join(TEXTS).split()
     texts = [" ".join(rng.choice(words, size=rng.integers(1, 60))) for _ in range(150)]
@@ -135,6 +141,7 @@ def test_missing_model_directory_gives_a_clear_error(tmp_path):
         BGEM3FlagModel(str(tmp_path / "does_not_exist"), devices="cpu")
 
 
+@pytest.mark.needs_flagembedding
 def test_truncate_dim_matches_flagembedding(tiny_ckpt):
     from FlagEmbedding import BGEM3FlagModel as FlagModel
 
@@ -152,8 +159,7 @@ def test_truncate_dim_matches_flagembedding(tiny_ckpt):
         np.testing.assert_allclose(sa[k], sb[k], atol=1e-5)
 
 
-def test_encoding_over_all_local_devices_matches_one_device(tiny_ckpt, models):
-    ours, _ = models
+def test_encoding_over_all_local_devices_matches_one_device(tiny_ckpt, ours):
     spread = BGEM3FlagModel(tiny_ckpt, use_fp16=False, batch_size=8)  # devices=None: the 8 simulated CPU devices
     assert len(spread.devices) == 8
     kw = dict(max_length=MAX_LENGTH, return_dense=True, return_sparse=True, return_colbert_vecs=True)
