@@ -224,15 +224,17 @@ def m3_loss(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Ar
         return sc, head_loss, head_kd
 
     def matryoshka(head: str):
-        """Full-size scores, and the loss and kd averaged over the Matryoshka sizes."""
+        """Full-size scores, and the loss and kd averaged over the Matryoshka sizes (weights normalised first, so
+        a single size at full width is the plain loss bit for bit)."""
         width = (qr[head].vecs if head == "colbert" else qr[head]).shape[-1]
+        sizes = cfg.matryoshka(head)
+        norm = sum(v for _, v in sizes)
         full, total, total_kd = None, 0.0, 0.0
-        for dim, weight in cfg.matryoshka(head):
+        for dim, weight in sizes:
             sc, head_loss, head_kd = at_size(head, dim)
             full = sc if dim >= width else full
-            total, total_kd = total + weight * head_loss, total_kd + weight * head_kd
-        norm = sum(v for _, v in cfg.matryoshka(head))
-        return (at_size(head)[0] if full is None else full), total / norm, total_kd / norm
+            total, total_kd = total + (weight / norm) * head_loss, total_kd + (weight / norm) * head_kd
+        return (at_size(head)[0] if full is None else full), total, total_kd
 
     s, loss, kd = {}, {}, {}
     for head in heads:

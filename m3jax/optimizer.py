@@ -63,7 +63,8 @@ def _compiled(config, field: str, names: list[str]) -> list[re.Pattern]:
     for pattern in patterns:
         regex = re.compile(pattern)
         if not any(regex.search(n) for n in names):
-            examples = ", ".join(names[:2] + [n for n in names if "layers" in n][:2] + names[-2:])
+            examples = ", ".join(next(n for n in names if part in n) for part in (
+                "/embeddings/", "/layers/", "colbert_linear/", "sparse_linear/") if any(part in n for n in names))
             raise config_lib.ConfigError(f"config.{field}: {pattern!r} matches no parameter (names look like "
                                          f"{examples})")
         compiled.append(regex)
