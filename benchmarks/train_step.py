@@ -146,6 +146,8 @@ def build_config(args, *, remat: str, for_run: bool):
         target = config
         for name in parents:
             target = target[name]
+        if isinstance(target[leaf], tuple) and isinstance(value, str):  # like --config.heads=dense,sparse
+            value = (value,)
         target[leaf] = value
     config.max_steps = 1000
     return config

@@ -217,7 +217,8 @@ def train_data_dirs(config: ml_collections.ConfigDict) -> list[str]:
     return [str(p) for p in value]
 
 
-HEADS = ("dense", "sparse", "colbert")
+HEADS = ("dense", "sparse", "colbert")  # the M3 heads, in the order the loss and the ensemble sum them
+# The linear modules of an encoder layer LoRA can adapt (m3jax.model.Layer's names), in the layer's order.
 LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 
 
@@ -251,10 +252,11 @@ def frozen_patterns(config) -> tuple[str, ...]:
 
 
 def lora_targets(config) -> tuple[str, ...]:
-    """LoRA target modules in the encoder layer's order (empty when LoRA is off)."""
-    if config.lora.rank <= 0:
+    """LoRA target modules in the encoder layer's order (empty when LoRA is off). `config`: a run config or its
+    saved JSON dict."""
+    if config["lora"]["rank"] <= 0:
         return ()
-    chosen = _names(config.lora.targets)
+    chosen = _names(config["lora"]["targets"])
     return tuple(t for t in LORA_TARGETS if t in chosen)
 
 

@@ -81,7 +81,10 @@ def export_params(params, hf_config: dict, output_dir, *, tokenizer_dir: str,
                                      normalize_embeddings=normalize_embeddings,
                                      lora=lora or m3model.LoRAConfig(rank=0))
     cfg = loading.model_config(loading.ModelSource.of_params(hf_config, host_params, tokenizer_dir), settings)
-    loading.check_params(host_params, cfg, "params to export" + ("" if lora else " (LoRA adapters need `lora`)"))
+    if lora is None and any(m3model.is_lora_param(n.split("/")) for n in m3model.param_names(host_params)):
+        raise ExportError("the params to export hold LoRA adapters: pass lora=<the run's ModelConfig.lora> to merge "
+                          "them")
+    loading.check_params(host_params, cfg, "params to export")
     peft = m3model.lora_to_peft(host_params, cfg) if lora_adapters else None
     merged_cfg = dataclasses.replace(cfg, lora=None)
     encoder, colbert, sparse = m3model.params_to_hf(m3model.merge_lora(host_params, cfg), merged_cfg)

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from m3jax import checkpoint as ckpt_lib
+from m3jax import config as config_lib
 from m3jax import hf_io
 from m3jax.model import LoRAConfig, ModelConfig, init_head_params, params_from_hf
 
@@ -54,8 +55,6 @@ class ModelSettings:
     @classmethod
     def from_run_config(cls, config) -> ModelSettings:
         """The model fields of a run config (m3jax.config)."""
-        from m3jax import config as config_lib
-
         return cls(sentence_pooling_method=config.sentence_pooling_method,
                    normalize_embeddings=config.normalize_embeddings, colbert_dim=int(config.colbert_dim),
                    dtype=config.model.dtype, attention_implementation=config.model.attention_implementation,
@@ -75,10 +74,7 @@ def _lora_of_run_config(run_config: dict) -> LoRAConfig | None:
     lora = run_config.get("lora") or {}
     if int(lora.get("rank", 0)) <= 0:
         return None
-    from m3jax.config import LORA_TARGETS, _names
-
-    targets = [t for t in LORA_TARGETS if t in _names(lora.get("targets", ()))]
-    return lora_config(lora["rank"], lora.get("alpha", 16.0), lora.get("dropout", 0.0), targets)
+    return lora_config(lora["rank"], lora["alpha"], lora["dropout"], config_lib.lora_targets(run_config))
 
 
 def resolve_attention(implementation: str, platform: str | None = None) -> str:

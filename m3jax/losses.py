@@ -57,8 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from m3jax import scores
-
-HEADS = ("dense", "sparse", "colbert")
+from m3jax.config import HEADS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax import scores
+from m3jax.config import LORA_TARGETS  # the layer's linear modules LoRA can adapt, in the layer's order
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ REMAT_POLICIES = {
 
 # The heads' own parameters (the dense head has none): top-level param name -> head.
 HEAD_PARAMS = {"colbert_linear": "colbert", "sparse_linear": "sparse"}
-# The linear layers of an encoder layer LoRA can adapt (the Flax module names), in the layer's order.
-LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 LORA_SUFFIX = "_lora"  # the adapter of module "query" is module "query_lora", params "a" and "b"
 
 
@@ -53,9 +52,25 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ("query", "value")
 
+    def __post_init__(self):
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if self.rank < 0 or unknown:
+            raise ValueError(f"LoRAConfig(rank={self.rank}, targets={self.targets}): expected rank >= 0 and targets "
+                             f"among {', '.join(LORA_TARGETS)}")
+
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+def path_names(path) -> list[str]:
+    """The names along a tree path (dict keys, attribute names)."""
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def param_names(params) -> list[str]:
+    """Every parameter's name, its path joined by "/" ("encoder/layers/query/kernel", ...), in tree order."""
+    return ["/".join(path_names(path)) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 
 def is_lora_param(names) -> bool:

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from m3jax import config as config_lib
-from m3jax.model import HEAD_PARAMS, is_lora_param
+from m3jax.model import HEAD_PARAMS, is_lora_param, param_names, path_names
 
 
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
@@ -46,15 +46,6 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
-
-
-def _path_names(path) -> list[str]:
-    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-
-
-def param_names(params) -> list[str]:
-    """Every parameter's name ("encoder/layers/query/kernel", ...), in tree order."""
-    return ["/".join(_path_names(path)) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 
 def _compiled(config, field: str, names: list[str]) -> list[re.Pattern]:
@@ -95,7 +86,7 @@ def trainable_mask(params, config) -> object:
         return not lora or parts[0] in HEAD_PARAMS or is_lora_param(parts)
 
     def mask(path, leaf):
-        parts = _path_names(path)
+        parts = path_names(path)
         if not trains(parts):
             return np.asarray(False)
         below = config.freeze_layers_below
@@ -185,6 +176,6 @@ def make_optimizer(config, params, total_steps: int) -> tuple[optax.GradientTran
 def weight_decay_mask(params) -> object:
     """HF: no weight decay on biases and LayerNorm weights."""
     def decays(path, _):
-        names = _path_names(path)
+        names = path_names(path)
         return names[-1] != "bias" and not any("LayerNorm" in n for n in names)
     return jax.tree_util.tree_map_with_path(decays, params)
