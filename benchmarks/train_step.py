@@ -24,7 +24,8 @@ Modes:
         --memory-budget-gib is given; `auto` = the device's limit)
     --tiny      a 2-layer, hidden-64, 1000-token model (CI)
     --set FIELD=VALUE   any run-config override, e.g. --set lora.rank=16 (LoRA), --set heads=dense,sparse;
-                analyses then report trained_params, frozen_params and optimizer_state_gib (all devices)
+                analyses then report trained_params, frozen_params and optimizer_state_bytes / _gib (all
+                devices)
     --env       versions and devices
 
 OOM (RESOURCE_EXHAUSTED) prints the shape's line with "error": "OOM", as the reference does.
@@ -315,6 +316,7 @@ class Bench:
         params = self.stepper.parameter_summary()
         rec.update(lower_s=round(lower_s, 2), compile_s=round(lower_s + compile_s, 2),
                    trained_params=params["trained"], frozen_params=params["frozen"],
+                   optimizer_state_bytes=params["optimizer_state_bytes"],
                    optimizer_state_gib=round(params["optimizer_state_bytes"] / GIB, 4),
                    **analysis_record(compiled, self.model_cfg, shape, hlo=hlo))
         del compiled
