@@ -428,8 +428,9 @@ def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, mo
     need = dict(return_dense="dense" in parts, return_sparse="sparse" in parts, return_colbert_vecs="colbert" in parts)
     device = _device_of(model)
     vocab_size = _vocab_size(model)
-    cfg = getattr(model, "cfg", None)  # m3jax's; FlagEmbedding's model says normalize_embeddings itself
-    normalize = bool(cfg.normalize_embeddings if cfg is not None else getattr(model, "normalize_embeddings", True))
+    # Matryoshka cuts are re-normalised as the model's embeddings are (m3jax's cfg; FlagEmbedding's model itself)
+    normalize = bool(getattr(getattr(model, "cfg", None), "normalize_embeddings",
+                             getattr(model, "normalize_embeddings", True)))
 
     def check_vocab(enc, what):
         if "sparse" in parts:

@@ -89,6 +89,20 @@ def test_heads_from_the_command_line_and_unified_finetuning():
         "query", "output")
 
 
+def test_model_dependent_bounds_are_checked_when_the_step_is_built():
+    cfg = m3model.ModelConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=128, max_position_embeddings=40, colbert_dim=96)
+    config_lib.validate_against_model(_valid_config(freeze_layers_below=2, mrl_dims=(64, 32)), cfg)
+    with pytest.raises(config_lib.ConfigError, match=r"config.freeze_layers_below=3: expected at most the model's 2"):
+        config_lib.validate_against_model(_valid_config(freeze_layers_below=3), cfg)
+    with pytest.raises(config_lib.ConfigError, match=r"config.mrl_dims=\(96, 32\): expected sizes of at most the "
+                                                      r"embedding size \(64\)"):
+        config_lib.validate_against_model(_valid_config(mrl_dims=(96, 32)), cfg)
+    config_lib.validate_against_model(_valid_config(mrl_dims=(96, 32), mrl_colbert=True), cfg)  # colbert is 96 wide
+    with pytest.raises(ValueError, match="targets among query, key, value"):
+        m3model.LoRAConfig(rank=4, targets=("dense",))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The loss against its formula (float64 numpy)
 
