@@ -488,7 +488,9 @@ def test_heads_subset_freezing_and_matryoshka_train_and_export(tiny_ckpt, tmp_pa
     assert info["trained_heads"] == ["dense", "sparse"] and info["mrl_dims"] == [32, 16, 8]
     _, exported, _ = loading.load_model(out)
     np.testing.assert_array_equal(exported["colbert_linear"]["kernel"], initial["colbert_linear"]["kernel"])
-    print(f"export vs m3jax: max |diff| {assert_export_matches(str(run), out):.2e}")
+    worst = assert_export_matches(str(run), out)
+    with capsys.disabled():
+        print(f"export vs m3jax: max |diff| {worst:.2e}")
     capsys.readouterr()
     assert cli.main(["eval", "--model", out, "--corpus", str(config.eval.corpus), "--queries",
                      str(config.eval.queries), "--qrels", str(config.eval.qrels), "--devices", "cpu", "--fp32"]) == 0
@@ -672,7 +674,8 @@ def test_lora_run_exports_merged_and_peft_adapters(tiny_ckpt, tmp_path, capsys):
     _, merged, _ = loading.load_model(plain)
     assert "output_lora" not in merged["encoder"]["layers"]
     worst = assert_export_matches(str(run), with_adapters, peft_base=tiny_ckpt)
-    print(f"LoRA export (merged, PEFT) vs m3jax's adapted model: max |diff| {worst:.2e}")
+    with capsys.disabled():
+        print(f"LoRA export (merged, PEFT) vs m3jax's adapted model: max |diff| {worst:.2e}")
     capsys.readouterr()
     assert cli.main(["export", "--checkpoint", str(tiny_ckpt), "--output", str(tmp_path / "x")]) == 2
     no_lora = tmp_path / "no_lora"
