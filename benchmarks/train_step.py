@@ -23,6 +23,9 @@ Modes:
         accelerator, or against a memory budget with the compiled memory analysis (on CPU, or whenever
         --memory-budget-gib is given; `auto` = the device's limit)
     --tiny      a 2-layer, hidden-64, 1000-token model (CI)
+    --set FIELD=VALUE   any run-config override, e.g. --set lora.rank=16 (LoRA), --set heads=dense,sparse;
+                analyses then report trained_params, frozen_params and optimizer_state_bytes / _gib (all
+                devices)
     --env       versions and devices
 
 OOM (RESOURCE_EXHAUSTED) prints the shape's line with "error": "OOM", as the reference does.
@@ -116,6 +119,7 @@ class Settings:
     mesh: dict
     hidden_dropout: float
     attention_dropout: float
+    overrides: dict  # --set FIELD=VALUE
 
 
 def build_config(args, *, remat: str, for_run: bool):
@@ -138,8 +142,41 @@ def build_config(args, *, remat: str, for_run: bool):
         config.cross_device_all_heads = args.cross_device == "all"
     for axis, size in parse_mesh(args.mesh).items():
         config.mesh[axis] = size
+    for key, value in parse_overrides(args.set).items():
+        *parents, leaf = key.split(".")
+        target = config
+        for name in parents:
+            target = target[name]
+        if isinstance(target[leaf], tuple) and isinstance(value, str):  # like --config.heads=dense,sparse
+            value = (value,)
+        target[leaf] = value
     config.max_steps = 1000
     return config
+
+
+def parse_overrides(items) -> dict:
+    """--set FIELD=VALUE items -> {field: value}; VALUE is a Python literal (else the string), as train.py's
+    --config.FIELD=VALUE overrides."""
+    import ast
+
+    from m3jax.config import default_config
+
+    out = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        target = default_config()
+        try:
+            for name in key.split("."):
+                target = target[name]
+        except (KeyError, AttributeError):
+            raise BenchError(f"--set {item!r}: no config field {key!r} (fields: m3jax/config.py)") from None
+        if not sep:
+            raise BenchError(f"--set {item!r}: expected FIELD=VALUE, e.g. lora.rank=16")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
 
 
 class Bench:
@@ -173,7 +210,7 @@ class Bench:
                           "dense" if self.config.negatives_cross_device else "off"),
             mesh={k: int(v) for k, v in self.mesh.shape.items()},
             hidden_dropout=self.model_cfg.hidden_dropout_prob,
-            attention_dropout=self.model_cfg.attention_probs_dropout_prob)
+            attention_dropout=self.model_cfg.attention_probs_dropout_prob, overrides=parse_overrides(args.set))
 
     # -- the trainer's model config and step ---------------------------------------------------------------------
 
@@ -265,7 +302,8 @@ class Bench:
                     qlen=shape.qlen, plen=shape.plen, sub_batch=self.sub_batch_for(shape), model=s.model,
                     dtype=s.dtype, attention=s.attention, remat=s.remat, cross_device=s.cross_device,
                     hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout, mesh=s.mesh,
-                    devices=self.num_shards, **self.target, jax=self.jax.__version__)
+                    devices=self.num_shards, **({"overrides": s.overrides} if s.overrides else {}),
+                    **self.target, jax=self.jax.__version__)
 
     def analyze(self, shape: Shape, *, hlo: bool = True) -> dict:
         rec = dict(mode="analyze", **self.base_record(shape))
@@ -275,7 +313,11 @@ class Bench:
             if not is_oom(e):
                 raise
             return dict(rec, error="OOM", detail=short(e))
+        params = self.stepper.parameter_summary()
         rec.update(lower_s=round(lower_s, 2), compile_s=round(lower_s + compile_s, 2),
+                   trained_params=params["trained"], frozen_params=params["frozen"],
+                   optimizer_state_bytes=params["optimizer_state_bytes"],
+                   optimizer_state_gib=round(params["optimizer_state_bytes"] / GIB, 4),
                    **analysis_record(compiled, self.model_cfg, shape, hlo=hlo))
         del compiled
         gc.collect()
@@ -402,6 +444,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-compile", default="auto", choices=("auto", "on", "off"),
                    help="CPU only: compile with LLVM optimisation level 0 (about half the compile time; the HLO, "
                         "memory and cost analyses are identical, the code runs slower). auto: for analyses only")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a run-config field (repeatable), e.g. --set lora.rank=16 "
+                        "--set \"lora.targets=('query','key','value')\" --set heads=dense,sparse")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="also append the JSON lines to this file")
     p.add_argument("--env", action="store_true", help="print versions and devices (one JSON line) and exit")
@@ -424,6 +469,7 @@ def _validate(args) -> None:
         if r not in ("none", "full", "dots", "dots_no_batch"):
             raise BenchError(f"--remat {r!r}: none, full, dots or dots_no_batch")
     parse_mesh(args.mesh)
+    parse_overrides(args.set)
 
 
 def remat_list(args) -> list[str]:

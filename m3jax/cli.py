@@ -2,6 +2,7 @@
 
     m3jax train --config configs/toy.py [--config.<field>=<value> ...]      (the same as python train.py ...)
     m3jax export --checkpoint runs/toy --output runs/toy_export [--step N] [--pytorch-bin] [--heads-dtype float16]
+                 [--lora-adapters]
     m3jax eval --model runs/toy_export --corpus c.jsonl --queries q.jsonl --qrels qrels.tsv [--output r.json]
 
 Errors a user can fix (m3jax.errors.M3JaxError: a bad config value, malformed data or eval file, a missing or
@@ -72,6 +73,9 @@ def _add_export(subparsers) -> None:
                    help="dtype of colbert_linear.pt / sparse_linear.pt; float32 (default) is exact, float16 is "
                         "what bge-m3 ships")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    p.add_argument("--lora-adapters", action="store_true",
+                   help="a LoRA run: besides the merged model, write the adapters alone to <output>/lora_adapters "
+                        "(PEFT layout: PeftModel.from_pretrained(<base bge-m3 AutoModel>, <that dir>))")
     p.set_defaults(func=_run_export)
 
 
@@ -79,7 +83,8 @@ def _run_export(args) -> int:
     from m3jax.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.output, step=args.step, base_model=args.base_model,
-                            pytorch_bin=args.pytorch_bin, heads_dtype=args.heads_dtype, overwrite=args.overwrite)
+                            pytorch_bin=args.pytorch_bin, heads_dtype=args.heads_dtype, overwrite=args.overwrite,
+                            lora_adapters=args.lora_adapters)
     print(out)
     return 0
 
@@ -116,8 +121,10 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--corpus", required=True, help="corpus.jsonl: {\"_id\", \"title\", \"text\"} per line")
     p.add_argument("--queries", required=True, help="queries.jsonl: {\"_id\", \"text\"} per line")
     p.add_argument("--qrels", required=True, help="qrels TSV: query-id, corpus-id, score (header optional)")
-    p.add_argument("--modes", type=_modes_arg, default="dense,sparse,colbert,dense+sparse,all",
-                   help="comma-separated: dense, sparse, colbert, dense+sparse, all (default: all five)")
+    p.add_argument("--modes", type=_modes_arg, default=None,
+                   help="comma-separated: dense, sparse, colbert, dense+sparse, all, dense@K, colbert@K (Matryoshka "
+                        "size K) (default: the first five, plus dense@K for each mrl_dims size the model was "
+                        "trained with)")
     p.add_argument("--weights", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("DENSE", "SPARSE", "COLBERT"),
                    help="weights of the combined modes (default 1 1 1, as FlagEmbedding's compute_score)")
     p.add_argument("--metrics", type=_metrics_arg, default="ndcg@10,recall@100,mrr@10",
@@ -160,6 +167,17 @@ def _load_model(args):
                               f"checkpoint: {e}") from e
 
 
+def _trained_matryoshka_modes(args, cfg) -> tuple[str, ...]:
+    from m3jax import loading
+    from m3jax.evaluate import matryoshka_modes
+
+    hf_dir = os.path.isfile(os.path.join(args.model, "config.json"))
+    defaults = loading.find_model(args.model, step=None if hf_dir else args.step,
+                                  base_model=None if hf_dir else args.base_model).defaults
+    return matryoshka_modes(defaults.get("mrl_dims") or (), dense_size=cfg.hidden_size,
+                            colbert_size=cfg.colbert_out_dim if defaults.get("mrl_colbert") else None)
+
+
 def _run_eval(args) -> int:
     import json
 
@@ -170,11 +188,13 @@ def _run_eval(args) -> int:
         if getattr(args, name) < (1 if name == "batch_size" else 2):
             raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} is too small")
     try:
-        ev._check_weights(args.weights, args.modes)
+        ev._check_weights(args.weights, args.modes or ev.MODES)
     except ValueError as e:
         raise UsageError(f"--weights: {e}") from None
     eval_set = ev.load_eval_set(args.corpus, args.queries, args.qrels)  # file errors before loading the model
     model = _load_model(args)
+    if args.modes is None:  # the five modes, and each Matryoshka size of a model trained with mrl_dims
+        args.modes = ev.MODES + _trained_matryoshka_modes(args, model.cfg)
     results = ev.evaluate_eval_set(model, eval_set, batch_size=args.batch_size, query_max_len=args.query_max_len,
                                    passage_max_len=args.passage_max_len, modes=args.modes, weights=args.weights,
                                    metrics=args.metrics)

@@ -75,6 +75,42 @@ def default_config() -> ml_collections.ConfigDict:
     c.fix_encoder = False  # train only colbert_linear and sparse_linear
     c.fix_position_embedding = False
 
+    # ---- fine-tuning control (m3jax options; README "Fine-tuning control") ---------------------------------
+    # Heads the loss trains: a non-empty subset of dense, sparse, colbert (`--config.heads=dense,sparse`). The
+    # unified loss and its ensemble use only these (formula: m3jax/losses.py); the other heads' linears get no
+    # gradient, no update and no optimizer state, and an export still carries them as loaded. One head: its CE
+    # alone (weight 1, no ensemble, no self-distillation). unified_finetuning=False is FlagEmbedding's name for
+    # heads=("dense",): with it, heads must be left at all three or be ("dense",) (anything else is an error).
+    c.heads = ("dense", "sparse", "colbert")
+    # Parameter freezing by name. Names are paths joined by "/", e.g. encoder/embeddings/word_embeddings/embedding,
+    # encoder/layers/query/kernel (stacked over layers), encoder/layers/query_lora/a, colbert_linear/kernel,
+    # sparse_linear/bias; patterns are Python regexes matched anywhere in the name (re.search; anchor with ^ $).
+    # trainable: if non-empty, only parameters matching one of them train (replaces the default set: everything,
+    # or with LoRA the adapters and the trained heads). frozen: parameters matching one of them never train.
+    # Every pattern must match some parameter. Pooler, fix_encoder, fix_position_embedding and untrained heads
+    # are frozen whatever the patterns say.
+    c.trainable = ()
+    c.frozen = ()
+    # Layers 0..N-1 of the encoder (base weights and LoRA adapters) get no update. The layers are stacked on a
+    # leading axis (nn.scan), so this masks rows of those arrays: the frozen rows get no update, no weight decay,
+    # no part in the clip norm, but their Adam moments are allocated (kept exactly zero) -- see m3jax/optimizer.py.
+    c.freeze_layers_below = 0
+    # LoRA adapters on the encoder's linear layers: y = W x + b + (alpha / rank) * B A dropout(x), A [in, rank]
+    # uniform +-1/sqrt(in), B [rank, out] zero. rank 0 = off. With LoRA the encoder's own weights are frozen by
+    # default (only adapters and the trained heads train; `trainable` can change that). The export merges the
+    # adapters into the weights (a plain bge-m3 directory); `m3jax export --lora-adapters` also writes them alone.
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, dropout=0.0,
+        targets=("query", "value"),  # some of query, key, value, attention_output, intermediate, output
+    ))
+    # Matryoshka embeddings: the dense head's loss is the (weighted) mean of its loss over these sizes, each the
+    # cut of the embedding re-normalised (as inference's truncate_dim); the ensemble and self-distillation use the
+    # full size. Empty = off; e.g. (1024, 512, 256, 128). mrl_weights: one per dim (empty = equal).
+    # mrl_colbert: the same for the colbert head's token vectors (sizes above colbert_dim count as full size).
+    c.mrl_dims = ()
+    c.mrl_weights = ()
+    c.mrl_colbert = False
+
     # ---- optimisation (HF TrainingArguments names) ---------------------------------------------------------
     c.learning_rate = 1e-5
     c.weight_decay = 0.0
@@ -124,6 +160,7 @@ def default_config() -> ml_collections.ConfigDict:
         ("mlp", "tensor"),
         ("colbert", None),
         ("layers", None),
+        ("lora", None),  # the rank axis of LoRA adapters
         ("positions", None),
         ("types", None),
         ("one", None),
@@ -180,6 +217,114 @@ def train_data_dirs(config: ml_collections.ConfigDict) -> list[str]:
     return [str(p) for p in value]
 
 
+HEADS = ("dense", "sparse", "colbert")  # the M3 heads, in the order the loss and the ensemble sum them
+# The linear modules of an encoder layer LoRA can adapt (m3jax.model.Layer's names), in the layer's order.
+LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
+
+
+def _names(value) -> tuple[str, ...]:
+    """Names from a config value: ("a", "b"), "a,b", or ("a,b",) (what `--config.<field>=a,b` gives a tuple)."""
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
+
+
+def _patterns(value) -> tuple[str, ...]:
+    """Regexes from a config value: one string or a tuple of them (not split at commas: a regex may hold one)."""
+    return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def trained_heads(config) -> tuple[str, ...]:
+    """The heads the loss trains, in the order dense, sparse, colbert: `heads`, or ("dense",) when
+    unified_finetuning is False (validate() rejects the two contradicting each other). `config`: a run config or
+    its saved JSON dict."""
+    if not config["unified_finetuning"]:
+        return ("dense",)
+    chosen = _names(config["heads"])
+    return tuple(h for h in HEADS if h in chosen)
+
+
+def trainable_patterns(config) -> tuple[str, ...]:
+    return _patterns(config.trainable)
+
+
+def frozen_patterns(config) -> tuple[str, ...]:
+    return _patterns(config.frozen)
+
+
+def lora_targets(config) -> tuple[str, ...]:
+    """LoRA target modules in the encoder layer's order (empty when LoRA is off). `config`: a run config or its
+    saved JSON dict."""
+    if config["lora"]["rank"] <= 0:
+        return ()
+    chosen = _names(config["lora"]["targets"])
+    return tuple(t for t in LORA_TARGETS if t in chosen)
+
+
+def mrl_dims(config) -> tuple[int, ...]:
+    return tuple(int(d) for d in config.mrl_dims)
+
+
+def mrl_weights(config) -> tuple[float, ...]:
+    """One weight per Matryoshka dim (equal weights when mrl_weights is empty)."""
+    dims = mrl_dims(config)
+    return tuple(float(w) for w in config.mrl_weights) if len(config.mrl_weights) else (1.0,) * len(dims)
+
+
+def _validate_finetune_control(c) -> None:
+    heads = _names(c.heads)
+    _require(bool(heads) and all(h in HEADS for h in heads) and len(set(heads)) == len(heads), "heads",
+             f"a non-empty subset of {', '.join(HEADS)} (e.g. --config.heads=dense,sparse)", c.heads)
+    _require(c.unified_finetuning or set(heads) in (set(HEADS), {"dense"}), "heads",
+             "all three heads or ('dense',) with unified_finetuning=False (which means dense only); set "
+             "unified_finetuning=True to choose heads", c.heads)
+    import re
+
+    for field, patterns in (("trainable", _patterns(c.trainable)), ("frozen", _patterns(c.frozen))):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"config.{field}: {pattern!r} is not a regular expression ({e})") from None
+    _require(isinstance(c.freeze_layers_below, int) and c.freeze_layers_below >= 0, "freeze_layers_below",
+             "an int >= 0 (layers 0..N-1 are frozen)", c.freeze_layers_below)
+    lora = c.lora
+    _require(isinstance(lora.rank, int) and lora.rank >= 0, "lora.rank", "an int >= 0 (0: no LoRA)", lora.rank)
+    if lora.rank > 0:
+        _require(isinstance(lora.alpha, (int, float)) and lora.alpha > 0, "lora.alpha", "a positive float",
+                 lora.alpha)
+        _require(isinstance(lora.dropout, (int, float)) and 0.0 <= lora.dropout < 1.0, "lora.dropout",
+                 "a probability in [0, 1)", lora.dropout)
+        targets = _names(lora.targets)
+        _require(bool(targets) and all(t in LORA_TARGETS for t in targets), "lora.targets",
+                 f"a non-empty subset of {', '.join(LORA_TARGETS)}", lora.targets)
+        _require(not c.fix_encoder, "fix_encoder", "False with LoRA (fix_encoder stops every gradient into the "
+                 "encoder, adapters included)", c.fix_encoder)
+    dims = tuple(c.mrl_dims)
+    _require(all(isinstance(d, int) and d >= 1 for d in dims) and len(set(dims)) == len(dims), "mrl_dims",
+             "distinct positive ints, e.g. (1024, 512, 256, 128) (empty: off)", dims)
+    weights = tuple(c.mrl_weights)
+    _require(not weights or (len(weights) == len(dims) and all(isinstance(w, (int, float)) and w >= 0
+                                                               for w in weights) and sum(weights) > 0),
+             "mrl_weights", f"empty or {len(dims)} non-negative numbers (one per mrl_dims entry) with a positive "
+             f"sum", weights)
+    trained = trained_heads(c)
+    if dims:
+        _require("dense" in trained or (c.mrl_colbert and "colbert" in trained), "mrl_dims",
+                 "a trained head to apply to: dense in heads (or colbert with mrl_colbert=True)", dims)
+    if c.mrl_colbert:
+        _require(bool(dims) and "colbert" in trained, "mrl_colbert",
+                 "False unless mrl_dims is set and colbert is a trained head", c.mrl_colbert)
+
+
+def validate_against_model(config, model_cfg) -> None:
+    """The fields whose bounds depend on the model: freeze_layers_below, mrl_dims (Stepper.build calls this)."""
+    _require(config.freeze_layers_below <= model_cfg.num_hidden_layers, "freeze_layers_below",
+             f"at most the model's {model_cfg.num_hidden_layers} layers", config.freeze_layers_below)
+    largest = max([model_cfg.hidden_size] + ([model_cfg.colbert_out_dim] if config.mrl_colbert else []))
+    _require(all(d <= largest for d in mrl_dims(config)), "mrl_dims",
+             f"sizes of at most the embedding size ({largest})", tuple(config.mrl_dims))
+
+
 def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) -> None:
     """Fail fast, naming the field, on values that would otherwise fail deep inside a run."""
     c = config
@@ -227,6 +372,7 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
              "at most one axis of size -1", dict(c.mesh))
     _require(c.distributed.initialize in ("auto", "always", "never"), "distributed.initialize",
              "'auto', 'always' or 'never'", c.distributed.initialize)
+    _validate_finetune_control(c)
     rules = tuple(c.sharding_rules)
     for rule in rules:
         ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)

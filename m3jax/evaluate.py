@@ -23,6 +23,8 @@ m3jax.scores), keeping a running top-k (k = max(100, the largest metric cutoff))
            (FlagEmbedding's colbert_score on the unpadded vectors; padded passage tokens are masked out)
   dense+sparse  (w_d * dense + w_s * sparse) / (w_d + w_s)
   all           (w_d * dense + w_s * sparse + w_c * colbert) / (w_d + w_s + w_c)
+  dense@K, colbert@K   Matryoshka: the head on the first K components of every vector, re-normalised (as
+                inference's truncate_dim), from the same encoding; a training run with mrl_dims reports each size
 with weights [w_d, w_s, w_c] defaulting to [1, 1, 1] like FlagEmbedding's compute_score.
 
 Metrics follow trec_eval / pytrec_eval (what BEIR and FlagEmbedding's evaluation report): nDCG@k with the graded
@@ -75,16 +77,33 @@ class EvalDataError(M3JaxError, ValueError):
 # Options
 
 
+_MATRYOSHKA_MODE = re.compile(r"(dense|colbert)@(\d+)")
+
+
+def mode_parts(mode: str) -> tuple[tuple[str, ...], int | None]:
+    """(the heads a mode combines, its Matryoshka size or None)."""
+    match = _MATRYOSHKA_MODE.fullmatch(mode)
+    return ((match.group(1),), int(match.group(2))) if match else (_MODE_PARTS[mode], None)
+
+
+def matryoshka_modes(dims: Sequence[int], *, dense_size: int, colbert_size: int | None = None) -> tuple[str, ...]:
+    """dense@K for the Matryoshka sizes K below the dense size (and colbert@K below colbert_size when given)."""
+    out = [f"dense@{d}" for d in dims if d < dense_size]
+    return tuple(out + ([f"colbert@{d}" for d in dims if d < colbert_size] if colbert_size else []))
+
+
 def parse_modes(modes: str | Sequence[str]) -> tuple[str, ...]:
-    """'dense,sparse' or a list -> canonical mode names (aliases: sparse+dense, colbert+sparse+dense, lexical)."""
+    """'dense,sparse' or a list -> canonical mode names (aliases: sparse+dense, colbert+sparse+dense, lexical;
+    dense@K and colbert@K: Matryoshka sizes)."""
     items = [m.strip() for m in modes.split(",")] if isinstance(modes, str) else [str(m).strip() for m in modes]
     out = []
     for m in items:
         if not m:
             continue
         canonical = _MODE_ALIASES.get(m.lower(), m.lower())
-        if canonical not in MODES:
-            raise ValueError(f"unknown mode {m!r}: expected some of {', '.join(MODES)}")
+        size = _MATRYOSHKA_MODE.fullmatch(canonical)
+        if canonical not in MODES and not (size and int(size.group(2)) >= 1):
+            raise ValueError(f"unknown mode {m!r}: expected some of {', '.join(MODES)}, dense@K, colbert@K")
         if canonical not in out:
             out.append(canonical)
     if not out:
@@ -118,7 +137,8 @@ def _check_weights(weights: Sequence[float], modes: Sequence[str]) -> tuple[floa
         raise ValueError(f"weights={list(weights)}: expected non-negative numbers")
     index = {"dense": 0, "sparse": 1, "colbert": 2}
     for mode in modes:
-        if len(_MODE_PARTS[mode]) > 1 and sum(w[index[p]] for p in _MODE_PARTS[mode]) <= 0:
+        parts = mode_parts(mode)[0]
+        if len(parts) > 1 and sum(w[index[p]] for p in parts) <= 0:
             raise ValueError(f"weights={list(weights)}: the weights of mode {mode!r} sum to 0")
     return w
 
@@ -333,29 +353,37 @@ def compute_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, f
 # Exact search on the device
 
 
-@functools.partial(jax.jit, static_argnames=("modes", "k", "vocab_size"))
-def _search_block(best_scores, best_index, q, p, p_index, p_valid, weights, *, modes, k, vocab_size):
+@functools.partial(jax.jit, static_argnames=("modes", "k", "vocab_size", "normalize"))
+def _search_block(best_scores, best_index, q, p, p_index, p_valid, weights, *, modes, k, vocab_size,
+                  normalize=True):
     """Score one query block against one passage block and merge into the running top-k.
 
     q / p: head representations (m3jax.inference.pack_outputs); best_scores / best_index [M, Qb, k]; p_index [Pb]
-    (corpus positions); p_valid [Pb] (False for padding rows).
+    (corpus positions); p_valid [Pb] (False for padding rows); normalize: re-normalise Matryoshka cuts.
     """
     hi = jax.lax.Precision.HIGHEST  # exact float32 products on TPU/GPU too
-    base = {}
-    for head in {part for mode in modes for part in _MODE_PARTS[mode]}:
-        passages = p[head]
+
+    def similarity(head, dim=None):
+        qx, px = q[head], p[head]
         if head == "sparse":  # the block's lexical vectors [Pb, V]; the queries' token ids are read from them
-            passages = scores.lexical_vectors(passages.weights, passages.ids, vocab_size)
-        base[head] = scores.SIMILARITIES[head](q[head], passages, precision=hi, **(
+            px = scores.lexical_vectors(px.weights, px.ids, vocab_size)
+        if dim is not None:
+            qx, px = scores.truncate(qx, dim, normalize), scores.truncate(px, dim, normalize)
+        return scores.SIMILARITIES[head](qx, px, precision=hi, **(
             {"block_bytes": _BLOCK_BYTES} if head == "colbert" else {}))
+
+    base = {head: similarity(head) for head in {part for mode in modes for part in mode_parts(mode)[0]
+                                                if mode_parts(mode)[1] is None}}
     w = {"dense": weights[0], "sparse": weights[1], "colbert": weights[2]}
     found = []
     for mode in modes:
-        mode_parts = _MODE_PARTS[mode]
-        if len(mode_parts) == 1:
-            found.append(base[mode_parts[0]])
+        parts, dim = mode_parts(mode)
+        if dim is not None:
+            found.append(similarity(parts[0], dim))
+        elif len(parts) == 1:
+            found.append(base[parts[0]])
         else:
-            found.append(sum(w[x] * base[x] for x in mode_parts) / sum(w[x] for x in mode_parts))
+            found.append(sum(w[x] * base[x] for x in parts) / sum(w[x] for x in parts))
     found = jnp.where(p_valid[None, None, :], jnp.stack(found), -jnp.inf)  # [M, Qb, Pb]
     index = jnp.broadcast_to(p_index[None, None, :], found.shape)
     all_scores = jnp.concatenate([best_scores, found], axis=-1)
@@ -389,7 +417,7 @@ def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, mo
     """
     modes = parse_modes(modes)
     w = _check_weights(weights, modes)
-    parts = frozenset(p for m in modes for p in _MODE_PARTS[m])
+    parts = frozenset(p for m in modes for p in mode_parts(m)[0])
     n_q, n_p = len(query_texts), len(corpus_texts)
     if n_q == 0 or n_p == 0:
         raise ValueError("search needs at least one query and one passage")
@@ -397,6 +425,9 @@ def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, mo
     need = dict(return_dense="dense" in parts, return_sparse="sparse" in parts, return_colbert_vecs="colbert" in parts)
     device = _device_of(model)
     vocab_size = _vocab_size(model)
+    # Matryoshka cuts are re-normalised as the model's embeddings are (m3jax's cfg; FlagEmbedding's model itself)
+    normalize = bool(getattr(getattr(model, "cfg", None), "normalize_embeddings",
+                             getattr(model, "normalize_embeddings", True)))
 
     def check_vocab(enc, what):
         if "sparse" in parts:
@@ -446,7 +477,7 @@ def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, mo
             p_dev = jax.device_put((packed, p_index, p_valid), device)
             for i in range(n_q_blocks):
                 best[i] = _search_block(best[i][0], best[i][1], q_blocks[i], *p_dev, weights_arr, modes=modes, k=k,
-                                        vocab_size=vocab_size)
+                                        vocab_size=vocab_size, normalize=normalize)
     top = np.concatenate([np.asarray(s) for s, _ in best], axis=1)[:, :n_q]
     index = np.concatenate([np.asarray(i) for _, i in best], axis=1)[:, :n_q]
     return {mode: (top[m], index[m]) for m, mode in enumerate(modes)}
@@ -507,7 +538,8 @@ def evaluate_from_config(config, model_cfg, params, tokenizer, *, devices=None) 
     """The periodic eval of a training run: config.eval names the files; returns {mode: {metric: value}}.
 
     Reads config.eval.{corpus, queries, qrels, batch_size, query_max_len, passage_max_len} (a max_len of -1 takes
-    the training one) and, when the config has them, config.eval.{modes, weights, metrics}; the query / passage
+    the training one) and, when the config has them, config.eval.{modes, weights, metrics}, plus dense@K (and
+    colbert@K with mrl_colbert) for each Matryoshka size K of config.mrl_dims; the query / passage
     instructions of the training config are applied. `params` may be the train state's sharded params; in a
     multi-process run every process evaluates (the params are gathered first) and gets the same numbers.
     `devices`: as BGEM3FlagModel's (default: every local device encodes a slice of each batch).
@@ -529,8 +561,12 @@ def evaluate_from_config(config, model_cfg, params, tokenizer, *, devices=None) 
         query_instruction_for_retrieval=config.query_instruction_for_retrieval,
         query_instruction_format=config.query_instruction_format)
     eval_set = load_eval_set(ev.corpus, ev.queries, ev.qrels)
+    dims = tuple(config.mrl_dims) if "mrl_dims" in config else ()
+    sizes = matryoshka_modes(dims, dense_size=model_cfg.hidden_size,
+                             colbert_size=model_cfg.colbert_out_dim if config.get("mrl_colbert") else None)
+    modes = parse_modes(tuple(get("modes", MODES)) + sizes)
     return evaluate_eval_set(model, eval_set, batch_size=ev.batch_size, query_max_len=query_max_len,
-                             passage_max_len=passage_max_len, modes=get("modes", MODES),
+                             passage_max_len=passage_max_len, modes=modes,
                              weights=get("weights", DEFAULT_WEIGHTS), metrics=get("metrics", DEFAULT_METRICS),
                              passage_instruction=config.passage_instruction_for_retrieval,
                              passage_instruction_format=config.passage_instruction_format)

@@ -12,16 +12,25 @@ colbert_linear.pt, sparse_linear.pt, tokenizer files, sentence-transformers file
 `m3jax_export.json` naming the source step and the head settings. Everything is written through
 `storage.atomic_directory`: an interrupted or failed export never leaves a half-written output directory.
 
+LoRA: a run with adapters is exported merged -- each adapted kernel becomes W + (alpha / rank) * A B
+(m3jax.model.merge_lora) -- so the output is a plain bge-m3 directory. `lora_adapters=True`
+(`m3jax export --lora-adapters`) also writes the adapters alone to `lora_adapters/` in PEFT's layout
+(adapter_model.safetensors + adapter_config.json): `PeftModel.from_pretrained(AutoModel.from_pretrained(<the base
+bge-m3>), "<export>/lora_adapters")` computes the adapted encoder; the trained heads are the export's .pt files.
+Every head file is written whatever heads were trained (an untrained head as it was loaded).
+
 Heads dtype: the default is float32, so the export is exact (loading it back gives bitwise-equal params and the
 three libraries reproduce m3jax's outputs to float32 precision). `heads_dtype="float16"` writes the heads the way
 bge-m3 ships them (colbert_linear.pt is 4 MB instead of 8 MB for bge-m3; the heads are rounded to fp16).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
 
+from m3jax import config as config_lib
 from m3jax import hf_io, loading
 from m3jax import model as m3model
 from m3jax import sharding as shard_lib
@@ -32,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 EXPORT_INFO_NAME = loading.EXPORT_INFO_NAME
 HEADS_DTYPES = ("float32", "float16")
+LORA_ADAPTERS_DIR = "lora_adapters"
 
 
 class ExportError(M3JaxError, ValueError):
@@ -49,24 +59,35 @@ def _check_options(output_dir, heads_dtype: str, overwrite: bool) -> str:
 def export_params(params, hf_config: dict, output_dir, *, tokenizer_dir: str,
                   sentence_pooling_method: str = "cls", normalize_embeddings: bool = True,
                   pytorch_bin: bool = False, safetensors: bool = True, heads_dtype: str = "float32",
-                  overwrite: bool = False, export_info: dict | None = None) -> str:
+                  overwrite: bool = False, export_info: dict | None = None,
+                  lora: m3model.LoRAConfig | None = None, lora_adapters: bool = False) -> str:
     """Write m3jax params as a bge-m3 directory (the one function a training loop calls to export).
 
     `params`: the BGEM3 param tree (numpy or jax arrays; sharded arrays are fine; in a multi-process run every
     process must call this, process 0 writes). `hf_config`: the base model's config.json. `tokenizer_dir`: where the
-    tokenizer files are copied from. Returns the absolute output path. Raises ExportError / CheckpointError.
+    tokenizer files are copied from. `lora`: the adapters' settings when `params` hold LoRA adapters (the run's
+    model config's `lora`); they are merged into the kernels, and with `lora_adapters` also written alone to
+    lora_adapters/ (PEFT layout). Returns the absolute output path. Raises ExportError / CheckpointError.
     """
     import jax
 
     out_dir = _check_options(output_dir, heads_dtype, overwrite)
+    if lora_adapters and lora is None:
+        raise ExportError("lora_adapters: the params to export have no LoRA adapters (a run without lora.rank)")
     host_params = shard_lib.to_host(params)
     if jax.process_index() != 0:
         return out_dir
     settings = loading.ModelSettings(sentence_pooling_method=sentence_pooling_method,
-                                     normalize_embeddings=normalize_embeddings)
+                                     normalize_embeddings=normalize_embeddings,
+                                     lora=lora or m3model.LoRAConfig(rank=0))
     cfg = loading.model_config(loading.ModelSource.of_params(hf_config, host_params, tokenizer_dir), settings)
+    if lora is None and any(m3model.is_lora_param(n.split("/")) for n in m3model.param_names(host_params)):
+        raise ExportError("the params to export hold LoRA adapters: pass lora=<the run's ModelConfig.lora> to merge "
+                          "them")
     loading.check_params(host_params, cfg, "params to export")
-    encoder, colbert, sparse = m3model.params_to_hf(host_params, cfg)
+    peft = m3model.lora_to_peft(host_params, cfg) if lora_adapters else None
+    merged_cfg = dataclasses.replace(cfg, lora=None)
+    encoder, colbert, sparse = m3model.params_to_hf(m3model.merge_lora(host_params, cfg), merged_cfg)
     hf_ckpt = hf_io.HFCheckpoint(config=dict(hf_config), encoder=encoder, colbert=colbert, sparse=sparse)
     try:
         hf_io.check_hf_checkpoint(hf_ckpt, f"export to {out_dir}", safetensors=safetensors, pytorch_bin=pytorch_bin,
@@ -81,6 +102,11 @@ def export_params(params, hf_config: dict, output_dir, *, tokenizer_dir: str,
         info = {"format": "bge-m3", "exported_by": "m3jax", "heads_dtype": heads_dtype,
                 "sentence_pooling_method": sentence_pooling_method, "normalize_embeddings": normalize_embeddings,
                 "colbert_dim": cfg.colbert_out_dim, **(export_info or {})}
+        if lora is not None:
+            info["lora"] = dict(dataclasses.asdict(lora), merged=True,
+                                adapters=LORA_ADAPTERS_DIR if lora_adapters else None)
+        if peft is not None:
+            _write_peft(os.path.join(folder, LORA_ADAPTERS_DIR), *peft, base_model=info.get("base_model"))
         write_json(os.path.join(folder, EXPORT_INFO_NAME), info)
     if sentence_pooling_method != "cls":
         logger.warning("%s: trained with sentence_pooling_method=%s; FlagEmbedding users must pass "
@@ -90,18 +116,39 @@ def export_params(params, hf_config: dict, output_dir, *, tokenizer_dir: str,
     return out_dir
 
 
+def _write_peft(folder: str, tensors: dict, config: dict, *, base_model: str | None) -> None:
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    os.chmod(os.path.join(folder, "adapter_model.safetensors"), 0o644)
+    write_json(os.path.join(folder, "adapter_config.json"), dict(config, base_model_name_or_path=base_model))
+
+
 def export_checkpoint(checkpoint, output_dir, *, step: int | None = None, base_model: str | None = None,
-                      pytorch_bin: bool = False, heads_dtype: str = "float32", overwrite: bool = False) -> str:
-    """`m3jax export`: read a training checkpoint and write it as a bge-m3 directory. Returns the output path."""
+                      pytorch_bin: bool = False, heads_dtype: str = "float32", overwrite: bool = False,
+                      lora_adapters: bool = False) -> str:
+    """`m3jax export`: read a training checkpoint and write it as a bge-m3 directory (LoRA adapters merged; with
+    `lora_adapters` also alone in lora_adapters/). Returns the output path."""
     _check_options(output_dir, heads_dtype, overwrite)  # before the (possibly long) restore
     source = loading.find_model(checkpoint, step=step, base_model=base_model)
     if source.location is None:
         raise ExportError(f"{source.path}: is a Hugging Face model directory; export takes an m3jax run's "
                           f"output_dir, its checkpoints/ directory or a step directory checkpoints/<step>")
     cfg = loading.model_config(source)
+    if lora_adapters and cfg.lora is None:
+        raise ExportError(f"{source.location.step_dir}: --lora-adapters: this run has no LoRA adapters "
+                          f"(lora.rank was 0)")
     params = loading.load_params(source, cfg)
-    info: dict[str, Any] = {"source_checkpoint": source.location.step_dir, "step": source.location.step}
+    run = source.run_config or {}
+    info: dict[str, Any] = {"source_checkpoint": source.location.step_dir, "step": source.location.step,
+                            "base_model": run.get("model_name_or_path") or None}
+    if "heads" in run:
+        info["trained_heads"] = list(config_lib.trained_heads(run))
+    if run.get("mrl_dims"):  # `m3jax eval` reports each size
+        info["mrl_dims"], info["mrl_colbert"] = list(run["mrl_dims"]), bool(run.get("mrl_colbert"))
     return export_params(params, source.hf_config, output_dir, tokenizer_dir=source.tokenizer_dir,
                          sentence_pooling_method=cfg.sentence_pooling_method,
                          normalize_embeddings=cfg.normalize_embeddings, pytorch_bin=pytorch_bin,
-                         heads_dtype=heads_dtype, overwrite=overwrite, export_info=info)
+                         heads_dtype=heads_dtype, overwrite=overwrite, export_info=info, lora=cfg.lora,
+                         lora_adapters=lora_adapters)

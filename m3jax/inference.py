@@ -166,12 +166,10 @@ class BGEM3FlagModel:
     def _truncate(self, vecs, truncate_dim: int | None) -> np.ndarray:
         """Matryoshka truncation as FlagEmbedding does it: cut, then L2-normalise the cut vectors."""
         vecs = np.asarray(vecs, np.float32)
-        if truncate_dim is None or truncate_dim >= vecs.shape[-1]:
+        if truncate_dim is None:
             return vecs
-        vecs = vecs[..., :truncate_dim]
-        if self.cfg.normalize_embeddings:  # normalising the cut of a unit vector = normalising the raw cut
-            vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=-1, keepdims=True), 1e-12)
-        return vecs
+        # normalising the cut of a unit vector = normalising the raw cut
+        return np.asarray(scores.truncate(vecs, truncate_dim, self.cfg.normalize_embeddings), np.float32)
 
     def _lexical(self, weights: np.ndarray, ids: Sequence[int]) -> dict[str, np.float32]:
         result: dict[str, np.float32] = {}

@@ -12,7 +12,8 @@
     step unless `step` is given; config.json and the tokenizer come from the run's base_model/ or `base_model`), with
     the run config's pooling / normalisation / colbert_dim as defaults.
 `ModelSettings` holds what a user chooses on top of the checkpoint's architecture (the run config's model fields, or
-BGEM3FlagModel's arguments): pooling, normalisation, colbert_dim, compute dtype, attention kernel, remat, dropout.
+BGEM3FlagModel's arguments): pooling, normalisation, colbert_dim, compute dtype, attention kernel, remat, dropout,
+LoRA adapters (an m3jax checkpoint of a LoRA run keeps its adapters unmerged; export merges them).
 A resumed run calls `find_model` + `model_config` on its own checkpoint and never reads the pretrained weights.
 """
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from m3jax import checkpoint as ckpt_lib
+from m3jax import config as config_lib
 from m3jax import hf_io
-from m3jax.model import ModelConfig, init_head_params, params_from_hf
+from m3jax.model import LoRAConfig, ModelConfig, init_head_params, params_from_hf
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class ModelSettings:
     remat_policy: str = "none"
     hidden_dropout_prob: float | None = None  # None: config.json's
     attention_probs_dropout_prob: float | None = None
+    # LoRA adapters: None = the source's (a run's config; an HF directory has none); LoRAConfig(rank=0) = none.
+    lora: LoRAConfig | None = None
 
     @classmethod
     def from_run_config(cls, config) -> ModelSettings:
@@ -55,7 +59,22 @@ class ModelSettings:
                    normalize_embeddings=config.normalize_embeddings, colbert_dim=int(config.colbert_dim),
                    dtype=config.model.dtype, attention_implementation=config.model.attention_implementation,
                    remat_policy=config.model.remat_policy, hidden_dropout_prob=config.model.hidden_dropout_prob,
-                   attention_probs_dropout_prob=config.model.attention_probs_dropout_prob)
+                   attention_probs_dropout_prob=config.model.attention_probs_dropout_prob,
+                   lora=lora_config(config.lora.rank, config.lora.alpha, config.lora.dropout,
+                                    config_lib.lora_targets(config)))
+
+
+def lora_config(rank: int, alpha: float, dropout: float, targets) -> LoRAConfig:
+    """A LoRAConfig from run-config values (rank 0: LoRA off)."""
+    return LoRAConfig(rank=int(rank), alpha=float(alpha), dropout=float(dropout), targets=tuple(targets))
+
+
+def _lora_of_run_config(run_config: dict) -> LoRAConfig | None:
+    """The LoRA settings a run was trained with (its saved config), None if none."""
+    lora = run_config.get("lora") or {}
+    if int(lora.get("rank", 0)) <= 0:
+        return None
+    return lora_config(lora["rank"], lora["alpha"], lora["dropout"], config_lib.lora_targets(run_config))
 
 
 def resolve_attention(implementation: str, platform: str | None = None) -> str:
@@ -127,7 +146,8 @@ def _hf_source(path: str) -> ModelSource:
                 info = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise hf_io.CheckpointFormatError(f"{info_path}: cannot read: {e}") from e
-        defaults = {k: info[k] for k in ("sentence_pooling_method", "normalize_embeddings") if k in info}
+        defaults = {k: info[k] for k in ("sentence_pooling_method", "normalize_embeddings", "mrl_dims", "mrl_colbert")
+                    if k in info}
     return ModelSource(path=path, hf_config=hf_config, tokenizer_dir=path, colbert_dim=colbert_dim,
                        has_pooler=hf_io.has_pooler(path), colbert_where=colbert_path, defaults=defaults)
 
@@ -143,8 +163,9 @@ def _checkpoint_source(path: str, step: int | None, base_model: str | None) -> M
     except (KeyError, TypeError, AttributeError, IndexError) as e:
         raise ckpt_lib.CheckpointError(f"{location.step_dir}: the saved params have no colbert_linear kernel "
                                        f"(top-level keys: {sorted(params)})") from e
-    defaults = {k: run_config[k] for k in ("sentence_pooling_method", "normalize_embeddings", "colbert_dim")
-                if k in run_config}
+    defaults = {k: run_config[k] for k in ("sentence_pooling_method", "normalize_embeddings", "colbert_dim",
+                                           "mrl_dims", "mrl_colbert") if k in run_config}
+    defaults["lora"] = _lora_of_run_config(run_config)
     return ModelSource(path=path, hf_config=hf_config, tokenizer_dir=base_dir, colbert_dim=colbert_dim,
                        has_pooler="pooler" in params, colbert_where=f"{location.step_dir}: the saved colbert_linear",
                        defaults=defaults, location=location, run_config=run_config)
@@ -166,13 +187,16 @@ def model_config(source: ModelSource, settings: ModelSettings = ModelSettings(),
         value = getattr(settings, name)
         return value if value is not None else source.defaults.get(name, default)
 
+    lora = pick("lora", None)
+
     fields: dict[str, Any] = dict(
         colbert_dim=colbert_dim, has_pooler=source.has_pooler,
         sentence_pooling_method=pick("sentence_pooling_method", "cls"),
         normalize_embeddings=bool(pick("normalize_embeddings", True)), dtype=settings.dtype,
         attention_implementation=resolve_attention(settings.attention_implementation, platform),
         remat_policy=settings.remat_policy, hidden_dropout_prob=settings.hidden_dropout_prob,
-        attention_probs_dropout_prob=settings.attention_probs_dropout_prob)
+        attention_probs_dropout_prob=settings.attention_probs_dropout_prob,
+        lora=lora if lora is not None and lora.rank > 0 else None)
     try:
         return ModelConfig.from_hf_config(source.hf_config, **fields)
     except (KeyError, ValueError) as e:

@@ -17,6 +17,29 @@ FlagEmbedding's processes), each holding B queries followed by their G passages 
     no_in_batch_neg batches: each query sees only its own G passages ([B, G] scores, target 0).
     negatives_cross_device: the dense head (only) scores queries against the passages of ALL blocks [BW, BWG].
 
+Chosen heads (m3jax's `heads`, LossConfig.heads; H = the trained heads, w = LOSS_WEIGHTS = dense 1, sparse 0.1,
+colbert 1, e = ENSEMBLE_WEIGHTS = dense 1, sparse 0.3, colbert 1). With two or three heads:
+
+    ensemble    = sum_{h in H} e_h * s_h
+    base        = (sum_{h in H} w_h * CE(h) + CE(ensemble)) / (|H| + 1)
+    self-distill: t = softmax(stop_grad(ensemble)),  loss = (base + sum_{h in H} w_h * sd(h) / |H|) / 2
+
+so all three heads give FlagEmbedding's formula above, and e.g. dense + sparse gives
+(CE(dense) + 0.1 CE(sparse) + CE(dense + 0.3 sparse)) / 3 and, with self-distillation,
+(that + (sd(dense) + 0.1 sd(sparse)) / 2) / 2. With one head h: loss = CE(h) alone (weight 1: the weights only
+balance heads against each other; no ensemble, no self-distillation), which for dense is FlagEmbedding's
+unified_finetuning=False -- that flag means heads = (dense,). CE(h) includes the head's knowledge-distillation
+term in every case. The other heads' outputs are never read, so their linears get no gradient.
+
+Matryoshka (`mrl_dims` d_1..d_n with weights v_k, default 1; dense, and colbert with `mrl_colbert`):
+
+    CE(h) = sum_k v_k * CE(h at d_k) / sum_k v_k
+
+where "h at d" scores the first d components of every embedding (every colbert token vector), re-normalised when
+normalize_embeddings -- inference's truncate_dim (cut, then normalise); a d at or above the head's size is the
+head itself, untouched, so mrl_dims = (full size,) is the plain loss bit for bit. The ensemble and
+self-distillation use the full-size scores.
+
 Two FlagEmbedding facts this file reproduces on purpose:
   * With negatives_cross_device the global dense term gets 1/W of its true gradient in FlagEmbedding (its
     all_gather passes no gradient to other ranks and DDP averages gradients); `_as_gathered` gives it the same
@@ -35,6 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from m3jax import scores
+from m3jax.config import HEADS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +75,32 @@ class LossConfig:
     num_blocks: int = 1  # W: devices the batch axis is sharded over
     vocab_size: int = 250002
     unused_token_ids: tuple[int, ...] = (0, 2, 1, 3)
+    # m3jax options (module docstring): the trained heads (unified_finetuning=False means dense only) and the
+    # Matryoshka sizes of the dense head (and of the colbert vectors with mrl_colbert).
+    heads: tuple[str, ...] = ("dense", "sparse", "colbert")
+    mrl_dims: tuple[int, ...] = ()
+    mrl_weights: tuple[float, ...] = ()  # one per mrl_dims entry; empty: all 1
+    mrl_colbert: bool = False
+    normalize_embeddings: bool = True  # Matryoshka cuts are re-normalised when the embeddings are
+
+    def __post_init__(self):
+        if not self.heads or any(h not in HEADS for h in self.heads):
+            raise ValueError(f"LossConfig.heads={self.heads!r}: expected a non-empty subset of {HEADS}")
+        if not self.unified_finetuning and set(self.heads) not in (set(HEADS), {"dense"}):
+            raise ValueError(f"LossConfig.heads={self.heads!r} contradicts unified_finetuning=False (dense only)")
+        if self.mrl_weights and len(self.mrl_weights) != len(self.mrl_dims):
+            raise ValueError("LossConfig.mrl_weights: one weight per mrl_dims entry")
+
+    @property
+    def trained_heads(self) -> tuple[str, ...]:
+        """The heads the loss reads, in the order dense, sparse, colbert."""
+        return tuple(h for h in HEADS if h in self.heads) if self.unified_finetuning else ("dense",)
+
+    def matryoshka(self, head: str) -> tuple[tuple[int, float], ...]:
+        """(dim, weight) pairs the head's CE averages over; () = the full size only."""
+        if not self.mrl_dims or head == "sparse" or (head == "colbert" and not self.mrl_colbert):
+            return ()
+        return tuple(zip(self.mrl_dims, self.mrl_weights or (1.0,) * len(self.mrl_dims)))
 
 
 def _as_gathered(term: jax.Array, num_blocks: int) -> jax.Array:
@@ -107,15 +157,21 @@ ENSEMBLE_WEIGHTS = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
 
 def representations(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Array,
                     cfg: LossConfig) -> tuple[dict, dict]:
-    """Model outputs -> what each head's similarity (m3jax.scores) reads, for queries and passages.
+    """Model outputs -> what each trained head's similarity (m3jax.scores) reads, for queries and passages.
 
-    sparse: lexical vectors [N, V]; colbert: TokenVecs, the query's real tokens after cls as its mask, no passage
-    mask (padded passage tokens are zero vectors that join the max, as in FlagEmbedding).
+    dense: the embeddings; sparse: lexical vectors [N, V]; colbert: TokenVecs, the query's real tokens after cls as
+    its mask, no passage mask (padded passage tokens are zero vectors that join the max, as in FlagEmbedding).
     """
+    heads = cfg.trained_heads
     lex = lambda out, ids: scores.lexical_vectors(out["sparse_weights"], ids, cfg.vocab_size,
                                                   cfg.unused_token_ids)
-    qr = {"dense": q["dense"], "sparse": lex(q, q_ids), "colbert": scores.TokenVecs(q["colbert"], q_mask[:, 1:])}
-    pr = {"dense": p["dense"], "sparse": lex(p, p_ids), "colbert": scores.TokenVecs(p["colbert"], None)}
+    qr, pr = {}, {}
+    if "dense" in heads:
+        qr["dense"], pr["dense"] = q["dense"], p["dense"]
+    if "sparse" in heads:
+        qr["sparse"], pr["sparse"] = lex(q, q_ids), lex(p, p_ids)
+    if "colbert" in heads:
+        qr["colbert"], pr["colbert"] = scores.TokenVecs(q["colbert"], q_mask[:, 1:]), scores.TokenVecs(p["colbert"])
     return qr, pr
 
 
@@ -130,14 +186,17 @@ def m3_loss(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Ar
     """
     w, g, temp = cfg.num_blocks, group_size, cfg.temperature
     n_q = q["dense"].shape[0]
-    heads = ("dense", "sparse", "colbert") if cfg.unified_finetuning else ("dense",)
+    heads = cfg.trained_heads
     teacher = None if teacher_scores is None else jax.nn.softmax(teacher_scores.astype(jnp.float32), axis=-1)
-    qr, pr = representations(q, p, q_ids, p_ids, q_mask, cfg) if cfg.unified_finetuning else (q, p)
+    qr, pr = representations(q, p, q_ids, p_ids, q_mask, cfg)
 
-    def head_scores(head: str) -> tuple[jax.Array, bool]:
-        """Score tensor [W', B', N] the head's loss runs over, and whether it is FlagEmbedding's gathered dense
-        term (queries against the passages of all blocks, 1/W of its gradient)."""
+    def head_scores(head: str, dim: int | None) -> tuple[jax.Array, bool]:
+        """Score tensor [W', B', N] the head's loss runs over (at Matryoshka size `dim`, None: full), and whether
+        it is FlagEmbedding's gathered dense term (queries against the passages of all blocks, 1/W of its
+        gradient)."""
         sim, qx, px = scores.SIMILARITIES[head], qr[head], pr[head]
+        if dim is not None:
+            qx, px = (scores.truncate(x, dim, cfg.normalize_embeddings) for x in (qx, px))
         if no_in_batch_neg:  # own group only: [1, WB, G]
             own = jax.tree.map(lambda x: x.reshape((n_q, g) + x.shape[1:]), px)
             return sim(qx, own, grouped=True)[None] / temp, False
@@ -155,15 +214,34 @@ def m3_loss(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Ar
                 kd = _as_gathered(kd, w)
         return ce + kd, kd
 
+    def at_size(head: str, dim: int | None = None):
+        """(scores the ensemble reads, loss, kd) of one head at one size."""
+        sc, is_global = head_scores(head, dim)
+        head_loss, head_kd = loss_of(sc, is_global)
+        if is_global:  # the ensemble and self-distillation use each block's own dense scores
+            per_block = sc[0].reshape(w, n_q // w, w, -1)
+            sc = jnp.moveaxis(jnp.diagonal(per_block, axis1=0, axis2=2), -1, 0)  # [W, B, B*G]
+        return sc, head_loss, head_kd
+
+    def matryoshka(head: str):
+        """Full-size scores, and the loss and kd averaged over the Matryoshka sizes (weights normalised first, so
+        a single size at full width is the plain loss bit for bit)."""
+        width = (qr[head].vecs if head == "colbert" else qr[head]).shape[-1]
+        sizes = cfg.matryoshka(head)
+        norm = sum(v for _, v in sizes)
+        full, total, total_kd = None, 0.0, 0.0
+        for dim, weight in sizes:
+            sc, head_loss, head_kd = at_size(head, dim)
+            full = sc if dim >= width else full
+            total, total_kd = total + (weight / norm) * head_loss, total_kd + (weight / norm) * head_kd
+        return (at_size(head)[0] if full is None else full), total, total_kd
+
     s, loss, kd = {}, {}, {}
     for head in heads:
-        s[head], is_global = head_scores(head)
-        loss[head], kd[head] = loss_of(s[head], is_global)
-        if is_global:  # the ensemble and self-distillation use each block's own dense scores
-            per_block = s[head][0].reshape(w, n_q // w, w, -1)
-            s[head] = jnp.moveaxis(jnp.diagonal(per_block, axis1=0, axis2=2), -1, 0)  # [W, B, B*G]
-    if not cfg.unified_finetuning:
-        return loss["dense"], {"dense": loss["dense"], "kd": kd["dense"]}
+        s[head], loss[head], kd[head] = matryoshka(head) if cfg.matryoshka(head) else at_size(head)
+    if len(heads) == 1:  # one head: its CE alone (FlagEmbedding's unified_finetuning=False for dense)
+        (head,) = heads
+        return loss[head], {head: loss[head], "kd": kd[head]}
 
     ensemble_s = sum(ENSEMBLE_WEIGHTS[h] * s[h] for h in heads)
     loss["ensemble"], kd["ensemble"] = loss_of(ensemble_s, False)

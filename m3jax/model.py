@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax import scores
+from m3jax.config import LORA_TARGETS  # the layer's linear modules LoRA can adapt, in the layer's order
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,46 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+# The heads' own parameters (the dense head has none): top-level param name -> head.
+HEAD_PARAMS = {"colbert_linear": "colbert", "sparse_linear": "sparse"}
+LORA_SUFFIX = "_lora"  # the adapter of module "query" is module "query_lora", params "a" and "b"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on the encoder's linear layers: y = W x + b + (alpha / rank) * (dropout(x) A) B."""
+
+    rank: int
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("query", "value")
+
+    def __post_init__(self):
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if self.rank < 0 or unknown:
+            raise ValueError(f"LoRAConfig(rank={self.rank}, targets={self.targets}): expected rank >= 0 and targets "
+                             f"among {', '.join(LORA_TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def path_names(path) -> list[str]:
+    """The names along a tree path (dict keys, attribute names)."""
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def param_names(params) -> list[str]:
+    """Every parameter's name, its path joined by "/" ("encoder/layers/query/kernel", ...), in tree order."""
+    return ["/".join(path_names(path)) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def is_lora_param(names) -> bool:
+    """Whether a parameter path (a list of names) is a LoRA adapter's."""
+    return len(names) >= 2 and str(names[-2]).endswith(LORA_SUFFIX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +103,13 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; params are always float32
     attention_implementation: str = "xla"  # xla | cudnn | splash | splash-interpret
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
+    lora: LoRAConfig | None = None  # adapters on the encoder (None: none)
+
+    @property
+    def has_dropout(self) -> bool:
+        """Whether training draws dropout masks (hidden, attention or LoRA dropout)."""
+        lora_dropout = self.lora.dropout if self.lora is not None else 0.0
+        return max(self.hidden_dropout_prob, self.attention_probs_dropout_prob, lora_dropout) > 0
 
     @property
     def colbert_out_dim(self) -> int:
@@ -212,8 +260,49 @@ def _splash_attention(q, k, v, lengths, *, interpret: bool):
                          out_specs=spec, check_vma=False)(q, k, v, segments)
 
 
+def projections(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]]]:
+    """The linear layers of an encoder layer: name -> (input shape, output shape, logical axes of the kernel)."""
+    h, n, d, i = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
+    return {"query": ((h,), (n, d), ("embed", "heads", "kv")), "key": ((h,), (n, d), ("embed", "heads", "kv")),
+            "value": ((h,), (n, d), ("embed", "heads", "kv")),
+            "attention_output": ((n, d), (h,), ("heads", "kv", "embed")),
+            "intermediate": ((h,), (i,), ("embed", "mlp")), "output": ((i,), (h,), ("mlp", "embed"))}
+
+
+def _uniform(bound: float):
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class LoRA(nn.Module):
+    """The adapter of one linear layer: scale * (dropout(x) A) B, contracting x's trailing input axes.
+
+    A [in..., rank] starts uniform in +-1/sqrt(fan_in) (PEFT's kaiming-uniform), B [rank, out...] at zero, so the
+    adapted layer starts as the layer itself. Both carry the kernel's logical axis names plus "lora" for the rank,
+    so the sharding rules shard them like the kernel they adapt.
+    """
+
+    lora: LoRAConfig
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str, ...]  # the kernel's: input axes, then output axes
+    dtype: Any
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x):
+        n_in, r = len(self.in_shape), self.lora.rank
+        bound = 1.0 / np.sqrt(np.prod(self.in_shape))
+        a = self.param("a", nn.with_logical_partitioning(_uniform(bound), self.axes[:n_in] + ("lora",)),
+                       self.in_shape + (r,), jnp.float32)
+        b = self.param("b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora",) + self.axes[n_in:]),
+                       (r,) + self.out_shape, jnp.float32)
+        x = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic)
+        low = jnp.tensordot(x.astype(self.dtype), a.astype(self.dtype), axes=n_in)
+        return jnp.tensordot(low, b.astype(self.dtype), axes=1) * jnp.asarray(self.lora.scale, self.dtype)
+
+
 class Layer(nn.Module):
-    """One post-LN transformer layer (HF XLMRobertaLayer)."""
+    """One post-LN transformer layer (HF XLMRobertaLayer), with LoRA adapters on cfg.lora's targets."""
 
     cfg: ModelConfig
     deterministic: bool = True
@@ -221,19 +310,28 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, x, lengths):
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        n, d = cfg.num_attention_heads, cfg.head_dim
-        q = _dense((n, d), ("embed", "heads", "kv"), "query", dt)(x)
-        k = _dense((n, d), ("embed", "heads", "kv"), "key", dt)(x)
-        v = _dense((n, d), ("embed", "heads", "kv"), "value", dt)(x)
+        shapes = projections(cfg)
+
+        def linear(name, inputs):
+            in_shape, out_shape, axes = shapes[name]
+            features = out_shape if len(out_shape) > 1 else out_shape[0]
+            in_axes = tuple(range(-len(in_shape), 0)) if len(in_shape) > 1 else -1
+            y = _dense(features, axes, name, dt, in_axes=in_axes)(inputs)
+            if cfg.lora is not None and name in cfg.lora.targets:
+                y = y + LoRA(cfg.lora, in_shape, out_shape, axes, dt, self.deterministic,
+                             name=name + LORA_SUFFIX)(inputs)
+            return y
+
+        q, k, v = linear("query", x), linear("key", x), linear("value", x)
         attn = _attention(q, k, v, lengths, cfg, self.deterministic,
                           nn.Dropout(cfg.attention_probs_dropout_prob, name="attention_dropout"))
-        attn = _dense(cfg.hidden_size, ("heads", "kv", "embed"), "attention_output", dt, in_axes=(-2, -1))(attn)
+        attn = linear("attention_output", attn)
         attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=self.deterministic)
         x = _layer_norm(cfg, "attention_LayerNorm")(attn + x)
 
-        y = _dense(cfg.intermediate_size, ("embed", "mlp"), "intermediate", dt)(x)
+        y = linear("intermediate", x)
         y = nn.gelu(y, approximate=False)
-        y = _dense(cfg.hidden_size, ("mlp", "embed"), "output", dt)(y)
+        y = linear("output", y)
         y = nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=self.deterministic)
         x = _layer_norm(cfg, "output_LayerNorm")(y + x)
         return x, None
@@ -351,7 +449,8 @@ def _get(tree, path: tuple[str, ...]):
 def params_from_hf(encoder: dict[str, np.ndarray], colbert: dict | None, sparse: dict | None,
                    cfg: ModelConfig, *, seed: int = 0) -> dict:
     """HF numpy tensors -> Flax params (float32 numpy). Missing heads (None) are freshly initialised from `seed`,
-    as FlagEmbedding does when colbert_linear.pt / sparse_linear.pt are absent."""
+    as FlagEmbedding does when colbert_linear.pt / sparse_linear.pt are absent; so are LoRA adapters when cfg has
+    them (init_lora_params)."""
     f32 = lambda a: np.asarray(a, dtype=np.float32)
     params: dict = {}
     for hf_name, path in _EMBEDDING_MAP.items():
@@ -368,6 +467,8 @@ def params_from_hf(encoder: dict[str, np.ndarray], colbert: dict | None, sparse:
         sparse = sparse or fresh["sparse"]
     params["colbert_linear"] = {"kernel": f32(colbert["weight"]).T, "bias": f32(colbert["bias"])}
     params["sparse_linear"] = {"kernel": f32(sparse["weight"]).T, "bias": f32(sparse["bias"])}
+    if cfg.lora is not None:  # fresh adapters (B = 0: the model starts as the checkpoint)
+        params["encoder"]["layers"].update(init_lora_params(cfg, seed))
     return params
 
 
@@ -394,6 +495,74 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> tuple[dict[str, np.ndarray],
     colbert = {"weight": np.ascontiguousarray(p["colbert_linear"]["kernel"].T), "bias": p["colbert_linear"]["bias"]}
     sparse = {"weight": np.ascontiguousarray(p["sparse_linear"]["kernel"].T), "bias": p["sparse_linear"]["bias"]}
     return encoder, colbert, sparse
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA adapters: fresh init, merge into the kernels, and PEFT's layout
+# ---------------------------------------------------------------------------------------------------------------
+
+# The HF (and PEFT) module of each LoRA target inside encoder.layer.<i>.
+HF_LORA_MODULES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+                   "attention_output": "attention.output.dense", "intermediate": "intermediate.dense",
+                   "output": "output.dense"}
+
+
+def init_lora_params(cfg: ModelConfig, seed: int) -> dict:
+    """Fresh adapters for every layer, {"<target>_lora": {"a", "b"}} stacked over layers (float32 numpy): A
+    uniform in +-1/sqrt(fan_in) from `seed`, B zero (the LoRA module's init)."""
+    rng = np.random.default_rng([seed, 0x10FA])
+    out = {}
+    for name in cfg.lora.targets:
+        in_shape, out_shape, _ = projections(cfg)[name]
+        bound = 1.0 / np.sqrt(np.prod(in_shape))
+        layers = cfg.num_hidden_layers
+        out[name + LORA_SUFFIX] = {
+            "a": rng.uniform(-bound, bound, size=(layers,) + in_shape + (cfg.lora.rank,)).astype(np.float32),
+            "b": np.zeros((layers, cfg.lora.rank) + out_shape, np.float32)}
+    return out
+
+
+def _lora_matrices(adapter: dict, cfg: ModelConfig, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A [layers, in, rank] and B [layers, rank, out] of one target, input / output axes flattened (float32)."""
+    in_shape, out_shape, _ = projections(cfg)[name]
+    layers, rank = cfg.num_hidden_layers, cfg.lora.rank
+    a = np.asarray(adapter["a"], np.float32).reshape(layers, int(np.prod(in_shape)), rank)
+    b = np.asarray(adapter["b"], np.float32).reshape(layers, rank, int(np.prod(out_shape)))
+    return a, b
+
+
+def merge_lora(params: dict, cfg: ModelConfig) -> dict:
+    """Params without adapters whose kernels are W + (alpha / rank) * A B (float32 numpy; the plain model computes
+    what the adapted one does, without dropout). Params of a config without LoRA come back as they are."""
+    if cfg.lora is None:
+        return params
+    layers = dict(params["encoder"]["layers"])
+    for name in cfg.lora.targets:
+        a, b = _lora_matrices(layers.pop(name + LORA_SUFFIX), cfg, name)
+        kernel = np.asarray(layers[name]["kernel"], np.float32)
+        delta = np.float32(cfg.lora.scale) * np.matmul(a, b)
+        layers[name] = dict(layers[name], kernel=kernel + delta.reshape(kernel.shape))
+    return dict(params, encoder=dict(params["encoder"], layers=layers))
+
+
+def lora_to_peft(params: dict, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], dict]:
+    """The adapters as PEFT saves a LoRA of transformers' XLMRobertaModel: (adapter_model.safetensors tensors,
+    adapter_config.json fields). lora_A.weight [rank, in] = A^T, lora_B.weight [out, rank] = B^T, scaling
+    lora_alpha / r -- so PeftModel.from_pretrained(AutoModel.from_pretrained(<base bge-m3>), <dir>) computes the
+    adapted encoder."""
+    tensors = {}
+    for name in cfg.lora.targets:
+        a, b = _lora_matrices(params["encoder"]["layers"][name + LORA_SUFFIX], cfg, name)
+        for i in range(cfg.num_hidden_layers):
+            prefix = f"base_model.model.encoder.layer.{i}.{HF_LORA_MODULES[name]}"
+            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+    modules = "|".join(HF_LORA_MODULES[t].replace(".", r"\.") for t in cfg.lora.targets)
+    config = {"peft_type": "LORA", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
+              "lora_dropout": cfg.lora.dropout, "target_modules": rf"encoder\.layer\.\d+\.({modules})",
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "task_type": None,
+              "modules_to_save": None, "init_lora_weights": True}
+    return tensors, config
 
 
 def abstract_params(cfg: ModelConfig):

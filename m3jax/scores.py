@@ -33,6 +33,18 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return (x * jax.lax.rsqrt(jnp.maximum(sumsq, _NORM_EPS**2))).astype(x.dtype)
 
 
+def truncate(x, dim: int, normalize: bool = True):
+    """Matryoshka: the first `dim` components of each vector, L2-normalised again when `normalize` (FlagEmbedding's
+    truncate_dim: cut, then normalise). x: [..., D] or TokenVecs (each token vector cut; the mask kept). A `dim` of
+    D or more returns x itself, untouched."""
+    if isinstance(x, TokenVecs):
+        return x._replace(vecs=truncate(x.vecs, dim, normalize))
+    if dim >= x.shape[-1]:
+        return x
+    cut = x[..., :dim]
+    return l2_normalize(cut) if normalize else cut
+
+
 def pool(hidden: jax.Array, mask: jax.Array, method: str) -> jax.Array:
     """Sentence embedding [B, H] from the last hidden state [B, L, H]: cls token or masked mean."""
     if method == "cls":

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from m3jax import config as config_lib
 from m3jax import losses
 from m3jax import model as m3model
 from m3jax import optimizer as optim
@@ -41,7 +42,10 @@ def loss_config_from(config, model_cfg: m3model.ModelConfig, num_blocks: int) ->
         use_self_distill=config.use_self_distill, self_distill_start_step=config.self_distill_start_step,
         kd_loss_type=config.kd_loss_type, negatives_cross_device=config.negatives_cross_device,
         cross_device_all_heads=config.cross_device_all_heads, num_blocks=num_blocks,
-        vocab_size=model_cfg.vocab_size, unused_token_ids=model_cfg.unused_token_ids)
+        vocab_size=model_cfg.vocab_size, unused_token_ids=model_cfg.unused_token_ids,
+        heads=config_lib.trained_heads(config), mrl_dims=config_lib.mrl_dims(config),
+        mrl_weights=config_lib.mrl_weights(config), mrl_colbert=bool(config.mrl_colbert),
+        normalize_embeddings=model_cfg.normalize_embeddings)
 
 
 def _sub_batch_rows(rows_per_block: int, sub_batch_size: int) -> int:
@@ -82,19 +86,16 @@ def make_train_step(model: m3model.BGEM3, loss_cfg: losses.LossConfig, tx: optax
                     tracing_context=contextlib.nullcontext):
     """The step function (not yet jitted) for `Stepper.step`.
 
-    trainable: the 'train' / 'frozen' label tree of the params (optimizer.trainable_labels), for the gradient norm;
+    trainable: what trains (optimizer.trainable_mask, or its label tree), for the gradient norm;
     seed: the dropout seed (each step folds in its number, so a resumed run draws the same masks);
     sub_batch_size: passages per device encoded at once (-1: all); train_encoder: False backpropagates into the
     heads only (fix_encoder); tracing_context: entered while the step is traced (sharding.tracing_context: the mesh
     and logical rules, for the Pallas kernels).
     """
-    deterministic = model.cfg.hidden_dropout_prob == 0 and model.cfg.attention_probs_dropout_prob == 0
+    deterministic = not model.cfg.has_dropout
     base_key = jax.random.key(seed)
     enc = functools.partial(encode, model, deterministic=deterministic, train_encoder=train_encoder,
                             num_blocks=loss_cfg.num_blocks)
-
-    def only_trainable(tree):
-        return jax.tree.map(lambda x, label: x if label == "train" else jnp.zeros_like(x), tree, trainable)
 
     def step_fn(state: TrainState, batch: dict, *, group_size: int, no_in_batch_neg: bool, has_teacher: bool):
         with tracing_context():
@@ -116,7 +117,7 @@ def make_train_step(model: m3model.BGEM3, loss_cfg: losses.LossConfig, tx: optax
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()},
-                   "grad_norm": optax.tree.norm(only_trainable(grads)),
+                   "grad_norm": optax.tree.norm(optim.keep_trainable(grads, trainable)),
                    "update_norm": optax.tree.norm(updates),
                    "param_norm": optax.tree.norm(params),
                    "learning_rate": schedule(state.step)}
@@ -139,11 +140,13 @@ class Stepper:
     abstract_params: Any
     abstract_opt: Any
     step_fn: Any
+    trainable: Any  # optimizer.trainable_mask of the params
     _jitted: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def build(cls, config, model_cfg: m3model.ModelConfig, mesh, total_steps: int) -> Stepper:
         """Everything from the run config: optimizer and schedule, loss settings, shardings by the logical rules."""
+        config_lib.validate_against_model(config, model_cfg)
         model = m3model.BGEM3(model_cfg)
         abstract_boxed = m3model.abstract_params(model_cfg)["params"]
         param_shardings = shard_lib.logical_shardings(abstract_boxed, mesh, config.sharding_rules)
@@ -154,12 +157,19 @@ class Stepper:
         state_shardings = TrainState(step=shard_lib.replicated(mesh), params=param_shardings,
                                      opt_state=opt_shardings)
         loss_cfg = loss_config_from(config, model_cfg, shard_lib.num_batch_shards(mesh, config.sharding_rules))
-        step_fn = make_train_step(model, loss_cfg, tx, schedule, trainable=optim.trainable_labels(
-            abstract_params, config), seed=config.seed, sub_batch_size=config.sub_batch_size,
-            train_encoder=not config.fix_encoder,
-            tracing_context=functools.partial(shard_lib.tracing_context, mesh, config.sharding_rules))
+        trainable = optim.trainable_mask(abstract_params, config)
+        step_fn = make_train_step(model, loss_cfg, tx, schedule, trainable=trainable, seed=config.seed,
+                                  sub_batch_size=config.sub_batch_size, train_encoder=not config.fix_encoder,
+                                  tracing_context=functools.partial(shard_lib.tracing_context, mesh,
+                                                                    config.sharding_rules))
         return cls(model, tx, schedule, mesh, shard_lib.batch_sharding(mesh, config.sharding_rules), param_shardings,
-                   state_shardings, abstract_params, abstract_opt, step_fn)
+                   state_shardings, abstract_params, abstract_opt, step_fn, trainable)
+
+    def parameter_summary(self) -> dict:
+        """How many parameters train and how many do not; the optimizer state's size (all devices together)."""
+        trained, frozen = optim.count_parameters(self.abstract_params, self.trainable)
+        opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_opt))
+        return dict(trained=trained, frozen=frozen, optimizer_state_bytes=int(opt_bytes))
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and target shardings of the state (what a checkpoint restores into)."""

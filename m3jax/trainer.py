@@ -65,6 +65,11 @@ def train(config) -> dict:
 
     # --- the step, and the state: restored, or the pretrained params put straight into their shardings --------
     stepper = Stepper.build(config, model_cfg, mesh, total_steps)
+    counts = stepper.parameter_summary()
+    logger.info("parameters: %s train, %s frozen (heads trained: %s%s); optimizer state %.1f MiB",
+                f"{counts['trained']:,}", f"{counts['frozen']:,}", ", ".join(config_lib.trained_heads(config)),
+                f"; LoRA rank {model_cfg.lora.rank} on {', '.join(model_cfg.lora.targets)}" if model_cfg.lora else "",
+                counts["optimizer_state_bytes"] / 2**20)
     data_iter = train_data.iterator()
     if resume_step is not None:
         state = checkpointer.restore(resume_step, stepper.abstract_state(), data_iter)

@@ -141,6 +141,24 @@ def test_find_max_batch_against_a_memory_budget():
     assert rec["gib_at_max"] == tries[best]["gib"] and rec["group"] == 2 and rec["plen"] == 64
 
 
+def test_set_overrides_config_fields_and_reports_what_trains(capsys):
+    """--set lora.rank=4 (tiny: hidden 64, 2 layers, LoRA on query and value): the adapters and the two head
+    linears train, their AdamW moments are the whole optimizer state, and the encoder's weight-gradient matmuls
+    are gone (below full fine-tuning's 4x the forward formula)."""
+    full, lora = (_run(["--tiny", "--analyze", "--mesh", "data=1", "--shapes", "2x2:8:16", *extra])[0]
+                  for extra in ([], ["--set", "lora.rank=4"]))
+    adapters = 2 * 2 * (64 * 4 + 4 * 64)  # layers x (query, value) x (A + B)
+    heads = 64 * 64 + 64 + 64 + 1
+    assert lora["overrides"] == {"lora.rank": 4} and "overrides" not in full
+    assert lora["trained_params"] == adapters + heads and full["frozen_params"] == 0
+    assert lora["trained_params"] + lora["frozen_params"] == full["trained_params"] + adapters
+    assert lora["optimizer_state_bytes"] == pytest.approx(2 * 4 * (adapters + heads), abs=64)  # + step counts
+    assert full["encoder_matmul_ratio"] == pytest.approx(4.0, abs=0.01)
+    assert lora["encoder_matmul_ratio"] < full["encoder_matmul_ratio"] - 0.5
+    assert train_step.main(["--tiny", "--analyze", "--set", "lora.rnak=4"]) == 2
+    assert "no config field 'lora.rnak'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Analysis of the real bge-m3 step on CPU
 

@@ -16,6 +16,7 @@ import pytest
 
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
+from m3jax import model as m3model
 from m3jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,10 +113,16 @@ def _kill_when(proc, predicate, timeout=300):
     raise AssertionError("timed out waiting to kill the run")
 
 
-def test_exact_resume_after_sigkill(tiny_ckpt, tmp_path):
+# LoRA on every target with adapter dropout (issue 15): resume and multi-device equivalence hold with it too.
+LORA = {"lora.rank": 4, "lora.dropout": 0.1,
+        "lora.targets": "query,key,value,attention_output,intermediate,output"}
+
+
+@pytest.mark.parametrize("extra", [{}, LORA], ids=["full", "lora"])
+def test_exact_resume_after_sigkill(tiny_ckpt, tmp_path, extra):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     n = 10
-    common = dict(max_steps=n, save_steps=3)
+    common = dict(max_steps=n, save_steps=3, **extra)
     p = run_train_py(cli_args(tiny_ckpt, straight, **common))
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out[-3000:]
@@ -179,19 +186,23 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tiny_ckpt, 
     assert all(f"saving a checkpoint at step {saved}" in out for out in outs)
 
 
-def _equivalence_config(tiny_ckpt, out, mesh, per_device):
+def _equivalence_config(tiny_ckpt, out, mesh, per_device, **extra):
     return toy_config(tiny_ckpt, out, max_steps=4, save_steps=1000, per_device_train_batch_size=per_device,
                       negatives_cross_device=True, cross_device_all_heads=True, seq_len_buckets=(128,),
-                      **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2] if len(mesh) > 2 else 1})
+                      **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2] if len(mesh) > 2 else 1},
+                      **extra)
 
 
-def test_same_global_batch_gives_the_same_losses_on_1_and_8_devices(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("extra", [{}, dict(LORA, **{"lora.targets": m3model.LORA_TARGETS})], ids=["full", "lora"])
+def test_same_global_batch_gives_the_same_losses_on_1_and_8_devices(tiny_ckpt, tmp_path, extra):
     """cross_device_all_heads makes the loss a function of the global batch alone: any mesh, same numbers. 1 device;
-    8 devices as data, data x fsdp, and data x fsdp x tensor (params split over heads / mlp / vocab)."""
+    8 devices as data, data x fsdp, and data x fsdp x tensor (params split over heads / mlp / vocab; LoRA adapters
+    by the same logical axes)."""
     runs = {}
     for name, mesh, per_device in (("1", (1, 1), 8), ("data8", (8, 1), 1), ("data2_fsdp4", (2, 4), 1),
                                    ("data2_fsdp2_tensor2", (2, 2, 2), 2)):
-        runs[name] = trainer.train(_equivalence_config(tiny_ckpt, tmp_path / name, mesh, per_device))["losses"]
+        runs[name] = trainer.train(_equivalence_config(tiny_ckpt, tmp_path / name, mesh, per_device,
+                                                       **extra))["losses"]
     for name in ("data8", "data2_fsdp4", "data2_fsdp2_tensor2"):
         for step in range(4):
             assert abs(runs[name][step] - runs["1"][step]) <= 1e-5, (name, step, runs[name][step], runs["1"][step])
