@@ -307,16 +307,57 @@ class BGEM3FlagModel:
         return {k: v[0] for k, v in out.items()} if single else out
 
 
-@functools.partial(jax.jit, static_argnames=("vocab_size",))
-def _pair_scores(q: dict, p: dict, *, vocab_size: int) -> dict:
+@functools.partial(jax.jit, static_argnames=("vocab_size", "heads"))
+def _pair_scores(q: dict, p: dict, *, vocab_size: int, heads=("dense", "sparse", "colbert")) -> dict:
     """Each query against its own passage (the grouped similarities with one passage per query): {head: [n]}."""
     hi = jax.lax.Precision.HIGHEST
     own = lambda x: x[:, None]  # [n, ...] -> [n, 1, ...]
-    lexical = scores.lexical_vectors(p["sparse"].weights, p["sparse"].ids, vocab_size)
-    return {"dense": scores.dense_scores(q["dense"], own(p["dense"]), grouped=True, precision=hi)[:, 0],
-            "sparse": scores.sparse_scores(q["sparse"], own(lexical), grouped=True, precision=hi)[:, 0],
-            "colbert": scores.colbert_scores(q["colbert"], jax.tree.map(own, p["colbert"]), grouped=True,
-                                             precision=hi)[:, 0]}
+    out = {}
+    if "dense" in heads:
+        out["dense"] = scores.dense_scores(q["dense"], own(p["dense"]), grouped=True, precision=hi)[:, 0]
+    if "sparse" in heads:
+        lexical = scores.lexical_vectors(p["sparse"].weights, p["sparse"].ids, vocab_size)
+        out["sparse"] = scores.sparse_scores(q["sparse"], own(lexical), grouped=True, precision=hi)[:, 0]
+    if "colbert" in heads:
+        out["colbert"] = scores.colbert_scores(q["colbert"], jax.tree.map(own, p["colbert"]), grouped=True,
+                                               precision=hi)[:, 0]
+    return out
+
+
+def pair_scores(model: BGEM3FlagModel, queries: Sequence[str], passages: Sequence[str], query_of: Sequence[int], *,
+                heads=("dense", "sparse", "colbert"), batch_size: int | None = None,
+                query_max_length: int | None = None, passage_max_length: int | None = None) -> dict[str, np.ndarray]:
+    """Scores of the pairs (queries[query_of[i]], passages[i]) for each head: {head: float32 [n]}.
+
+    compute_score's similarities on each pair's own, unpadded vectors: the same numbers as FlagEmbedding's
+    compute_score with batch_size=1 (with larger batches FlagEmbedding pads the colbert vectors of a chunk of
+    passages with zero vectors that join the max, which changes a score only when every real similarity of a query
+    token is negative), and the numbers the exact search (m3jax.evaluate) ranks by. Every query is encoded once;
+    texts are encoded as given (apply any instruction first).
+    """
+    heads = tuple(h for h in ("dense", "sparse", "colbert") if h in heads)
+    batch_size = batch_size or model.batch_size
+    query_of = np.asarray(query_of, np.int64)
+    out = {h: np.zeros(len(passages), np.float32) for h in heads}
+    if len(passages) == 0:
+        return out
+    kw = dict(batch_size=batch_size, return_dense="dense" in heads, return_sparse="sparse" in heads,
+              return_colbert_vecs="colbert" in heads, truncate_dim=None)
+    q = model._encode(list(queries), max_length=query_max_length or model.query_max_length, **kw)
+    p = model._encode(list(passages), max_length=passage_max_length or model.passage_max_length, **kw)
+    q = {k: v for k, v in q.items() if v is not None}
+    p = {k: v for k, v in p.items() if v is not None}
+    for start in range(0, len(passages), batch_size):
+        rows = query_of[start:start + batch_size]
+        n = len(rows)
+        q_chunk = {k: (v[rows] if isinstance(v, np.ndarray) else [v[i] for i in rows]) for k, v in q.items()}
+        p_chunk = {k: v[start:start + n] for k, v in p.items()}
+        size = round_up(n, 1)
+        found = _pair_scores(pack_outputs(q_chunk, heads, size), pack_outputs(p_chunk, heads, size),
+                             vocab_size=model.cfg.vocab_size, heads=heads)
+        for h in heads:
+            out[h][start:start + n] = np.asarray(found[h], np.float32)[:n]
+    return out
 
 
 def pack_outputs(enc: dict, heads, rows: int, *, lex_width: int | None = None,
