@@ -285,7 +285,7 @@ def _add_mine(subparsers) -> None:
 
 
 def _run_mine(args) -> int:
-    from m3jax.mine import MineOptions, mine
+    from m3jax.mine import MineOptions, mine, read_input
 
     options = MineOptions(
         mode=args.mode, weights=tuple(args.weights), range_for_sampling=args.range_for_sampling,
@@ -295,10 +295,12 @@ def _run_mine(args) -> int:
         query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
         queries_per_pass=args.queries_per_pass, passages_per_block=args.passages_per_block,
         passages_per_chunk=args.passages_per_chunk).checked()
+    records = read_input(args.input, args.pool)  # file errors before loading the model
     _start_processes()
     model = _load_model(args, query_instruction_for_retrieval=None)
     report = mine(model, args.input, args.output, options, pool_path=args.pool, model_info=_model_info(args),
-                  overwrite=args.overwrite, save_every=args.save_every, progress=not args.no_progress)
+                  overwrite=args.overwrite, save_every=args.save_every, progress=not args.no_progress,
+                  records_index=records)
     logger.info("mine: %d records, %d pool passages, %.1f s", report["records"], report["pool"], report["seconds"])
     print(os.path.abspath(args.output))
     return 0
@@ -333,6 +335,7 @@ def _add_score(subparsers) -> None:
 
 def _run_score(args) -> int:
     from m3jax import loading
+    from m3jax.mine import read_input
     from m3jax.teacher_scores import M3Teacher, RerankerTeacher, score_file
 
     teacher_kind = args.teacher
@@ -343,6 +346,7 @@ def _run_score(args) -> int:
     if args.passage_max_len < (6 if teacher_kind == "reranker" else 2) or (
             args.query_max_len is not None and args.query_max_len < 1):
         raise UsageError("--query-max-len / --passage-max-len too small")
+    records = read_input(args.input)  # file errors before loading the model
     _start_processes()
     if teacher_kind == "reranker":
         from m3jax.inference import FlagReranker
@@ -368,7 +372,7 @@ def _run_score(args) -> int:
     report = score_file(teacher, args.input, args.output, query_instruction=args.query_instruction,
                         query_instruction_format=args.query_instruction_format,
                         records_per_chunk=args.records_per_chunk, model_info=_model_info(args),
-                        overwrite=args.overwrite, progress=not args.no_progress)
+                        overwrite=args.overwrite, progress=not args.no_progress, records_index=records)
     logger.info("score: %d records, %d pairs scored, %.1f s", report["records"], report["pairs_scored"],
                 report["seconds"])
     print(os.path.abspath(args.output))
@@ -392,16 +396,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Before parsing: some flag types import modules (e.g. orbax through m3jax.loading) that install a root
+    # handler of their own, after which basicConfig would do nothing and the INFO lines would be lost.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        for noisy in ("absl", "jax"):  # Orbax logs every handler it creates, jax every backend it probes
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = build_parser()
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
         # absl's config flags parse the rest (--config.<field>=<value> for any field of the schema).
         args = argparse.Namespace(command="train", func=_run_train, train_argv=argv[1:])
     else:
         args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        for noisy in ("absl", "jax"):  # Orbax logs every handler it creates, jax every backend it probes
-            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except M3JaxError as e:

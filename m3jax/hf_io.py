@@ -437,6 +437,9 @@ def load_reranker_checkpoint(path: str) -> HFCheckpoint:
     path = os.fspath(path)
     config = load_hf_config(path)
     config_path = os.path.join(path, CONFIG_NAME)
+    if not is_reranker_config(config):
+        raise CheckpointFormatError(f"{config_path}: architectures {config.get('architectures')} is not "
+                                    f"[{RERANKER_ARCHITECTURE!r}]; not a cross-encoder reranker directory")
     labels = _num_labels(config)
     if labels != 1:
         raise CheckpointFormatError(f"{config_path}: the reranker has {labels} labels; m3jax reads one-logit "

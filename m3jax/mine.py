@@ -105,7 +105,10 @@ class MineOptions:
     passages_per_chunk: int | None = None  # passages encoded at a time (the resume granularity); None: 8 blocks
 
     def checked(self) -> MineOptions:
-        modes = ev.parse_modes(self.mode)
+        try:
+            modes = ev.parse_modes(self.mode)
+        except ValueError as e:
+            raise MineError(f"mode: {e}") from None
         if len(modes) != 1:
             raise MineError(f"mode={self.mode!r}: mining ranks by one mode")
         try:
@@ -317,13 +320,32 @@ def _allgather(x: np.ndarray) -> list[np.ndarray]:
     return list(np.asarray(multihost_utils.process_allgather(x)))
 
 
+def read_input(input_path: str, pool_path: str | None = None) -> data_files.FileIndex:
+    """Validate the input file (and the pool file) and index the input's records; DataError names file:line."""
+    if not os.path.isfile(input_path):
+        raise DataError(f"{input_path}: input file does not exist")
+    rules = data_files.ScanRules(train_group_size=1, knowledge_distillation=False, per_dataset_columns=False,
+                                 skip_bad_examples=False)
+    index = data_files.scan_file(os.fspath(input_path), rules)
+    if len(index) == 0:
+        raise DataError(f"{input_path}: no records; expected one {{\"query\", \"pos\", \"neg\"}} object per line")
+    if pool_path is not None:
+        if not any(True for _ in read_pool_file(pool_path)):
+            raise DataError(f"{pool_path}: the candidate pool is empty; expected one {{\"text\": ...}} object per "
+                            f"line")
+        for _ in read_pool_file(pool_path):  # every line's errors before any work
+            pass
+    return index
+
+
 def mine(model, input_path: str, output_path: str, options: MineOptions = MineOptions(), *,
          pool_path: str | None = None, model_info: dict | None = None, overwrite: bool = False,
-         save_every: float = 300.0, progress: bool = True) -> dict:
+         save_every: float = 300.0, progress: bool = True, records_index: data_files.FileIndex | None = None) -> dict:
     """Mine hard negatives for every record of `input_path` into `output_path` (see the module docstring).
 
     `model`: an m3jax BGEM3FlagModel built without a query instruction (options carry it). `model_info`: what
-    identifies the model in the resume settings (path, dtype ...). Returns a small report (counts, seconds).
+    identifies the model in the resume settings (path, dtype ...). `records_index`: read_input's result, when the
+    caller validated the files already. Returns a small report (counts, seconds).
     """
     import jax
     from tqdm.auto import tqdm
@@ -331,17 +353,9 @@ def mine(model, input_path: str, output_path: str, options: MineOptions = MineOp
     options = options.checked()
     t0 = time.monotonic()
     rank, n_proc = jax.process_index(), jax.process_count()
-    rules = data_files.ScanRules(train_group_size=1, knowledge_distillation=False, per_dataset_columns=False,
-                                 skip_bad_examples=False)
-    if not os.path.isfile(input_path):
-        raise DataError(f"{input_path}: input file does not exist")
-    records_index = data_files.scan_file(os.fspath(input_path), rules)
+    if records_index is None:
+        records_index = read_input(input_path, pool_path)
     n_records = len(records_index)
-    if n_records == 0:
-        raise DataError(f"{input_path}: no records; expected one {{\"query\", \"pos\", \"neg\"}} object per line")
-    if pool_path is not None:
-        for _ in read_pool_file(pool_path):  # the pool file's errors before any work
-            pass
     settings = {"command": "mine", "input": _file_id(input_path), "pool": _file_id(pool_path),
                 "model": model_info, "options": dataclasses.asdict(options)}
     job = ResumableOutput(output_path, settings, overwrite=overwrite, error=MineError) if rank == 0 else None
@@ -394,6 +408,7 @@ def mine(model, input_path: str, output_path: str, options: MineOptions = MineOp
             with np.load(state_path) as z:
                 searcher.load_state(z["top"], z["index"])
                 done = int(z["chunks_done"])
+            logger.info("mine: pass %d continues after %d of its %d pool chunks", p + 1, done, len(mine_chunks))
         bar = tqdm(total=my_passages, initial=sum(min(chunk, n_pool - c * chunk) for c in mine_chunks[:done]),
                    desc=f"mine pass {p + 1}/{n_passes}", unit="passage", dynamic_ncols=True, disable=not progress)
         last_save = time.monotonic()

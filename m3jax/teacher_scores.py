@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 
@@ -38,9 +37,8 @@ import numpy as np
 
 from m3jax import data_files
 from m3jax import evaluate as ev
-from m3jax.data_files import DataError
 from m3jax.errors import M3JaxError
-from m3jax.mine import _barrier, _file_id
+from m3jax.mine import _barrier, _file_id, read_input
 from m3jax.storage import ResumableOutput
 
 logger = logging.getLogger(__name__)
@@ -83,7 +81,10 @@ class M3Teacher:
     passage_max_len: int = 512
 
     def __post_init__(self):
-        modes = ev.parse_modes(self.mode)
+        try:
+            modes = ev.parse_modes(self.mode)
+        except ValueError as e:
+            raise ScoreError(f"mode: {e}") from None
         if len(modes) != 1:
             raise ScoreError(f"mode={self.mode!r}: a teacher scores by one mode")
         self.mode = modes[0]
@@ -125,8 +126,10 @@ def add_scores(records: Sequence[dict], teacher, ins: data_files.Instructions) -
 
 def score_file(teacher, input_path: str, output_path: str, *, query_instruction: str | None = None,
                query_instruction_format: str = "{}{}", records_per_chunk: int = 1024, model_info: dict | None = None,
-               overwrite: bool = False, progress: bool = True) -> dict:
-    """Write `input_path`'s records with teacher scores to `output_path` (see the module docstring); resumable."""
+               overwrite: bool = False, progress: bool = True,
+               records_index: data_files.FileIndex | None = None) -> dict:
+    """Write `input_path`'s records with teacher scores to `output_path` (see the module docstring); resumable.
+    `records_index`: m3jax.mine.read_input's result, when the caller validated the file already."""
     import jax
     from tqdm.auto import tqdm
 
@@ -134,14 +137,8 @@ def score_file(teacher, input_path: str, output_path: str, *, query_instruction:
         raise ScoreError(f"records_per_chunk={records_per_chunk}: expected a positive number")
     t0 = time.monotonic()
     rank, n_proc = jax.process_index(), jax.process_count()
-    if not os.path.isfile(input_path):
-        raise DataError(f"{input_path}: input file does not exist")
-    rules = data_files.ScanRules(train_group_size=1, knowledge_distillation=False, per_dataset_columns=False,
-                                 skip_bad_examples=False)
-    index = data_files.scan_file(os.fspath(input_path), rules)
+    index = records_index if records_index is not None else read_input(input_path)
     n_records = len(index)
-    if n_records == 0:
-        raise DataError(f"{input_path}: no records; expected one {{\"query\", \"pos\", \"neg\"}} object per line")
     settings = {"command": "score", "input": _file_id(input_path), "model": model_info, "teacher": teacher.settings(),
                 "query_instruction": query_instruction, "query_instruction_format": query_instruction_format,
                 "records_per_chunk": records_per_chunk}
@@ -159,6 +156,8 @@ def score_file(teacher, input_path: str, output_path: str, *, query_instruction:
     bar = tqdm(total=sum(size(c) for c in mine), initial=sum(size(c) for c in mine if c not in todo), desc="score",
                unit="record", dynamic_ncols=True, disable=not progress)
     pairs = 0
+    if job.resumed and len(todo) < len(mine):
+        logger.info("score: %d of %d chunks already scored", len(mine) - len(todo), len(mine))
     for c in todo:
         records = [index.record(i) for i in range(c * records_per_chunk, c * records_per_chunk + size(c))]
         with job.part(c) as f:
