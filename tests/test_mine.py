@@ -412,3 +412,44 @@ def test_existing_output_and_changed_settings(model, data, tmp_path):
         mine_lib.mine(model, path, str(out), opts, progress=False)
     mine_lib.mine(model, path, str(out), opts, progress=False, overwrite=True)
     assert len(_records(out)) == 25 and not work.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_output_of_one(tiny_ckpt, tmp_path):
+    """jax.distributed, 2 processes x 4 CPU devices: mine splits the pool chunks and merges the top lists, score
+    splits the record chunks; both outputs equal those of one process with 4 devices, byte for byte."""
+    import socket
+
+    from m3jax.tiny_checkpoint import make_tiny_reranker
+
+    reranker = make_tiny_reranker(tmp_path / "rr")
+    records = [r for name in sorted(os.listdir(TOY)) for r in _records(os.path.join(TOY, name))]
+    input_path = _write_jsonl(tmp_path / "in.jsonl", records)
+    mine_args = ["mine", "--model", tiny_ckpt, "--input", input_path, "--mode", "dense+sparse",
+                 "--range-for-sampling", "2-40", "--negative-number", "6", "--batch-size", "8", "--query-max-len",
+                 str(QLEN), "--passage-max-len", str(PLEN), "--passages-per-block", "8", "--passages-per-chunk", "16",
+                 "--no-progress"]
+    score_args = ["score", "--model", reranker, "--batch-size", "8", "--passage-max-len", str(PLEN),
+                  "--records-per-chunk", "5", "--no-progress"]
+    four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+    def run(args, processes):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        envs = [four] if processes == 1 else [
+            dict(four, M3JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", M3JAX_NUM_PROCESSES="2", M3JAX_PROCESS_ID=str(i))
+            for i in range(2)]
+        procs = [_run_cli(args, env) for env in envs]
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+        return outs
+
+    for n in (1, 2):
+        outs = run(mine_args + ["--output", str(tmp_path / f"mined{n}.jsonl")], n)
+        assert f"1 pass(es), {n} process(es)" in outs[0]
+        run(score_args + ["--input", str(tmp_path / f"mined{n}.jsonl"), "--output", str(tmp_path / f"scored{n}.jsonl")],
+            n)
+    assert (tmp_path / "mined1.jsonl").read_bytes() == (tmp_path / "mined2.jsonl").read_bytes()
+    assert (tmp_path / "scored1.jsonl").read_bytes() == (tmp_path / "scored2.jsonl").read_bytes()
+    assert len(_records(tmp_path / "scored2.jsonl")) == len(records)
