@@ -35,8 +35,9 @@ pool is encoded once per pass (once when the queries fit in one pass). Memory: a
 representations and top-b lists, one chunk of passages, and 24 bytes per pool passage (offset and hash).
 
 Resume: the pool, one output part per finished pass and the running search state of the current pass (saved every
---save-every seconds) live in a work directory next to the output (m3jax.storage.ResumableOutput). Rerunning the
-same command after an interruption continues from there, and the output is byte-identical to an uninterrupted run's.
+--save-every seconds and when its search is complete) live in a work directory next to the output
+(m3jax.storage.ResumableOutput). Rerunning the same command after an interruption continues from there, and the
+output is byte-identical to an uninterrupted run's.
 
 Several processes (jax.distributed): each searches its share of the pool chunks (chunk c on process c mod P), the
 top-b lists are merged at the end of each pass, and process 0 chooses and writes.
@@ -417,7 +418,8 @@ def mine(model, input_path: str, output_path: str, options: MineOptions = MineOp
             stop = min(start + chunk, n_pool)
             searcher.add(pool.chunk(start, stop), positions=np.arange(start, stop))
             bar.update(stop - start)
-            if j + 1 < len(mine_chunks) and time.monotonic() - last_save >= save_every:
+            # saved every save_every seconds, and once the pass's search is complete (choosing is not redone then)
+            if j + 1 == len(mine_chunks) or time.monotonic() - last_save >= save_every:
                 top, index = searcher.state()
                 with atomic_file(state_path, "wb") as f:
                     np.savez(f, top=top, index=index, chunks_done=j + 1)
