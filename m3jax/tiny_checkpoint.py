@@ -190,8 +190,8 @@ def make_tiny_reranker(out_dir, *, seed: int = 0, hidden: int = 32, layers: int 
                        intermediate: int = 64, max_position: int = 514, overwrite: bool = False) -> str:
     """Write a random tiny reranker (XLMRobertaForSequenceClassification, one label) to out_dir; return its path.
 
-    The classification head's weights have std 1/sqrt(hidden), so tanh stays out of saturation and the logits of
-    different pairs spread over a few units, like a real reranker's."""
+    The classification head's weights have std 1/sqrt(hidden), so tanh stays out of saturation and different pairs
+    get different logits (they spread over a few tenths on the toy texts)."""
     with tempfile.TemporaryDirectory(prefix="m3jax-tok-") as tok_dir:
         vocab_size = train_tokenizer(tok_dir, model_max_length=min(512, max_position - 2))
         config = tiny_config(vocab_size=vocab_size, hidden=hidden, layers=layers, heads=heads,
