@@ -4,6 +4,8 @@
     m3jax export --checkpoint runs/toy --output runs/toy_export [--step N] [--pytorch-bin] [--heads-dtype float16]
                  [--lora-adapters]
     m3jax eval --model runs/toy_export --corpus c.jsonl --queries q.jsonl --qrels qrels.tsv [--output r.json]
+    m3jax mine --model /models/bge-m3 --input train.jsonl --output mined.jsonl [--pool pool.jsonl] [--mode dense] ...
+    m3jax score --model /models/bge-reranker-v2-m3 --input mined.jsonl --output scored.jsonl [--teacher m3] ...
 
 Errors a user can fix (m3jax.errors.M3JaxError: a bad config value, malformed data or eval file, a missing or
 incomplete checkpoint, an existing output directory) print one line "m3jax <command>: error: ..." on stderr and exit
@@ -144,7 +146,9 @@ def _add_eval(subparsers) -> None:
     p.set_defaults(func=_run_eval)
 
 
-def _load_model(args):
+def _load_model(args, **overrides):
+    """BGEM3FlagModel from the shared model flags (--model, --step, --base-model, --pooling-method, --devices, --fp32,
+    --batch-size, --query-max-len, --passage-max-len, --query-instruction[-format]); `overrides` replace them."""
     from m3jax.checkpoint import CheckpointError
     from m3jax.inference import BGEM3FlagModel
 
@@ -153,13 +157,14 @@ def _load_model(args):
         raise UsageError("--step and --base-model apply to an m3jax run directory, not to an HF directory")
     if not hf_dir and args.pooling_method is not None:
         raise UsageError("--pooling-method applies to an HF directory; a checkpoint uses its run config's")
+    kwargs = dict(pooling_method=args.pooling_method, step=args.step, base_model=args.base_model,
+                  use_fp16=not args.fp32, devices=args.devices, batch_size=args.batch_size,
+                  query_max_length=args.query_max_len, passage_max_length=args.passage_max_len,
+                  query_instruction_for_retrieval=args.query_instruction,
+                  query_instruction_format=args.query_instruction_format)
+    kwargs.update(overrides)
     try:
-        return BGEM3FlagModel(args.model, pooling_method=args.pooling_method, step=args.step,
-                              base_model=args.base_model, use_fp16=not args.fp32, devices=args.devices,
-                              batch_size=args.batch_size, query_max_length=args.query_max_len,
-                              passage_max_length=args.passage_max_len,
-                              query_instruction_for_retrieval=args.query_instruction,
-                              query_instruction_format=args.query_instruction_format)
+        return BGEM3FlagModel(args.model, **kwargs)
     except CheckpointError as e:
         if hf_dir or not os.path.isdir(args.model):
             raise
@@ -213,13 +218,196 @@ def _run_eval(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# mine / score: preparing a distillation-ready training set
+
+
+def _add_model_flags(p, *, what: str) -> None:
+    p.add_argument("--model", required=True, help=what)
+    p.add_argument("--step", type=int, default=None, help="with an m3jax run directory: use this step")
+    p.add_argument("--base-model", default=None, help="with a run directory: config.json + tokenizer directory")
+    p.add_argument("--pooling-method", choices=("cls", "mean"), default=None,
+                   help="dense pooling of an HF bge-m3 directory (default: from m3jax_export.json, else cls)")
+    p.add_argument("--devices", default=None, help="e.g. cpu, or cuda:0 (default: all local accelerators)")
+    p.add_argument("--fp32", action="store_true", help="compute in float32 on accelerators (default: bfloat16)")
+    p.add_argument("--query-instruction", default=None,
+                   help="prefix for queries (query_instruction_for_retrieval); a record's own \"prompt\" wins")
+    p.add_argument("--query-instruction-format", default="{}{}")
+    p.add_argument("--output", required=True, help="the output jsonl file (must not exist, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output, and discard an unfinished job started with other settings "
+                        "(an unfinished job with the same settings is always continued)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _model_info(args) -> dict:
+    return {"path": os.path.abspath(args.model), "step": args.step, "base_model": args.base_model,
+            "pooling_method": args.pooling_method, "fp32": args.fp32}
+
+
+def _start_processes() -> None:
+    import types
+
+    from m3jax import distributed
+
+    distributed.initialize(types.SimpleNamespace(initialize="auto", coordinator_address=None, num_processes=None,
+                                                 process_id=None))
+
+
+def _range_arg(value: str):
+    from m3jax.mine import MineError, parse_range
+
+    try:
+        return parse_range(value)
+    except MineError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_mine(subparsers) -> None:
+    p = subparsers.add_parser(
+        "mine", help="mine hard negatives for FlagEmbedding-format training data (exact search, any mode)",
+        description="FlagEmbedding's hn_mine on the accelerators: every query of --input is searched exactly "
+                    "against the candidate pool (--pool, or every pos/neg text of the input) by the dense, sparse, "
+                    "colbert or combined score of a bge-m3 model; negatives are drawn from ranks START..END-1, minus "
+                    "the positives, the query and the passages the score filters drop. Writes the input records "
+                    "with \"neg\" filled. Streams input and pool; rerunning the same command after an "
+                    "interruption continues (byte-identical output).")
+    _add_model_flags(p, what="the retriever: a bge-m3 (HF) directory or an m3jax run output_dir / checkpoints/<step>")
+    p.add_argument("--input", required=True, help="jsonl: {\"query\", \"pos\": [...], \"neg\": [...] (optional)}")
+    p.add_argument("--pool", default=None,
+                   help="candidate pool jsonl: {\"text\": ...} per line (default: the input's pos and neg texts)")
+    p.add_argument("--mode", default="dense", help="dense, sparse, colbert, dense+sparse or all (default dense)")
+    p.add_argument("--weights", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("DENSE", "SPARSE", "COLBERT"),
+                   help="weights of the combined modes (default 1 1 1, as compute_score)")
+    p.add_argument("--range-for-sampling", type=_range_arg, default=(10, 210), metavar="START-END",
+                   help="sample negatives from search ranks START..END-1, 0-based (default 10-210, as hn_mine)")
+    p.add_argument("--negative-number", type=int, default=15, help="negatives per query (default 15)")
+    p.add_argument("--max-score", type=float, default=None, help="drop candidates scoring above this")
+    p.add_argument("--absolute-margin", type=float, default=None,
+                   help="drop candidates scoring above (lowest positive score - MARGIN)")
+    p.add_argument("--relative-margin", type=float, default=None,
+                   help="drop candidates scoring above (1 - MARGIN) x the lowest positive score")
+    p.add_argument("--fill", choices=("random", "none"), default="random",
+                   help="too few candidates left: add random pool passages (hn_mine's rule, default) or none")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws (per record)")
+    p.add_argument("--batch-size", type=int, default=256, help="texts per encode batch")
+    p.add_argument("--query-max-len", type=int, default=512)
+    p.add_argument("--passage-max-len", type=int, default=512)
+    p.add_argument("--queries-per-pass", type=int, default=None,
+                   help="queries searched together; the pool is encoded once per pass (default 131072, 16384 "
+                        "for modes with colbert)")
+    p.add_argument("--passages-per-block", type=int, default=None, help="passages per search step (default: "
+                   "4096 for dense; less for sparse and colbert)")
+    p.add_argument("--passages-per-chunk", type=int, default=None,
+                   help="passages encoded at a time, the unit of resume (default 8 blocks)")
+    p.add_argument("--save-every", type=float, default=300.0,
+                   help="seconds between saves of the search state within a pass (default 300)")
+    p.set_defaults(func=_run_mine)
+
+
+def _run_mine(args) -> int:
+    from m3jax.mine import MineOptions, mine, read_input
+
+    options = MineOptions(
+        mode=args.mode, weights=tuple(args.weights), range_for_sampling=args.range_for_sampling,
+        negative_number=args.negative_number, max_score=args.max_score, absolute_margin=args.absolute_margin,
+        relative_margin=args.relative_margin, fill=args.fill, seed=args.seed, query_instruction=args.query_instruction,
+        query_instruction_format=args.query_instruction_format, batch_size=args.batch_size,
+        query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
+        queries_per_pass=args.queries_per_pass, passages_per_block=args.passages_per_block,
+        passages_per_chunk=args.passages_per_chunk).checked()
+    records = read_input(args.input, args.pool)  # file errors before loading the model
+    _start_processes()
+    model = _load_model(args, query_instruction_for_retrieval=None)
+    report = mine(model, args.input, args.output, options, pool_path=args.pool, model_info=_model_info(args),
+                  overwrite=args.overwrite, save_every=args.save_every, progress=not args.no_progress,
+                  records_index=records)
+    logger.info("mine: %d records, %d pool passages, %.1f s", report["records"], report["pool"], report["seconds"])
+    print(os.path.abspath(args.output))
+    return 0
+
+
+def _add_score(subparsers) -> None:
+    p = subparsers.add_parser(
+        "score", help="teacher scores (pos_scores / neg_scores) for every pair of a training file",
+        description="FlagEmbedding's add_reranker_score on the accelerators: scores every (query, passage) of "
+                    "--input with a cross-encoder reranker (bge-reranker-v2-m3 layout) or a bge-m3 model's own "
+                    "compute_score, and writes the records with \"pos_scores\" / \"neg_scores\". Streams the "
+                    "input; rerunning the same command after an interruption continues (byte-identical output).")
+    _add_model_flags(p, what="the teacher: a reranker directory (XLMRobertaForSequenceClassification), a bge-m3 "
+                             "(HF) directory, or an m3jax run output_dir / checkpoints/<step>")
+    p.add_argument("--input", required=True, help="jsonl: {\"query\", \"pos\": [...], \"neg\": [...]}")
+    p.add_argument("--teacher", choices=("auto", "reranker", "m3"), default="auto",
+                   help="auto (default): reranker when --model's config.json is a sequence classifier, else m3")
+    p.add_argument("--mode", default="all",
+                   help="m3 teacher: dense, sparse, colbert, dense+sparse or all (default all)")
+    p.add_argument("--weights", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("DENSE", "SPARSE", "COLBERT"),
+                   help="m3 teacher: weights of the combined modes (default 1 1 1)")
+    p.add_argument("--normalize", action="store_true", help="reranker: sigmoid of the logit (FlagEmbedding's "
+                                                            "normalize)")
+    p.add_argument("--batch-size", type=int, default=128, help="pairs (reranker) or texts (m3) per batch")
+    p.add_argument("--query-max-len", type=int, default=None,
+                   help="query tokens (default: reranker 3/4 of --passage-max-len, m3 512)")
+    p.add_argument("--passage-max-len", type=int, default=512,
+                   help="m3: passage tokens; reranker: the whole pair's tokens (FlagEmbedding's max_length)")
+    p.add_argument("--records-per-chunk", type=int, default=1024, help="records per chunk, the unit of resume")
+    p.set_defaults(func=_run_score)
+
+
+def _run_score(args) -> int:
+    from m3jax import loading
+    from m3jax.mine import read_input
+    from m3jax.teacher_scores import M3Teacher, RerankerTeacher, score_file
+
+    teacher_kind = args.teacher
+    if teacher_kind == "auto":
+        teacher_kind = "reranker" if loading.is_reranker(args.model) else "m3"
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size={args.batch_size} is too small")
+    if args.passage_max_len < (6 if teacher_kind == "reranker" else 2) or (
+            args.query_max_len is not None and args.query_max_len < 1):
+        raise UsageError("--query-max-len / --passage-max-len too small")
+    records = read_input(args.input)  # file errors before loading the model
+    _start_processes()
+    if teacher_kind == "reranker":
+        from m3jax.inference import FlagReranker
+
+        if args.step is not None or args.base_model is not None or args.pooling_method is not None:
+            raise UsageError("--step, --base-model and --pooling-method apply to a bge-m3 teacher, not a reranker")
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise UsageError(f"--model {args.model}: a reranker is a Hugging Face directory with config.json")
+        teacher = RerankerTeacher(FlagReranker(args.model, use_fp16=not args.fp32, devices=args.devices),
+                                  batch_size=args.batch_size, query_max_len=args.query_max_len,
+                                  max_len=args.passage_max_len, normalize=args.normalize)
+    else:
+        if args.normalize:
+            raise UsageError("--normalize applies to a reranker teacher")
+        query_max_len = args.query_max_len or 512
+        args.query_max_len = query_max_len
+        model = _load_model(args, query_instruction_for_retrieval=None)
+        try:
+            teacher = M3Teacher(model, mode=args.mode, weights=tuple(args.weights), batch_size=args.batch_size,
+                                query_max_len=query_max_len, passage_max_len=args.passage_max_len)
+        except M3JaxError as e:
+            raise UsageError(str(e)) from None
+    report = score_file(teacher, args.input, args.output, query_instruction=args.query_instruction,
+                        query_instruction_format=args.query_instruction_format,
+                        records_per_chunk=args.records_per_chunk, model_info=_model_info(args),
+                        overwrite=args.overwrite, progress=not args.no_progress, records_index=records)
+    logger.info("score: %d records, %d pairs scored, %.1f s", report["records"], report["pairs_scored"],
+                report["seconds"])
+    print(os.path.abspath(args.output))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Subcommand registry and entry point
 
-SUBCOMMANDS = [_add_train, _add_export, _add_eval]
+SUBCOMMANDS = [_add_train, _add_export, _add_eval, _add_mine, _add_score]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m3jax", description="BGE-M3 fine-tuning in JAX: train, export, eval.")
+    parser = argparse.ArgumentParser(prog="m3jax",
+                                     description="BGE-M3 fine-tuning in JAX: train, export, eval, mine, score.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
@@ -228,16 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Before parsing: some flag types import modules (e.g. orbax through m3jax.loading) that install a root
+    # handler of their own, after which basicConfig would do nothing and the INFO lines would be lost.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        for noisy in ("absl", "jax"):  # Orbax logs every handler it creates, jax every backend it probes
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = build_parser()
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
         # absl's config flags parse the rest (--config.<field>=<value> for any field of the schema).
         args = argparse.Namespace(command="train", func=_run_train, train_argv=argv[1:])
     else:
         args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        for noisy in ("absl", "jax"):  # Orbax logs every handler it creates, jax every backend it probes
-            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except M3JaxError as e:

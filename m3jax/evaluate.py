@@ -13,9 +13,10 @@ Only queries that have qrels are evaluated (as BEIR does); a qrels line naming a
 naming an unknown passage is kept as a relevant passage that cannot be retrieved (as pytrec_eval counts it); both
 are counted and logged.
 
-Search is exact, on the model's first device, in blocks: corpus passages are encoded a few batches at a time and
-every block of queries is scored against every block of passages with one jitted function (the similarities of
-m3jax.scores), keeping a running top-k (k = max(100, the largest metric cutoff)) per query with `jax.lax.top_k`:
+Search is exact, on the model's devices, in blocks (`ExactSearch`, also what `m3jax mine` uses): corpus passages are
+encoded a few batches at a time and every block of queries (the blocks spread over the devices) is scored against
+every block of passages with one jitted function (the similarities of m3jax.scores), keeping a running top-k
+(k = max(100, the largest metric cutoff)) per query with `jax.lax.top_k`:
   dense    q . p
   sparse   lexical matching: each passage block becomes a dense [block, vocab] matrix of token weights on the device
            (max weight per token id, as in the lexical_weights dicts), read at the query's token ids
@@ -350,7 +351,25 @@ def compute_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, f
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Exact search on the device
+# Exact search on the devices
+
+
+def combine(base: dict, mode: str, weights) -> Any:
+    """One mode's scores from the heads' scores `base` {head: array}: the head itself, or the weighted mean of the
+    combined heads (weights = [w_dense, w_sparse, w_colbert]). A Matryoshka mode (dense@K) is its own entry of
+    `base`, scored on the cut vectors."""
+    parts, dim = mode_parts(mode)
+    if dim is not None:
+        return base[mode]
+    if len(parts) == 1:
+        return base[parts[0]]
+    w = {"dense": weights[0], "sparse": weights[1], "colbert": weights[2]}
+    return sum(w[x] * base[x] for x in parts) / sum(w[x] for x in parts)
+
+
+def heads_of(modes: Sequence[str]) -> frozenset[str]:
+    """The heads (dense, sparse, colbert) that `modes` need."""
+    return frozenset(p for m in parse_modes(modes) for p in mode_parts(m)[0])
 
 
 @functools.partial(jax.jit, static_argnames=("modes", "k", "vocab_size", "normalize"))
@@ -372,31 +391,27 @@ def _search_block(best_scores, best_index, q, p, p_index, p_valid, weights, *, m
         return scores.SIMILARITIES[head](qx, px, precision=hi, **(
             {"block_bytes": _BLOCK_BYTES} if head == "colbert" else {}))
 
-    base = {head: similarity(head) for head in {part for mode in modes for part in mode_parts(mode)[0]
-                                                if mode_parts(mode)[1] is None}}
-    w = {"dense": weights[0], "sparse": weights[1], "colbert": weights[2]}
-    found = []
+    base = {}
     for mode in modes:
         parts, dim = mode_parts(mode)
+        for head in parts if dim is None else ():
+            base.setdefault(head, similarity(head))
         if dim is not None:
-            found.append(similarity(parts[0], dim))
-        elif len(parts) == 1:
-            found.append(base[parts[0]])
-        else:
-            found.append(sum(w[x] * base[x] for x in parts) / sum(w[x] for x in parts))
-    found = jnp.where(p_valid[None, None, :], jnp.stack(found), -jnp.inf)  # [M, Qb, Pb]
+            base[mode] = similarity(parts[0], dim)
+    found = jnp.stack([combine(base, mode, weights) for mode in modes])
+    found = jnp.where(p_valid[None, None, :], found, -jnp.inf)  # [M, Qb, Pb]
     index = jnp.broadcast_to(p_index[None, None, :], found.shape)
     all_scores = jnp.concatenate([best_scores, found], axis=-1)
     all_index = jnp.concatenate([best_index, index], axis=-1)
-    top, pos = jax.lax.top_k(all_scores, k)
+    top, pos = jax.lax.top_k(all_scores, k)  # equal scores: the lower index (the earlier passage) first
     return top, jnp.take_along_axis(all_index, pos, axis=-1)
 
 
-def _device_of(model):
+def _devices_of(model) -> list:
     devices = getattr(model, "devices", None)  # m3jax: jax devices; FlagEmbedding: strings like "cpu"
     if devices and isinstance(devices[0], jax.Device):
-        return devices[0]
-    return jax.devices()[0]
+        return list(devices)
+    return [jax.devices()[0]]
 
 
 def _vocab_size(model) -> int:
@@ -406,6 +421,127 @@ def _vocab_size(model) -> int:
     return len(model.tokenizer)
 
 
+class ExactSearch:
+    """Exact top-k search of a fixed set of queries over passages fed in chunks (`add`), any number of them.
+
+    `model`: m3jax's (or FlagEmbedding's) BGEM3FlagModel; queries go through encode_queries (query instruction),
+    passages through encode_corpus. The queries are encoded once, padded and cut into blocks that are spread
+    round-robin over the model's devices, each block with its running top-k on its device; every block of
+    `passages_per_block` passages (default batch_size) is copied to each device and scored against that device's
+    query blocks (jax runs the devices' work concurrently). Memory: the query representations, k scores per query
+    and mode, and one passage chunk. Passages fed in increasing corpus position give ties to the lower position.
+
+    `state()` / `load_state()` save and restore the running top-k (resume after an interruption); `result()`
+    returns {mode: (scores [n_queries, k'], corpus positions [n_queries, k'])}, best first, k' = min(k, passages fed).
+    """
+
+    def __init__(self, model, query_texts: Sequence[str], *, modes: Sequence[str] = MODES,
+                 weights: Sequence[float] = DEFAULT_WEIGHTS, top_k: int = MIN_TOP_K, batch_size: int = 64,
+                 query_max_len: int = 512, passage_max_len: int = 512, passages_per_block: int | None = None):
+        self.model, self.modes = model, parse_modes(modes)
+        w = _check_weights(weights, self.modes)
+        self.parts = heads_of(self.modes)
+        self.n_q, self.k = len(query_texts), int(top_k)
+        if self.n_q == 0 or self.k < 1:
+            raise ValueError("search needs at least one query and top_k >= 1")
+        self.batch_size, self.passage_max_len = batch_size, passage_max_len
+        self.need = dict(return_dense="dense" in self.parts, return_sparse="sparse" in self.parts,
+                         return_colbert_vecs="colbert" in self.parts)
+        self.devices = _devices_of(model)
+        self.vocab_size = _vocab_size(model)
+        # Matryoshka cuts are re-normalised as the model's embeddings are (m3jax's cfg; FlagEmbedding's model itself)
+        self.normalize = bool(getattr(getattr(model, "cfg", None), "normalize_embeddings",
+                                      getattr(model, "normalize_embeddings", True)))
+        self.seen = 0
+
+        # Queries: encoded once, padded to a fixed block size, the blocks spread over the devices.
+        q_enc = model.encode_queries(list(query_texts), batch_size=batch_size, max_length=query_max_len, **self.need)
+        self._check_vocab(q_enc, "queries")
+        self.p_block = max(1, int(passages_per_block or batch_size))
+        p_len = round_up(max(1, passage_max_len))
+        q_pack = pack_outputs(q_enc, self.parts, self.n_q)
+        q_len = q_pack["colbert"].vecs.shape[1] if "colbert" in self.parts else 1
+        q_lex = q_pack["sparse"].ids.shape[1] if "sparse" in self.parts else 1
+        per_query = self.p_block * max(q_len * p_len if "colbert" in self.parts else 1, q_lex, 1) * 4
+        per_device = -(-self.n_q // len(self.devices))
+        q_block = 1
+        while q_block * 2 * per_query <= _BLOCK_BYTES and q_block < per_device:
+            q_block *= 2
+        self.q_block, n_q_blocks = q_block, -(-self.n_q // q_block)
+        q_pack = pack_outputs(q_enc, self.parts, n_q_blocks * q_block,
+                              lex_width=q_lex if "sparse" in self.parts else None,
+                              col_length=q_len if "colbert" in self.parts else None)
+        del q_enc
+        self.block_device = [self.devices[i % len(self.devices)] for i in range(n_q_blocks)]
+        self.q_blocks = [jax.device_put(jax.tree.map(lambda v, s=slice(i * q_block, (i + 1) * q_block): v[s], q_pack),
+                                        d) for i, d in enumerate(self.block_device)]
+        self.weights = {d: jax.device_put(jnp.asarray(w, jnp.float32), d) for d in self.devices}
+        m = len(self.modes)
+        self.load_state(np.full((m, self.n_q, self.k), -np.inf, np.float32), np.zeros((m, self.n_q, self.k), np.int32))
+
+    def _check_vocab(self, enc, what):
+        if "sparse" in self.parts:
+            top = max((int(t) for x in enc["lexical_weights"] for t in x), default=0)
+            if top >= self.vocab_size:
+                raise ValueError(f"{what}: token id {top} is outside the vocabulary ({self.vocab_size})")
+
+    def add(self, texts: Sequence[str], positions: Sequence[int] | None = None) -> None:
+        """Search the passages `texts`, at corpus `positions` (default: the next ones after those fed so far)."""
+        n = len(texts)
+        if n == 0:
+            return
+        positions = np.arange(self.seen, self.seen + n) if positions is None else np.asarray(positions)
+        enc = self.model.encode_corpus(list(texts), batch_size=self.batch_size, max_length=self.passage_max_len,
+                                       **self.need)
+        self._check_vocab(enc, "corpus")
+        for sub in range(0, n, self.p_block):
+            sl = slice(sub, sub + self.p_block)
+            count = len(positions[sl])
+            packed = pack_outputs({key: (v[sl] if v is not None else None) for key, v in enc.items()}, self.parts,
+                                  self.p_block)
+            p_index = np.zeros(self.p_block, np.int32)
+            p_index[:count] = positions[sl]
+            p_valid = np.arange(self.p_block) < count
+            on_device = {d: jax.device_put((packed, p_index, p_valid), d) for d in self.devices}
+            for i, d in enumerate(self.block_device):
+                self.best[i] = _search_block(*self.best[i], self.q_blocks[i], *on_device[d], self.weights[d],
+                                             modes=self.modes, k=self.k, vocab_size=self.vocab_size,
+                                             normalize=self.normalize)
+        self.seen += n
+
+    def state(self) -> tuple[np.ndarray, np.ndarray]:
+        """The running top-k: (scores [modes, n_queries, k] float32, corpus positions [modes, n_queries, k])."""
+        top = np.concatenate([np.asarray(s) for s, _ in self.best], axis=1)[:, :self.n_q]
+        index = np.concatenate([np.asarray(i) for _, i in self.best], axis=1)[:, :self.n_q]
+        return top, index
+
+    def load_state(self, top: np.ndarray, index: np.ndarray) -> None:
+        """Restore a running top-k saved by `state()`."""
+        m, qb = len(self.modes), self.q_block
+        rows = len(self.block_device) * qb
+        if top.shape != (m, self.n_q, self.k) or index.shape != top.shape:
+            raise ValueError(f"search state of shape {top.shape} / {index.shape}, expected {(m, self.n_q, self.k)}")
+        full_top = np.full((m, rows, self.k), -np.inf, np.float32)
+        full_index = np.zeros((m, rows, self.k), np.int32)
+        full_top[:, :self.n_q], full_index[:, :self.n_q] = top, index
+        self.best = [(jax.device_put(full_top[:, i * qb:(i + 1) * qb], d),
+                      jax.device_put(full_index[:, i * qb:(i + 1) * qb], d)) for i, d in enumerate(self.block_device)]
+
+    def result(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        top, index = self.state()
+        k = min(self.k, self.seen)
+        return {mode: (top[m, :, :k], index[m, :, :k]) for m, mode in enumerate(self.modes)}
+
+
+def merge_top_k(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge running top-k lists over disjoint passage sets (e.g. one per process): (scores, positions) [..., k_i]
+    each -> the best k, equal scores ordered by position."""
+    top = np.concatenate([s for s, _ in parts], axis=-1)
+    index = np.concatenate([i for _, i in parts], axis=-1)
+    order = np.lexsort((index, -top.astype(np.float64)), axis=-1)[..., :k]
+    return np.take_along_axis(top, order, axis=-1), np.take_along_axis(index, order, axis=-1)
+
+
 def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, modes: Sequence[str] = MODES,
            weights: Sequence[float] = DEFAULT_WEIGHTS, top_k: int = MIN_TOP_K, batch_size: int = 64,
            query_max_len: int = 512, passage_max_len: int = 512,
@@ -413,74 +549,18 @@ def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, mo
     """Exact top-k search: {mode: (scores [n_queries, k], corpus positions [n_queries, k])}, best first.
 
     `model`: m3jax's (or FlagEmbedding's) BGEM3FlagModel; queries go through encode_queries (query instruction),
-    passages through encode_corpus. k = min(top_k, corpus size).
+    passages through encode_corpus, a few blocks at a time (ExactSearch). k = min(top_k, corpus size).
     """
-    modes = parse_modes(modes)
-    w = _check_weights(weights, modes)
-    parts = frozenset(p for m in modes for p in mode_parts(m)[0])
     n_q, n_p = len(query_texts), len(corpus_texts)
     if n_q == 0 or n_p == 0:
         raise ValueError("search needs at least one query and one passage")
-    k = min(int(top_k), n_p)
-    need = dict(return_dense="dense" in parts, return_sparse="sparse" in parts, return_colbert_vecs="colbert" in parts)
-    device = _device_of(model)
-    vocab_size = _vocab_size(model)
-    # Matryoshka cuts are re-normalised as the model's embeddings are (m3jax's cfg; FlagEmbedding's model itself)
-    normalize = bool(getattr(getattr(model, "cfg", None), "normalize_embeddings",
-                             getattr(model, "normalize_embeddings", True)))
-
-    def check_vocab(enc, what):
-        if "sparse" in parts:
-            top = max((int(t) for x in enc["lexical_weights"] for t in x), default=0)
-            if top >= vocab_size:
-                raise ValueError(f"{what}: token id {top} is outside the vocabulary ({vocab_size})")
-
-    # Queries: encoded once, padded to a fixed block size, kept on the device.
-    q_enc = model.encode_queries(list(query_texts), batch_size=batch_size, max_length=query_max_len, **need)
-    check_vocab(q_enc, "queries")
-    p_block = max(1, int(batch_size))
-    p_len = round_up(max(1, passage_max_len))
-    q_pack = pack_outputs(q_enc, parts, n_q)
-    q_len = q_pack["colbert"].vecs.shape[1] if "colbert" in parts else 1
-    q_lex = q_pack["sparse"].ids.shape[1] if "sparse" in parts else 1
-    per_query = p_block * max(q_len * p_len if "colbert" in parts else 1, q_lex, 1) * 4
-    q_block = 1
-    while q_block * 2 * per_query <= _BLOCK_BYTES and q_block < n_q:
-        q_block *= 2
-    n_q_blocks = -(-n_q // q_block)
-    q_pack = pack_outputs(q_enc, parts, n_q_blocks * q_block, lex_width=q_lex if "sparse" in parts else None,
-                          col_length=q_len if "colbert" in parts else None)
-    del q_enc
-    q_blocks = [jax.device_put(jax.tree.map(lambda v, s=slice(i * q_block, (i + 1) * q_block): v[s], q_pack), device)
-                for i in range(n_q_blocks)]
-    weights_arr = jax.device_put(jnp.asarray(w, jnp.float32), device)
-    best = [(jax.device_put(jnp.full((len(modes), q_block, k), -jnp.inf, jnp.float32), device),
-             jax.device_put(jnp.zeros((len(modes), q_block, k), jnp.int32), device)) for _ in range(n_q_blocks)]
-
-    # Passages: longest first (less padding per block), encoded a few blocks at a time, searched block by block.
-    order = np.argsort([-len(t) for t in corpus_texts], kind="stable")
-    chunk = passages_per_encode or 8 * p_block
-    chunk = max(p_block, chunk - chunk % p_block)
+    searcher = ExactSearch(model, query_texts, modes=modes, weights=weights, top_k=min(int(top_k), n_p),
+                           batch_size=batch_size, query_max_len=query_max_len, passage_max_len=passage_max_len)
+    chunk = passages_per_encode or 8 * searcher.p_block
+    chunk = max(searcher.p_block, chunk - chunk % searcher.p_block)
     for start in range(0, n_p, chunk):
-        chunk_idx = order[start:start + chunk]
-        enc = model.encode_corpus([corpus_texts[i] for i in chunk_idx], batch_size=batch_size,
-                                  max_length=passage_max_len, **need)
-        check_vocab(enc, "corpus")
-        for sub in range(0, len(chunk_idx), p_block):
-            sl = slice(sub, sub + p_block)
-            block_enc = {key: (v[sl] if v is not None else None) for key, v in enc.items()}
-            n = len(chunk_idx[sl])
-            packed = pack_outputs(block_enc, parts, p_block)
-            p_index = np.zeros(p_block, np.int32)
-            p_index[:n] = chunk_idx[sl]
-            p_valid = np.arange(p_block) < n
-            p_dev = jax.device_put((packed, p_index, p_valid), device)
-            for i in range(n_q_blocks):
-                best[i] = _search_block(best[i][0], best[i][1], q_blocks[i], *p_dev, weights_arr, modes=modes, k=k,
-                                        vocab_size=vocab_size, normalize=normalize)
-    top = np.concatenate([np.asarray(s) for s, _ in best], axis=1)[:, :n_q]
-    index = np.concatenate([np.asarray(i) for _, i in best], axis=1)[:, :n_q]
-    return {mode: (top[m], index[m]) for m, mode in enumerate(modes)}
+        searcher.add(corpus_texts[start:start + chunk])
+    return searcher.result()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ possibly sharded with an `*.index.json`), the two extra heads FlagEmbedding adds
 arrays and writes one back so that transformers `AutoModel`, FlagEmbedding `BGEM3FlagModel` and
 `sentence_transformers.SentenceTransformer` all load it.
 
+A cross-encoder reranker in the layout of bge-reranker-v2-m3 (`XLMRobertaForSequenceClassification` with one label:
+the same encoder under a `roberta.` prefix, plus `classifier.dense` [hidden, hidden] and `classifier.out_proj`
+[1, hidden]) is read by `load_reranker_checkpoint` and written by `save_reranker_checkpoint` into the same
+`HFCheckpoint`, its `classifier` field holding the head.
+
 Only numpy (and `safetensors`) is needed; torch is imported lazily, and only when a `.bin`/`.pt` file must be
 read or written. Mapping the arrays into Flax parameters is done elsewhere.
 
@@ -37,6 +42,8 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_NAME = "pytorch_model.bin"
 PYTORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 COLBERT_NAME = "colbert_linear.pt"
+RERANKER_ARCHITECTURE = "XLMRobertaForSequenceClassification"
+_CLASSIFIER_PREFIX = "classifier."
 SPARSE_NAME = "sparse_linear.pt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model")
 
@@ -59,6 +66,9 @@ class HFCheckpoint:
     encoder: dict[str, np.ndarray]
     colbert: dict[str, np.ndarray] | None  # {"weight": [colbert_dim, hidden], "bias": [colbert_dim]}
     sparse: dict[str, np.ndarray] | None  # {"weight": [1, hidden], "bias": [1]}
+    # A reranker's classification head (XLMRobertaClassificationHead's state dict, without "classifier."):
+    # {"dense.weight": [hidden, hidden], "dense.bias": [hidden], "out_proj.weight": [1, hidden], "out_proj.bias": [1]}
+    classifier: dict[str, np.ndarray] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,6 +115,41 @@ def expected_encoder_shapes(config: dict, where: str = CONFIG_NAME) -> dict[str,
 def _pooler_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     h = config.get("hidden_size", _CONFIG_DEFAULTS["hidden_size"])
     return {"pooler.dense.weight": (h, h), "pooler.dense.bias": (h,)}
+
+
+def classifier_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a one-label XLMRobertaClassificationHead (names without the `classifier.` prefix)."""
+    h = config.get("hidden_size", _CONFIG_DEFAULTS["hidden_size"])
+    return {"dense.weight": (h, h), "dense.bias": (h,), "out_proj.weight": (1, h), "out_proj.bias": (1,)}
+
+
+def is_reranker_config(config: dict) -> bool:
+    """Whether config.json describes a sequence-classification model (a cross-encoder reranker)."""
+    return RERANKER_ARCHITECTURE in (config.get("architectures") or [])
+
+
+def _num_labels(config: dict) -> int:
+    # transformers' PretrainedConfig: id2label decides; without it num_labels, default 2
+    if config.get("id2label"):
+        return len(config["id2label"])
+    return int(config.get("num_labels", 2))
+
+
+def _check_classifier(config: dict, classifier: dict[str, np.ndarray], where: str) -> None:
+    expected = classifier_shapes(config)
+    for name, shape in expected.items():
+        if name not in classifier:
+            raise CheckpointFormatError(f"{where}: missing tensor {_CLASSIFIER_PREFIX + name!r} (expected shape "
+                                        f"{list(shape)}); a reranker needs XLMRobertaForSequenceClassification's "
+                                        f"classifier.dense and classifier.out_proj")
+        found = tuple(np.shape(classifier[name]))
+        if found != shape:
+            raise CheckpointFormatError(f"{where}: tensor {_CLASSIFIER_PREFIX + name!r} has shape {list(found)}, "
+                                        f"expected {list(shape)} (one label, hidden_size from {CONFIG_NAME})")
+    extra = sorted(set(classifier) - set(expected))
+    if extra:
+        raise CheckpointFormatError(f"{where}: unexpected tensor {_CLASSIFIER_PREFIX + extra[0]!r} in the "
+                                    f"classification head")
 
 
 def _check_config(config: Any, where: str) -> None:
@@ -249,8 +294,10 @@ def _read_sharded(index_path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _strip_and_filter(tensors: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-    """Drop a `roberta.` prefix (XLMRobertaForXXX checkpoints), buffers, and non-encoder tensors (e.g. lm_head)."""
+def _strip_and_filter(tensors: dict[str, np.ndarray], where: str,
+                      classifier: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Drop a `roberta.` prefix (XLMRobertaForXXX checkpoints), buffers, and non-encoder tensors (e.g. lm_head).
+    With a `classifier` dict, the `classifier.*` tensors go there (without the prefix) instead of being dropped."""
     if any(k.startswith("roberta.") for k in tensors):
         tensors = {k[len("roberta."):] if k.startswith("roberta.") else k: v for k, v in tensors.items()}
     encoder, dropped = {}, []
@@ -259,6 +306,8 @@ def _strip_and_filter(tensors: dict[str, np.ndarray], where: str) -> dict[str, n
             continue
         if name.startswith(_ENCODER_PREFIXES):
             encoder[name] = _to_f32(name, value, where)
+        elif classifier is not None and name.startswith(_CLASSIFIER_PREFIX):
+            classifier[name[len(_CLASSIFIER_PREFIX):]] = _to_f32(name, value, where)
         else:
             dropped.append(name)
     if dropped:
@@ -363,11 +412,7 @@ def load_hf_checkpoint(path: str) -> HFCheckpoint:
     """
     path = os.fspath(path)
     config = load_hf_config(path)
-    weights_path = _weights_path(path)
-    if weights_path.endswith(".index.json"):
-        tensors = _read_sharded(weights_path)
-    else:
-        tensors = _read_weight_file(weights_path)
+    weights_path, tensors = _read_weights(path)
     encoder = _strip_and_filter(tensors, weights_path)
     _check_encoder(config, encoder, weights_path)
 
@@ -398,6 +443,39 @@ def load_tokenizer(path: str, **kwargs):
         backend.normalizer, backend.pre_tokenizer, backend.decoder = (
             written.normalizer, written.pre_tokenizer, written.decoder)
     return tokenizer
+
+
+def _read_weights(path: str) -> tuple[str, dict[str, np.ndarray]]:
+    weights_path = _weights_path(path)
+    if weights_path.endswith(".index.json"):
+        return weights_path, _read_sharded(weights_path)
+    return weights_path, _read_weight_file(weights_path)
+
+
+def load_reranker_checkpoint(path: str) -> HFCheckpoint:
+    """Load a cross-encoder reranker directory (bge-reranker-v2-m3's layout) into float32 numpy arrays.
+
+    config.json must be an XLM-RoBERTa with one label (id2label of one entry, or num_labels=1); the weights hold the
+    encoder (under `roberta.`, a pooler is ignored as transformers ignores it) and `classifier.dense.*`,
+    `classifier.out_proj.*`. Returns an HFCheckpoint with `classifier` set and no colbert / sparse heads.
+    """
+    path = os.fspath(path)
+    config = load_hf_config(path)
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not is_reranker_config(config):
+        raise CheckpointFormatError(f"{config_path}: architectures {config.get('architectures')} is not "
+                                    f"[{RERANKER_ARCHITECTURE!r}]; not a cross-encoder reranker directory")
+    labels = _num_labels(config)
+    if labels != 1:
+        raise CheckpointFormatError(f"{config_path}: the reranker has {labels} labels; m3jax reads one-logit "
+                                    f"rerankers (id2label with one entry, like bge-reranker-v2-m3)")
+    weights_path, tensors = _read_weights(path)
+    classifier: dict[str, np.ndarray] = {}
+    encoder = _strip_and_filter(tensors, weights_path, classifier)
+    encoder = {k: v for k, v in encoder.items() if not k.startswith("pooler.")}  # unused by the classifier
+    _check_encoder(config, encoder, weights_path)
+    _check_classifier(config, classifier, weights_path)
+    return HFCheckpoint(config=config, encoder=encoder, colbert=None, sparse=None, classifier=classifier)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -519,3 +597,34 @@ def write_hf_files(folder: str, ckpt: HFCheckpoint, *, tokenizer_dir: str | None
         logger.warning("saved without tokenizer files (tokenizer_dir=None)")
     if sentence_transformers:
         _write_sentence_transformers(folder, ckpt.config, sentence_pooling_method, normalize_embeddings)
+
+
+def save_reranker_checkpoint(out_dir, ckpt: HFCheckpoint, *, tokenizer_dir: str | None,
+                             overwrite: bool = False) -> None:
+    """Write a reranker (ckpt.classifier set) in bge-reranker-v2-m3's layout: config.json
+    (XLMRobertaForSequenceClassification, one label), model.safetensors (`roberta.` encoder + `classifier.*`) and the
+    tokenizer files; transformers' AutoModelForSequenceClassification and FlagEmbedding's FlagReranker load it.
+    Written through `storage.atomic_directory`."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    where = f"reranker saved to {out_dir}"
+    _check_config(ckpt.config, f"{where}: config")
+    if ckpt.classifier is None:
+        raise CheckpointFormatError(f"{where}: the checkpoint has no classifier head")
+    encoder = {k: v for k, v in ckpt.encoder.items() if not k.startswith("pooler.")}
+    _check_encoder(ckpt.config, encoder, f"{where}: encoder")
+    _check_classifier(ckpt.config, ckpt.classifier, f"{where}: classifier")
+    from safetensors.numpy import save_file
+
+    config = dict(ckpt.config)
+    config.pop("dtype", None)
+    config.update(architectures=[RERANKER_ARCHITECTURE], model_type="xlm-roberta", torch_dtype="float32",
+                  id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    tensors = {f"roberta.{k}": v for k, v in encoder.items()}
+    tensors.update({_CLASSIFIER_PREFIX + k: v for k, v in ckpt.classifier.items()})
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(tensors.items())}
+    with atomic_directory(out_dir, overwrite=overwrite, error=CheckpointFormatError) as folder:
+        write_json(os.path.join(folder, CONFIG_NAME), config)
+        save_file(tensors, os.path.join(folder, SAFETENSORS_NAME), metadata={"format": "pt"})
+        os.chmod(os.path.join(folder, SAFETENSORS_NAME), 0o644)
+        if tokenizer_dir is not None:
+            _copy_tokenizer(os.fspath(tokenizer_dir), folder)

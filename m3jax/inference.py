@@ -8,6 +8,9 @@ Same constructor arguments, same `encode` / `encode_queries` / `encode_corpus` /
 Texts are sorted by length and encoded in batches padded to a small ladder of lengths and batch sizes, so a large
 encode job compiles a handful of shapes. On CPU the model runs in float32 whatever use_fp16 says (FlagEmbedding does
 the same); on accelerators use_fp16 / use_bf16 select bfloat16 compute.
+
+`FlagReranker` does the same for FlagEmbedding's cross-encoder reranker (bge-reranker-v2-m3's layout): compute_score
+of (query, passage) pairs with FlagEmbedding's tokenisation, on m3jax.model.Reranker.
 """
 from __future__ import annotations
 
@@ -47,6 +50,30 @@ def _select_devices(devices) -> list:
 
 
 _INFERENCE_RULES = (("batch", "batch"),)  # the inference mesh has one axis, "batch": params replicated
+
+
+def bucketed_batches(token_ids: Sequence[Sequence[int]], batch_size: int, ladder: Sequence[int], n_dev: int,
+                     pad_id: int, tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Length-sorted batches of token id lists, as (row indices, ids [n, L], mask [n, L]) numpy arrays.
+
+    Texts go longest first; each batch is padded to the next length of `ladder` and to a row count from a ladder
+    of powers of two (up to batch_size), rounded up to a multiple of `n_dev` so it shards over the devices; filler
+    rows are "<s></s>". A job of any size thus compiles a handful of shapes."""
+    order = np.argsort([-len(t) for t in token_ids], kind="stable")
+    batch_ladder = [b for b in (2 ** k for k in range(20)) if b < batch_size] + [batch_size]
+    for start in range(0, len(token_ids), batch_size):
+        idx = order[start:start + batch_size]
+        rows = [token_ids[i] for i in idx]
+        length = pad_length(max(len(r) for r in rows), ladder)
+        n_rows = -(-pad_length(len(rows), batch_ladder) // n_dev) * n_dev
+        ids = np.full((n_rows, length), pad_id, np.int32)
+        mask = np.zeros((n_rows, length), np.int32)
+        ids[len(rows):, :2] = (tokenizer.cls_token_id, tokenizer.eos_token_id)  # filler rows
+        mask[len(rows):, :2] = 1
+        for r, toks in enumerate(rows):
+            ids[r, :len(toks)] = toks
+            mask[r, :len(toks)] = 1
+        yield idx, ids, mask
 
 
 @functools.cache
@@ -142,26 +169,11 @@ class BGEM3FlagModel:
         if max_length < 2:
             raise ValueError(f"max_length={max_length}: expected at least 2 (room for <s> and </s>)")
         token_ids = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        order = np.argsort([-len(t) for t in token_ids], kind="stable")
-        ladder = length_buckets(max_length)
-        n_dev = len(self.devices)
-        batch_ladder = [b for b in (2 ** k for k in range(20)) if b < batch_size] + [batch_size]
-        pad_id = self.cfg.pad_token_id
-        for start in range(0, len(texts), batch_size):
-            idx = order[start:start + batch_size]
-            rows = [token_ids[i] for i in idx]
-            length = pad_length(max(len(r) for r in rows), ladder)
-            n_rows = -(-pad_length(len(rows), batch_ladder) // n_dev) * n_dev
-            ids = np.full((n_rows, length), pad_id, np.int32)
-            mask = np.zeros((n_rows, length), np.int32)
-            ids[len(rows):, :2] = (self.tokenizer.cls_token_id, self.tokenizer.eos_token_id)  # filler rows
-            mask[len(rows):, :2] = 1
-            for r, toks in enumerate(rows):
-                ids[r, :len(toks)] = toks
-                mask[r, :len(toks)] = 1
+        for idx, ids, mask in bucketed_batches(token_ids, batch_size, length_buckets(max_length), len(self.devices),
+                                               self.cfg.pad_token_id, self.tokenizer):
             out = self._apply({"params": self.params}, jax.device_put(ids, self._batch_sharding),
                               jax.device_put(mask, self._batch_sharding))
-            yield idx, out, rows
+            yield idx, out, [token_ids[i] for i in idx]
 
     def _truncate(self, vecs, truncate_dim: int | None) -> np.ndarray:
         """Matryoshka truncation as FlagEmbedding does it: cut, then L2-normalise the cut vectors."""
@@ -304,16 +316,57 @@ class BGEM3FlagModel:
         return {k: v[0] for k, v in out.items()} if single else out
 
 
-@functools.partial(jax.jit, static_argnames=("vocab_size",))
-def _pair_scores(q: dict, p: dict, *, vocab_size: int) -> dict:
+@functools.partial(jax.jit, static_argnames=("vocab_size", "heads"))
+def _pair_scores(q: dict, p: dict, *, vocab_size: int, heads=("dense", "sparse", "colbert")) -> dict:
     """Each query against its own passage (the grouped similarities with one passage per query): {head: [n]}."""
     hi = jax.lax.Precision.HIGHEST
     own = lambda x: x[:, None]  # [n, ...] -> [n, 1, ...]
-    lexical = scores.lexical_vectors(p["sparse"].weights, p["sparse"].ids, vocab_size)
-    return {"dense": scores.dense_scores(q["dense"], own(p["dense"]), grouped=True, precision=hi)[:, 0],
-            "sparse": scores.sparse_scores(q["sparse"], own(lexical), grouped=True, precision=hi)[:, 0],
-            "colbert": scores.colbert_scores(q["colbert"], jax.tree.map(own, p["colbert"]), grouped=True,
-                                             precision=hi)[:, 0]}
+    out = {}
+    if "dense" in heads:
+        out["dense"] = scores.dense_scores(q["dense"], own(p["dense"]), grouped=True, precision=hi)[:, 0]
+    if "sparse" in heads:
+        lexical = scores.lexical_vectors(p["sparse"].weights, p["sparse"].ids, vocab_size)
+        out["sparse"] = scores.sparse_scores(q["sparse"], own(lexical), grouped=True, precision=hi)[:, 0]
+    if "colbert" in heads:
+        out["colbert"] = scores.colbert_scores(q["colbert"], jax.tree.map(own, p["colbert"]), grouped=True,
+                                               precision=hi)[:, 0]
+    return out
+
+
+def pair_scores(model: BGEM3FlagModel, queries: Sequence[str], passages: Sequence[str], query_of: Sequence[int], *,
+                heads=("dense", "sparse", "colbert"), batch_size: int | None = None,
+                query_max_length: int | None = None, passage_max_length: int | None = None) -> dict[str, np.ndarray]:
+    """Scores of the pairs (queries[query_of[i]], passages[i]) for each head: {head: float32 [n]}.
+
+    compute_score's similarities on each pair's own, unpadded vectors: the same numbers as FlagEmbedding's
+    compute_score with batch_size=1 (with larger batches FlagEmbedding pads the colbert vectors of a chunk of
+    passages with zero vectors that join the max, which changes a score only when every real similarity of a query
+    token is negative), and the numbers the exact search (m3jax.evaluate) ranks by. Every query is encoded once;
+    texts are encoded as given (apply any instruction first).
+    """
+    heads = tuple(h for h in ("dense", "sparse", "colbert") if h in heads)
+    batch_size = batch_size or model.batch_size
+    query_of = np.asarray(query_of, np.int64)
+    out = {h: np.zeros(len(passages), np.float32) for h in heads}
+    if len(passages) == 0:
+        return out
+    kw = dict(batch_size=batch_size, return_dense="dense" in heads, return_sparse="sparse" in heads,
+              return_colbert_vecs="colbert" in heads, truncate_dim=None)
+    q = model._encode(list(queries), max_length=query_max_length or model.query_max_length, **kw)
+    p = model._encode(list(passages), max_length=passage_max_length or model.passage_max_length, **kw)
+    q = {k: v for k, v in q.items() if v is not None}
+    p = {k: v for k, v in p.items() if v is not None}
+    for start in range(0, len(passages), batch_size):
+        rows = query_of[start:start + batch_size]
+        n = len(rows)
+        q_chunk = {k: (v[rows] if isinstance(v, np.ndarray) else [v[i] for i in rows]) for k, v in q.items()}
+        p_chunk = {k: v[start:start + n] for k, v in p.items()}
+        size = round_up(n, 1)
+        found = _pair_scores(pack_outputs(q_chunk, heads, size), pack_outputs(p_chunk, heads, size),
+                             vocab_size=model.cfg.vocab_size, heads=heads)
+        for h in heads:
+            out[h][start:start + n] = np.asarray(found[h], np.float32)[:n]
+    return out
 
 
 def pack_outputs(enc: dict, heads, rows: int, *, lex_width: int | None = None,
@@ -347,3 +400,105 @@ def pack_outputs(enc: dict, heads, rows: int, *, lex_width: int | None = None,
             mask[r, :len(v)] = True
         out["colbert"] = scores.TokenVecs(vecs, mask)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cross-encoder reranker
+
+
+@functools.cache
+def _jitted_rerank(cfg: m3model.ModelConfig):
+    return jax.jit(m3model.Reranker(cfg).apply)
+
+
+def _with_instruction(fmt: str, instruction: str, text: str) -> str:
+    return fmt.replace("\\n", "\n").format(instruction, text)  # FlagEmbedding turns a typed "\\n" into a newline
+
+
+class FlagReranker:
+    """Drop-in for FlagEmbedding's `FlagReranker` (encoder-only cross-encoder such as bge-reranker-v2-m3).
+
+    `compute_score(pairs)` tokenises like FlagEmbedding: the query alone truncated to `query_max_length` tokens
+    (default 3/4 of max_length), the passage to `max_length`, then the pair `<s> q </s></s> p </s>` with only the
+    passage cut so the pair fits `max_length` (when the query alone leaves no room, the pair stays whole, as in
+    transformers). Pairs are length-sorted, padded to a ladder of lengths and sharded over the devices; the score
+    is the one logit (sigmoid of it with normalize=True). On CPU the model runs in float32 whatever use_fp16 says.
+    """
+
+    def __init__(self, model_name_or_path: str, use_fp16: bool = False, query_instruction_for_rerank: str | None = None,
+                 query_instruction_format: str = "{}{}", passage_instruction_for_rerank: str | None = None,
+                 passage_instruction_format: str = "{}{}", trust_remote_code: bool = False,
+                 cache_dir: str | None = None, devices=None, batch_size: int = 128,
+                 query_max_length: int | None = None, max_length: int = 512, normalize: bool = False,
+                 use_bf16: bool = False, **kwargs: Any):
+        from transformers import AutoTokenizer
+
+        self.devices = _select_devices(devices)
+        platform = self.devices[0].platform
+        dtype = "bfloat16" if (use_fp16 or use_bf16) and platform != "cpu" else "float32"
+        self.cfg, params = loading.load_reranker(model_name_or_path, dtype=dtype, platform=platform)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code,
+                                                       cache_dir=cache_dir)
+        self.query_instruction_for_rerank = query_instruction_for_rerank
+        self.query_instruction_format = query_instruction_format
+        self.passage_instruction_for_rerank = passage_instruction_for_rerank
+        self.passage_instruction_format = passage_instruction_format
+        self.batch_size, self.query_max_length, self.max_length = batch_size, query_max_length, max_length
+        self.normalize = normalize
+        self.mesh = Mesh(np.array(self.devices), ("batch",))
+        self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
+        self._apply = _jitted_rerank(self.cfg)
+
+    def pair_token_ids(self, sentence_pairs, query_max_length: int, max_length: int) -> list[list[int]]:
+        """The input ids FlagEmbedding builds for each (query, passage) pair (instructions already applied)."""
+        tok = self.tokenizer
+        queries = tok([q for q, _ in sentence_pairs], add_special_tokens=False, max_length=query_max_length,
+                      truncation=True)["input_ids"]
+        passages = tok([p for _, p in sentence_pairs], add_special_tokens=False, max_length=max_length,
+                       truncation=True)["input_ids"]
+        special = tok.num_special_tokens_to_add(pair=True)
+        out = []
+        for q, p in zip(queries, passages):
+            excess = len(q) + len(p) + special - max_length
+            if 0 < excess < len(p):  # transformers' only_second: cut the passage if that is enough, else nothing
+                p = p[:len(p) - excess]
+            out.append(tok.build_inputs_with_special_tokens(q, p))
+        return out
+
+    def _detailed(self, pairs):
+        out = []
+        for q, p in pairs:
+            if self.query_instruction_for_rerank is not None:
+                q = _with_instruction(self.query_instruction_format, self.query_instruction_for_rerank, q)
+            if self.passage_instruction_for_rerank is not None:
+                p = _with_instruction(self.passage_instruction_format, self.passage_instruction_for_rerank, p)
+            out.append((q, p))
+        return out
+
+    def compute_score(self, sentence_pairs, batch_size: int | None = None, query_max_length: int | None = None,
+                      max_length: int | None = None, normalize: bool | None = None, **kwargs) -> list[float]:
+        """One score per (query, passage) pair, in input order (a list, also for a single pair)."""
+        batch_size = batch_size or self.batch_size
+        max_length = max_length or self.max_length
+        if query_max_length is None:
+            query_max_length = self.query_max_length if self.query_max_length is not None else max_length * 3 // 4
+        normalize = self.normalize if normalize is None else normalize
+        if isinstance(sentence_pairs[0], str):
+            sentence_pairs = [sentence_pairs]
+        pairs = self._detailed(sentence_pairs)
+        token_ids = self.pair_token_ids(pairs, query_max_length, max_length)
+        longest = max(len(t) for t in token_ids)
+        if longest > self.cfg.max_position_embeddings - self.cfg.pad_token_id - 1:
+            raise ValueError(f"a (query, passage) pair has {longest} tokens, more than the model's positions; the "
+                             f"query alone fills max_length={max_length} (lower query_max_length)")
+        ladder = length_buckets(max(max_length, longest))
+        found = np.zeros(len(pairs), np.float32)
+        for idx, ids, mask in bucketed_batches(token_ids, batch_size, ladder, len(self.devices),
+                                               self.cfg.pad_token_id, self.tokenizer):
+            logits = self._apply({"params": self.params}, jax.device_put(ids, self._batch_sharding),
+                                 jax.device_put(mask, self._batch_sharding))
+            found[idx] = np.asarray(logits, np.float32)[:len(idx)]
+        if normalize:
+            found = 1.0 / (1.0 + np.exp(-found.astype(np.float64)))
+        return [float(x) for x in found]

@@ -15,6 +15,9 @@
 BGEM3FlagModel's arguments): pooling, normalisation, colbert_dim, compute dtype, attention kernel, remat, dropout,
 LoRA adapters (an m3jax checkpoint of a LoRA run keeps its adapters unmerged; export merges them).
 A resumed run calls `find_model` + `model_config` on its own checkpoint and never reads the pretrained weights.
+
+`load_reranker(path)` is the path for a cross-encoder reranker directory (bge-reranker-v2-m3's layout): a
+ModelConfig from its config.json and the params of m3jax.model.Reranker.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import numpy as np
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
 from m3jax import hf_io
-from m3jax.model import LoRAConfig, ModelConfig, init_head_params, params_from_hf
+from m3jax.model import LoRAConfig, ModelConfig, init_head_params, params_from_hf, reranker_params_from_hf
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +262,25 @@ def load_model(path, settings: ModelSettings = ModelSettings(), *, step: int | N
     return LoadedModel(cfg, load_params(source, cfg, seed=seed), source)
 
 
+def is_reranker(path) -> bool:
+    """Whether `path` is a Hugging Face directory whose config.json describes a sequence-classification model."""
+    config_path = os.path.join(os.fspath(path), hf_io.CONFIG_NAME)
+    return os.path.isfile(config_path) and hf_io.is_reranker_config(hf_io.load_hf_config(os.fspath(path)))
+
+
+def load_reranker(path, *, dtype: str = "float32", attention_implementation: str = "auto",
+                  platform: str | None = None) -> tuple[ModelConfig, dict]:
+    """A reranker directory -> (ModelConfig, Reranker params as float32 numpy); errors are CheckpointFormatError."""
+    ckpt = hf_io.load_reranker_checkpoint(os.fspath(path))
+    try:
+        cfg = ModelConfig.from_hf_config(
+            ckpt.config, has_pooler=False, dtype=dtype, remat_policy="none",
+            attention_implementation=resolve_attention(attention_implementation, platform))
+    except (KeyError, ValueError) as e:
+        raise hf_io.CheckpointFormatError(f"{path}: config.json cannot describe an m3jax model: {e}") from e
+    return cfg, reranker_params_from_hf(ckpt.encoder, ckpt.classifier, cfg)
+
+
 def load_tokenizer(source: ModelSource, **kwargs):
     """The source's Hugging Face tokenizer (the run's base_model/ for an m3jax checkpoint), giving the same ids
     under transformers 4 and 5 (hf_io.load_tokenizer)."""
@@ -268,4 +290,5 @@ def load_tokenizer(source: ModelSource, **kwargs):
 
 
 __all__ = ["ModelSettings", "ModelSource", "LoadedModel", "resolve_attention", "find_model", "model_config",
-           "with_settings", "load_params", "check_params", "load_model", "load_tokenizer", "init_head_params"]
+           "with_settings", "load_params", "check_params", "load_model", "load_tokenizer", "init_head_params",
+           "is_reranker", "load_reranker"]

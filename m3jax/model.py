@@ -10,6 +10,9 @@ Output of `BGEM3.__call__` per text, from the last hidden state h [B, L, H] and 
   dense           [B, H]      h[:, 0] (cls) or masked mean, L2-normalised when normalize_embeddings   (float32)
   sparse_weights  [B, L]      relu(sparse_linear(h))  -- per-token weights; `scores.lexical_vectors` pools them
   colbert         [B, L-1, D] colbert_linear(h[:, 1:]) * m[:, 1:], L2-normalised per token when normalize_embeddings
+
+`Reranker` is the same encoder under XLMRobertaForSequenceClassification's head (bge-reranker-v2-m3): one logit per
+(query, passage) pair, out_proj(tanh(dense(h[:, 0]))).
 """
 from __future__ import annotations
 
@@ -394,6 +397,22 @@ class BGEM3(nn.Module):
         return self.encoder(input_ids, attention_mask, True)
 
 
+class Reranker(nn.Module):
+    """Cross-encoder: encoder + XLMRobertaClassificationHead on the <s> token -> one logit per row [B] (float32).
+
+    HF's head: dropout, dense (hidden -> hidden), tanh, dropout, out_proj (hidden -> 1); dropout is off here
+    (inference only)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask):
+        hidden = Encoder(self.cfg, name="encoder")(input_ids, attention_mask, True)
+        x = hidden[:, 0].astype(jnp.float32)
+        x = jnp.tanh(_dense(self.cfg.hidden_size, ("embed", "mlp"), "classifier_dense", jnp.float32)(x))
+        return _dense(1, ("mlp", "one"), "classifier_out_proj", jnp.float32)(x)[:, 0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # HF state dict  <->  Flax params. Names on the left are HF XLMRobertaModel's (no "roberta." prefix).
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,19 +465,45 @@ def _get(tree, path: tuple[str, ...]):
     return tree
 
 
+# XLMRobertaClassificationHead (names without "classifier.") -> Reranker params (Linear [out, in] -> kernel [in, out])
+_CLASSIFIER_MAP = {
+    "dense.weight": ("classifier_dense", "kernel"),
+    "dense.bias": ("classifier_dense", "bias"),
+    "out_proj.weight": ("classifier_out_proj", "kernel"),
+    "out_proj.bias": ("classifier_out_proj", "bias"),
+}
+
+
+def _encoder_params_from_hf(encoder: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
+    """HF XLMRobertaModel tensors -> the params of `Encoder` (embeddings + scanned layers)."""
+    f32 = lambda a: np.asarray(a, dtype=np.float32)
+    params: dict = {}
+    for hf_name, path in _EMBEDDING_MAP.items():
+        _set(params, ("embeddings",) + path, f32(encoder[hf_name]))
+    for hf_name, (path, to_flax, _) in _layer_map(cfg).items():
+        stacked = np.stack([to_flax(f32(encoder[f"encoder.layer.{i}.{hf_name}"]))
+                            for i in range(cfg.num_hidden_layers)])
+        _set(params, ("layers",) + path, stacked)
+    return params
+
+
+def reranker_params_from_hf(encoder: dict[str, np.ndarray], classifier: dict[str, np.ndarray],
+                            cfg: ModelConfig) -> dict:
+    """A reranker's HF tensors (hf_io.load_reranker_checkpoint) -> `Reranker` params (float32 numpy)."""
+    params: dict = {"encoder": _encoder_params_from_hf(encoder, cfg)}
+    for hf_name, path in _CLASSIFIER_MAP.items():
+        value = np.asarray(classifier[hf_name], dtype=np.float32)
+        _set(params, path, value.T if path[-1] == "kernel" else value)
+    return params
+
+
 def params_from_hf(encoder: dict[str, np.ndarray], colbert: dict | None, sparse: dict | None,
                    cfg: ModelConfig, *, seed: int = 0) -> dict:
     """HF numpy tensors -> Flax params (float32 numpy). Missing heads (None) are freshly initialised from `seed`,
     as FlagEmbedding does when colbert_linear.pt / sparse_linear.pt are absent; so are LoRA adapters when cfg has
     them (init_lora_params)."""
     f32 = lambda a: np.asarray(a, dtype=np.float32)
-    params: dict = {}
-    for hf_name, path in _EMBEDDING_MAP.items():
-        _set(params, ("encoder", "embeddings") + path, f32(encoder[hf_name]))
-    for hf_name, (path, to_flax, _) in _layer_map(cfg).items():
-        stacked = np.stack([to_flax(f32(encoder[f"encoder.layer.{i}.{hf_name}"]))
-                            for i in range(cfg.num_hidden_layers)])
-        _set(params, ("encoder", "layers") + path, stacked)
+    params: dict = {"encoder": _encoder_params_from_hf(encoder, cfg)}
     if cfg.has_pooler:
         params["pooler"] = {"kernel": f32(encoder["pooler.dense.weight"]).T, "bias": f32(encoder["pooler.dense.bias"])}
     if colbert is None or sparse is None:

@@ -9,6 +9,10 @@
 - a random XLMRobertaModel with bge-m3's config but tiny dimensions, random colbert/sparse heads, and the
   sentence-transformers files, all through `m3jax.hf_io.save_hf_checkpoint`.
 
+`make_tiny_reranker(out_dir)` writes a tiny cross-encoder in bge-reranker-v2-m3's layout (the same tokenizer and
+random encoder weights, under XLMRobertaForSequenceClassification's one-logit head) through
+`m3jax.hf_io.save_reranker_checkpoint`.
+
 Same arguments give byte-identical `model.safetensors` and `tokenizer.json` (the .pt/.bin files are torch zip
 archives with a per-save id, so only their tensors are identical).
 """
@@ -23,7 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from m3jax.hf_io import HFCheckpoint, expected_encoder_shapes, save_hf_checkpoint
+from m3jax.hf_io import (
+    HFCheckpoint,
+    classifier_shapes,
+    expected_encoder_shapes,
+    save_hf_checkpoint,
+    save_reranker_checkpoint,
+)
 
 TOY_DATA_DIR = Path(__file__).resolve().parent.parent / "toy_train_data"
 SPM_VOCAB_SIZE = 1500  # sentencepiece pieces; the HF tokenizer adds <pad> and <mask>: 1502 ids in all
@@ -225,4 +235,23 @@ def make_tiny_checkpoint(out_dir, *, seed: int = 0, colbert_dim: int = -1, hidde
         ckpt = HFCheckpoint(config=config, encoder=encoder, colbert=colbert, sparse=sparse)
         save_hf_checkpoint(out_dir, ckpt, tokenizer_dir=tok_dir, safetensors=safetensors, pytorch_bin=pytorch_bin,
                            heads_dtype=heads_dtype, overwrite=overwrite)
+    return os.fspath(out_dir)
+
+
+def make_tiny_reranker(out_dir, *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4,
+                       intermediate: int = 64, max_position: int = 514, overwrite: bool = False) -> str:
+    """Write a random tiny reranker (XLMRobertaForSequenceClassification, one label) to out_dir; return its path.
+
+    The classification head's weights have std 1/sqrt(hidden), so tanh stays out of saturation and different pairs
+    get different logits (they spread over a few tenths on the toy texts)."""
+    with tempfile.TemporaryDirectory(prefix="m3jax-tok-") as tok_dir:
+        vocab_size = train_tokenizer(tok_dir, model_max_length=min(512, max_position - 2))
+        config = tiny_config(vocab_size=vocab_size, hidden=hidden, layers=layers, heads=heads,
+                             intermediate=intermediate, max_position=max_position)
+        rng = np.random.default_rng(seed)
+        encoder = _random_weights(rng, expected_encoder_shapes(config))
+        classifier = {name: (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(hidden)).astype(np.float32)
+                      for name, shape in classifier_shapes(config).items()}
+        ckpt = HFCheckpoint(config=config, encoder=encoder, colbert=None, sparse=None, classifier=classifier)
+        save_reranker_checkpoint(out_dir, ckpt, tokenizer_dir=tok_dir, overwrite=overwrite)
     return os.fspath(out_dir)

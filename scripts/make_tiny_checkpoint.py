@@ -1,13 +1,14 @@
 """Write a tiny random BGE-M3 checkpoint (bge-m3 directory layout) for tests and smoke runs.
 
     python scripts/make_tiny_checkpoint.py tiny_bge_m3 [--seed 0] [--colbert-dim N] [--pytorch-bin] ...
+    python scripts/make_tiny_checkpoint.py tiny_reranker --reranker [--seed 0]     (bge-reranker-v2-m3's layout)
 
 See m3jax/tiny_checkpoint.py for what is written.
 """
 import argparse
 
 from m3jax.hf_io import CheckpointFormatError
-from m3jax.tiny_checkpoint import make_tiny_checkpoint
+from m3jax.tiny_checkpoint import make_tiny_checkpoint, make_tiny_reranker
 
 
 def main(argv=None):
@@ -27,8 +28,16 @@ def main(argv=None):
     p.add_argument("--intermediate", type=int, default=64)
     p.add_argument("--max-position", type=int, default=514)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--reranker", action="store_true",
+                   help="write a cross-encoder reranker (XLMRobertaForSequenceClassification, one logit) instead; "
+                        "only --seed, --hidden, --layers, --heads, --intermediate, --max-position apply")
     a = p.parse_args(argv)
     try:
+        if a.reranker:
+            print(make_tiny_reranker(a.out_dir, seed=a.seed, hidden=a.hidden, layers=a.layers, heads=a.heads,
+                                     intermediate=a.intermediate, max_position=a.max_position,
+                                     overwrite=a.overwrite))
+            return
         path = make_tiny_checkpoint(
             a.out_dir, seed=a.seed, colbert_dim=a.colbert_dim, hidden=a.hidden, layers=a.layers, heads=a.heads,
             intermediate=a.intermediate, max_position=a.max_position, pooler=not a.no_pooler,
