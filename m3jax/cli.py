@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 
+from m3jax import storage
 from m3jax.errors import M3JaxError
 
 logger = logging.getLogger("m3jax")
@@ -152,7 +153,7 @@ def _load_model(args, **overrides):
     from m3jax.checkpoint import CheckpointError
     from m3jax.inference import BGEM3FlagModel
 
-    hf_dir = os.path.isfile(os.path.join(args.model, "config.json"))
+    hf_dir = storage.isfile(storage.join(args.model, "config.json"))
     if hf_dir and (args.step is not None or args.base_model is not None):
         raise UsageError("--step and --base-model apply to an m3jax run directory, not to an HF directory")
     if not hf_dir and args.pooling_method is not None:
@@ -166,7 +167,7 @@ def _load_model(args, **overrides):
     try:
         return BGEM3FlagModel(args.model, **kwargs)
     except CheckpointError as e:
-        if hf_dir or not os.path.isdir(args.model):
+        if hf_dir or not storage.isdir(args.model):
             raise
         raise CheckpointError(f"--model: not an HF model directory (no config.json) and not a usable m3jax "
                               f"checkpoint: {e}") from e
@@ -176,7 +177,7 @@ def _trained_matryoshka_modes(args, cfg) -> tuple[str, ...]:
     from m3jax import loading
     from m3jax.evaluate import matryoshka_modes
 
-    hf_dir = os.path.isfile(os.path.join(args.model, "config.json"))
+    hf_dir = storage.isfile(storage.join(args.model, "config.json"))
     defaults = loading.find_model(args.model, step=None if hf_dir else args.step,
                                   base_model=None if hf_dir else args.base_model).defaults
     return matryoshka_modes(defaults.get("mrl_dims") or (), dense_size=cfg.hidden_size,
@@ -206,8 +207,8 @@ def _run_eval(args) -> int:
     print(ev.format_table(results))
     if args.output:
         payload = ev.results_json(
-            results, model=os.path.abspath(args.model), corpus=os.path.abspath(args.corpus),
-            queries=os.path.abspath(args.queries), qrels=os.path.abspath(args.qrels), weights=list(args.weights),
+            results, model=storage.resolve(args.model), corpus=storage.resolve(args.corpus),
+            queries=storage.resolve(args.queries), qrels=storage.resolve(args.qrels), weights=list(args.weights),
             num_queries=len(eval_set.query_ids), num_passages=len(eval_set.corpus_ids),
             unknown_query_qrels=eval_set.unknown_query_qrels, unknown_passage_qrels=eval_set.unknown_passage_qrels,
             batch_size=args.batch_size, query_max_len=args.query_max_len, passage_max_len=args.passage_max_len)
@@ -240,7 +241,7 @@ def _add_model_flags(p, *, what: str) -> None:
 
 
 def _model_info(args) -> dict:
-    return {"path": os.path.abspath(args.model), "step": args.step, "base_model": args.base_model,
+    return {"path": storage.resolve(args.model), "step": args.step, "base_model": args.base_model,
             "pooling_method": args.pooling_method, "fp32": args.fp32}
 
 
@@ -373,7 +374,7 @@ def _run_score(args) -> int:
 
         if args.step is not None or args.base_model is not None or args.pooling_method is not None:
             raise UsageError("--step, --base-model and --pooling-method apply to a bge-m3 teacher, not a reranker")
-        if not os.path.isfile(os.path.join(args.model, "config.json")):
+        if not storage.isfile(storage.join(args.model, "config.json")):
             raise UsageError(f"--model {args.model}: a reranker is a Hugging Face directory with config.json")
         teacher = RerankerTeacher(FlagReranker(args.model, use_fp16=not args.fp32, devices=args.devices),
                                   batch_size=args.batch_size, query_max_len=args.query_max_len,

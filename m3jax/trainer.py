@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import distributed, loading
+from m3jax import distributed, loading, storage
 from m3jax import sharding as shard_lib
 from m3jax.metrics import MetricsLogger, NonFiniteLossError
 from m3jax.step import Stepper, TrainState
@@ -33,8 +32,8 @@ def train(config) -> dict:
     config_lib.validate(config)
     distributed.initialize(config.distributed)
     distributed.enable_compilation_cache()
-    output_dir = os.path.abspath(config.output_dir)
-    os.makedirs(output_dir, exist_ok=True)
+    output_dir = storage.resolve(config.output_dir)  # a local path or a URL (gs://bucket/run)
+    storage.makedirs(output_dir)
 
     # --- mesh -------------------------------------------------------------------------------------------------
     mesh = shard_lib.make_mesh(config.mesh)
@@ -75,7 +74,7 @@ def train(config) -> dict:
         state = checkpointer.restore(resume_step, stepper.abstract_state(), data_iter)
         logger.info("resumed from %s step %d", checkpointer.directory, resume_step)
     else:
-        ckpt_lib.copy_base_model_files(config.model_name_or_path, output_dir)
+        ckpt_lib.copy_base_model_files(source.path, output_dir)  # source.path: local (a URL model is staged)
         params = loading.load_params(source, model_cfg, seed=config.seed)
         state = stepper.init_state(shard_lib.put_tree(params, stepper.param_shardings))
         del params
