@@ -54,7 +54,7 @@ class StorageError(M3JaxError, OSError):
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # The fsspec package epath needs for a scheme (epath uses fsspec when TensorFlow is not installed).
-_FSSPEC_PACKAGES = {"gs": ("gcsfs", "m3jax[gcs]"), "s3": ("s3fs", "s3fs"), "az": ("adlfs", "adlfs")}
+_FSSPEC_PACKAGES = {"gs": ("gcsfs", "gcsfs"), "s3": ("s3fs", "s3fs"), "az": ("adlfs", "adlfs")}
 
 
 def is_url(path) -> bool:
