@@ -382,6 +382,9 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
     if c.metric_for_best_model:
         from m3jax import selection
 
+        _require(bool(specs), "metric_for_best_model", "empty unless eval sets are configured (eval_sets or "
+                 "eval.corpus)", c.metric_for_best_model)
+
         try:
             selection.parse_metric(c.metric_for_best_model, specs, extra_modes=_matryoshka_eval_modes(c))
         except ValueError as e:

@@ -15,14 +15,13 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from test_train import toy_config
 
 from m3jax import checkpoint as ckpt_lib
 from m3jax import cli, loading, selection, trainer
 from m3jax import config as config_lib
 from m3jax import merge as merge_lib
 from m3jax.export import ExportError, export_checkpoint
-
-from test_train import toy_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "toy_eval_data")
