@@ -11,7 +11,7 @@ import jax
 
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import distributed, loading
+from m3jax import distributed, evaluate, loading, selection
 from m3jax import sharding as shard_lib
 from m3jax.metrics import MetricsLogger, NonFiniteLossError
 from m3jax.step import Stepper, TrainState
@@ -43,8 +43,14 @@ def train(config) -> dict:
                 dict(mesh.shape), mesh.size, jax.process_count(), num_blocks)
 
     # --- model config: from the latest checkpoint when resuming, else from the pretrained directory -----------
-    checkpointer = ckpt_lib.Checkpointer(output_dir, max_to_keep=config.save_total_limit)
+    eval_specs = config_lib.eval_set_specs(config) if config.eval_steps > 0 or config.eval_on_start else []
+    best = selection.BestTracker(output_dir, selection.parse_metric(config.metric_for_best_model, eval_specs),
+                                 config.greater_is_better) if eval_specs else None
+    checkpointer = ckpt_lib.Checkpointer(output_dir, max_to_keep=config.save_total_limit,
+                                         protected=best.protected if best else None)
     resume_step = None if config.overwrite_output_dir else checkpointer.latest_step()
+    if best:
+        best.resume(resume_step)
     source = (loading.find_model(output_dir, step=resume_step) if resume_step is not None
               else loading.find_model(config.model_name_or_path))
     model_cfg = loading.model_config(source, loading.ModelSettings.from_run_config(config))
@@ -55,6 +61,7 @@ def train(config) -> dict:
 
     # --- data -------------------------------------------------------------------------------------------------
     tokenizer = loading.load_tokenizer(source)
+    eval_sets = evaluate.load_eval_sets(eval_specs)  # file errors before any training
     train_data = data_lib.build_train_data(config, tokenizer, num_batch_shards=num_blocks,
                                            process_index=jax.process_index(), process_count=jax.process_count())
     data_lib.log_unknown_token_share(tokenizer, train_data)  # a broken or mismatched tokenizer is otherwise silent
@@ -96,16 +103,23 @@ def train(config) -> dict:
         metrics_log.flush()  # never save a state whose loss was not checked
         checkpointer.save(step, state, data_iter, config_json)
 
-    def run_eval(step: int) -> None:
-        from m3jax import evaluate
-
+    def run_eval(step: int) -> bool:
+        """Evaluate every set, log eval/<set>/<mode>/<metric>; True when this step is the new best."""
         metrics_log.flush()
-        results = evaluate.evaluate_from_config(config, model_cfg, state.params, tokenizer)
-        metrics_log.log(step, evaluate.flatten_metrics(results, prefix=""), prefix="eval")
+        results = evaluate.evaluate_sets_from_config(config, model_cfg, state.params, tokenizer, specs=eval_specs,
+                                                     eval_sets=eval_sets)
+        for spec in eval_specs:
+            metrics_log.log(step, evaluate.flatten_metrics(results[spec.name], prefix=""), prefix=spec.log_prefix)
+        improved = best.update(step, selection.flat_metrics(results))
+        if jax.process_index() == 0:
+            best.write()
+        return improved
 
     step = start_step
     preemption = distributed.Preemption()
     try:
+        if config.eval_on_start and eval_specs and start_step == 0:
+            run_eval(0)  # the base model: the reference the summary and the model card compare with
         with preemption:
             while step < total_steps:
                 local = next(data_iter)
@@ -123,16 +137,21 @@ def train(config) -> dict:
                     logger.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
                     save(step)
                     break
-                if step % config.save_steps == 0 or step == total_steps:
+                # eval before save: a new best step gets a checkpoint even off save_steps, and the clean-up of
+                # that save already knows which step to protect
+                improved = config.eval_steps > 0 and (step % config.eval_steps == 0 or step == total_steps) \
+                    and run_eval(step)
+                if step % config.save_steps == 0 or step == total_steps or improved:
                     save(step)
-                if config.eval_steps > 0 and (step % config.eval_steps == 0 or step == total_steps):
-                    run_eval(step)
     finally:
         checkpointer.wait()
         checkpointer.close()
         metrics_log.close()
+    if best and best.best:
+        logger.info("%s", best.summary())
     return {"step": step, "metrics": metrics_log.last, "losses": metrics_log.history,
-            "preempted": preemption.signalled, "state": state, "model_config": model_cfg}
+            "preempted": preemption.signalled, "state": state, "model_config": model_cfg,
+            "best": best.record() if best else None}
 
 
 def main(argv: list[str]) -> int:

@@ -664,6 +664,11 @@ def test_lora_run_exports_merged_and_peft_adapters(tiny_ckpt, tmp_path, capsys):
     plain, with_adapters = str(tmp_path / "plain"), str(tmp_path / "adapters")
     assert cli.main(["export", "--checkpoint", str(run), "--output", plain]) == 0
     assert sorted(os.listdir(plain)) == EXPORTED_FILES
+    # merging with the base (issue 16) happens after the adapters are merged: W=1 is the plain export bit for bit
+    merged = str(tmp_path / "merged")
+    assert cli.main(["export", "--checkpoint", str(run), "--output", merged, "--merge-with", tiny_ckpt,
+                     "--merge-weight", "1"]) == 0
+    jax.tree.map(np.testing.assert_array_equal, loading.load_model(merged).params, loading.load_model(plain).params)
     assert cli.main(["export", "--checkpoint", str(run), "--output", with_adapters, "--lora-adapters"]) == 0
     assert sorted(os.listdir(os.path.join(with_adapters, "lora_adapters"))) == ["adapter_config.json",
                                                                                 "adapter_model.safetensors"]
