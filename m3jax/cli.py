@@ -21,6 +21,7 @@ parsed args and returning an exit status, then append it to SUBCOMMANDS.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -88,6 +89,19 @@ def _add_export(subparsers) -> None:
     p.add_argument("--merge-weight", type=float, default=None, metavar="W",
                    help="weight of the fine-tuned model in the merge, in [0, 1] (1: the fine-tuned model, 0: DIR)")
     p.set_defaults(func=_run_export)
+
+
+def _parsed_by(module: str, name: str):
+    """An argparse type: m3jax.<module>.<name> (imported when used), its ValueError shown as a usage message."""
+    def parse(value: str):
+        fn = getattr(importlib.import_module(f"m3jax.{module}"), name)
+        try:
+            return fn(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name
+    return parse
 
 
 def _step_arg(value: str):
@@ -206,22 +220,10 @@ def _run_merge(args) -> int:
 # eval
 
 
-def _modes_arg(value: str):
-    from m3jax.evaluate import parse_modes
-
-    try:
-        return parse_modes(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+_modes_arg = _parsed_by("evaluate", "parse_modes")
 
 
-def _metrics_arg(value: str):
-    from m3jax.evaluate import parse_metrics
-
-    try:
-        return parse_metrics(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+_metrics_arg = _parsed_by("evaluate", "parse_metrics")
 
 
 def _add_eval(subparsers) -> None:
@@ -374,13 +376,7 @@ def _start_processes() -> None:
                                                  process_id=None))
 
 
-def _range_arg(value: str):
-    from m3jax.mine import MineError, parse_range
-
-    try:
-        return parse_range(value)
-    except MineError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+_range_arg = _parsed_by("mine", "parse_range")
 
 
 def _add_mine(subparsers) -> None:

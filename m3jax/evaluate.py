@@ -144,6 +144,24 @@ def _check_weights(weights: Sequence[float], modes: Sequence[str]) -> tuple[floa
     return w
 
 
+def scoring_mode(mode: str, weights: Sequence[float], error: type[Exception], use: str) -> tuple[str, tuple]:
+    """(the one canonical mode, checked weights) for a job that ranks or scores by a single mode (`m3jax mine`,
+    `m3jax score`); problems raise `error` naming the field. `use` completes "mode=...: <use> by one mode"."""
+    try:
+        modes = parse_modes(mode)
+    except ValueError as e:
+        raise error(f"mode: {e}") from None
+    if len(modes) != 1:
+        raise error(f"mode={mode!r}: {use} by one mode")
+    if mode_parts(modes[0])[1] is not None:
+        raise error(f"mode={mode!r}: Matryoshka modes (dense@K, colbert@K) are for eval; use dense, sparse, "
+                    f"colbert, dense+sparse or all")
+    try:
+        return modes[0], _check_weights(weights, modes)
+    except ValueError as e:
+        raise error(f"weights: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # BEIR files
 

@@ -106,19 +106,7 @@ class MineOptions:
     passages_per_chunk: int | None = None  # passages encoded at a time (the resume granularity); None: 8 blocks
 
     def checked(self) -> MineOptions:
-        try:
-            modes = ev.parse_modes(self.mode)
-        except ValueError as e:
-            raise MineError(f"mode: {e}") from None
-        if len(modes) != 1:
-            raise MineError(f"mode={self.mode!r}: mining ranks by one mode")
-        if ev.mode_parts(modes[0])[1] is not None:
-            raise MineError(f"mode={self.mode!r}: Matryoshka modes (dense@K, colbert@K) are for eval; "
-                         f"use dense, sparse, colbert, dense+sparse or all")
-        try:
-            weights = ev._check_weights(self.weights, modes)
-        except ValueError as e:
-            raise MineError(f"weights: {e}") from None
+        mode, weights = ev.scoring_mode(self.mode, self.weights, MineError, "mining ranks")
         rng = parse_range("-".join(map(str, self.range_for_sampling))) if not isinstance(
             self.range_for_sampling, str) else parse_range(self.range_for_sampling)
         if self.negative_number < 1:
@@ -138,7 +126,7 @@ class MineOptions:
         for name in ("query_max_len", "passage_max_len"):
             if getattr(self, name) < 2:
                 raise MineError(f"{name}={getattr(self, name)}: expected at least 2")
-        return dataclasses.replace(self, mode=modes[0], weights=weights, range_for_sampling=rng)
+        return dataclasses.replace(self, mode=mode, weights=weights, range_for_sampling=rng)
 
 
 def _hash(text: str) -> bytes:

@@ -81,20 +81,7 @@ class M3Teacher:
     passage_max_len: int = 512
 
     def __post_init__(self):
-        try:
-            modes = ev.parse_modes(self.mode)
-        except ValueError as e:
-            raise ScoreError(f"mode: {e}") from None
-        if len(modes) != 1:
-            raise ScoreError(f"mode={self.mode!r}: a teacher scores by one mode")
-        if ev.mode_parts(modes[0])[1] is not None:
-            raise ScoreError(f"mode={self.mode!r}: Matryoshka modes (dense@K, colbert@K) are for eval; "
-                          f"use dense, sparse, colbert, dense+sparse or all")
-        self.mode = modes[0]
-        try:
-            self.weights = ev._check_weights(self.weights, modes)
-        except ValueError as e:
-            raise ScoreError(f"weights: {e}") from None
+        self.mode, self.weights = ev.scoring_mode(self.mode, self.weights, ScoreError, "a teacher scores")
 
     def settings(self) -> dict:
         return {"teacher": "m3", "mode": self.mode, "weights": list(self.weights), "batch_size": self.batch_size,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_train import final_params, toy_config
+from test_train import final_params, set_fields, toy_config
 
 from m3jax import cli, loading, losses, trainer
 from m3jax import config as config_lib
@@ -44,13 +44,7 @@ TEMP = 0.02
 def _valid_config(**changes):
     c = config_lib.default_config()
     c.model_name_or_path, c.output_dir, c.train_data = "m", "o", "d"
-    for key, value in changes.items():
-        *parents, leaf = key.split(".")
-        target = c
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return set_fields(c, changes)
 
 
 @pytest.mark.parametrize("changes, message", [
