@@ -5,9 +5,9 @@
     state, metrics = stepper.step(group_size, no_in_batch_neg, has_teacher)(state, batch)
 
 The step donates the state and returns device metrics (no host sync). Everything the step depends on is fixed when
-it is built -- the loss settings, the per-device passage chunk (sub_batch_size), whether the encoder trains, which
-parameters train -- and passed to it explicitly; the run config is read only in `Stepper.build`. `train.py` and the
-benchmarks share this class.
+it is built -- the loss settings, the per-device passage chunk (sub_batch_size) or the gradient cache and its chunk
+(`gradient_cache_loss_and_grads`), whether the encoder trains, which parameters train -- and passed to it
+explicitly; the run config is read only in `Stepper.build`. `train.py` and the benchmarks share this class.
 """
 from __future__ import annotations
 
