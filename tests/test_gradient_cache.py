@@ -1,7 +1,8 @@
 """The gradient cache (config.gradient_cache, m3jax/step.py gradient_cache_loss_and_grads) against the uncached step.
 
 Exactness: the loss and every parameter gradient of the cached step equal the uncached step's within 1e-5 relative
-(fp32; per tensor, relative to the tensor's largest uncached gradient) for the loss settings of the parity table
+(fp32; per tensor, relative to the tensor's largest uncached gradient floored at 1% of the largest of all tensors,
+as in tests/test_losses.py) for the loss settings of the parity table
 (self-distillation, kl_div / m3_kd_loss teacher scores, no_in_batch_neg, negatives_cross_device,
 cross_device_all_heads), with the fine-tuning controls (heads, LoRA, Matryoshka, fix_encoder), remat, and on
 multi-device meshes (data and data x fsdp over the simulated CPU devices). With dropout the masks are the same as
