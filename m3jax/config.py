@@ -126,6 +126,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_train_epochs = 1
     c.max_steps = -1  # > 0 overrides num_train_epochs
     c.sub_batch_size = -1  # encode passages in chunks of this many (per device) to cap activation memory
+    # Gradient cache (README "Gradient cache"): encode queries and passages chunk by chunk without activations,
+    # take the loss and its gradient w.r.t. the cached representations over the whole batch, then re-encode each
+    # chunk and backpropagate its slice. Same loss and gradients; memory grows with the batch only through the
+    # cached representations. Replaces sub_batch_size (which must stay -1); remat_policy="none" is the usual
+    # pairing (the re-encode already recomputes the forward). Chunks: gradient_cache_chunk_size rows per device,
+    # or, when gradient_cache_chunk_tokens > 0, max(1, tokens // padded length) rows (queries and passages each),
+    # rounded down to a divisor of the rows per device.
+    c.gradient_cache = False
+    c.gradient_cache_chunk_size = 16
+    c.gradient_cache_chunk_tokens = 0
 
     # ---- logging / checkpoints ----------------------------------------------------------------------------
     c.logging_steps = 10
@@ -391,6 +401,14 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
             raise ConfigError(f"config.metric_for_best_model={c.metric_for_best_model!r}: {e}") from None
     _require(c.sub_batch_size == -1 or c.sub_batch_size >= 1, "sub_batch_size", "-1 (off) or a positive int",
              c.sub_batch_size)
+    _require(isinstance(c.gradient_cache_chunk_size, int) and c.gradient_cache_chunk_size >= 1,
+             "gradient_cache_chunk_size", "a positive int (rows per device per chunk)", c.gradient_cache_chunk_size)
+    _require(isinstance(c.gradient_cache_chunk_tokens, int) and c.gradient_cache_chunk_tokens >= 0,
+             "gradient_cache_chunk_tokens", "0 (chunk by gradient_cache_chunk_size rows) or a positive int",
+             c.gradient_cache_chunk_tokens)
+    _require(not c.gradient_cache or c.sub_batch_size == -1, "sub_batch_size",
+             "-1 with gradient_cache=True (the gradient cache chunks queries and passages itself: set "
+             "gradient_cache_chunk_size)", c.sub_batch_size)
     _require(c.num_data_workers >= 0, "num_data_workers", "an int >= 0", c.num_data_workers)
     _require(c.model.dtype in ("bfloat16", "float32"), "model.dtype", "'bfloat16' or 'float32'", c.model.dtype)
     _require(c.model.attention_implementation in ("auto", "xla", "cudnn", "splash"), "model.attention_implementation",
