@@ -401,9 +401,11 @@ TEXTS = ["why is the sky blue during the day", "Sunlight is scattered by air mol
 def assert_export_matches(run_dir, out, *, peft_base=None):
     """The export's outputs in transformers, FlagEmbedding and sentence-transformers (and, with `peft_base`, the
     base model + the PEFT adapters of lora_adapters/) equal m3jax's encode of the run's checkpoint within 1e-5.
+    FlagEmbedding only where it imports: the latest stack has none (the pinned stack fails without it, conftest).
     Returns the largest difference seen."""
+    import importlib.util
+
     import torch
-    from FlagEmbedding import BGEM3FlagModel as FlagBGEM3
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
 
@@ -433,13 +435,16 @@ def assert_export_matches(run_dir, out, *, peft_base=None):
         with torch.no_grad():
             cls = torch.nn.functional.normalize(model(**batch).last_hidden_state[:, 0], dim=-1).numpy()
         close(cls, ref["dense_vecs"])
-    theirs = FlagBGEM3(out, use_fp16=False, devices="cpu").encode(TEXTS, **kw)
-    close(theirs["dense_vecs"], ref["dense_vecs"])
-    for mine, other in zip(ref["lexical_weights"], theirs["lexical_weights"]):
-        assert sorted(mine) == sorted(other)
-        close([float(other[k]) for k in sorted(mine)], [float(mine[k]) for k in sorted(mine)])
-    for mine, other in zip(ref["colbert_vecs"], theirs["colbert_vecs"]):
-        close(other, mine)
+    if importlib.util.find_spec("FlagEmbedding") is not None:
+        from FlagEmbedding import BGEM3FlagModel as FlagBGEM3
+
+        theirs = FlagBGEM3(out, use_fp16=False, devices="cpu").encode(TEXTS, **kw)
+        close(theirs["dense_vecs"], ref["dense_vecs"])
+        for mine, other in zip(ref["lexical_weights"], theirs["lexical_weights"]):
+            assert sorted(mine) == sorted(other)
+            close([float(other[k]) for k in sorted(mine)], [float(mine[k]) for k in sorted(mine)])
+        for mine, other in zip(ref["colbert_vecs"], theirs["colbert_vecs"]):
+            close(other, mine)
     close(SentenceTransformer(out, device="cpu").encode(TEXTS, convert_to_numpy=True), ref["dense_vecs"])
     return worst
 

@@ -152,6 +152,7 @@ def test_one_and_eight_devices_give_the_same_output(model, model8, data, tmp_pat
     assert one == eight
 
 
+@pytest.mark.needs_flagembedding
 def test_dense_candidates_equal_hn_mine(tiny_ckpt, model, data, tmp_path):
     from FlagEmbedding import BGEM3FlagModel as TheirModel
 
