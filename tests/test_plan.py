@@ -1,0 +1,92 @@
+"""batch_size_by_length="auto" on CPU: the largest batch whose compiled step fits a memory budget, cached on disk,
+saved with the run; and the step shapes `m3jax plan` derives from a config's batch-size table.
+
+The tiny model's step at 4 passages of 64 tokens and 32-token queries needs about 0.017 GiB at batch 1 plus
+0.007 GiB per query (CPU, float32, arguments + outputs - aliased + temp): within 0.035 GiB, 3 queries fit and 4 do
+not.
+"""
+import json
+import os
+
+import jax
+import pytest
+
+from m3jax import config as config_lib
+from m3jax import plan, sharding, trainer
+from m3jax.xla_stats import GIB, Shape
+
+
+def _config(train_data="", **changes):
+    c = config_lib.default_config()
+    c.train_data = train_data
+    c.train_group_size, c.query_max_len, c.passage_max_len = 4, 32, 64
+    c.per_device_train_batch_size = 2
+    c.model.dtype, c.model.remat_policy = "float32", "none"
+    c.mesh.data = 1
+    c.batch_size_by_length = "auto"
+    c.auto_batch_memory_gib = 0.035
+    for k, v in changes.items():
+        c[k] = v
+    return c
+
+
+def test_auto_batch_sizes_search_by_compiled_memory_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("M3JAX_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a_len-0-50.jsonl", "b_len-50-inf.jsonl", "untagged.jsonl"):
+        (data / name).write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"]}) + "\n")
+    config = _config(str(data))
+    config_lib.validate(config, for_training=False)
+    assert plan.data_length_tags(config) == ["0-50", "50-inf"]
+    model_cfg = plan.model_config_for(config, plan.TINY, "cpu")
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+
+    first = plan.auto_batch_sizes(config, model_cfg, mesh, tags=["0-50"])  # passages padded to 64 tokens
+    (bucket,) = first["buckets"]
+    assert first["table"] == {"0-50": 3} and first["budget_gib"] == 0.035 and first["platform"] == "cpu"
+    assert (bucket["query_len"], bucket["passage_len"], bucket["group"]) == (32, 64, 4)
+    assert not bucket["cached"] and bucket["first_failing_batch"] == 4
+    tried = {t["batch"]: t for t in bucket["tries"]}
+    assert sorted(tried) == [2, 3, 4]  # from per_device_train_batch_size: 2 fits, 4 does not, then 3
+    assert tried[3]["fits"] and tried[3]["peak_gib"] <= 0.035 < tried[4]["peak_gib"] and not tried[4]["fits"]
+
+    again = plan.auto_batch_sizes(config, model_cfg, mesh, tags=["0-50"])
+    assert again["table"] == {"0-50": 3} and again["buckets"][0]["cached"]  # no compile the second time
+    assert len(os.listdir(tmp_path / "cache" / "auto_batch")) == 1
+
+    # The trainer's use: the table replaces "auto" and is saved with the run; a resumed run reads it back.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / plan.AUTO_BATCH_FILE).write_text(json.dumps(dict(first, table={"0-50": 7, "50-inf": 5})))
+    resumed = trainer._auto_batch_sizes(config, model_cfg, mesh, str(out), resuming=True)
+    assert dict(resumed.batch_size_by_length) == {"0-50": 7, "50-inf": 5} and config.batch_size_by_length == "auto"
+
+
+def test_auto_batch_memory_is_required_where_the_device_has_no_limit():
+    config = _config(auto_batch_memory_gib=-1.0)
+    model_cfg = plan.model_config_for(config, plan.TINY, "cpu")
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    with pytest.raises(plan.PlanError, match="auto_batch_memory_gib"):
+        plan.auto_batch_sizes(config, model_cfg, mesh, tags=["0-50"])
+    with pytest.raises(config_lib.ConfigError, match="auto_batch_memory_gib"):
+        config_lib.validate(_config(auto_batch_memory_gib=0.0), for_training=False)
+    with pytest.raises(config_lib.ConfigError, match="batch_size_by_length"):
+        config_lib.validate(_config(batch_size_by_length="big"), for_training=False)
+
+
+def test_plan_shapes_from_the_batch_size_table():
+    c = config_lib.default_config()
+    c.train_group_size, c.query_max_len, c.passage_max_len = 8, 512, 8192
+    shapes = plan.table_shapes(c)  # the research table for group size 8
+    assert shapes["0-500"] == Shape(48, 8, 512, 512) and shapes["1000-2000"] == Shape(20, 8, 512, 2048)
+    assert shapes["3000-4000"] == Shape(14, 8, 512, 4096) and shapes["7000-inf"] == Shape(8, 8, 512, 8192)
+    assert shapes["untagged"] == Shape(1, 8, 512, 8192)
+    c.batch_size_by_length = {"0-100": 64}
+    c.passage_max_len = 64
+    assert plan.table_shapes(c)["0-100"] == Shape(64, 8, 512, 64)  # capped at passage_max_len
+    with pytest.raises(plan.PlanError, match="LO-HI"):
+        plan.bucket_lengths(c, "short")
+    assert plan.parse_shapes("8x8:512:2048, 4x2:64:256") == {"8x8:512:2048": Shape(8, 8, 512, 2048),
+                                                             "4x2:64:256": Shape(4, 2, 64, 256)}
+    assert GIB == 2 ** 30
