@@ -123,9 +123,11 @@ def test_tiny_train_step_compiles_for_tpu_v4_and_plan_reports_fit_memory_flops_a
     small, huge = result["shapes"]
     assert small["fits"] and not huge["fits"], proc.stdout
     assert 0 < small["memory"]["argument_bytes"] < small["peak_bytes"] < 2 ** 30
-    # Forward + backward of the encoder (no remat) at least: 3 x its forward matmuls, both layers of the scan.
+    # Forward + backward of the encoder (no remat) at least: 3 x its forward matmuls, both layers of the scan --
+    # except the passages' attention matmuls, which run inside the splash kernel (a Pallas custom call, no HLO dots).
     model = m3model.ModelConfig.from_hf_config(TINY)
-    assert small["matmul_flops"] >= 3 * forward_flops(model, Shape(8, 4, 32, 128))
+    in_kernel = 8 * 4 * 128 * model.num_hidden_layers * 4 * 128 * model.hidden_size
+    assert small["matmul_flops"] >= 3 * (forward_flops(model, Shape(8, 4, 32, 128)) - in_kernel)
     assert "RESOURCE_EXHAUSTED" in huge["error"] and huge["peak_bytes"] is None
     assert result["mesh"]["current"] == dict(data=4, fsdp=1, tensor=1)
     assert result["mesh"]["recommended"] == dict(data=4, fsdp=1, tensor=1)  # 7 MB of state: no need for fsdp
