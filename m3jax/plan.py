@@ -391,7 +391,7 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
          f"{model_cfg.remat_policy}, sub_batch_size {config.sub_batch_size}")
     emit(f"mesh {dict(planner.mesh.shape)}; batch split over {planner.num_shards} chips; params + optimizer state "
          f"{planner.state_gib()} GiB per chip")
-    header = f"{'shape':<24} {'per-chip shape':<18} {'peak GiB':>9} {'fits':>5} {'matmul TFLOP':>13} {'max batch':>10}"
+    header = f"{'bucket':<16} {'per-chip shape':<18} {'peak GiB':>9} {'fits':>5} {'matmul TFLOP':>13} {'max batch':>10}"
     emit(header)
     results, rows = [], []
     t0 = time.perf_counter()
@@ -407,7 +407,8 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
         flops = "-" if r.matmul_flops is None else f"{r.matmul_flops / 1e12:.2f}"
         peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / GIB:.2f}"
         max_b = "-" if not search else (f"{row['max_batch']}" + ("" if row["first_failing_batch"] else "+"))
-        emit(f"{label:<24} {str(shape):<18} {peak:>9} {'yes' if r.fits else 'NO':>5} {flops:>13} {max_b:>10}")
+        bucket = "-" if label == str(shape) else label
+        emit(f"{bucket:<16} {str(shape):<18} {peak:>9} {'yes' if r.fits else 'NO':>5} {flops:>13} {max_b:>10}")
         if r.error:
             emit(f"    {r.error}")
     mesh = recommend_mesh(planner, results)

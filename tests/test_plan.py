@@ -94,3 +94,26 @@ def test_plan_shapes_from_the_batch_size_table():
     assert plan.parse_shapes("8x8:512:2048, 4x2:64:256") == {"8x8:512:2048": Shape(8, 8, 512, 2048),
                                                              "4x2:64:256": Shape(4, 2, 64, 256)}
     assert GIB == 2 ** 30
+
+
+def test_mesh_advice_shards_the_state_when_it_is_a_large_share_of_a_chip():
+    import types
+
+    from m3jax.plan import ShapeResult, recommend_mesh
+
+    def planner(state_gib, chips=8, hbm_gib=16):
+        stepper = types.SimpleNamespace(state_bytes_per_device=lambda: int(state_gib * GIB))
+        return types.SimpleNamespace(mesh=types.SimpleNamespace(size=chips, shape=dict(data=chips, fsdp=1, tensor=1)),
+                                     stepper=stepper, target=plan.Target("t", [], "tpu", "TPU v5 lite",
+                                                                         int(hbm_gib * GIB), None))
+
+    def result(fits, peak_gib):
+        return ShapeResult(Shape(8, 8, 512, 2048), fits, None if peak_gib is None else int(peak_gib * GIB), {},
+                           None, None, 0.0)
+
+    big = recommend_mesh(planner(6.35), [result(True, 12)])  # bge-m3's AdamW state on 16 GiB chips
+    assert big["recommended"] == dict(data=1, fsdp=8, tensor=1) and big["state_gib_per_chip_fsdp"] == 0.79
+    small = recommend_mesh(planner(1.0), [result(True, 3)])
+    assert small["recommended"] == small["current"] == dict(data=8, fsdp=1, tensor=1)
+    rescued = recommend_mesh(planner(3.0), [result(False, 17)])  # 17 - 3 + 3/8 fits in 16
+    assert rescued["recommended"]["fsdp"] == 8 and "would" in rescued["reason"]
