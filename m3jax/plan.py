@@ -198,12 +198,27 @@ class ShapeResult:
     matmul_flops: float | None  # trip-weighted, per chip; not the attention inside Pallas kernels (splash)
     error: str | None  # the RESOURCE_EXHAUSTED message
     compile_s: float
+    # From a TPU RESOURCE_EXHAUSTED message: what the step's temporaries need, and the HBM the compiler allows.
+    needed_bytes: int | None = None
+    limit_bytes: int | None = None
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["shape"] = str(self.shape)
         d["peak_gib"] = None if self.peak_bytes is None else round(self.peak_bytes / GIB, 4)
         return d
+
+
+_UNITS = dict(B=1, K=2 ** 10, M=2 ** 20, G=2 ** 30, T=2 ** 40)
+
+
+def oom_figures(message: str) -> tuple[int | None, int | None]:
+    """(bytes needed, bytes available) from the TPU compiler's "... required for HLO temporaries (5.00T) exceeds
+    available HBM (30.75G)"; (None, None) if the message does not say."""
+    m = re.search(r"\(([\d.]+)([BKMGT])\) exceeds available HBM \(([\d.]+)([BKMGT])\)", message)
+    if not m:
+        return None, None
+    return int(float(m.group(1)) * _UNITS[m.group(2)]), int(float(m.group(3)) * _UNITS[m.group(4)])
 
 
 class Planner:
@@ -239,7 +254,9 @@ class Planner:
         except Exception as e:  # noqa: BLE001
             if not is_oom(e):
                 raise
-            return ShapeResult(shape, False, None, {}, None, short(e), round(time.perf_counter() - t0, 1))
+            needed, limit = oom_figures(str(e))
+            return ShapeResult(shape, False, None, {}, None, short(e), round(time.perf_counter() - t0, 1), needed,
+                               limit)
         mem = memory_record(compiled)
         # TPU: XLA's peak, which the TPU compiler holds against the chip's HBM; elsewhere (where XLA's peak leaves
         # the arguments out) what the step needs at once: arguments + outputs - aliased + temp + code.
@@ -406,6 +423,8 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
         rows.append(row)
         flops = "-" if r.matmul_flops is None else f"{r.matmul_flops / 1e12:.2f}"
         peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / GIB:.2f}"
+        if r.peak_bytes is None and r.needed_bytes is not None:  # temporaries alone, as the compiler says
+            peak = f">{r.needed_bytes / GIB:.1f}"
         max_b = "-" if not search else (f"{row['max_batch']}" + ("" if row["first_failing_batch"] else "+"))
         bucket = "-" if label == str(shape) else label
         emit(f"{bucket:<16} {str(shape):<18} {peak:>9} {'yes' if r.fits else 'NO':>5} {flops:>13} {max_b:>10}")

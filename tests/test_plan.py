@@ -117,3 +117,10 @@ def test_mesh_advice_shards_the_state_when_it_is_a_large_share_of_a_chip():
     assert small["recommended"] == small["current"] == dict(data=8, fsdp=1, tensor=1)
     rescued = recommend_mesh(planner(3.0), [result(False, 17)])  # 17 - 3 + 3/8 fits in 16
     assert rescued["recommended"]["fsdp"] == 8 and "would" in rescued["reason"]
+
+
+def test_tpu_out_of_memory_message_figures():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (5.00T) "
+               "exceeds available HBM (30.75G).")  # the TPU v4 compiler's, tiny model at 8192x8:32:2048
+    assert plan.oom_figures(message) == (5 * 2 ** 40, int(30.75 * 2 ** 30))
+    assert plan.oom_figures("RESOURCE_EXHAUSTED: something else") == (None, None)
