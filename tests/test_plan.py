@@ -124,3 +124,13 @@ def test_tpu_out_of_memory_message_figures():
                "exceeds available HBM (30.75G).")  # the TPU v4 compiler's, tiny model at 8192x8:32:2048
     assert plan.oom_figures(message) == (5 * 2 ** 40, int(30.75 * 2 ** 30))
     assert plan.oom_figures("RESOURCE_EXHAUSTED: something else") == (None, None)
+
+
+def test_plan_shapes_from_the_runs_data(tiny_ckpt):
+    """With train_data: one shape per (per-device batch, group size) the data produces, at its longest padded
+    lengths (the toy data: 3 datasets of batch 4 and group 4, passages padded up to 128 tokens)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = _config(os.path.join(repo, "toy_train_data"), batch_size_by_length="auto", per_device_train_batch_size=4,
+                model_name_or_path=str(tiny_ckpt), num_data_workers=0)
+    c.passage_max_len = 128
+    assert plan.data_shapes(c, num_shards=2) == {"data 4x4": Shape(4, 4, 32, 128)}
