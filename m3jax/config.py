@@ -221,17 +221,20 @@ def config_from_argv(argv: list[str], command: str = "m3jax train") -> ml_collec
     from ml_collections import config_flags
 
     check_override_flags(argv)
-    if "config" not in flags.FLAGS:
-        config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+    # A fresh flag set per call, told the argv to find the overrides in (by default absl's config flag reads them
+    # from sys.argv, which is not `argv` when the command is called in-process).
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", flag_values=values,
+                                    lock_config=True, sys_argv=[command, *argv])
     try:
-        rest = flags.FLAGS([command, *argv])
+        rest = values([command, *argv])
     except flags.Error as e:
         raise ConfigError(str(e)) from None
     if len(rest) > 1:
         raise ConfigError(f"unexpected arguments {rest[1:]}; use --config.<field>=<value>")
-    if flags.FLAGS.config is None:
+    if values.config is None:
         raise ConfigError("--config is required: a configs/*.py file (e.g. --config configs/toy.py)")
-    return flags.FLAGS.config
+    return values.config
 
 
 def train_data_dirs(config: ml_collections.ConfigDict) -> list[str]:

@@ -134,3 +134,21 @@ def test_plan_shapes_from_the_runs_data(tiny_ckpt):
                 model_name_or_path=str(tiny_ckpt), num_data_workers=0)
     c.passage_max_len = 128
     assert plan.data_shapes(c, num_shards=2) == {"data 4x4": Shape(4, 4, 32, 128)}
+
+
+def test_plan_command_on_this_host_against_a_memory_budget(tmp_path, capsys):
+    """`m3jax plan` without --topology: this host's device (CPU here, so against --memory-gib)."""
+    from m3jax import cli
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "--config", os.path.join(repo, "configs", "bge_m3_unified.py"), "--model-config", "tiny",
+                     "--shapes", "2x2:16:32,64x2:16:32", "--memory-gib", "0.05", "--no-search", "--output", str(out),
+                     "--config.model.dtype=float32", "--config.mesh.data=1"]) == 0
+    result = json.loads(out.read_text())
+    small, big = result["shapes"]
+    assert result["target"]["platform"] == "cpu" and result["model"] == "preset tiny"
+    assert small["fits"] and 0 < small["peak_gib"] <= 0.05 < big["peak_gib"] and not big["fits"]
+    assert "peak" in big["error"] and "> budget 0.05 GiB" in big["error"]
+    printed = capsys.readouterr().out
+    assert "local cpu" in printed and "2x2:16:32" in printed and "NO" in printed
