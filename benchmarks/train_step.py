@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.torch_reference import auto_sub_batch  # the reference's --sub_batch auto
+from m3jax.plan import MODEL_PRESETS
 from m3jax.xla_stats import (
     GIB,
     BenchError,
@@ -73,13 +74,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO_ROOT, "configs", "bge_m3_unified.py")
 DEFAULT_SHAPES = ("32x8:64:256", "8x8:512:2048", "8x2:512:8192")
 
-# config.json of BAAI/bge-m3 (XLMRobertaModel), the fields m3jax reads.
-BGE_M3 = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-              intermediate_size=4096, max_position_embeddings=8194, type_vocab_size=1, pad_token_id=1,
-              layer_norm_eps=1e-5, hidden_act="gelu", position_embedding_type="absolute",
-              hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-TINY = dict(BGE_M3, vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128)
+# bge-m3's dims (config.json) and a 2-layer, hidden-64 model for CI: the presets of `m3jax plan`.
+BGE_M3, TINY = MODEL_PRESETS["bge-m3"], MODEL_PRESETS["tiny"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,14 +260,7 @@ class Bench:
         return self.stepper.step(shape.group, False, False)
 
     def abstract_batch(self, shape: Shape) -> dict:
-        jax, jnp = self.jax, self.jax.numpy
-        sharding = self.stepper.batch_sharding
-        b, w = shape.batch, self.num_shards
-        s = lambda rows, cols, dt: jax.ShapeDtypeStruct((rows * w, cols), dt, sharding=sharding)
-        return dict(query_input_ids=s(b, shape.qlen, jnp.int32), query_attention_mask=s(b, shape.qlen, jnp.int32),
-                    passage_input_ids=s(b * shape.group, shape.plen, jnp.int32),
-                    passage_attention_mask=s(b * shape.group, shape.plen, jnp.int32),
-                    teacher_scores=s(b, shape.group, jnp.float32))
+        return self.stepper.abstract_batch(shape.batch, shape.group, shape.qlen, shape.plen)
 
     def random_batch(self, shape: Shape, seed: int = 0) -> dict:
         """This process's rows, as the reference makes them, placed as global arrays over the batch axes."""

@@ -9,6 +9,7 @@
     m3jax export --checkpoint runs/x --step best --output out [--merge-with /models/bge-m3 --merge-weight 0.5]
     m3jax merge --models A B [C ...] [--weights 0.5 0.3 0.2] --output merged
     m3jax merge --models A B --grid 0,0.25,0.5,0.75,1 --eval-set domain=DIR [--eval-set general=DIR] --output out
+    m3jax plan --topology v5p-64 --config configs/bge_m3_unified.py [--shapes 8x8:512:2048] [--config.<field>=...]
 
 Errors a user can fix (m3jax.errors.M3JaxError: a bad config value, malformed data or eval file, a missing or
 incomplete checkpoint, an existing output directory) print one line "m3jax <command>: error: ..." on stderr and exit
@@ -517,14 +518,81 @@ def _run_score(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# plan
+
+
+def _add_plan(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="compile a run's train step for a TPU slice (or this host's device) and report memory, fit, "
+                     "FLOPs and the largest batch that fits",
+        description="Ahead-of-time compile of the run's real train step (no weights loaded) for a TPU topology "
+                    "from any machine (needs libtpu: pip install 'm3jax[tpu]'), or for this host's accelerator "
+                    "without --topology. Per step shape: per-chip peak memory against the chip's HBM, fits or not, "
+                    "trip-weighted matmul FLOPs per step and the largest per-chip batch that fits (searched by "
+                    "compiling); then the mesh it recommends. Any --config.<field>=<value> override applies.")
+    p.add_argument("--config", required=True, help="a configs/*.py file")
+    p.add_argument("--config.FIELD", metavar="VALUE", dest="_override", help="override any config field, e.g. "
+                   "--config.sub_batch_size=4 --config.mesh.fsdp=-1 --config.mesh.data=1 (repeatable)")
+    p.add_argument("--topology", default=None,
+                   help="a TPU slice by its accelerator type: v4-8, v4-32, v5p-8, v5p-64, v5litepod-8, v6e-8, ... "
+                        "(default: this host's devices)")
+    p.add_argument("--shapes", default=None,
+                   help="BATCHxGROUP:QLEN:PLEN[,...] per chip, e.g. 8x8:512:2048 (default: the shapes of the run's "
+                        "data, or of its batch-size table)")
+    p.add_argument("--model-config", default=None,
+                   help="model dims: bge-m3 or tiny (presets), a model directory or a config.json file (default: "
+                        "config.model_name_or_path's config.json; bge-m3 when that is empty)")
+    p.add_argument("--memory-gib", type=float, default=None,
+                   help="judge fit against this many GiB per chip (required for a CPU target; on TPU the compiler "
+                        "also enforces its own limit)")
+    p.add_argument("--no-search", dest="search", action="store_false",
+                   help="only compile the given shapes (one compile each); skip the largest-batch search")
+    p.add_argument("--granularity", type=int, default=1,
+                   help="stop the largest-batch search when the gap is at most this (default 1)")
+    p.add_argument("--search-limit", type=int, default=1024,
+                   help="largest per-chip batch the search tries (default 1024; shown as LIMIT+ when it fits)")
+    p.add_argument("--output", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    import json
+
+    from m3jax import config as config_lib
+    from m3jax import plan
+    from m3jax.storage import atomic_file
+
+    for name in ("granularity", "search_limit"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)}: a positive int")
+    if args.memory_gib is not None and args.memory_gib <= 0:
+        raise UsageError(f"--memory-gib={args.memory_gib}: a positive number")
+    shapes = plan.parse_shapes(args.shapes) if args.shapes is not None else None
+    if args.topology is not None:
+        if args.topology not in plan.TOPOLOGIES:  # before jax starts
+            raise UsageError(f"--topology {args.topology!r}: unknown; known: {', '.join(plan.TOPOLOGIES)}")
+        plan.prepare_tpu_environment()
+    config = config_lib.config_from_argv(args.config_argv, "m3jax plan")
+    target = (plan.tpu_target(args.topology, memory_gib=args.memory_gib) if args.topology
+              else plan.local_target(memory_gib=args.memory_gib))
+    result = plan.plan(config, target, shapes=shapes, model_config=args.model_config, search=args.search,
+                       granularity=args.granularity, limit=args.search_limit)
+    if args.output:
+        with atomic_file(args.output) as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Subcommand registry and entry point
 
-SUBCOMMANDS = [_add_train, _add_export, _add_eval, _add_mine, _add_score, _add_merge]
+SUBCOMMANDS = [_add_train, _add_export, _add_eval, _add_mine, _add_score, _add_merge, _add_plan]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m3jax",
-                                     description="BGE-M3 fine-tuning in JAX: train, export, eval, mine, score, merge.")
+    parser = argparse.ArgumentParser(prog="m3jax", description="BGE-M3 fine-tuning in JAX: train, export, eval, "
+                                                               "mine, score, merge, plan.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
@@ -543,6 +611,13 @@ def main(argv=None) -> int:
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
         # absl's config flags parse the rest (--config.<field>=<value> for any field of the schema).
         args = argparse.Namespace(command="train", func=_run_train, train_argv=argv[1:])
+    elif argv[:1] == ["plan"] and not {"-h", "--help"} & set(argv[1:]):
+        # argparse takes plan's own flags; absl's config flags --config and --config.<field>=<value>.
+        args, rest = parser.parse_known_args(argv)
+        unknown = [a for a in rest if not a.startswith("--config.")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.command, args.config_argv = "plan", ["--config", args.config, *rest]
     else:
         args = parser.parse_args(argv)
     try:

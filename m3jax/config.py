@@ -55,7 +55,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.drop_threshold = 0
     c.per_device_train_batch_size = 1  # batch size for datasets without a length tag in batch_size_by_length
     # {"LO-HI": per-device batch size}; None = the research recipe's table for train_group_size 8 or 1.
-    c.batch_size_by_length = ml_collections.config_dict.placeholder(dict)
+    # "auto": each bucket's batch is the largest whose compiled step fits the device (m3jax/plan.py, cached on disk,
+    # saved as <output_dir>/auto_batch_sizes.json); the buckets are the len-LO-HI tags of the data's files.
+    c.batch_size_by_length = ml_collections.config_dict.placeholder(object)
+    # Memory per device that batch_size_by_length="auto" sizes against: -1 = the device's own limit (the TPU
+    # compiler's, the GPU allocator's); required (> 0) on CPU, which has none.
+    c.auto_batch_memory_gib = -1.0
     # Texts are padded to the smallest of these lengths that fits (capped at the max_len); bounds the number of
     # compiled step shapes. Empty = powers of two from 32 up (m3jax/padding.py).
     c.seq_len_buckets = ()
@@ -236,6 +241,29 @@ def check_override_flags(argv: list[str]) -> None:
             close = difflib.get_close_matches(field, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"--config.{field}: no such config field{hint} (fields are listed in m3jax/config.py)")
+
+
+def config_from_argv(argv: list[str], command: str = "m3jax train") -> ml_collections.ConfigDict:
+    """The run config of `--config FILE [--config.<field>=<value> ...]` (absl's config flags; ConfigError on a
+    mistyped field, a bad value or a missing --config)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    check_override_flags(argv)
+    # A fresh flag set per call, told the argv to find the overrides in (by default absl's config flag reads them
+    # from sys.argv, which is not `argv` when the command is called in-process).
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", flag_values=values,
+                                    lock_config=True, sys_argv=[command, *argv])
+    try:
+        rest = values([command, *argv])
+    except flags.Error as e:
+        raise ConfigError(str(e)) from None
+    if len(rest) > 1:
+        raise ConfigError(f"unexpected arguments {rest[1:]}; use --config.<field>=<value>")
+    if values.config is None:
+        raise ConfigError("--config is required: a configs/*.py file (e.g. --config configs/toy.py)")
+    return values.config
 
 
 def train_data_dirs(config: ml_collections.ConfigDict) -> list[str]:
@@ -434,7 +462,11 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
     buckets = tuple(c.seq_len_buckets)
     _require(all(isinstance(b, int) and b >= 2 for b in buckets) and list(buckets) == sorted(set(buckets)),
              "seq_len_buckets", "strictly increasing ints >= 2 (or empty for the default)", buckets)
-    if c.batch_size_by_length is not None:
+    _require(c.auto_batch_memory_gib == -1 or c.auto_batch_memory_gib > 0, "auto_batch_memory_gib",
+             "-1 (the device's limit) or a positive number of GiB", c.auto_batch_memory_gib)
+    if c.batch_size_by_length is not None and c.batch_size_by_length != "auto":
+        _require(hasattr(c.batch_size_by_length, "items"), "batch_size_by_length",
+                 "None (the research table), 'auto' or {'LO-HI': per-device batch size, ...}", c.batch_size_by_length)
         for k, v in dict(c.batch_size_by_length).items():
             lo, _, hi = str(k).partition("-")
             _require(lo.isdigit() and (hi.isdigit() or hi == "inf") and isinstance(v, int) and v >= 1,

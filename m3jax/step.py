@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax
@@ -244,6 +245,7 @@ class Stepper:
     step_fn: Any
     trainable: Any  # optimizer.trainable_mask of the params
     loss_and_grads: Any  # make_loss_and_grads: what the step differentiates (not jitted; tests and benchmarks)
+    _rules: tuple = ()  # config.sharding_rules
     _jitted: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -270,7 +272,8 @@ class Stepper:
                                   tracing_context=functools.partial(shard_lib.tracing_context, mesh,
                                                                     config.sharding_rules))
         return cls(model, tx, schedule, mesh, shard_lib.batch_sharding(mesh, config.sharding_rules), param_shardings,
-                   state_shardings, abstract_params, abstract_opt, step_fn, trainable, loss_and_grads)
+                   state_shardings, abstract_params, abstract_opt, step_fn, trainable, loss_and_grads,
+                   tuple(tuple(r) for r in config.sharding_rules))
 
     def parameter_summary(self) -> dict:
         """How many parameters train and how many do not; the optimizer state's size (all devices together)."""
@@ -284,6 +287,21 @@ class Stepper:
                               opt_state=self.abstract_opt)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                             self.state_shardings)
+
+    def abstract_batch(self, batch: int, group: int, query_len: int, passage_len: int) -> dict:
+        """Shapes, dtypes and sharding of a step's inputs for `batch` queries per batch shard (what the data
+        pipeline's global batch looks like), for compiling without data."""
+        rows = batch * shard_lib.num_batch_shards(self.mesh, self._rules)
+        s = lambda n, cols, dt: jax.ShapeDtypeStruct((n, cols), dt, sharding=self.batch_sharding)
+        return dict(query_input_ids=s(rows, query_len, jnp.int32), query_attention_mask=s(rows, query_len, jnp.int32),
+                    passage_input_ids=s(rows * group, passage_len, jnp.int32),
+                    passage_attention_mask=s(rows * group, passage_len, jnp.int32),
+                    teacher_scores=s(rows, group, jnp.float32))
+
+    def state_bytes_per_device(self) -> int:
+        """Bytes of params + optimizer state one device holds under the state shardings (largest shard)."""
+        state = self.abstract_state()
+        return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state)))
 
     def init_state(self, params) -> TrainState:
         """Step 0 from params already placed in their shardings; the optimizer state is created sharded."""

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -11,7 +12,7 @@ import jax
 
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import distributed, evaluate, loading, selection
+from m3jax import distributed, evaluate, loading, selection, storage
 from m3jax import sharding as shard_lib
 from m3jax.metrics import MetricsLogger, NonFiniteLossError
 from m3jax.step import Stepper, TrainState
@@ -58,6 +59,9 @@ def train(config) -> dict:
         logger.warning("%s fused attention has no dropout: attention_probs_dropout_prob=%g is not applied "
                        "(set --config.model.attention_implementation=xla to apply it, at a speed and memory cost)",
                        model_cfg.attention_implementation, model_cfg.attention_probs_dropout_prob)
+
+    if config.batch_size_by_length == "auto":
+        config = _auto_batch_sizes(config, model_cfg, mesh, output_dir, resuming=resume_step is not None)
 
     # --- data -------------------------------------------------------------------------------------------------
     tokenizer = loading.load_tokenizer(source)
@@ -154,24 +158,36 @@ def train(config) -> dict:
             "best": best.record() if best else None}
 
 
+def _auto_batch_sizes(config, model_cfg, mesh, output_dir: str, *, resuming: bool):
+    """config with batch_size_by_length="auto" resolved (m3jax.plan.auto_batch_sizes), the table logged and saved
+    as <output_dir>/auto_batch_sizes.json; a resumed run reads that file back (its data plan must not change)."""
+    from m3jax import plan
+
+    path = os.path.join(output_dir, plan.AUTO_BATCH_FILE)
+    if resuming and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            chosen = json.load(f)
+        logger.info("batch_size_by_length='auto': the run's table from %s: %s", path, chosen["table"])
+    else:
+        chosen = plan.auto_batch_sizes(config, model_cfg, mesh)
+        logger.info("batch_size_by_length='auto' on %s (%s): %s", chosen["device_kind"],
+                    "device limit" if chosen["budget_gib"] is None else f"{chosen['budget_gib']} GiB",
+                    chosen["table"])
+        if jax.process_index() == 0:
+            with storage.atomic_file(path) as f:
+                json.dump(chosen, f, indent=2, sort_keys=True)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():  # the copy's field holds a str now: replace it rather than assign a dict to it
+        del config["batch_size_by_length"]
+        config.batch_size_by_length = dict(chosen["table"])
+    return config
+
+
 def main(argv: list[str]) -> int:
     """`m3jax train --config configs/<x>.py [--config.<field>=<value> ...]` (train.py calls this too)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    config_lib.check_override_flags(argv)
-    if "config" not in flags.FLAGS:
-        config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-    try:
-        rest = flags.FLAGS(["m3jax train", *argv])
-    except flags.Error as e:
-        raise config_lib.ConfigError(str(e)) from None
-    if len(rest) > 1:
-        raise config_lib.ConfigError(f"unexpected arguments {rest[1:]}; use --config.<field>=<value>")
-    if flags.FLAGS.config is None:
-        raise config_lib.ConfigError("--config is required: a configs/*.py file (e.g. --config configs/toy.py)")
+    config = config_lib.config_from_argv(argv, "m3jax train")
     logging.getLogger().setLevel(logging.WARNING)  # orbax / absl info lines drown the progress bar
     logging.getLogger("m3jax").setLevel(logging.INFO)
-    summary = train(flags.FLAGS.config)
+    summary = train(config)
     logger.info("finished at step %d: %s", summary["step"], summary["metrics"])
     return 0
