@@ -293,6 +293,21 @@ def _file_id(path: str | None) -> dict | None:
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def open_job(command: str, output_path: str, settings: dict, *, overwrite: bool, error: type[Exception]):
+    """The ResumableOutput of a `m3jax <command>` job on every process: process 0 creates (or resumes) it, the others
+    open it once it exists."""
+    import jax
+
+    primary = jax.process_index() == 0
+    job = ResumableOutput(output_path, settings, overwrite=overwrite, error=error) if primary else None
+    _barrier(f"m3jax-{command}-start")
+    if job is None:
+        job = ResumableOutput(output_path, settings, error=error, primary=False)
+    if job.resumed and primary:
+        logger.info("%s: continuing the unfinished job in %s", command, job.work_dir)
+    return job
+
+
 def _barrier(name: str) -> None:
     import jax
 
@@ -350,12 +365,7 @@ def mine(model, input_path: str, output_path: str, options: MineOptions = MineOp
     n_records = len(records_index)
     settings = {"command": "mine", "input": _file_id(input_path), "pool": _file_id(pool_path),
                 "model": model_info, "options": dataclasses.asdict(options)}
-    job = ResumableOutput(output_path, settings, overwrite=overwrite, error=MineError) if rank == 0 else None
-    _barrier("m3jax-mine-start")
-    if job is None:
-        job = ResumableOutput(output_path, settings, error=MineError, primary=False)
-    if job.resumed and rank == 0:
-        logger.info("mine: continuing the unfinished job in %s", job.work_dir)
+    job = open_job("mine", output_path, settings, overwrite=overwrite, error=MineError)
 
     pool_files = job.path("pool.jsonl"), job.path("pool.npz")
     if rank == 0 and not os.path.isfile(pool_files[1]):
