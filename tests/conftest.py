@@ -11,12 +11,7 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers warns (and may deadlock) after fork
 # Eight simulated CPU devices for the multi-device tests; must be set before jax is first imported. Single-device
 # code runs on the first one; tests that need a mesh take jax.devices()[:n].
-# XLA:CPU aborts the process when a device thread reaches a collective much later than the others (its
-# rendezvous "termination timeout", tens of seconds): eight simulated devices on a loaded two-core machine can lag
-# that long in an unoptimised (-O0) step, so the tests give the rendezvous ten minutes.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_cpu_collective_call_terminate_timeout_seconds=600"
-                           " --xla_cpu_collective_timeout_seconds=600").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402

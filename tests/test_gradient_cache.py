@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -129,6 +131,15 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_cached_step_equals_uncached_step(tiny_ckpt, tmp_path, case):
     _, overrides, chunk, sub_batch, (queries, group, shards), step, nibn, teacher = case
+    if shards == 8 and not os.environ.get("M3JAX_TEST_CHILD"):
+        # Eight devices in a fresh process: in the full suite, after other in-process tests, XLA:CPU's in-process
+        # collectives deadlocked on this step (device threads parked at different all-gathers, load 0).
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                f"{__file__}::test_cached_step_equals_uncached_step[{case[0]}]"],
+                               env=dict(os.environ, M3JAX_TEST_CHILD="1"), capture_output=True, text=True,
+                               timeout=1200)
+        assert child.returncode == 0 and "1 passed" in child.stdout, child.stdout[-4000:] + child.stderr[-4000:]
+        return
     vocab = loading.load_model(tiny_ckpt)[0].vocab_size
     batch = _batch(vocab, queries * shards, group)
     kw = dict(step=step, group=group, nibn=nibn, teacher=teacher)
