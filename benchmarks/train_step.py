@@ -23,6 +23,8 @@ Modes:
         accelerator, or against a memory budget with the compiled memory analysis (on CPU, or whenever
         --memory-budget-gib is given; `auto` = the device's limit)
     --tiny      a 2-layer, hidden-64, 1000-token model (CI)
+    --gradient-cache ROWS | tokens=N   the gradient cache (config.gradient_cache) with chunks of ROWS rows (or N
+                tokens) per device; pair with --remat none (the re-encode is the recompute)
     --set FIELD=VALUE   any run-config override, e.g. --set lora.rank=16 (LoRA), --set heads=dense,sparse;
                 analyses then report trained_params, frozen_params and optimizer_state_bytes / _gib (all
                 devices)
@@ -51,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.torch_reference import auto_sub_batch  # the reference's --sub_batch auto
+from m3jax.plan import MODEL_PRESETS
 from m3jax.xla_stats import (
     GIB,
     BenchError,
@@ -71,13 +74,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO_ROOT, "configs", "bge_m3_unified.py")
 DEFAULT_SHAPES = ("32x8:64:256", "8x8:512:2048", "8x2:512:8192")
 
-# config.json of BAAI/bge-m3 (XLMRobertaModel), the fields m3jax reads.
-BGE_M3 = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-              intermediate_size=4096, max_position_embeddings=8194, type_vocab_size=1, pad_token_id=1,
-              layer_norm_eps=1e-5, hidden_act="gelu", position_embedding_type="absolute",
-              hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-TINY = dict(BGE_M3, vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128)
+# bge-m3's dims (config.json) and a 2-layer, hidden-64 model for CI: the presets of `m3jax plan`.
+BGE_M3, TINY = MODEL_PRESETS["bge-m3"], MODEL_PRESETS["tiny"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,6 +140,11 @@ def build_config(args, *, remat: str, for_run: bool):
         config.cross_device_all_heads = args.cross_device == "all"
     for axis, size in parse_mesh(args.mesh).items():
         config.mesh[axis] = size
+    rows, chunk_tokens = parse_gradient_cache(args.gradient_cache)
+    if rows or chunk_tokens:
+        config.gradient_cache = True
+        config.gradient_cache_chunk_size = rows or config.gradient_cache_chunk_size
+        config.gradient_cache_chunk_tokens = chunk_tokens
     for key, value in parse_overrides(args.set).items():
         *parents, leaf = key.split(".")
         target = config
@@ -152,6 +155,20 @@ def build_config(args, *, remat: str, for_run: bool):
         target[leaf] = value
     config.max_steps = 1000
     return config
+
+
+def parse_gradient_cache(text: str) -> tuple[int, int]:
+    """--gradient-cache off | ROWS | tokens=N -> (rows, tokens); (0, 0) = off."""
+    text = str(text).strip()
+    if text == "off":
+        return 0, 0
+    try:
+        value = int(text.partition("=")[2]) if text.startswith("tokens=") else int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise BenchError(f"--gradient-cache {text!r}: off, a positive number of rows, or tokens=N")
+    return (0, value) if text.startswith("tokens=") else (value, 0)
 
 
 def parse_overrides(items) -> dict:
@@ -243,14 +260,7 @@ class Bench:
         return self.stepper.step(shape.group, False, False)
 
     def abstract_batch(self, shape: Shape) -> dict:
-        jax, jnp = self.jax, self.jax.numpy
-        sharding = self.stepper.batch_sharding
-        b, w = shape.batch, self.num_shards
-        s = lambda rows, cols, dt: jax.ShapeDtypeStruct((rows * w, cols), dt, sharding=sharding)
-        return dict(query_input_ids=s(b, shape.qlen, jnp.int32), query_attention_mask=s(b, shape.qlen, jnp.int32),
-                    passage_input_ids=s(b * shape.group, shape.plen, jnp.int32),
-                    passage_attention_mask=s(b * shape.group, shape.plen, jnp.int32),
-                    teacher_scores=s(b, shape.group, jnp.float32))
+        return self.stepper.abstract_batch(shape.batch, shape.group, shape.qlen, shape.plen)
 
     def random_batch(self, shape: Shape, seed: int = 0) -> dict:
         """This process's rows, as the reference makes them, placed as global arrays over the batch axes."""
@@ -299,7 +309,8 @@ class Bench:
     def base_record(self, shape: Shape) -> dict:
         s = self.settings
         return dict(impl="m3jax", ckpt=int(s.remat != "none"), batch=shape.batch, group=shape.group,
-                    qlen=shape.qlen, plen=shape.plen, sub_batch=self.sub_batch_for(shape), model=s.model,
+                    qlen=shape.qlen, plen=shape.plen, sub_batch=self.sub_batch_for(shape),
+                    gradient_cache=self.args.gradient_cache, model=s.model,
                     dtype=s.dtype, attention=s.attention, remat=s.remat, cross_device=s.cross_device,
                     hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout, mesh=s.mesh,
                     devices=self.num_shards, **({"overrides": s.overrides} if s.overrides else {}),
@@ -433,6 +444,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sub-batch-size", default="-1",
                    help="passages encoded per chunk per device (-1: all at once; auto: FlagEmbedding's table by "
                         "passage length, as the reference's --sub_batch auto)")
+    p.add_argument("--gradient-cache", default="off",
+                   help="off, ROWS or tokens=N: the gradient cache with chunks of ROWS rows (N tokens) per device "
+                        "(config.gradient_cache; excludes --sub-batch-size)")
     p.add_argument("--cross-device", default="recipe", choices=("recipe", "off", "dense", "all"),
                    help="negatives across devices: the recipe's (dense), off, dense (negatives_cross_device), all "
                         "(cross_device_all_heads)")
@@ -460,6 +474,8 @@ def _validate(args) -> None:
             raise BenchError(f"--sub-batch-size {args.sub_batch_size!r}: an int or 'auto'") from None
         if v == 0 or v < -1:
             raise BenchError("--sub-batch-size: -1 (off), auto, or a positive int")
+    if parse_gradient_cache(args.gradient_cache) != (0, 0) and str(args.sub_batch_size) != "-1":
+        raise BenchError("--gradient-cache replaces --sub-batch-size: give one of them")
     for name in ("steps", "warmup"):
         if getattr(args, name) < (1 if name == "steps" else 0):
             raise BenchError(f"--{name} {getattr(args, name)} is too small")

@@ -70,13 +70,30 @@ def copy_base_model_files(model_dir: str, output_dir: str) -> None:
             shutil.copy2(src, os.path.join(target, name))
 
 
-class Checkpointer:
-    """Thin wrapper over ocp.CheckpointManager with the three items of a run."""
+@dataclasses.dataclass
+class _LatestOrProtected:
+    """Orbax preservation policy: keep the latest `n` steps (all when None) and the steps `protected()` names (the
+    best checkpoint, m3jax.selection), read at every clean-up."""
 
-    def __init__(self, output_dir: str, *, max_to_keep: int | None = 3, read_only: bool = False):
+    n: int | None
+    protected: Any
+
+    def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+        keep = set(self.protected())
+        latest = len(checkpoints) if self.n is None else self.n
+        return [i >= len(checkpoints) - latest or c.step in keep for i, c in enumerate(checkpoints)]
+
+
+class Checkpointer:
+    """Thin wrapper over ocp.CheckpointManager with the three items of a run. `protected`: a callable returning the
+    steps never removed by max_to_keep (the best checkpoint)."""
+
+    def __init__(self, output_dir: str, *, max_to_keep: int | None = 3, read_only: bool = False, protected=None):
         self.directory = checkpoint_dir(output_dir)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-                                               enable_async_checkpointing=not read_only)
+        keep = dict(max_to_keep=max_to_keep) if protected is None else dict(
+            preservation_policy=_LatestOrProtected(max_to_keep, protected))
+        options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only,
+                                               enable_async_checkpointing=not read_only, **keep)
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "config"), options=options)
 
     def latest_step(self) -> int | None:

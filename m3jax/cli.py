@@ -6,6 +6,10 @@
     m3jax eval --model runs/toy_export --corpus c.jsonl --queries q.jsonl --qrels qrels.tsv [--output r.json]
     m3jax mine --model /models/bge-m3 --input train.jsonl --output mined.jsonl [--pool pool.jsonl] [--mode dense] ...
     m3jax score --model /models/bge-reranker-v2-m3 --input mined.jsonl --output scored.jsonl [--teacher m3] ...
+    m3jax export --checkpoint runs/x --step best --output out [--merge-with /models/bge-m3 --merge-weight 0.5]
+    m3jax merge --models A B [C ...] [--weights 0.5 0.3 0.2] --output merged
+    m3jax merge --models A B --grid 0,0.25,0.5,0.75,1 --eval-set domain=DIR [--eval-set general=DIR] --output out
+    m3jax plan --topology v5p-64 --config configs/bge_m3_unified.py [--shapes 8x8:512:2048] [--config.<field>=...]
 
 Errors a user can fix (m3jax.errors.M3JaxError: a bad config value, malformed data or eval file, a missing or
 incomplete checkpoint, an existing output directory) print one line "m3jax <command>: error: ..." on stderr and exit
@@ -18,6 +22,7 @@ parsed args and returning an exit status, then append it to SUBCOMMANDS.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -67,7 +72,8 @@ def _add_export(subparsers) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="a run's output_dir (latest complete step), its checkpoints/ dir, or checkpoints/<step>")
     p.add_argument("--output", required=True, help="directory to create (must not exist or be empty)")
-    p.add_argument("--step", type=int, default=None, help="export this step instead of the latest")
+    p.add_argument("--step", type=_step_arg, default=None,
+                   help="export this step instead of the latest; 'best': the run's best step (best.json)")
     p.add_argument("--base-model", default=None,
                    help="directory with config.json and tokenizer files (default: <output_dir>/base_model, "
                         "copied there when the run started)")
@@ -79,7 +85,34 @@ def _add_export(subparsers) -> None:
     p.add_argument("--lora-adapters", action="store_true",
                    help="a LoRA run: besides the merged model, write the adapters alone to <output>/lora_adapters "
                         "(PEFT layout: PeftModel.from_pretrained(<base bge-m3 AutoModel>, <that dir>))")
+    p.add_argument("--merge-with", default=None, metavar="DIR",
+                   help="a bge-m3 directory (e.g. the base model) to merge with: every tensor becomes W * fine-tuned "
+                        "+ (1 - W) * DIR's (with --merge-weight W)")
+    p.add_argument("--merge-weight", type=float, default=None, metavar="W",
+                   help="weight of the fine-tuned model in the merge, in [0, 1] (1: the fine-tuned model, 0: DIR)")
     p.set_defaults(func=_run_export)
+
+
+def _parsed_by(module: str, name: str):
+    """An argparse type: m3jax.<module>.<name> (imported when used), its ValueError shown as a usage message."""
+    def parse(value: str):
+        fn = getattr(importlib.import_module(f"m3jax.{module}"), name)
+        try:
+            return fn(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def _step_arg(value: str):
+    if value.lower() == "best":
+        return "best"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid step {value!r}: a step number or 'best'") from None
 
 
 def _run_export(args) -> int:
@@ -87,7 +120,100 @@ def _run_export(args) -> int:
 
     out = export_checkpoint(args.checkpoint, args.output, step=args.step, base_model=args.base_model,
                             pytorch_bin=args.pytorch_bin, heads_dtype=args.heads_dtype, overwrite=args.overwrite,
-                            lora_adapters=args.lora_adapters)
+                            lora_adapters=args.lora_adapters, merge_with=args.merge_with,
+                            merge_weight=args.merge_weight)
+    print(out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# merge
+
+
+def _grid_arg(value: str):
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid grid {value!r}: comma-separated weights, e.g. 0,0.5,1") from None
+
+
+def _add_merge(subparsers) -> None:
+    p = subparsers.add_parser(
+        "merge", help="merge bge-m3 models tensor by tensor (weights summing to 1), or choose the weight on eval sets",
+        description="Write sum_i w_i * model_i for every tensor (encoder and heads) of bge-m3 directories or m3jax "
+                    "runs (LoRA adapters merged first). The weights must sum to 1 and are used as given. With "
+                    "--grid (two models): evaluate W * first + (1 - W) * second for each W on the --eval-set sets "
+                    "and write the best one, with every point's metrics in merge_grid.json and the model card.")
+    p.add_argument("--models", nargs="+", required=True,
+                   help="bge-m3 directories (with colbert_linear.pt and sparse_linear.pt) or m3jax run directories")
+    p.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="one weight per model, non-negative, summing to 1 (default: equal)")
+    p.add_argument("--output", required=True, help="directory to create (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    p.add_argument("--grid", type=_grid_arg, default=None, metavar="W1,W2,...",
+                   help="two models: the weights W of the first model to evaluate, e.g. 0,0.25,0.5,0.75,1")
+    p.add_argument("--eval-set", action="append", default=[], metavar="NAME=DIR|NAME=CORPUS,QUERIES,QRELS",
+                   help="with --grid (repeatable): an eval set, a directory with corpus.jsonl, queries.jsonl and "
+                        "qrels.tsv (or qrels/test.tsv), or the three files")
+    p.add_argument("--metric", default="",
+                   help="with --grid: what picks W, [W*]SET/MODE/METRIC terms joined by '+' (default: the first "
+                        "set's first mode and metric)")
+    p.add_argument("--lower-is-better", action="store_true", help="with --grid: pick the lowest --metric")
+    p.add_argument("--modes", type=_modes_arg, default=None,
+                   help="with --grid: modes to evaluate (default dense,sparse,colbert,dense+sparse,all)")
+    p.add_argument("--metrics", type=_metrics_arg, default="ndcg@10,recall@100,mrr@10")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--query-max-len", type=int, default=512)
+    p.add_argument("--passage-max-len", type=int, default=512)
+    p.add_argument("--devices", default=None, help="e.g. cpu, or cuda:0 (default: all local accelerators)")
+    p.add_argument("--fp32", action="store_true", help="evaluate in float32 on accelerators (default: bfloat16)")
+    p.set_defaults(func=_run_merge)
+
+
+def _eval_set_arg(value: str, args):
+    from m3jax import config as config_lib
+    from m3jax import evaluate as ev
+
+    name, sep, where = value.partition("=")
+    if not sep or not name or not where:
+        raise UsageError(f"--eval-set {value!r}: expected NAME=DIR or NAME=CORPUS,QUERIES,QRELS")
+    parts = where.split(",")
+    if len(parts) == 3:
+        corpus, queries, qrels = parts
+    elif len(parts) == 1:
+        corpus, queries = os.path.join(where, "corpus.jsonl"), os.path.join(where, "queries.jsonl")
+        qrels = os.path.join(where, "qrels.tsv")
+        if not os.path.isfile(qrels) and os.path.isfile(os.path.join(where, "qrels", "test.tsv")):
+            qrels = os.path.join(where, "qrels", "test.tsv")
+    else:
+        raise UsageError(f"--eval-set {value!r}: expected NAME=DIR or NAME=CORPUS,QUERIES,QRELS")
+    modes = args.modes or ev.MODES
+    return config_lib.EvalSetSpec(name=name, corpus=corpus, queries=queries, qrels=qrels, batch_size=args.batch_size,
+                                  query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
+                                  modes=modes, weights=ev.DEFAULT_WEIGHTS, metrics=args.metrics)
+
+
+def _run_merge(args) -> int:
+    from m3jax import merge as merge_lib
+
+    if args.grid is None:
+        if args.eval_set or args.metric or args.lower_is_better:
+            raise UsageError("--eval-set, --metric and --lower-is-better go with --grid")
+        out = merge_lib.merge_models(args.models, args.weights, args.output, overwrite=args.overwrite)
+        print(out)
+        return 0
+    if args.weights is not None:
+        raise UsageError("--grid chooses the weights; leave out --weights")
+    if not args.eval_set:
+        raise UsageError("--grid needs at least one --eval-set to choose the weight on")
+    specs = [_eval_set_arg(v, args) for v in args.eval_set]
+    if len({s.name for s in specs}) != len(specs):
+        raise UsageError("--eval-set: two sets with the same name")
+    out, points = merge_lib.merge_grid(args.models, args.grid, specs, args.output, metric=args.metric,
+                                       greater_is_better=not args.lower_is_better, devices=args.devices,
+                                       use_fp16=not args.fp32, overwrite=args.overwrite)
+    for p in points:
+        print(f"W={p['weight']:g}\t{p['value']:.4f}\t" + " ".join(f"{k}={v:.4f}" for k, v in p["metrics"].items()))
     print(out)
     return 0
 
@@ -96,22 +222,10 @@ def _run_export(args) -> int:
 # eval
 
 
-def _modes_arg(value: str):
-    from m3jax.evaluate import parse_modes
-
-    try:
-        return parse_modes(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+_modes_arg = _parsed_by("evaluate", "parse_modes")
 
 
-def _metrics_arg(value: str):
-    from m3jax.evaluate import parse_metrics
-
-    try:
-        return parse_metrics(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+_metrics_arg = _parsed_by("evaluate", "parse_metrics")
 
 
 def _add_eval(subparsers) -> None:
@@ -139,7 +253,8 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--query-instruction-format", default="{}{}")
     p.add_argument("--pooling-method", choices=("cls", "mean"), default=None,
                    help="dense pooling of an HF directory (default: from m3jax_export.json, else cls)")
-    p.add_argument("--step", type=int, default=None, help="with a run directory: evaluate this step")
+    p.add_argument("--step", type=_step_arg, default=None,
+                   help="with a run directory: evaluate this step ('best': the run's best step)")
     p.add_argument("--base-model", default=None, help="with a run directory: config.json + tokenizer directory")
     p.add_argument("--devices", default=None, help="e.g. cpu, or cuda:0 (default: all local accelerators)")
     p.add_argument("--fp32", action="store_true", help="compute in float32 on accelerators (default: bfloat16)")
@@ -198,12 +313,21 @@ def _run_eval(args) -> int:
     except ValueError as e:
         raise UsageError(f"--weights: {e}") from None
     eval_set = ev.load_eval_set(args.corpus, args.queries, args.qrels)  # file errors before loading the model
+    if args.step == "best":
+        from m3jax.selection import resolve_step
+
+        args.step = resolve_step(args.model, args.step)
+    _start_processes()  # a multi-process job (M3JAX_* variables, SLURM, TPU pod): the corpus is shared out
+    import jax
+
     model = _load_model(args)
     if args.modes is None:  # the five modes, and each Matryoshka size of a model trained with mrl_dims
         args.modes = ev.MODES + _trained_matryoshka_modes(args, model.cfg)
     results = ev.evaluate_eval_set(model, eval_set, batch_size=args.batch_size, query_max_len=args.query_max_len,
                                    passage_max_len=args.passage_max_len, modes=args.modes, weights=args.weights,
-                                   metrics=args.metrics)
+                                   metrics=args.metrics, split_over_processes=jax.process_count() > 1)
+    if jax.process_index() != 0:
+        return 0
     print(ev.format_table(results))
     if args.output:
         payload = ev.results_json(
@@ -254,13 +378,7 @@ def _start_processes() -> None:
                                                  process_id=None))
 
 
-def _range_arg(value: str):
-    from m3jax.mine import MineError, parse_range
-
-    try:
-        return parse_range(value)
-    except MineError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+_range_arg = _parsed_by("mine", "parse_range")
 
 
 def _add_mine(subparsers) -> None:
@@ -401,14 +519,81 @@ def _run_score(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# plan
+
+
+def _add_plan(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="compile a run's train step for a TPU slice (or this host's device) and report memory, fit, "
+                     "FLOPs and the largest batch that fits",
+        description="Ahead-of-time compile of the run's real train step (no weights loaded) for a TPU topology "
+                    "from any machine (needs libtpu: pip install 'm3jax[tpu]'), or for this host's accelerator "
+                    "without --topology. Per step shape: per-chip peak memory against the chip's HBM, fits or not, "
+                    "trip-weighted matmul FLOPs per step and the largest per-chip batch that fits (searched by "
+                    "compiling); then the mesh it recommends. Any --config.<field>=<value> override applies.")
+    p.add_argument("--config", required=True, help="a configs/*.py file")
+    p.add_argument("--config.FIELD", metavar="VALUE", dest="_override", help="override any config field, e.g. "
+                   "--config.sub_batch_size=4 --config.mesh.fsdp=-1 --config.mesh.data=1 (repeatable)")
+    p.add_argument("--topology", default=None,
+                   help="a TPU slice by its accelerator type: v4-8, v4-32, v5p-8, v5p-64, v5litepod-8, v6e-8, ... "
+                        "(default: this host's devices)")
+    p.add_argument("--shapes", default=None,
+                   help="BATCHxGROUP:QLEN:PLEN[,...] per chip, e.g. 8x8:512:2048 (default: the shapes of the run's "
+                        "data, or of its batch-size table)")
+    p.add_argument("--model-config", default=None,
+                   help="model dims: bge-m3 or tiny (presets), a model directory or a config.json file (default: "
+                        "config.model_name_or_path's config.json; bge-m3 when that is empty)")
+    p.add_argument("--memory-gib", type=float, default=None,
+                   help="judge fit against this many GiB per chip (required for a CPU target; on TPU the compiler "
+                        "also enforces its own limit)")
+    p.add_argument("--no-search", dest="search", action="store_false",
+                   help="only compile the given shapes (one compile each); skip the largest-batch search")
+    p.add_argument("--granularity", type=int, default=1,
+                   help="stop the largest-batch search when the gap is at most this (default 1)")
+    p.add_argument("--search-limit", type=int, default=1024,
+                   help="largest per-chip batch the search tries (default 1024; shown as LIMIT+ when it fits)")
+    p.add_argument("--output", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    import json
+
+    from m3jax import config as config_lib
+    from m3jax import plan
+    from m3jax.storage import atomic_file
+
+    for name in ("granularity", "search_limit"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)}: a positive int")
+    if args.memory_gib is not None and args.memory_gib <= 0:
+        raise UsageError(f"--memory-gib={args.memory_gib}: a positive number")
+    shapes = plan.parse_shapes(args.shapes) if args.shapes is not None else None
+    if args.topology is not None:
+        if args.topology not in plan.TOPOLOGIES:  # before jax starts
+            raise UsageError(f"--topology {args.topology!r}: unknown; known: {', '.join(plan.TOPOLOGIES)}")
+        plan.prepare_tpu_environment()
+    config = config_lib.config_from_argv(args.config_argv, "m3jax plan")
+    target = (plan.tpu_target(args.topology, memory_gib=args.memory_gib) if args.topology
+              else plan.local_target(memory_gib=args.memory_gib))
+    result = plan.plan(config, target, shapes=shapes, model_config=args.model_config, search=args.search,
+                       granularity=args.granularity, limit=args.search_limit)
+    if args.output:
+        with atomic_file(args.output) as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Subcommand registry and entry point
 
-SUBCOMMANDS = [_add_train, _add_export, _add_eval, _add_mine, _add_score]
+SUBCOMMANDS = [_add_train, _add_export, _add_eval, _add_mine, _add_score, _add_merge, _add_plan]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m3jax",
-                                     description="BGE-M3 fine-tuning in JAX: train, export, eval, mine, score.")
+    parser = argparse.ArgumentParser(prog="m3jax", description="BGE-M3 fine-tuning in JAX: train, export, eval, "
+                                                               "mine, score, merge, plan.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
@@ -427,6 +612,13 @@ def main(argv=None) -> int:
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
         # absl's config flags parse the rest (--config.<field>=<value> for any field of the schema).
         args = argparse.Namespace(command="train", func=_run_train, train_argv=argv[1:])
+    elif argv[:1] == ["plan"] and not {"-h", "--help"} & set(argv[1:]):
+        # argparse takes plan's own flags; absl's config flags --config and --config.<field>=<value>.
+        args, rest = parser.parse_known_args(argv)
+        unknown = [a for a in rest if not a.startswith("--config.")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.command, args.config_argv = "plan", ["--config", args.config, *rest]
     else:
         args = parser.parse_args(argv)
     try:

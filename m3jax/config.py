@@ -9,7 +9,9 @@ field (in a config file or as `--config.<field>=...`) fails at once instead of b
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from typing import Any
 
 import ml_collections
@@ -53,7 +55,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.drop_threshold = 0
     c.per_device_train_batch_size = 1  # batch size for datasets without a length tag in batch_size_by_length
     # {"LO-HI": per-device batch size}; None = the research recipe's table for train_group_size 8 or 1.
-    c.batch_size_by_length = ml_collections.config_dict.placeholder(dict)
+    # "auto": each bucket's batch is the largest whose compiled step fits the device (m3jax/plan.py, cached on disk,
+    # saved as <output_dir>/auto_batch_sizes.json); the buckets are the len-LO-HI tags of the data's files.
+    c.batch_size_by_length = ml_collections.config_dict.placeholder(object)
+    # Memory per device that batch_size_by_length="auto" sizes against: -1 = the device's own limit (the TPU
+    # compiler's, the GPU allocator's); required (> 0) on CPU, which has none.
+    c.auto_batch_memory_gib = -1.0
     # Texts are padded to the smallest of these lengths that fits (capped at the max_len); bounds the number of
     # compiled step shapes. Empty = powers of two from 32 up (m3jax/padding.py).
     c.seq_len_buckets = ()
@@ -124,6 +131,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_train_epochs = 1
     c.max_steps = -1  # > 0 overrides num_train_epochs
     c.sub_batch_size = -1  # encode passages in chunks of this many (per device) to cap activation memory
+    # Gradient cache (README "Gradient cache"): encode queries and passages chunk by chunk without activations,
+    # take the loss and its gradient w.r.t. the cached representations over the whole batch, then re-encode each
+    # chunk and backpropagate its slice. Same loss and gradients; memory grows with the batch only through the
+    # cached representations. Replaces sub_batch_size (which must stay -1); remat_policy="none" is the usual
+    # pairing (the re-encode already recomputes the forward). Chunks: gradient_cache_chunk_size rows per device,
+    # or, when gradient_cache_chunk_tokens > 0, max(1, tokens // padded length) rows (queries and passages each),
+    # rounded down to a divisor of the rows per device.
+    c.gradient_cache = False
+    c.gradient_cache_chunk_size = 16
+    c.gradient_cache_chunk_tokens = 0
 
     # ---- logging / checkpoints ----------------------------------------------------------------------------
     c.logging_steps = 10
@@ -136,6 +153,21 @@ def default_config() -> ml_collections.ConfigDict:
         corpus="", queries="", qrels="", batch_size=64, query_max_len=-1, passage_max_len=-1,
         modes=("dense", "sparse", "colbert", "dense+sparse", "all"), weights=(1.0, 1.0, 1.0),
         metrics=("ndcg@10", "recall@100", "mrr@10")))
+    # Several named eval sets, all evaluated every eval_steps and at the end (README "Eval sets and the best
+    # checkpoint"), e.g. in a config file:
+    #   c.eval_sets = {"domain": dict(corpus=..., queries=..., qrels=...),
+    #                  "general": dict(corpus=..., queries=..., qrels=..., modes=("dense",), passage_max_len=512)}
+    # Each set takes the fields of `eval` (corpus, queries, qrels required; the rest default to `eval`'s). Metrics
+    # are logged as eval/<set>/<mode>/<metric>; a non-empty `eval.corpus` is one more set named "eval", logged as
+    # eval/<mode>/<metric> as before. Set names: letters, digits, _ - . (no "/").
+    c.eval_sets = ml_collections.ConfigDict()
+    c.eval_on_start = False  # also evaluate the base model at step 0 (the model card's "base" column)
+    # The eval metric that picks the best checkpoint (HF Trainer's names): "<set>/<mode>/<metric>", e.g.
+    # "domain/all/ndcg@10", or a weighted sum "0.7*domain/all/ndcg@10 + 0.3*general/dense/ndcg@10". Empty: the
+    # first set's first mode and metric. The best step's checkpoint is kept whatever save_total_limit says, and
+    # recorded in output_dir/best.json (`m3jax export --step best`).
+    c.metric_for_best_model = ""
+    c.greater_is_better = True
 
     # ---- JAX: numerics, kernels, memory -------------------------------------------------------------------
     c.model = ml_collections.ConfigDict(dict(
@@ -203,10 +235,35 @@ def check_override_flags(argv: list[str]) -> None:
         if not arg.startswith("--config."):
             continue
         field = arg[len("--config."):].split("=", 1)[0]
+        if field.startswith("eval_sets."):  # the sets a config file defines; absl rejects unknown ones
+            continue
         if field not in known:
             close = difflib.get_close_matches(field, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"--config.{field}: no such config field{hint} (fields are listed in m3jax/config.py)")
+
+
+def config_from_argv(argv: list[str], command: str = "m3jax train") -> ml_collections.ConfigDict:
+    """The run config of `--config FILE [--config.<field>=<value> ...]` (absl's config flags; ConfigError on a
+    mistyped field, a bad value or a missing --config)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    check_override_flags(argv)
+    # A fresh flag set per call, told the argv to find the overrides in (by default absl's config flag reads them
+    # from sys.argv, which is not `argv` when the command is called in-process).
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", flag_values=values,
+                                    lock_config=True, sys_argv=[command, *argv])
+    try:
+        rest = values([command, *argv])
+    except flags.Error as e:
+        raise ConfigError(str(e)) from None
+    if len(rest) > 1:
+        raise ConfigError(f"unexpected arguments {rest[1:]}; use --config.<field>=<value>")
+    if values.config is None:
+        raise ConfigError("--config is required: a configs/*.py file (e.g. --config configs/toy.py)")
+    return values.config
 
 
 def train_data_dirs(config: ml_collections.ConfigDict) -> list[str]:
@@ -360,11 +417,32 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
     _require(c.logging_steps >= 1, "logging_steps", "an int >= 1", c.logging_steps)
     _require(c.save_steps >= 1, "save_steps", "an int >= 1", c.save_steps)
     _require(c.eval_steps >= 0, "eval_steps", "0 (off) or a positive int", c.eval_steps)
-    if c.eval_steps > 0:
+    specs = eval_set_specs(c)  # checks every eval set's fields
+    if c.eval_steps > 0 and not specs:
         for f in ("corpus", "queries", "qrels"):
             _require(bool(c.eval[f]), f"eval.{f}", "a file path (eval_steps > 0 turns the periodic eval on)", c.eval[f])
+    _require(isinstance(c.greater_is_better, bool), "greater_is_better", "True or False", c.greater_is_better)
+    _require(isinstance(c.eval_on_start, bool), "eval_on_start", "True or False", c.eval_on_start)
+    if c.metric_for_best_model:
+        from m3jax import selection
+
+        _require(bool(specs), "metric_for_best_model", "empty unless eval sets are configured (eval_sets or "
+                 "eval.corpus)", c.metric_for_best_model)
+
+        try:
+            selection.parse_metric(c.metric_for_best_model, specs, extra_modes=_matryoshka_eval_modes(c))
+        except ValueError as e:
+            raise ConfigError(f"config.metric_for_best_model={c.metric_for_best_model!r}: {e}") from None
     _require(c.sub_batch_size == -1 or c.sub_batch_size >= 1, "sub_batch_size", "-1 (off) or a positive int",
              c.sub_batch_size)
+    _require(isinstance(c.gradient_cache_chunk_size, int) and c.gradient_cache_chunk_size >= 1,
+             "gradient_cache_chunk_size", "a positive int (rows per device per chunk)", c.gradient_cache_chunk_size)
+    _require(isinstance(c.gradient_cache_chunk_tokens, int) and c.gradient_cache_chunk_tokens >= 0,
+             "gradient_cache_chunk_tokens", "0 (chunk by gradient_cache_chunk_size rows) or a positive int",
+             c.gradient_cache_chunk_tokens)
+    _require(not c.gradient_cache or c.sub_batch_size == -1, "sub_batch_size",
+             "-1 with gradient_cache=True (the gradient cache chunks queries and passages itself: set "
+             "gradient_cache_chunk_size)", c.sub_batch_size)
     _require(c.num_data_workers >= 0, "num_data_workers", "an int >= 0", c.num_data_workers)
     _require(c.model.dtype in ("bfloat16", "float32"), "model.dtype", "'bfloat16' or 'float32'", c.model.dtype)
     _require(c.model.attention_implementation in ("auto", "xla", "cudnn", "splash"), "model.attention_implementation",
@@ -390,8 +468,110 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
     buckets = tuple(c.seq_len_buckets)
     _require(all(isinstance(b, int) and b >= 2 for b in buckets) and list(buckets) == sorted(set(buckets)),
              "seq_len_buckets", "strictly increasing ints >= 2 (or empty for the default)", buckets)
-    if c.batch_size_by_length is not None:
+    _require(c.auto_batch_memory_gib == -1 or c.auto_batch_memory_gib > 0, "auto_batch_memory_gib",
+             "-1 (the device's limit) or a positive number of GiB", c.auto_batch_memory_gib)
+    if c.batch_size_by_length is not None and c.batch_size_by_length != "auto":
+        _require(hasattr(c.batch_size_by_length, "items"), "batch_size_by_length",
+                 "None (the research table), 'auto' or {'LO-HI': per-device batch size, ...}", c.batch_size_by_length)
         for k, v in dict(c.batch_size_by_length).items():
             lo, _, hi = str(k).partition("-")
             _require(lo.isdigit() and (hi.isdigit() or hi == "inf") and isinstance(v, int) and v >= 1,
                      "batch_size_by_length", "{'LO-HI': positive int, ...} with HI an int or 'inf'", {k: v})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eval sets
+
+EVAL_SET_FIELDS = ("corpus", "queries", "qrels", "batch_size", "query_max_len", "passage_max_len", "modes", "weights",
+                   "metrics")
+LEGACY_EVAL_SET = "eval"  # config.eval as a set: logged as eval/<mode>/<metric>, as before eval_sets existed
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSetSpec:
+    """One eval set of a run, every field resolved (max lengths -1 = the training ones)."""
+
+    name: str
+    corpus: str
+    queries: str
+    qrels: str
+    batch_size: int
+    query_max_len: int
+    passage_max_len: int
+    modes: tuple[str, ...]
+    weights: tuple[float, float, float]
+    metrics: tuple[str, ...]
+
+    @property
+    def log_prefix(self) -> str:
+        """The TensorBoard / metrics.jsonl prefix: eval/<set> (the legacy set: eval)."""
+        return "eval" if self.name == LEGACY_EVAL_SET else f"eval/{self.name}"
+
+
+def _get(d, key, default):
+    try:
+        value = d[key]
+    except (KeyError, AttributeError):
+        return default
+    return default if value is None else value
+
+
+def eval_set_specs(config) -> list[EvalSetSpec]:
+    """The run's eval sets: config.eval as "eval" when its corpus is set, then config.eval_sets in order. Checks
+    every field (ConfigError naming config.eval_sets.<name>.<field>). `config`: a run config or its saved JSON."""
+    from m3jax import evaluate as ev
+
+    base = config["eval"]
+    raw = []
+    if _get(base, "corpus", ""):
+        raw.append((LEGACY_EVAL_SET, "eval", dict(base)))
+    sets = _get(config, "eval_sets", {}) or {}
+    for name, fields in dict(sets).items():
+        where = f"eval_sets.{name}"
+        _require(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", name) is not None, "eval_sets",
+                 "set names of letters, digits, _ - . (no '/')", name)
+        _require(name != LEGACY_EVAL_SET or not _get(base, "corpus", ""), where,
+                 "another name: 'eval' is config.eval's set when eval.corpus is set", name)
+        _require(hasattr(fields, "keys"), where, "a dict of eval fields (corpus, queries, qrels, ...)", fields)
+        unknown = sorted(set(fields.keys()) - set(EVAL_SET_FIELDS))
+        if unknown:
+            raise ConfigError(f"config.{where}.{unknown[0]}: no such eval set field (fields: "
+                              f"{', '.join(EVAL_SET_FIELDS)})")
+        raw.append((name, where, {k: _get(fields, k, _get(base, k, None)) for k in EVAL_SET_FIELDS}))
+    specs = []
+    for name, where, f in raw:
+        for key in ("corpus", "queries", "qrels"):
+            _require(isinstance(f.get(key), str) and bool(f.get(key)), f"{where}.{key}", "a file path", f.get(key))
+        _require(isinstance(f["batch_size"], int) and f["batch_size"] >= 1, f"{where}.batch_size", "an int >= 1",
+                 f["batch_size"])
+        lengths = {}
+        for key, train_len in (("query_max_len", config["query_max_len"]),
+                               ("passage_max_len", config["passage_max_len"])):
+            value = f[key] if f[key] is not None else -1
+            _require(isinstance(value, int) and (value == -1 or value >= 2), f"{where}.{key}",
+                     "-1 (the training one) or an int >= 2", value)
+            lengths[key] = value if value > 0 else train_len
+        try:
+            modes = ev.parse_modes(tuple(f["modes"]) if not isinstance(f["modes"], str) else f["modes"])
+        except ValueError as e:
+            raise ConfigError(f"config.{where}.modes={f['modes']!r}: {e}") from None
+        try:
+            metrics = ev.parse_metrics(tuple(f["metrics"]) if not isinstance(f["metrics"], str) else f["metrics"])
+        except ValueError as e:
+            raise ConfigError(f"config.{where}.metrics={f['metrics']!r}: {e}") from None
+        try:
+            weights = ev._check_weights(tuple(f["weights"]), modes)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config.{where}.weights={f['weights']!r}: {e}") from None
+        specs.append(EvalSetSpec(name=name, corpus=f["corpus"], queries=f["queries"], qrels=f["qrels"],
+                                 batch_size=f["batch_size"], modes=modes, weights=weights, metrics=metrics,
+                                 **lengths))
+    return specs
+
+
+def _matryoshka_eval_modes(config) -> tuple[str, ...]:
+    """dense@K / colbert@K of mrl_dims, which every eval set reports besides its modes (any size is accepted here;
+    the model's size is only known when the run starts)."""
+    dims = tuple(config["mrl_dims"]) if "mrl_dims" in config else ()
+    out = tuple(f"dense@{d}" for d in dims)
+    return out + (tuple(f"colbert@{d}" for d in dims) if config.get("mrl_colbert") else ())

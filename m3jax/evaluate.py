@@ -144,6 +144,24 @@ def _check_weights(weights: Sequence[float], modes: Sequence[str]) -> tuple[floa
     return w
 
 
+def scoring_mode(mode: str, weights: Sequence[float], error: type[Exception], use: str) -> tuple[str, tuple]:
+    """(the one canonical mode, checked weights) for a job that ranks or scores by a single mode (`m3jax mine`,
+    `m3jax score`); problems raise `error` naming the field. `use` completes "mode=...: <use> by one mode"."""
+    try:
+        modes = parse_modes(mode)
+    except ValueError as e:
+        raise error(f"mode: {e}") from None
+    if len(modes) != 1:
+        raise error(f"mode={mode!r}: {use} by one mode")
+    if mode_parts(modes[0])[1] is not None:
+        raise error(f"mode={mode!r}: Matryoshka modes (dense@K, colbert@K) are for eval; use dense, sparse, "
+                    f"colbert, dense+sparse or all")
+    try:
+        return modes[0], _check_weights(weights, modes)
+    except ValueError as e:
+        raise error(f"weights: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # BEIR files
 
@@ -544,12 +562,18 @@ def merge_top_k(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple
 
 def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, modes: Sequence[str] = MODES,
            weights: Sequence[float] = DEFAULT_WEIGHTS, top_k: int = MIN_TOP_K, batch_size: int = 64,
-           query_max_len: int = 512, passage_max_len: int = 512,
-           passages_per_encode: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+           query_max_len: int = 512, passage_max_len: int = 512, passages_per_encode: int | None = None,
+           split_over_processes: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Exact top-k search: {mode: (scores [n_queries, k], corpus positions [n_queries, k])}, best first.
 
     `model`: m3jax's (or FlagEmbedding's) BGEM3FlagModel; queries go through encode_queries (query instruction),
     passages through encode_corpus, a few blocks at a time (ExactSearch). k = min(top_k, corpus size).
+
+    `split_over_processes` (a multi-process job; every process must call this with the same arguments): the corpus
+    chunks are dealt round-robin to the processes, each searches its chunks on its local devices, and the running
+    top-k lists are all-gathered and merged (merge_top_k). Chunk boundaries, blocks and tie order (lower corpus
+    position first) are those of a single process, so with the same number of local devices the result is the same
+    to the last bit.
     """
     n_q, n_p = len(query_texts), len(corpus_texts)
     if n_q == 0 or n_p == 0:
@@ -558,9 +582,22 @@ def search(model, query_texts: Sequence[str], corpus_texts: Sequence[str], *, mo
                            batch_size=batch_size, query_max_len=query_max_len, passage_max_len=passage_max_len)
     chunk = passages_per_encode or 8 * searcher.p_block
     chunk = max(searcher.p_block, chunk - chunk % searcher.p_block)
-    for start in range(0, n_p, chunk):
-        searcher.add(corpus_texts[start:start + chunk])
-    return searcher.result()
+    rank, n_proc = (jax.process_index(), jax.process_count()) if split_over_processes else (0, 1)
+    for start in list(range(0, n_p, chunk))[rank::n_proc]:
+        stop = min(start + chunk, n_p)
+        searcher.add(corpus_texts[start:stop], positions=np.arange(start, stop))
+    if n_proc == 1:
+        return searcher.result()
+    top, index = searcher.state()
+    top, index = merge_top_k(list(zip(_process_allgather(top), _process_allgather(index))), searcher.k)
+    return {mode: (top[m], index[m]) for m, mode in enumerate(searcher.modes)}
+
+
+def _process_allgather(x: np.ndarray) -> list[np.ndarray]:
+    """Every process's `x` (same shape on all), in process order."""
+    from jax.experimental import multihost_utils
+
+    return list(np.asarray(multihost_utils.process_allgather(x)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -574,16 +611,18 @@ def top_k_for(metrics: Sequence[str]) -> int:
 def evaluate_eval_set(model, eval_set: EvalSet, *, batch_size: int = 64, query_max_len: int = 512,
                       passage_max_len: int = 512, modes: Sequence[str] = MODES,
                       weights: Sequence[float] = DEFAULT_WEIGHTS, metrics: Sequence[str] = DEFAULT_METRICS,
-                      passage_instruction: str | None = None,
-                      passage_instruction_format: str = "{}{}") -> dict[str, dict[str, float]]:
-    """{mode: {metric: mean value}} for an already loaded EvalSet (see `evaluate`)."""
+                      passage_instruction: str | None = None, passage_instruction_format: str = "{}{}",
+                      split_over_processes: bool = False) -> dict[str, dict[str, float]]:
+    """{mode: {metric: mean value}} for an already loaded EvalSet (see `evaluate`). `split_over_processes`: the
+    corpus is shared out over the processes of a multi-process job (see `search`); every process gets the same
+    numbers."""
     modes, metrics = parse_modes(modes), parse_metrics(metrics)
     corpus_texts = eval_set.corpus_texts
     if passage_instruction:
         corpus_texts = [passage_instruction_format.format(passage_instruction, t) for t in corpus_texts]
     found = search(model, eval_set.query_texts, corpus_texts, modes=modes, weights=weights,
                    top_k=top_k_for(metrics), batch_size=batch_size, query_max_len=query_max_len,
-                   passage_max_len=passage_max_len)
+                   passage_max_len=passage_max_len, split_over_processes=split_over_processes)
     results = {}
     for mode in modes:
         run = runs_from_search(found[mode], eval_set.query_ids, eval_set.corpus_ids)
@@ -615,41 +654,74 @@ def evaluate(model, corpus_path, queries_path, qrels_path, *, batch_size: int = 
 
 
 def evaluate_from_config(config, model_cfg, params, tokenizer, *, devices=None) -> dict[str, dict[str, float]]:
-    """The periodic eval of a training run: config.eval names the files; returns {mode: {metric: value}}.
+    """The eval of config.eval alone (the periodic eval before eval_sets existed): {mode: {metric: value}}.
 
     Reads config.eval.{corpus, queries, qrels, batch_size, query_max_len, passage_max_len} (a max_len of -1 takes
-    the training one) and, when the config has them, config.eval.{modes, weights, metrics}, plus dense@K (and
-    colbert@K with mrl_colbert) for each Matryoshka size K of config.mrl_dims; the query / passage
-    instructions of the training config are applied. `params` may be the train state's sharded params; in a
-    multi-process run every process evaluates (the params are gathered first) and gets the same numbers.
-    `devices`: as BGEM3FlagModel's (default: every local device encodes a slice of each batch).
+    the training one) and config.eval.{modes, weights, metrics}; see `evaluate_sets_from_config`.
     """
-    from m3jax.inference import BGEM3FlagModel
+    from m3jax import config as config_lib
 
     ev = config.eval
     for field in ("corpus", "queries", "qrels"):
         if not ev[field]:
             raise EvalDataError(f"config.eval.{field} is empty; set corpus, queries and qrels to evaluate")
-    query_max_len = ev.query_max_len if ev.query_max_len > 0 else config.query_max_len
-    passage_max_len = ev.passage_max_len if ev.passage_max_len > 0 else config.passage_max_len
     get = lambda name, default: ev[name] if name in ev and ev[name] is not None else default
+    spec = config_lib.EvalSetSpec(
+        name=config_lib.LEGACY_EVAL_SET, corpus=ev.corpus, queries=ev.queries, qrels=ev.qrels,
+        batch_size=ev.batch_size, query_max_len=ev.query_max_len if ev.query_max_len > 0 else config.query_max_len,
+        passage_max_len=ev.passage_max_len if ev.passage_max_len > 0 else config.passage_max_len,
+        modes=parse_modes(tuple(get("modes", MODES))), weights=tuple(get("weights", DEFAULT_WEIGHTS)),
+        metrics=parse_metrics(tuple(get("metrics", DEFAULT_METRICS))))
+    return evaluate_sets_from_config(config, model_cfg, params, tokenizer, specs=[spec], devices=devices)[spec.name]
+
+
+def load_eval_sets(specs) -> dict[str, EvalSet]:
+    """{name: EvalSet} of config.eval_set_specs(config) (read once when a run starts: file errors stop it early)."""
+    out = {}
+    for spec in specs:
+        out[spec.name] = load_eval_set(spec.corpus, spec.queries, spec.qrels)
+        logger.info("eval set %s: %d queries with qrels, %d passages", spec.name, len(out[spec.name].query_ids),
+                    len(out[spec.name].corpus_ids))
+    return out
+
+
+def evaluate_sets_from_config(config, model_cfg, params, tokenizer, *, specs=None, eval_sets=None,
+                              devices=None) -> dict[str, dict[str, dict[str, float]]]:
+    """The periodic eval of a training run: {set: {mode: {metric: value}}} for each of `specs` (default
+    config.eval_set_specs(config): config.eval as "eval", then config.eval_sets).
+
+    Every set reports its modes plus dense@K (and colbert@K with mrl_colbert) for each Matryoshka size K of
+    config.mrl_dims; the query / passage instructions of the training config are applied. `eval_sets`: the
+    loaded files by name (default: read now). `params` may be the train state's sharded params. In a multi-process
+    run every process must call this: the params are gathered, the corpus is shared out over the processes and
+    the top-k lists merged (`search`), and every process gets the same numbers.
+    `devices`: as BGEM3FlagModel's (default: every local device encodes a slice of each batch).
+    """
+    from m3jax import config as config_lib
+    from m3jax.inference import BGEM3FlagModel
+
+    specs = config_lib.eval_set_specs(config) if specs is None else list(specs)
+    if eval_sets is None:
+        eval_sets = load_eval_sets(specs)
     if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params)):
         params = shard_lib.to_host(params)  # spread over several processes: every process gets a full copy
-    model = BGEM3FlagModel.from_params(
-        model_cfg, params, tokenizer, use_fp16=model_cfg.dtype == "bfloat16", devices=devices,
-        batch_size=ev.batch_size, query_max_length=query_max_len, passage_max_length=passage_max_len,
-        query_instruction_for_retrieval=config.query_instruction_for_retrieval,
-        query_instruction_format=config.query_instruction_format)
-    eval_set = load_eval_set(ev.corpus, ev.queries, ev.qrels)
     dims = tuple(config.mrl_dims) if "mrl_dims" in config else ()
     sizes = matryoshka_modes(dims, dense_size=model_cfg.hidden_size,
                              colbert_size=model_cfg.colbert_out_dim if config.get("mrl_colbert") else None)
-    modes = parse_modes(tuple(get("modes", MODES)) + sizes)
-    return evaluate_eval_set(model, eval_set, batch_size=ev.batch_size, query_max_len=query_max_len,
-                             passage_max_len=passage_max_len, modes=modes,
-                             weights=get("weights", DEFAULT_WEIGHTS), metrics=get("metrics", DEFAULT_METRICS),
-                             passage_instruction=config.passage_instruction_for_retrieval,
-                             passage_instruction_format=config.passage_instruction_format)
+    model = BGEM3FlagModel.from_params(
+        model_cfg, params, tokenizer, use_fp16=model_cfg.dtype == "bfloat16", devices=devices,
+        batch_size=specs[0].batch_size if specs else 64,
+        query_instruction_for_retrieval=config.query_instruction_for_retrieval,
+        query_instruction_format=config.query_instruction_format)
+    results = {}
+    for spec in specs:
+        results[spec.name] = evaluate_eval_set(
+            model, eval_sets[spec.name], batch_size=spec.batch_size, query_max_len=spec.query_max_len,
+            passage_max_len=spec.passage_max_len, modes=parse_modes(tuple(spec.modes) + sizes), weights=spec.weights,
+            metrics=spec.metrics, passage_instruction=config.passage_instruction_for_retrieval,
+            passage_instruction_format=config.passage_instruction_format,
+            split_over_processes=jax.process_count() > 1)
+    return results
 
 
 def flatten_metrics(results: dict[str, dict[str, float]], prefix: str = "eval/") -> dict[str, float]:

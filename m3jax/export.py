@@ -33,7 +33,7 @@ import os
 from typing import Any
 
 from m3jax import config as config_lib
-from m3jax import hf_io, loading, storage
+from m3jax import hf_io, loading, model_card, storage
 from m3jax import model as m3model
 from m3jax import sharding as shard_lib
 from m3jax.errors import M3JaxError
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 EXPORT_INFO_NAME = loading.EXPORT_INFO_NAME
 HEADS_DTYPES = ("float32", "float16")
 LORA_ADAPTERS_DIR = "lora_adapters"
+CARD_NAME = "README.md"
 
 
 class ExportError(M3JaxError, ValueError):
@@ -62,14 +63,16 @@ def export_params(params, hf_config: dict, output_dir, *, tokenizer_dir: str,
                   sentence_pooling_method: str = "cls", normalize_embeddings: bool = True,
                   pytorch_bin: bool = False, safetensors: bool = True, heads_dtype: str = "float32",
                   overwrite: bool = False, export_info: dict | None = None,
-                  lora: m3model.LoRAConfig | None = None, lora_adapters: bool = False) -> str:
+                  lora: m3model.LoRAConfig | None = None, lora_adapters: bool = False,
+                  card_info: dict | None = None, extra_files: dict[str, str] | None = None) -> str:
     """Write m3jax params as a bge-m3 directory (the one function a training loop calls to export).
 
     `params`: the BGEM3 param tree (numpy or jax arrays; sharded arrays are fine; in a multi-process run every
     process must call this, process 0 writes). `hf_config`: the base model's config.json. `tokenizer_dir`: where the
     tokenizer files are copied from. `lora`: the adapters' settings when `params` hold LoRA adapters (the run's
     model config's `lora`); they are merged into the kernels, and with `lora_adapters` also written alone to
-    lora_adapters/ (PEFT layout). Returns the absolute output path. Raises ExportError / CheckpointError.
+    lora_adapters/ (PEFT layout). `card_info`: what the model card (README.md, m3jax.model_card) shows.
+    Returns the absolute output path. Raises ExportError / CheckpointError.
     """
     import jax
 
@@ -110,6 +113,11 @@ def export_params(params, hf_config: dict, output_dir, *, tokenizer_dir: str,
         if peft is not None:
             _write_peft(os.path.join(folder, LORA_ADAPTERS_DIR), *peft, base_model=info.get("base_model"))
         write_json(os.path.join(folder, EXPORT_INFO_NAME), info)
+        with open(os.path.join(folder, CARD_NAME), "w", encoding="utf-8") as f:
+            f.write(model_card.render(card_info or {}, pooling=sentence_pooling_method))
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                f.write(text)
     if sentence_pooling_method != "cls":
         logger.warning("%s: trained with sentence_pooling_method=%s; FlagEmbedding users must pass "
                        "pooling_method=%r (sentence-transformers reads it from 1_Pooling/)", out_dir,
@@ -127,12 +135,25 @@ def _write_peft(folder: str, tensors: dict, config: dict, *, base_model: str | N
     write_json(os.path.join(folder, "adapter_config.json"), dict(config, base_model_name_or_path=base_model))
 
 
-def export_checkpoint(checkpoint, output_dir, *, step: int | None = None, base_model: str | None = None,
+def export_checkpoint(checkpoint, output_dir, *, step: int | str | None = None, base_model: str | None = None,
                       pytorch_bin: bool = False, heads_dtype: str = "float32", overwrite: bool = False,
-                      lora_adapters: bool = False) -> str:
+                      lora_adapters: bool = False, merge_with: str | None = None,
+                      merge_weight: float | None = None) -> str:
     """`m3jax export`: read a training checkpoint and write it as a bge-m3 directory (LoRA adapters merged; with
-    `lora_adapters` also alone in lora_adapters/). Returns the output path."""
+    `lora_adapters` also alone in lora_adapters/), with a model card. `step`: a step number, "best" (the run's
+    best.json) or None (the latest). `merge_with` (a bge-m3 directory, e.g. the base model) and `merge_weight` W:
+    write W * fine-tuned + (1 - W) * that model, every tensor (m3jax.merge). Returns the output path."""
+    from m3jax import merge as merge_lib
+    from m3jax import selection
+
     _check_options(output_dir, heads_dtype, overwrite)  # before the (possibly long) restore
+    if (merge_with is None) != (merge_weight is None):
+        raise ExportError("--merge-with and --merge-weight go together (merged = W * fine-tuned + (1 - W) * "
+                          "merge-with)")
+    if merge_weight is not None and lora_adapters:
+        raise ExportError("--lora-adapters: the adapters of a merged export would not reproduce it; export without "
+                          "merging to get them")
+    step = selection.resolve_step(checkpoint, step)
     source = loading.find_model(checkpoint, step=step, base_model=base_model)
     if source.location is None:
         raise ExportError(f"{source.path}: is a Hugging Face model directory; export takes an m3jax run's "
@@ -149,8 +170,16 @@ def export_checkpoint(checkpoint, output_dir, *, step: int | None = None, base_m
         info["trained_heads"] = list(config_lib.trained_heads(run))
     if run.get("mrl_dims"):  # `m3jax eval` reports each size
         info["mrl_dims"], info["mrl_colbert"] = list(run["mrl_dims"]), bool(run.get("mrl_colbert"))
+    card = model_card.card_info_from_run(source.location.work_dir, run, source.location.step)
+    lora = cfg.lora
+    if merge_with is not None:
+        params, lora = merge_lib.merge_params([m3model.merge_lora(params, cfg), merge_lib.load_for_merge(
+            merge_with, like=(source.location.step_dir, dataclasses.replace(cfg, lora=None)))[1]],
+            merge_lib.check_weights([merge_weight, 1.0 - merge_weight], 2, exact_pair=True)), None
+        info["merge"] = card["merge"] = {"models": [source.location.step_dir, os.path.abspath(merge_with)],
+                                         "weights": [float(merge_weight), 1.0 - float(merge_weight)]}
     return export_params(params, source.hf_config, output_dir, tokenizer_dir=source.tokenizer_dir,
                          sentence_pooling_method=cfg.sentence_pooling_method,
                          normalize_embeddings=cfg.normalize_embeddings, pytorch_bin=pytorch_bin,
-                         heads_dtype=heads_dtype, overwrite=overwrite, export_info=info, lora=cfg.lora,
-                         lora_adapters=lora_adapters)
+                         heads_dtype=heads_dtype, overwrite=overwrite, export_info=info, lora=lora,
+                         lora_adapters=lora_adapters, card_info=card)

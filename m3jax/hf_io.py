@@ -135,21 +135,29 @@ def _num_labels(config: dict) -> int:
     return int(config.get("num_labels", 2))
 
 
-def _check_classifier(config: dict, classifier: dict[str, np.ndarray], where: str) -> None:
-    expected = classifier_shapes(config)
+def _check_tensors(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], where: str, *,
+                   prefix: str = "", missing_hint: str = "", shape_hint: str = "", extra_hint: str) -> None:
+    """Every expected tensor present with its shape and nothing else; the first problem raises, naming the tensor
+    (with `prefix`, as it is spelled in the file)."""
     for name, shape in expected.items():
-        if name not in classifier:
-            raise CheckpointFormatError(f"{where}: missing tensor {_CLASSIFIER_PREFIX + name!r} (expected shape "
-                                        f"{list(shape)}); a reranker needs XLMRobertaForSequenceClassification's "
-                                        f"classifier.dense and classifier.out_proj")
-        found = tuple(np.shape(classifier[name]))
+        if name not in tensors:
+            raise CheckpointFormatError(f"{where}: missing tensor {prefix + name!r} (expected shape {list(shape)})"
+                                        f"{missing_hint}")
+        found = tuple(np.shape(tensors[name]))
         if found != shape:
-            raise CheckpointFormatError(f"{where}: tensor {_CLASSIFIER_PREFIX + name!r} has shape {list(found)}, "
-                                        f"expected {list(shape)} (one label, hidden_size from {CONFIG_NAME})")
-    extra = sorted(set(classifier) - set(expected))
+            raise CheckpointFormatError(f"{where}: tensor {prefix + name!r} has shape {list(found)}, expected "
+                                        f"{list(shape)}{shape_hint}")
+    extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise CheckpointFormatError(f"{where}: unexpected tensor {_CLASSIFIER_PREFIX + extra[0]!r} in the "
-                                    f"classification head")
+        raise CheckpointFormatError(f"{where}: {extra_hint.format(name=repr(prefix + extra[0]), count=len(extra))}")
+
+
+def _check_classifier(config: dict, classifier: dict[str, np.ndarray], where: str) -> None:
+    _check_tensors(classifier, classifier_shapes(config), where, prefix=_CLASSIFIER_PREFIX,
+                   missing_hint="; a reranker needs XLMRobertaForSequenceClassification's classifier.dense and "
+                                "classifier.out_proj",
+                   shape_hint=f" (one label, hidden_size from {CONFIG_NAME})",
+                   extra_hint="unexpected tensor {name} in the classification head")
 
 
 def _check_config(config: Any, where: str) -> None:
@@ -166,21 +174,12 @@ def _check_encoder(config: dict, encoder: dict[str, np.ndarray], where: str) -> 
     """Every needed tensor present with the right shape; pooler complete or absent; no stray encoder tensors."""
     expected = expected_encoder_shapes(config)
     pooler = _pooler_shapes(config)
-    present_pooler = [k for k in pooler if k in encoder]
-    if present_pooler:  # optional, but all or nothing
+    if any(k in encoder for k in pooler):  # optional, but all or nothing
         expected.update(pooler)
-    for name, shape in expected.items():
-        if name not in encoder:
-            raise CheckpointFormatError(f"{where}: missing tensor {name!r} (expected shape {list(shape)})")
-        found = tuple(np.shape(encoder[name]))
-        if found != shape:
-            raise CheckpointFormatError(f"{where}: tensor {name!r} has shape {list(found)}, expected {list(shape)} "
-                                        f"from {CONFIG_NAME}")
-    extra = sorted(set(encoder) - set(expected))
-    if extra:
-        raise CheckpointFormatError(f"{where}: tensor {extra[0]!r} is not part of an XLMRobertaModel with "
-                                    f"num_hidden_layers={config.get('num_hidden_layers')} ({len(extra)} such "
-                                    f"tensors); does {CONFIG_NAME} match the weights?")
+    _check_tensors(encoder, expected, where, shape_hint=f" from {CONFIG_NAME}",
+                   extra_hint=f"tensor {{name}} is not part of an XLMRobertaModel with "
+                              f"num_hidden_layers={config.get('num_hidden_layers')} ({{count}} such tensors); does "
+                              f"{CONFIG_NAME} match the weights?")
 
 
 def _check_heads(hidden: int, colbert: dict | None, sparse: dict | None, where_c: str, where_s: str) -> None:

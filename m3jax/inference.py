@@ -457,13 +457,15 @@ class FlagReranker:
                       truncation=True)["input_ids"]
         passages = tok([p for _, p in sentence_pairs], add_special_tokens=False, max_length=max_length,
                        truncation=True)["input_ids"]
-        special = tok.num_special_tokens_to_add(pair=True)
+        # XLM-RoBERTa's pair template, <s> q </s></s> p </s>, written out: transformers 5's tokenizers no longer
+        # have build_inputs_with_special_tokens (the reranker is an XLM-RoBERTa, checked when it is loaded)
+        special = 4
         out = []
         for q, p in zip(queries, passages):
             excess = len(q) + len(p) + special - max_length
             if 0 < excess < len(p):  # transformers' only_second: cut the passage if that is enough, else nothing
                 p = p[:len(p) - excess]
-            out.append(tok.build_inputs_with_special_tokens(q, p))
+            out.append([tok.cls_token_id, *q, tok.sep_token_id, tok.sep_token_id, *p, tok.sep_token_id])
         return out
 
     def _detailed(self, pairs):

@@ -181,11 +181,12 @@ def m3_loss(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Ar
     """Unified loss and its parts.
 
     q / p: model outputs (dense [.., H], sparse_weights [.., L], colbert [.., L-1, D]) of W*B queries and W*B*G
-    passages; q_ids / p_ids the token ids (for the lexical vectors); q_mask the query attention mask; teacher_scores
+    passages (only the trained heads' entries are read: what the gradient cache keeps, step.CACHED_OUTPUTS);
+    q_ids / p_ids the token ids (for the lexical vectors); q_mask the query attention mask; teacher_scores
     [W*B, G] raw teacher scores or None; step the (traced) optimizer step, compared with self_distill_start_step.
     """
     w, g, temp = cfg.num_blocks, group_size, cfg.temperature
-    n_q = q["dense"].shape[0]
+    n_q = q_ids.shape[0]
     heads = cfg.trained_heads
     teacher = None if teacher_scores is None else jax.nn.softmax(teacher_scores.astype(jnp.float32), axis=-1)
     qr, pr = representations(q, p, q_ids, p_ids, q_mask, cfg)

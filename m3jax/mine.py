@@ -106,19 +106,7 @@ class MineOptions:
     passages_per_chunk: int | None = None  # passages encoded at a time (the resume granularity); None: 8 blocks
 
     def checked(self) -> MineOptions:
-        try:
-            modes = ev.parse_modes(self.mode)
-        except ValueError as e:
-            raise MineError(f"mode: {e}") from None
-        if len(modes) != 1:
-            raise MineError(f"mode={self.mode!r}: mining ranks by one mode")
-        if ev.mode_parts(modes[0])[1] is not None:
-            raise MineError(f"mode={self.mode!r}: Matryoshka modes (dense@K, colbert@K) are for eval; "
-                         f"use dense, sparse, colbert, dense+sparse or all")
-        try:
-            weights = ev._check_weights(self.weights, modes)
-        except ValueError as e:
-            raise MineError(f"weights: {e}") from None
+        mode, weights = ev.scoring_mode(self.mode, self.weights, MineError, "mining ranks")
         rng = parse_range("-".join(map(str, self.range_for_sampling))) if not isinstance(
             self.range_for_sampling, str) else parse_range(self.range_for_sampling)
         if self.negative_number < 1:
@@ -138,7 +126,7 @@ class MineOptions:
         for name in ("query_max_len", "passage_max_len"):
             if getattr(self, name) < 2:
                 raise MineError(f"{name}={getattr(self, name)}: expected at least 2")
-        return dataclasses.replace(self, mode=modes[0], weights=weights, range_for_sampling=rng)
+        return dataclasses.replace(self, mode=mode, weights=weights, range_for_sampling=rng)
 
 
 def _hash(text: str) -> bytes:
@@ -305,6 +293,21 @@ def _file_id(path: str | None) -> dict | None:
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def open_job(command: str, output_path: str, settings: dict, *, overwrite: bool, error: type[Exception]):
+    """The ResumableOutput of a `m3jax <command>` job on every process: process 0 creates (or resumes) it, the others
+    open it once it exists."""
+    import jax
+
+    primary = jax.process_index() == 0
+    job = ResumableOutput(output_path, settings, overwrite=overwrite, error=error) if primary else None
+    _barrier(f"m3jax-{command}-start")
+    if job is None:
+        job = ResumableOutput(output_path, settings, error=error, primary=False)
+    if job.resumed and primary:
+        logger.info("%s: continuing the unfinished job in %s", command, job.work_dir)
+    return job
+
+
 def _barrier(name: str) -> None:
     import jax
 
@@ -362,12 +365,7 @@ def mine(model, input_path: str, output_path: str, options: MineOptions = MineOp
     n_records = len(records_index)
     settings = {"command": "mine", "input": _file_id(input_path), "pool": _file_id(pool_path),
                 "model": model_info, "options": dataclasses.asdict(options)}
-    job = ResumableOutput(output_path, settings, overwrite=overwrite, error=MineError) if rank == 0 else None
-    _barrier("m3jax-mine-start")
-    if job is None:
-        job = ResumableOutput(output_path, settings, error=MineError, primary=False)
-    if job.resumed and rank == 0:
-        logger.info("mine: continuing the unfinished job in %s", job.work_dir)
+    job = open_job("mine", output_path, settings, overwrite=overwrite, error=MineError)
 
     pool_files = job.path("pool.jsonl"), job.path("pool.npz")
     if rank == 0 and not os.path.isfile(pool_files[1]):

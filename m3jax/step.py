@@ -5,15 +5,16 @@
     state, metrics = stepper.step(group_size, no_in_batch_neg, has_teacher)(state, batch)
 
 The step donates the state and returns device metrics (no host sync). Everything the step depends on is fixed when
-it is built -- the loss settings, the per-device passage chunk (sub_batch_size), whether the encoder trains, which
-parameters train -- and passed to it explicitly; the run config is read only in `Stepper.build`. `train.py` and the
-benchmarks share this class.
+it is built -- the loss settings, the per-device passage chunk (sub_batch_size) or the gradient cache and its chunk
+(`gradient_cache_loss_and_grads`), whether the encoder trains, which parameters train -- and passed to it
+explicitly; the run config is read only in `Stepper.build`. `train.py` and the benchmarks share this class.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax
@@ -53,6 +54,40 @@ def _sub_batch_rows(rows_per_block: int, sub_batch_size: int) -> int:
     return max(d for d in range(1, min(rows_per_block, sub_batch_size) + 1) if rows_per_block % d == 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class Chunking:
+    """A [W*N, ...] batch (W device blocks of N rows) as `n` chunks of `chunk` rows per device: chunk k holds rows
+    k*chunk..(k+1)*chunk-1 of every block, so each chunk is still split over the W devices. Chunk k's dropout key
+    is the k-th of jax.random.split(rng, n) -- the whole batch's key itself when n == 1 -- the same layout in
+    `encode`'s sub-batches and in both passes of the gradient cache, so the masks agree between them."""
+
+    num_blocks: int
+    rows: int  # N, rows per block
+    chunk: int
+
+    @classmethod
+    def of(cls, total_rows: int, num_blocks: int, chunk_rows: int) -> Chunking:
+        rows = total_rows // num_blocks
+        return cls(num_blocks, rows, _sub_batch_rows(rows, chunk_rows) if chunk_rows > 0 else rows)
+
+    @property
+    def n(self) -> int:
+        return self.rows // self.chunk
+
+    def split(self, x):  # [W*N, ...] -> [n, W*chunk, ...]
+        w, n, c = self.num_blocks, self.n, self.chunk
+        x = x.reshape((w, n, c) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1).reshape((n, w * c) + x.shape[3:])
+
+    def join(self, x):  # [n, W*chunk, ...] -> [W*N, ...]
+        w, n, c = self.num_blocks, self.n, self.chunk
+        x = x.reshape((n, w, c) + x.shape[2:])
+        return jnp.swapaxes(x, 0, 1).reshape((w * self.rows,) + x.shape[3:])
+
+    def rngs(self, rng):
+        return rng[None] if self.n == 1 else jax.random.split(rng, self.n)
+
+
 def encode(model: m3model.BGEM3, params, ids, mask, rng, *, deterministic: bool, train_encoder: bool,
            num_blocks: int, sub_batch_size: int = -1) -> dict:
     """Model outputs for a [W*N, L] batch; with sub_batch_size, each device encodes its N rows in chunks whose
@@ -61,41 +96,118 @@ def encode(model: m3model.BGEM3, params, ids, mask, rng, *, deterministic: bool,
     rows = ids.shape[0] // num_blocks
     if sub_batch_size <= 0 or sub_batch_size >= rows:
         return apply({"params": params}, ids, mask, rngs={"dropout": rng})
-    chunk = _sub_batch_rows(rows, sub_batch_size)
-    n = rows // chunk
-
-    def to_chunks(x):  # [W*N, ...] -> [n, W*chunk, ...], each chunk still split over the W devices
-        x = x.reshape((num_blocks, n, chunk) + x.shape[1:])
-        return jnp.swapaxes(x, 0, 1).reshape((n, num_blocks * chunk) + x.shape[3:])
-
-    def from_chunks(x):
-        x = x.reshape((n, num_blocks, chunk) + x.shape[2:])
-        return jnp.swapaxes(x, 0, 1).reshape((num_blocks * rows,) + x.shape[3:])
+    ch = Chunking.of(ids.shape[0], num_blocks, sub_batch_size)
 
     @jax.checkpoint
     def one(args):
         c_ids, c_mask, c_rng = args
         return apply({"params": params}, c_ids, c_mask, rngs={"dropout": c_rng})
 
-    out = jax.lax.map(one, (to_chunks(ids), to_chunks(mask), jax.random.split(rng, n)))
-    return jax.tree.map(from_chunks, out)
+    out = jax.lax.map(one, (ch.split(ids), ch.split(mask), ch.rngs(rng)))
+    return jax.tree.map(ch.join, out)
 
 
-def make_train_step(model: m3model.BGEM3, loss_cfg: losses.LossConfig, tx: optax.GradientTransformation,
-                    schedule, *, trainable, seed: int, sub_batch_size: int = -1, train_encoder: bool = True,
-                    tracing_context=contextlib.nullcontext):
-    """The step function (not yet jitted) for `Stepper.step`.
+# What m3_loss reads of the model outputs, per trained head (losses.representations).
+CACHED_OUTPUTS = {"dense": "dense", "sparse": "sparse_weights", "colbert": "colbert"}
 
-    trainable: what trains (optimizer.trainable_mask, or its label tree), for the gradient norm;
-    seed: the dropout seed (each step folds in its number, so a resumed run draws the same masks);
-    sub_batch_size: passages per device encoded at once (-1: all); train_encoder: False backpropagates into the
-    heads only (fix_encoder); tracing_context: entered while the step is traced (sharding.tracing_context: the mesh
-    and logical rules, for the Pallas kernels).
+
+def gradient_cache_loss_and_grads(model: m3model.BGEM3, params, batch: dict, rng_q, rng_p, loss_fn, *,
+                                  deterministic: bool, train_encoder: bool, num_blocks: int, chunk_rows: int,
+                                  chunk_tokens: int = 0, heads: tuple[str, ...]):
+    """((loss, parts), parameter gradients) of `loss_fn(q, p)` over the whole batch, by GradCache.
+
+    Pass 1 encodes queries and passages chunk by chunk without keeping activations and keeps only the outputs the
+    loss reads (CACHED_OUTPUTS of the trained heads: dense [N, H], sparse token weights [N, L], colbert vectors
+    [N, L-1, D]); the loss and its gradient with respect to those outputs are taken over the whole (global)
+    batch; pass 2 re-encodes each chunk with the same dropout key (Chunking.rngs) and backpropagates its slice of
+    that gradient, summing the parameter gradients in a scan carry. Chunks hold chunk_rows rows per device, or
+    with chunk_tokens > 0 max(1, chunk_tokens // padded length) (per side: short queries go in larger chunks),
+    rounded down to a divisor of the rows per device. The chain rule makes the result the uncached
+    step's gradient (same masks: the uncached step with sub_batch_size = chunk_rows for passages, and queries of
+    at most chunk_rows per device).
     """
+    keys = tuple(CACHED_OUTPUTS[h] for h in heads)
+
+    def outputs(p, ids, mask, rng):
+        out = model.apply({"params": p}, ids, mask, deterministic=deterministic, train_encoder=train_encoder,
+                          rngs={"dropout": rng})
+        return {k: out[k] for k in keys}
+
+    sides = []
+    for side, rng in (("query", rng_q), ("passage", rng_p)):
+        ids, mask = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
+        rows = max(1, chunk_tokens // ids.shape[1]) if chunk_tokens > 0 else chunk_rows
+        ch = Chunking.of(ids.shape[0], num_blocks, rows)
+        sides.append((ch, (ch.split(ids), ch.split(mask), ch.rngs(rng))))
+
+    # Pass 1: representations only (nothing is differentiated here, so no activation outlives its chunk).
+    reps = [jax.tree.map(ch.join, jax.lax.map(lambda a: outputs(params, *a), chunks)) for ch, chunks in sides]
+    (loss, parts), rep_grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(*reps)
+
+    # Pass 2: re-encode each chunk and pull its slice of the representation gradient back to the parameters.
+    def accumulate(grads, args):
+        *inputs, cotangent = args
+        _, pullback = jax.vjp(lambda p: outputs(p, *inputs), params)
+        return jax.tree.map(jnp.add, grads, pullback(cotangent)[0]), None
+
+    grads = jax.tree.map(jnp.zeros_like, params)
+    for (ch, chunks), d_rep in zip(sides, rep_grads):
+        grads, _ = jax.lax.scan(accumulate, grads, (*chunks, jax.tree.map(ch.split, d_rep)))
+    return (loss, parts), grads
+
+
+def make_loss_and_grads(model: m3model.BGEM3, loss_cfg: losses.LossConfig, *, seed: int, sub_batch_size: int = -1,
+                        train_encoder: bool = True, gradient_cache: bool = False, gradient_cache_chunk: int = 16,
+                        gradient_cache_tokens: int = 0):
+    """`fn(params, batch, step, *, group_size, no_in_batch_neg, has_teacher) -> ((loss, parts), grads)`: the
+    unified loss of a batch at optimizer step `step` (traced) and its parameter gradients, as the train step takes
+    them (see make_train_step for the arguments)."""
     deterministic = not model.cfg.has_dropout
     base_key = jax.random.key(seed)
     enc = functools.partial(encode, model, deterministic=deterministic, train_encoder=train_encoder,
                             num_blocks=loss_cfg.num_blocks)
+
+    def loss_and_grads(params, batch: dict, step: jax.Array, *, group_size: int, no_in_batch_neg: bool,
+                       has_teacher: bool):
+        rng_q, rng_p = jax.random.split(jax.random.fold_in(base_key, step))
+
+        def loss_of(q, p):
+            return losses.m3_loss(q, p, batch["query_input_ids"], batch["passage_input_ids"],
+                                  batch["query_attention_mask"], batch["teacher_scores"] if has_teacher else None,
+                                  step, cfg=loss_cfg, group_size=group_size, no_in_batch_neg=no_in_batch_neg)
+
+        if gradient_cache:
+            return gradient_cache_loss_and_grads(
+                model, params, batch, rng_q, rng_p, loss_of, deterministic=deterministic,
+                train_encoder=train_encoder, num_blocks=loss_cfg.num_blocks, chunk_rows=gradient_cache_chunk,
+                chunk_tokens=gradient_cache_tokens, heads=loss_cfg.trained_heads)
+
+        def loss_fn(params):
+            q = enc(params, batch["query_input_ids"], batch["query_attention_mask"], rng_q)
+            p = enc(params, batch["passage_input_ids"], batch["passage_attention_mask"], rng_p,
+                    sub_batch_size=sub_batch_size)
+            return loss_of(q, p)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    return loss_and_grads
+
+
+def make_train_step(loss_and_grads, tx: optax.GradientTransformation, schedule, *, trainable,
+                    tracing_context=contextlib.nullcontext):
+    """The step function (not yet jitted) for `Stepper.step`.
+
+    loss_and_grads: `make_loss_and_grads(model, loss_cfg, ...)`, whose arguments are
+      seed: the dropout seed (each step folds in its number, so a resumed run draws the same masks);
+      sub_batch_size: passages per device encoded at once (-1: all); train_encoder: False backpropagates into the
+      heads only (fix_encoder); gradient_cache: take the loss and gradients by the gradient cache
+      (`gradient_cache_loss_and_grads`) with chunks of gradient_cache_chunk rows per device (or, when
+      gradient_cache_tokens > 0, of that many tokens); sub_batch_size is then ignored (config validation rejects
+      the two together);
+    trainable: what trains (optimizer.trainable_mask, or its label tree), for the gradient norm;
+    tracing_context: entered while the step is traced (sharding.tracing_context: the mesh and logical rules, for
+    the Pallas kernels).
+    """
 
     def step_fn(state: TrainState, batch: dict, *, group_size: int, no_in_batch_neg: bool, has_teacher: bool):
         with tracing_context():
@@ -103,17 +215,8 @@ def make_train_step(model: m3model.BGEM3, loss_cfg: losses.LossConfig, tx: optax
                          has_teacher=has_teacher)
 
     def _step(state: TrainState, batch: dict, *, group_size: int, no_in_batch_neg: bool, has_teacher: bool):
-        rng_q, rng_p = jax.random.split(jax.random.fold_in(base_key, state.step))
-
-        def loss_fn(params):
-            q = enc(params, batch["query_input_ids"], batch["query_attention_mask"], rng_q)
-            p = enc(params, batch["passage_input_ids"], batch["passage_attention_mask"], rng_p,
-                    sub_batch_size=sub_batch_size)
-            return losses.m3_loss(q, p, batch["query_input_ids"], batch["passage_input_ids"],
-                                  batch["query_attention_mask"], batch["teacher_scores"] if has_teacher else None,
-                                  state.step, cfg=loss_cfg, group_size=group_size, no_in_batch_neg=no_in_batch_neg)
-
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, parts), grads = loss_and_grads(state.params, batch, state.step, group_size=group_size,
+                                              no_in_batch_neg=no_in_batch_neg, has_teacher=has_teacher)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()},
@@ -141,6 +244,8 @@ class Stepper:
     abstract_opt: Any
     step_fn: Any
     trainable: Any  # optimizer.trainable_mask of the params
+    loss_and_grads: Any  # make_loss_and_grads: what the step differentiates (not jitted; tests and benchmarks)
+    _rules: tuple = ()  # config.sharding_rules
     _jitted: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -158,12 +263,17 @@ class Stepper:
                                      opt_state=opt_shardings)
         loss_cfg = loss_config_from(config, model_cfg, shard_lib.num_batch_shards(mesh, config.sharding_rules))
         trainable = optim.trainable_mask(abstract_params, config)
-        step_fn = make_train_step(model, loss_cfg, tx, schedule, trainable=trainable, seed=config.seed,
-                                  sub_batch_size=config.sub_batch_size, train_encoder=not config.fix_encoder,
+        loss_and_grads = make_loss_and_grads(
+            model, loss_cfg, seed=config.seed, sub_batch_size=config.sub_batch_size,
+            train_encoder=not config.fix_encoder, gradient_cache=bool(config.gradient_cache),
+            gradient_cache_chunk=config.gradient_cache_chunk_size,
+            gradient_cache_tokens=config.gradient_cache_chunk_tokens)
+        step_fn = make_train_step(loss_and_grads, tx, schedule, trainable=trainable,
                                   tracing_context=functools.partial(shard_lib.tracing_context, mesh,
                                                                     config.sharding_rules))
         return cls(model, tx, schedule, mesh, shard_lib.batch_sharding(mesh, config.sharding_rules), param_shardings,
-                   state_shardings, abstract_params, abstract_opt, step_fn, trainable)
+                   state_shardings, abstract_params, abstract_opt, step_fn, trainable, loss_and_grads,
+                   tuple(tuple(r) for r in config.sharding_rules))
 
     def parameter_summary(self) -> dict:
         """How many parameters train and how many do not; the optimizer state's size (all devices together)."""
@@ -177,6 +287,21 @@ class Stepper:
                               opt_state=self.abstract_opt)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                             self.state_shardings)
+
+    def abstract_batch(self, batch: int, group: int, query_len: int, passage_len: int) -> dict:
+        """Shapes, dtypes and sharding of a step's inputs for `batch` queries per batch shard (what the data
+        pipeline's global batch looks like), for compiling without data."""
+        rows = batch * shard_lib.num_batch_shards(self.mesh, self._rules)
+        s = lambda n, cols, dt: jax.ShapeDtypeStruct((n, cols), dt, sharding=self.batch_sharding)
+        return dict(query_input_ids=s(rows, query_len, jnp.int32), query_attention_mask=s(rows, query_len, jnp.int32),
+                    passage_input_ids=s(rows * group, passage_len, jnp.int32),
+                    passage_attention_mask=s(rows * group, passage_len, jnp.int32),
+                    teacher_scores=s(rows, group, jnp.float32))
+
+    def state_bytes_per_device(self) -> int:
+        """Bytes of params + optimizer state one device holds under the state shardings (largest shard)."""
+        state = self.abstract_state()
+        return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state)))
 
     def init_state(self, params) -> TrainState:
         """Step 0 from params already placed in their shardings; the optimizer state is created sharded."""

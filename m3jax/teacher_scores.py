@@ -38,8 +38,7 @@ import numpy as np
 from m3jax import data_files
 from m3jax import evaluate as ev
 from m3jax.errors import M3JaxError
-from m3jax.mine import _barrier, _file_id, read_input
-from m3jax.storage import ResumableOutput
+from m3jax.mine import _barrier, _file_id, open_job, read_input
 
 logger = logging.getLogger(__name__)
 
@@ -81,20 +80,7 @@ class M3Teacher:
     passage_max_len: int = 512
 
     def __post_init__(self):
-        try:
-            modes = ev.parse_modes(self.mode)
-        except ValueError as e:
-            raise ScoreError(f"mode: {e}") from None
-        if len(modes) != 1:
-            raise ScoreError(f"mode={self.mode!r}: a teacher scores by one mode")
-        if ev.mode_parts(modes[0])[1] is not None:
-            raise ScoreError(f"mode={self.mode!r}: Matryoshka modes (dense@K, colbert@K) are for eval; "
-                          f"use dense, sparse, colbert, dense+sparse or all")
-        self.mode = modes[0]
-        try:
-            self.weights = ev._check_weights(self.weights, modes)
-        except ValueError as e:
-            raise ScoreError(f"weights: {e}") from None
+        self.mode, self.weights = ev.scoring_mode(self.mode, self.weights, ScoreError, "a teacher scores")
 
     def settings(self) -> dict:
         return {"teacher": "m3", "mode": self.mode, "weights": list(self.weights), "batch_size": self.batch_size,
@@ -145,12 +131,7 @@ def score_file(teacher, input_path: str, output_path: str, *, query_instruction:
     settings = {"command": "score", "input": _file_id(input_path), "model": model_info, "teacher": teacher.settings(),
                 "query_instruction": query_instruction, "query_instruction_format": query_instruction_format,
                 "records_per_chunk": records_per_chunk}
-    job = ResumableOutput(output_path, settings, overwrite=overwrite, error=ScoreError) if rank == 0 else None
-    _barrier("m3jax-score-start")
-    if job is None:
-        job = ResumableOutput(output_path, settings, error=ScoreError, primary=False)
-    if job.resumed and rank == 0:
-        logger.info("score: continuing the unfinished job in %s", job.work_dir)
+    job = open_job("score", output_path, settings, overwrite=overwrite, error=ScoreError)
     ins = data_files.Instructions(query=query_instruction, query_format=query_instruction_format)
     n_chunks = -(-n_records // records_per_chunk)
     mine = [c for c in range(rank, n_chunks, n_proc)]

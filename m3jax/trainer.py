@@ -4,13 +4,14 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import jax
 
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import distributed, loading, storage
+from m3jax import distributed, evaluate, loading, selection, storage
 from m3jax import sharding as shard_lib
 from m3jax.metrics import MetricsLogger, NonFiniteLossError
 from m3jax.step import Stepper, TrainState
@@ -42,8 +43,14 @@ def train(config) -> dict:
                 dict(mesh.shape), mesh.size, jax.process_count(), num_blocks)
 
     # --- model config: from the latest checkpoint when resuming, else from the pretrained directory -----------
-    checkpointer = ckpt_lib.Checkpointer(output_dir, max_to_keep=config.save_total_limit)
+    eval_specs = config_lib.eval_set_specs(config) if config.eval_steps > 0 or config.eval_on_start else []
+    best = selection.BestTracker(output_dir, selection.parse_metric(config.metric_for_best_model, eval_specs),
+                                 config.greater_is_better) if eval_specs else None
+    checkpointer = ckpt_lib.Checkpointer(output_dir, max_to_keep=config.save_total_limit,
+                                         protected=best.protected if best else None)
     resume_step = None if config.overwrite_output_dir else checkpointer.latest_step()
+    if best:
+        best.resume(resume_step)
     source = (loading.find_model(output_dir, step=resume_step) if resume_step is not None
               else loading.find_model(config.model_name_or_path))
     model_cfg = loading.model_config(source, loading.ModelSettings.from_run_config(config))
@@ -52,8 +59,12 @@ def train(config) -> dict:
                        "(set --config.model.attention_implementation=xla to apply it, at a speed and memory cost)",
                        model_cfg.attention_implementation, model_cfg.attention_probs_dropout_prob)
 
+    if config.batch_size_by_length == "auto":
+        config = _auto_batch_sizes(config, model_cfg, mesh, output_dir, resuming=resume_step is not None)
+
     # --- data -------------------------------------------------------------------------------------------------
     tokenizer = loading.load_tokenizer(source)
+    eval_sets = evaluate.load_eval_sets(eval_specs)  # file errors before any training
     train_data = data_lib.build_train_data(config, tokenizer, num_batch_shards=num_blocks,
                                            process_index=jax.process_index(), process_count=jax.process_count())
     data_lib.log_unknown_token_share(tokenizer, train_data)  # a broken or mismatched tokenizer is otherwise silent
@@ -95,16 +106,23 @@ def train(config) -> dict:
         metrics_log.flush()  # never save a state whose loss was not checked
         checkpointer.save(step, state, data_iter, config_json)
 
-    def run_eval(step: int) -> None:
-        from m3jax import evaluate
-
+    def run_eval(step: int) -> bool:
+        """Evaluate every set, log eval/<set>/<mode>/<metric>; True when this step is the new best."""
         metrics_log.flush()
-        results = evaluate.evaluate_from_config(config, model_cfg, state.params, tokenizer)
-        metrics_log.log(step, evaluate.flatten_metrics(results, prefix=""), prefix="eval")
+        results = evaluate.evaluate_sets_from_config(config, model_cfg, state.params, tokenizer, specs=eval_specs,
+                                                     eval_sets=eval_sets)
+        for spec in eval_specs:
+            metrics_log.log(step, evaluate.flatten_metrics(results[spec.name], prefix=""), prefix=spec.log_prefix)
+        improved = best.update(step, selection.flat_metrics(results))
+        if jax.process_index() == 0:
+            best.write()
+        return improved
 
     step = start_step
     preemption = distributed.Preemption()
     try:
+        if config.eval_on_start and eval_specs and start_step == 0:
+            run_eval(0)  # the base model: the reference the summary and the model card compare with
         with preemption:
             while step < total_steps:
                 local = next(data_iter)
@@ -122,36 +140,53 @@ def train(config) -> dict:
                     logger.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
                     save(step)
                     break
-                if step % config.save_steps == 0 or step == total_steps:
+                # eval before save: a new best step gets a checkpoint even off save_steps, and the clean-up of
+                # that save already knows which step to protect
+                improved = config.eval_steps > 0 and (step % config.eval_steps == 0 or step == total_steps) \
+                    and run_eval(step)
+                if step % config.save_steps == 0 or step == total_steps or improved:
                     save(step)
-                if config.eval_steps > 0 and (step % config.eval_steps == 0 or step == total_steps):
-                    run_eval(step)
     finally:
         checkpointer.wait()
         checkpointer.close()
         metrics_log.close()
+    if best and best.best:
+        logger.info("%s", best.summary())
     return {"step": step, "metrics": metrics_log.last, "losses": metrics_log.history,
-            "preempted": preemption.signalled, "state": state, "model_config": model_cfg}
+            "preempted": preemption.signalled, "state": state, "model_config": model_cfg,
+            "best": best.record() if best else None}
+
+
+def _auto_batch_sizes(config, model_cfg, mesh, output_dir: str, *, resuming: bool):
+    """config with batch_size_by_length="auto" resolved (m3jax.plan.auto_batch_sizes), the table logged and saved
+    as <output_dir>/auto_batch_sizes.json; a resumed run reads that file back (its data plan must not change)."""
+    from m3jax import plan
+
+    path = os.path.join(output_dir, plan.AUTO_BATCH_FILE)
+    if resuming and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            chosen = json.load(f)
+        logger.info("batch_size_by_length='auto': the run's table from %s: %s", path, chosen["table"])
+    else:
+        chosen = plan.auto_batch_sizes(config, model_cfg, mesh)
+        logger.info("batch_size_by_length='auto' on %s (%s): %s", chosen["device_kind"],
+                    "device limit" if chosen["budget_gib"] is None else f"{chosen['budget_gib']} GiB",
+                    chosen["table"])
+        if jax.process_index() == 0:
+            with storage.atomic_file(path) as f:
+                json.dump(chosen, f, indent=2, sort_keys=True)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():  # the copy's field holds a str now: replace it rather than assign a dict to it
+        del config["batch_size_by_length"]
+        config.batch_size_by_length = dict(chosen["table"])
+    return config
 
 
 def main(argv: list[str]) -> int:
     """`m3jax train --config configs/<x>.py [--config.<field>=<value> ...]` (train.py calls this too)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    config_lib.check_override_flags(argv)
-    if "config" not in flags.FLAGS:
-        config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-    try:
-        rest = flags.FLAGS(["m3jax train", *argv])
-    except flags.Error as e:
-        raise config_lib.ConfigError(str(e)) from None
-    if len(rest) > 1:
-        raise config_lib.ConfigError(f"unexpected arguments {rest[1:]}; use --config.<field>=<value>")
-    if flags.FLAGS.config is None:
-        raise config_lib.ConfigError("--config is required: a configs/*.py file (e.g. --config configs/toy.py)")
+    config = config_lib.config_from_argv(argv, "m3jax train")
     logging.getLogger().setLevel(logging.WARNING)  # orbax / absl info lines drown the progress bar
     logging.getLogger("m3jax").setLevel(logging.INFO)
-    summary = train(flags.FLAGS.config)
+    summary = train(config)
     logger.info("finished at step %d: %s", summary["step"], summary["metrics"])
     return 0

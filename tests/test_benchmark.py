@@ -112,6 +112,16 @@ def test_main_prints_json_lines_and_reports_bad_shapes(capsys):
     capsys.readouterr()
 
 
+def test_gradient_cache_option(capsys):
+    assert train_step.parse_gradient_cache("off") == (0, 0)
+    assert train_step.parse_gradient_cache("16") == (16, 0)
+    assert train_step.parse_gradient_cache("tokens=4096") == (0, 4096)
+    assert train_step.main(["--tiny", "--gradient-cache", "0"]) == 2
+    assert "--gradient-cache '0': off, a positive number of rows, or tokens=N" in capsys.readouterr().err
+    assert train_step.main(["--tiny", "--gradient-cache", "4", "--sub-batch-size", "2"]) == 2
+    assert "--gradient-cache replaces --sub-batch-size" in capsys.readouterr().err
+
+
 def test_one_entry_point_runs_from_the_repository_root():
     result = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--help"], capture_output=True,
                             text=True, cwd=REPO, timeout=120)

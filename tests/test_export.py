@@ -33,7 +33,7 @@ TEXTS = ["why is the sky blue during the day",
          "Sunlight is scattered by air molecules; blue light is scattered far more than red light, which is why "
          "the sky looks blue for most of the day while sunsets look red and orange.",
          "什么是光合作用？", "Кто написал роман «Война и мир»?", "git reset --soft HEAD~1", "a"]
-EXPORTED_FILES = sorted(["1_Pooling", "2_Normalize", "colbert_linear.pt", "config.json",
+EXPORTED_FILES = sorted(["1_Pooling", "2_Normalize", "README.md", "colbert_linear.pt", "config.json",
                          "config_sentence_transformers.json", "m3jax_export.json", "model.safetensors",
                          "modules.json", "sentence_bert_config.json", "sentencepiece.bpe.model", "sparse_linear.pt",
                          "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"])

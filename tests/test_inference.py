@@ -171,6 +171,7 @@ def test_encoding_over_all_local_devices_matches_one_device(tiny_ckpt, ours):
         for x, y in zip(a["lexical_weights"], b["lexical_weights"]))
 
 
+@pytest.mark.needs_flagembedding
 def test_compute_score_without_tokens_after_the_first_matches_flagembedding(tiny_ckpt, tmp_path):
     """A tokenizer without special tokens turns a one-word text into one token: no colbert vector at all. Where
     FlagEmbedding returns a score (its padded chunk), m3jax returns the same: nan for an empty query (0 / 0), the

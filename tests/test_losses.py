@@ -32,7 +32,6 @@ import sys
 import time
 import warnings
 
-import fe_reference as fer
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -9,13 +9,12 @@ vectors and then applies hn_mine's slice and filters as the script writes them.
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from test_train import kill_when
 
 from m3jax import cli
 from m3jax import evaluate as ev
@@ -153,6 +152,7 @@ def test_one_and_eight_devices_give_the_same_output(model, model8, data, tmp_pat
     assert one == eight
 
 
+@pytest.mark.needs_flagembedding
 def test_dense_candidates_equal_hn_mine(tiny_ckpt, model, data, tmp_path):
     from FlagEmbedding import BGEM3FlagModel as TheirModel
 
@@ -308,20 +308,6 @@ def _run_cli(args, env_extra=None):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _kill_when(proc, predicate, timeout=600):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before it could be killed:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError("timed out waiting to kill the run")
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_is_byte_identical(tiny_ckpt, tmp_path):
     records = [r for name in sorted(os.listdir(TOY)) for r in _records(os.path.join(TOY, name))]
@@ -338,7 +324,7 @@ def test_resume_after_sigkill_is_byte_identical(tiny_ckpt, tmp_path):
     work = tmp_path / ".out.jsonl.m3jax-partial"
     p = _run_cli(args + ["--output", str(out)])
     # killed in the middle of the second pass: one part written, a search state of pass 2 saved
-    _kill_when(p, lambda: os.path.exists(work / "part-00000000") and any(
+    kill_when(p, lambda: os.path.exists(work / "part-00000000") and any(
         n.startswith("search-00000001") for n in (os.listdir(work) if work.exists() else [])))
     assert not out.exists()
     p = _run_cli(args + ["--output", str(out)])

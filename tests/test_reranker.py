@@ -31,14 +31,19 @@ def tiny_reranker(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rerankers(tiny_reranker):
+def ours(tiny_reranker):
+    return FlagReranker(tiny_reranker, devices="cpu", batch_size=4, max_length=MAX_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def rerankers(ours, tiny_reranker):
     from FlagEmbedding import FlagReranker as TheirReranker
 
-    ours = FlagReranker(tiny_reranker, devices="cpu", batch_size=4, max_length=MAX_LENGTH)
     theirs = TheirReranker(tiny_reranker, use_fp16=False, devices="cpu", batch_size=4, max_length=MAX_LENGTH)
     return ours, theirs
 
 
+@pytest.mark.needs_flagembedding
 @pytest.mark.parametrize("pairs", [SHORT, LONG_PAIRS, MULTILINGUAL], ids=["short", "long", "multilingual"])
 def test_scores_equal_flagembedding(rerankers, pairs, record_property):
     ours, theirs = rerankers
@@ -52,6 +57,7 @@ def test_scores_equal_flagembedding(rerankers, pairs, record_property):
     np.testing.assert_allclose(normalized, 1 / (1 + np.exp(-a)), atol=1e-7)
 
 
+@pytest.mark.needs_flagembedding
 def test_long_pairs_are_truncated_like_flagembedding(rerankers):
     ours, theirs = rerankers
     from FlagEmbedding.utils.tokenizer_compat import prepare_for_model_compat
@@ -70,11 +76,10 @@ def test_long_pairs_are_truncated_like_flagembedding(rerankers):
     assert len(whole) > 40
 
 
-def test_scores_equal_transformers_logits(rerankers, tiny_reranker):
+def test_scores_equal_transformers_logits(ours, tiny_reranker):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    ours, _ = rerankers
     model = AutoModelForSequenceClassification.from_pretrained(tiny_reranker).eval()
     pairs = SHORT + LONG_PAIRS + MULTILINGUAL
     ids = ours.pair_token_ids(pairs, MAX_LENGTH * 3 // 4, MAX_LENGTH)
@@ -87,8 +92,7 @@ def test_scores_equal_transformers_logits(rerankers, tiny_reranker):
     assert np.abs(got - np.array(expected)).max() <= 1e-5
 
 
-def test_scores_do_not_depend_on_devices_or_batch(tiny_reranker, rerankers):
-    ours, _ = rerankers
+def test_scores_do_not_depend_on_devices_or_batch(tiny_reranker, ours):
     pairs = SHORT + LONG_PAIRS + MULTILINGUAL
     sharded = FlagReranker(tiny_reranker, devices=None, batch_size=16, max_length=MAX_LENGTH)  # 8 CPU devices
     assert len(sharded.devices) == 8
@@ -96,6 +100,7 @@ def test_scores_do_not_depend_on_devices_or_batch(tiny_reranker, rerankers):
     np.testing.assert_allclose(ours.compute_score(pairs, batch_size=1), ours.compute_score(pairs), atol=1e-6)
 
 
+@pytest.mark.needs_flagembedding
 def test_instructions_like_flagembedding(tiny_reranker):
     from FlagEmbedding import FlagReranker as TheirReranker
 

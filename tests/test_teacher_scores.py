@@ -50,6 +50,7 @@ def _score_cli(capsys, *args):
     return captured
 
 
+@pytest.mark.needs_flagembedding
 def test_reranker_teacher_equals_flagreranker(tiny_reranker, tmp_path, capsys, record_property):
     from FlagEmbedding import FlagReranker
 
@@ -87,6 +88,7 @@ def m3_models(tiny_ckpt):
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.4, 0.2, 0.4)])
+@pytest.mark.needs_flagembedding
 def test_m3_teacher_equals_compute_score(m3_models, tmp_path, weights):
     ours, theirs = m3_models
     records = _records(INPUT)

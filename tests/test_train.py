@@ -31,7 +31,12 @@ def toy_config(tiny_ckpt, output_dir, **overrides):
     c.output_dir = str(output_dir)
     c.mesh.data = 1  # one of the eight simulated devices
     c.logging_steps = 1
-    for key, value in overrides.items():
+    return set_fields(c, overrides)
+
+
+def set_fields(c, fields: dict):
+    """Set dotted config fields ({"model.dtype": "bfloat16"}) on a ConfigDict; returns it."""
+    for key, value in fields.items():
         target = c
         *parents, leaf = key.split(".")
         for p in parents:
@@ -99,7 +104,8 @@ def test_loss_decreases_on_the_toy_data(tiny_ckpt, tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
-def _kill_when(proc, predicate, timeout=300):
+def kill_when(proc, predicate, timeout=600):
+    """SIGKILL `proc` as soon as `predicate()` holds (fails if it ends first or the timeout passes)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
@@ -108,7 +114,7 @@ def _kill_when(proc, predicate, timeout=300):
             return
         if proc.poll() is not None:
             raise AssertionError(f"run ended before it could be killed:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.kill()
     raise AssertionError("timed out waiting to kill the run")
 
@@ -131,7 +137,7 @@ def test_exact_resume_after_sigkill(tiny_ckpt, tmp_path, extra):
     # SIGKILL once step 6 is committed and a later step has been logged (the run is mid-way between saves).
     committed = os.path.join(ckpt_lib.checkpoint_dir(resumed), "6", "commit_success.txt")
     metrics = os.path.join(resumed, "metrics.jsonl")
-    _kill_when(p, lambda: os.path.exists(committed) and os.path.exists(metrics)
+    kill_when(p, lambda: os.path.exists(committed) and os.path.exists(metrics)
                and max(json.loads(l)["step"] for l in open(metrics) if l.strip()) >= 7)
     assert ckpt_lib.Checkpointer(resumed, read_only=True).latest_step() == 6
     p = run_train_py(cli_args(tiny_ckpt, resumed, **common))
@@ -266,11 +272,7 @@ def test_validate_rejects_bad_values(field, value, message):
     c = config_lib.default_config()
     c.model_name_or_path, c.output_dir, c.train_data = "m", "o", "d"
     config_lib.validate(c)
-    *parents, leaf = field.split(".")
-    target = c
-    for p in parents:
-        target = target[p]
-    target[leaf] = value
+    set_fields(c, {field: value})
     with pytest.raises(config_lib.ConfigError) as err:
         config_lib.validate(c)
     assert message in str(err.value)

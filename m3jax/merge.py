@@ -1,0 +1,219 @@
+"""Merging bge-m3 models tensor by tensor (LM-Cocktail's answer to a fine-tune forgetting what the base knew).
+
+    m3jax export --checkpoint runs/x --step best --output out --merge-with /models/bge-m3 --merge-weight 0.5
+    m3jax merge --models runs/x_export /models/bge-m3 --weights 0.7 0.3 --output merged
+    m3jax merge --models runs/x_export /models/bge-m3 --grid 0,0.25,0.5,0.75,1 \
+        --eval-set domain=data/domain --eval-set general=data/general --output merged
+
+Every tensor -- encoder, pooler, colbert_linear, sparse_linear -- becomes sum_i w_i * tensor_i, computed in float64
+and rounded once to float32. The weights must be non-negative and sum to 1 (within 1e-6); they are used as given,
+not normalised, so a weight of exactly 1 (the others 0) gives that model bit for bit. A model is a bge-m3 directory
+(with its colbert_linear.pt and sparse_linear.pt: merging needs every tensor) or an m3jax run / step directory; a
+LoRA run's adapters are merged into its kernels first. The models must have the same architecture (the same
+tensors and shapes). The output takes config.json, the tokenizer and the pooling of the first model.
+
+Grid (two models): for each W of the grid, the merge W * first + (1 - W) * second is evaluated on the eval sets
+(the exact search of `m3jax eval`); the W with the best `--metric` (m3jax.selection's syntax, default the first
+set's first mode and metric) is written, with every point's numbers in merge_grid.json and the model card.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from m3jax import hf_io, loading
+from m3jax import model as m3model
+from m3jax.errors import M3JaxError
+
+logger = logging.getLogger(__name__)
+
+GRID_NAME = "merge_grid.json"
+
+
+class MergeError(M3JaxError, ValueError):
+    """Models that cannot be merged, or merge weights that are not usable; the message names the model or flag."""
+
+
+def check_weights(weights: Sequence[float], n: int, *, exact_pair: bool = False) -> list[float]:
+    """n non-negative finite weights summing to 1 (within 1e-6). `exact_pair`: the export's (W, 1 - W)."""
+    w = [float(x) for x in weights]
+    if exact_pair and not 0.0 <= w[0] <= 1.0:
+        raise MergeError(f"--merge-weight {w[0]:g}: expected a number in [0, 1] (W * fine-tuned + (1 - W) * "
+                         f"--merge-with)")
+    if len(w) != n:
+        raise MergeError(f"--weights: {len(w)} weights for {n} models")
+    if any(not math.isfinite(x) or x < 0 for x in w):
+        raise MergeError(f"--weights {' '.join(f'{x:g}' for x in w)}: expected non-negative numbers")
+    if abs(sum(w) - 1.0) > 1e-6:
+        raise MergeError(f"--weights {' '.join(f'{x:g}' for x in w)}: they sum to {sum(w):g}; the weights must sum "
+                         f"to 1 (they are not normalised, so that a weight of 1 reproduces a model exactly)")
+    return w
+
+
+def merge_params(trees: Sequence[dict], weights: Sequence[float]) -> dict:
+    """sum_i w_i * tree_i, leaf by leaf (float64 sum, one rounding to float32); zero weights are skipped, so a
+    weight of 1 with the others 0 returns that tree's values bit for bit. The trees must match in structure and
+    shapes (load_for_merge checks that with readable messages)."""
+    import jax
+
+    terms = [(float(w), t) for w, t in zip(weights, trees) if float(w) != 0.0]
+    if not terms:
+        raise MergeError("every merge weight is 0")
+
+    def leaf(*xs):
+        if len(xs) == 1 and terms[0][0] == 1.0:
+            return np.array(xs[0], dtype=np.float32)
+        total = terms[0][0] * np.asarray(xs[0], np.float64)
+        for (w, _), x in zip(terms[1:], xs[1:]):
+            total = total + w * np.asarray(x, np.float64)
+        return total.astype(np.float32)
+
+    return jax.tree.map(leaf, *[t for _, t in terms])
+
+
+def _shapes(params: dict) -> dict[str, tuple]:
+    import jax
+
+    return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def load_for_merge(path, *, step=None, like: tuple[str, m3model.ModelConfig] | None = None):
+    """(LoadedModel with LoRA merged, params) of a model to merge; `like` = (its name, the config of the model it
+    is merged with): the architecture must match. Raises MergeError naming the model."""
+    from m3jax import selection
+
+    path = os.fspath(path)
+    is_hf = os.path.isfile(os.path.join(path, hf_io.CONFIG_NAME))
+    if is_hf:
+        missing = [n for n in (hf_io.COLBERT_NAME, hf_io.SPARSE_NAME) if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            raise MergeError(f"{path}: no {' or '.join(missing)}; merging needs every tensor of both models (a "
+                             f"bge-m3 directory has colbert_linear.pt and sparse_linear.pt)")
+        loaded = loading.load_model(path)
+    else:
+        loaded = loading.load_model(path, step=selection.resolve_step(path, step))
+    params = m3model.merge_lora(loaded.params, loaded.cfg)
+    cfg = dataclasses.replace(loaded.cfg, lora=None)
+    if like is not None:
+        other_name, other_cfg = like
+        ours, theirs = _shapes(params), _shapes(m3model_params_like(other_cfg))
+        for key in sorted(set(ours) | set(theirs)):
+            if ours.get(key) != theirs.get(key):
+                raise MergeError(f"{path}: cannot be merged with {other_name}: tensor {key} is "
+                                 f"{list(ours[key]) if key in ours else 'missing'} here and "
+                                 f"{list(theirs[key]) if key in theirs else 'missing'} there (not the same "
+                                 f"architecture)")
+    return loading.LoadedModel(cfg, params, loaded.source), params
+
+
+def m3model_params_like(cfg: m3model.ModelConfig) -> dict:
+    """Abstract params (shapes) of a model config."""
+    import flax.linen as nn
+
+    return nn.unbox(m3model.abstract_params(cfg)["params"])
+
+
+def load_models(paths: Sequence[str]) -> list[loading.LoadedModel]:
+    models = []
+    for i, path in enumerate(paths):
+        like = (os.fspath(paths[0]), models[0].cfg) if models else None
+        models.append(load_for_merge(path, like=like)[0])
+        if i and (models[i].cfg.sentence_pooling_method, models[i].cfg.normalize_embeddings) != (
+                models[0].cfg.sentence_pooling_method, models[0].cfg.normalize_embeddings):
+            logger.warning("%s: pooling %s / normalize %s differ from %s's; the merge uses the first model's", path,
+                           models[i].cfg.sentence_pooling_method, models[i].cfg.normalize_embeddings, paths[0])
+    return models
+
+
+def _write(models, paths, params, output, *, weights, card_info, overwrite, extra_info=None, files=None) -> str:
+    from m3jax import export as export_lib
+    from m3jax import model_card
+
+    first = models[0]
+    info = {"merge": {"models": [os.path.abspath(p) for p in paths], "weights": list(weights)}, **(extra_info or {})}
+    card = dict(card_info or {})
+    card.setdefault("merge", info["merge"])
+    if first.source.location is not None:  # an m3jax run: its card information
+        run_card = model_card.card_info_from_run(first.source.location.work_dir, first.source.run_config,
+                                                 first.source.location.step)
+        card = {**run_card, **card, "evals": {**run_card.get("evals", {}), **card.get("evals", {})}}
+    out = export_lib.export_params(params, first.source.hf_config, output, tokenizer_dir=first.source.tokenizer_dir,
+                                   sentence_pooling_method=first.cfg.sentence_pooling_method,
+                                   normalize_embeddings=first.cfg.normalize_embeddings, overwrite=overwrite,
+                                   export_info=info, card_info=card, extra_files=files)
+    return out
+
+
+def merge_models(paths: Sequence[str], weights: Sequence[float] | None, output, *, overwrite: bool = False) -> str:
+    """`m3jax merge --models ... --weights ...`: write the weighted merge (default: equal weights)."""
+    if len(paths) < 2:
+        raise MergeError("--models: give at least two models to merge")
+    weights = check_weights(weights if weights is not None else [1.0 / len(paths)] * len(paths), len(paths))
+    models = load_models(paths)
+    params = merge_params([m.params for m in models], weights)
+    return _write(models, paths, params, output, weights=weights, card_info={}, overwrite=overwrite)
+
+
+def merge_grid(paths: Sequence[str], grid: Sequence[float], specs, output, *, metric: str = "",
+               greater_is_better: bool = True, eval_sets=None, devices=None, use_fp16: bool = True,
+               overwrite: bool = False) -> tuple[str, list[dict]]:
+    """Evaluate W * first + (1 - W) * second for each W of `grid` on the eval sets `specs`
+    (m3jax.config.EvalSetSpec), write the best merge to `output`; returns (output, points) with points
+    [{"weight", "value", "metrics": {"<set>/<mode>/<metric>": v}}]."""
+    import json
+
+    from m3jax import evaluate as ev
+    from m3jax import selection
+    from m3jax.inference import BGEM3FlagModel
+
+    if len(paths) != 2:
+        raise MergeError(f"--grid: merges two models (W * first + (1 - W) * second); {len(paths)} given")
+    if not grid:
+        raise MergeError("--grid: no weights given")
+    for w in grid:
+        check_weights([w, 1.0 - w], 2, exact_pair=True)
+    try:
+        expression = selection.parse_metric(metric, specs)
+    except ValueError as e:
+        raise MergeError(f"--metric {metric!r}: {e}") from None
+    if eval_sets is None:
+        eval_sets = ev.load_eval_sets(specs)  # file errors before loading the models
+    models = load_models(paths)
+    first = models[0]
+    tokenizer = loading.load_tokenizer(first.source)
+    points = []
+    for w in grid:
+        params = merge_params([models[0].params, models[1].params], [w, 1.0 - w])
+        model = BGEM3FlagModel.from_params(first.cfg, params, tokenizer, use_fp16=use_fp16, devices=devices)
+        results = {s.name: ev.evaluate_eval_set(model, eval_sets[s.name], batch_size=s.batch_size,
+                                                query_max_len=s.query_max_len, passage_max_len=s.passage_max_len,
+                                                modes=s.modes, weights=s.weights, metrics=s.metrics)
+                   for s in specs}
+        flat = selection.flat_metrics(results)
+        points.append({"weight": float(w), "value": expression.value(flat), "metrics": flat})
+        logger.info("merge W=%g: %s = %.5g", w, expression.text, points[-1]["value"])
+    better = (lambda a, b: a > b) if greater_is_better else (lambda a, b: a < b)
+    chosen = points[0]
+    for p in points[1:]:
+        if better(p["value"], chosen["value"]):
+            chosen = p
+    w = chosen["weight"]
+    params = merge_params([models[0].params, models[1].params], [w, 1.0 - w])
+    evals = {f"merged (W={w:g})": chosen["metrics"]}
+    for p in points:  # the two ends are the models themselves
+        if p["weight"] == 1.0:
+            evals = {"first model (W=1)": p["metrics"], **evals}
+        if p["weight"] == 0.0:
+            evals = {"second model (W=0)": p["metrics"], **evals}
+    grid_record = {"metric": expression.text, "greater_is_better": greater_is_better, "chosen_weight": w,
+                   "models": [os.path.abspath(p) for p in paths], "points": points}
+    out = _write(models, paths, params, output, weights=[w, 1.0 - w], overwrite=overwrite,
+                 card_info={"grid": points, "grid_metric": expression.text, "evals": evals},
+                 extra_info={"merge_grid": {"metric": expression.text, "chosen_weight": w}},
+                 files={GRID_NAME: json.dumps(grid_record, indent=2, sort_keys=True) + "\n"})
+    return out, points

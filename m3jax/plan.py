@@ -1,0 +1,529 @@
+"""Plan a run before booking the hardware: compile its real train step for a TPU slice (or the local device) and
+read what the compiler says -- per-chip memory, fits or not, matmul FLOPs, the largest per-chip batch that fits.
+
+    m3jax plan --topology v5p-64 --config configs/bge_m3_unified.py [--config.<field>=...] [--shapes 8x8:512:2048]
+
+How: with `libtpu` installed (`pip install 'm3jax[tpu]'`), `jax.experimental.topologies` builds compile-only TPU
+devices on any host; the step the trainer would run (`Stepper.build` on the run config, the same mesh and sharding
+rules, attention resolved for TPU) is lowered on abstract state and batches (`jax.eval_shape`: no weights are
+loaded or allocated) and compiled by the real TPU compiler. A step that does not fit fails to compile with
+RESOURCE_EXHAUSTED; one that fits reports its memory (`compiled.memory_analysis()`). MaxText's train_compile.py
+works the same way. Without --topology the target is this host's devices (a GPU: fits = peak <= the device's
+memory limit; a CPU: against --memory-gib).
+
+Step shapes come from --shapes (BATCHxGROUP:QLEN:PLEN, per batch shard), else from the run's data when
+config.train_data is set (every (batch, group) the data produces, at its longest padded lengths: the most memory),
+else from the config's batch-size table (each `LO-HI` bucket's batch at passage length min(HI, passage_max_len),
+padded like the data pipeline pads it, query length query_max_len; plus per_device_train_batch_size at the max
+lengths).
+
+The same search sizes the batches of a run with `batch_size_by_length="auto"` (`auto_batch_sizes`): each length
+bucket's per-device batch is the largest that compiles within the device's memory (or config.auto_batch_memory_gib),
+cached on disk (storage.cache_dir("auto_batch")) by the step's settings, model dims, shape, mesh, device kind and
+jax version.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from typing import Any
+
+from m3jax import storage
+from m3jax.errors import M3JaxError
+from m3jax.xla_stats import GIB, BenchError, Shape, hlo_stats, is_oom, memory_record, search_max_batch, short
+
+logger = logging.getLogger(__name__)
+
+
+class PlanError(M3JaxError, ValueError):
+    """A topology, shape or setting `m3jax plan` (or batch_size_by_length="auto") cannot work with."""
+
+
+# MaxText's names (accelerator type -> topology, chip config, chips per host). Megacore chips (v4, v5p) are one
+# device of two TensorCores; v4-8 is 4 chips, v5p-64 is 32.
+TOPOLOGIES = {
+    "v4-8": ("v4:2x2x1", "megacore", (2, 2, 1)),
+    "v4-16": ("v4:2x2x2", "megacore", (2, 2, 1)),
+    "v4-32": ("v4:2x2x4", "megacore", (2, 2, 1)),
+    "v4-64": ("v4:2x4x4", "megacore", (2, 2, 1)),
+    "v4-128": ("v4:4x4x4", "megacore", (2, 2, 1)),
+    "v5p-8": ("v5:2x2x1", "megacore", (2, 2, 1)),
+    "v5p-16": ("v5:2x2x2", "megacore", (2, 2, 1)),
+    "v5p-32": ("v5:2x2x4", "megacore", (2, 2, 1)),
+    "v5p-64": ("v5:2x4x4", "megacore", (2, 2, 1)),
+    "v5p-128": ("v5:4x4x4", "megacore", (2, 2, 1)),
+    "v5litepod-4": ("v5e:2x2", "default", (2, 2, 1)),
+    "v5litepod-8": ("v5e:2x4", "default", (2, 4, 1)),
+    "v5litepod-16": ("v5e:4x4", "default", (2, 4, 1)),
+    "v5litepod-32": ("v5e:4x8", "default", (2, 4, 1)),
+    "v5litepod-64": ("v5e:8x8", "default", (2, 4, 1)),
+    "v6e-8": ("v6e:2x4", "default", (2, 4, 1)),
+    "v6e-16": ("v6e:4x4", "default", (2, 4, 1)),
+    "v6e-32": ("v6e:4x8", "default", (2, 4, 1)),
+    "v6e-64": ("v6e:8x8", "default", (2, 4, 1)),
+}
+# HBM per chip by jax's device_kind (the compiler's usable limit is a little lower: its RESOURCE_EXHAUSTED
+# messages say e.g. 30.75 GiB on v4, 15.75 GiB on v5e).
+HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32, "TPU v6e": 32}
+
+# config.json of BAAI/bge-m3 (XLMRobertaModel), the fields m3jax reads: plan bge-m3 without its 2 GB of weights.
+BGE_M3 = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+              intermediate_size=4096, max_position_embeddings=8194, type_vocab_size=1, pad_token_id=1,
+              layer_norm_eps=1e-5, hidden_act="gelu", position_embedding_type="absolute",
+              hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+TINY = dict(BGE_M3, vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128)
+MODEL_PRESETS = {"bge-m3": BGE_M3, "tiny": TINY}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Targets: a TPU topology of compile-only devices, or this host's devices
+
+
+@dataclasses.dataclass
+class Target:
+    name: str  # v5p-64, or "local gpu" ...
+    devices: list
+    platform: str
+    device_kind: str
+    hbm_bytes: int | None  # per chip (None: unknown, e.g. a CPU)
+    budget_bytes: int | None  # fits = peak <= this; None: the compiler decides (TPU: RESOURCE_EXHAUSTED)
+
+
+def prepare_tpu_environment() -> None:
+    """Environment for compile-only TPU devices on a host without TPUs; call before jax initialises a backend."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server: do not wait for it
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process (a run, a plan) may hold libtpu
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend; TPU devices come from the topology
+
+
+def tpu_target(name: str, *, memory_gib: float | None = None) -> Target:
+    """Compile-only devices of a TPU slice by MaxText's name (v4-8, v5p-64, v5litepod-8, ...)."""
+    if name not in TOPOLOGIES:
+        raise PlanError(f"--topology {name!r}: unknown; known: {', '.join(TOPOLOGIES)}")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise PlanError(f"--topology {name}: compiling for TPU needs libtpu on this host: pip install 'm3jax[tpu]'"
+                        ) from None
+    from jax.experimental import topologies
+
+    topology, chip_config, host_bounds = TOPOLOGIES[name]
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name=chip_config,
+                                               chips_per_host_bounds=host_bounds, num_slices=1).devices
+    except Exception as e:  # noqa: BLE001 -- libtpu's errors are plain RuntimeErrors
+        raise PlanError(f"--topology {name} ({topology}, {chip_config}): libtpu cannot describe it: {short(e)}"
+                        ) from e
+    kind = devices[0].device_kind
+    hbm = HBM_GIB.get(kind)
+    return Target(name, list(devices), "tpu", kind, None if hbm is None else hbm * GIB,
+                  None if memory_gib is None else int(memory_gib * GIB))
+
+
+def local_target(*, memory_gib: float | None = None, devices=None) -> Target:
+    """This host's devices: fits = peak <= the device's memory limit (GPU: memory_stats' bytes_limit), or
+    memory_gib when given; a device that reports no limit (CPU) needs memory_gib."""
+    import jax
+
+    devices = list(jax.devices() if devices is None else devices)
+    d = devices[0]
+    limit = None
+    try:
+        stats = d.memory_stats() or {}
+        limit = int(stats.get("bytes_limit") or 0) or None
+    except Exception:  # noqa: BLE001 -- CPU devices have no memory stats
+        pass
+    budget = int(memory_gib * GIB) if memory_gib else limit
+    if budget is None and d.platform != "tpu":
+        raise PlanError(f"{d.platform} devices report no memory limit: give a memory budget (m3jax plan "
+                        f"--memory-gib N, or config.auto_batch_memory_gib for batch_size_by_length='auto')")
+    return Target(f"local {d.platform}", devices, d.platform, d.device_kind, limit, budget)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run's model config without weights
+
+
+def hf_config_for(config, model_config: str | None = None) -> tuple[dict, str, bool]:
+    """(config.json dict, where it came from, has_pooler) for the run: --model-config (a preset name, a model
+    directory or a config.json file), else config.model_name_or_path's config.json, else the bge-m3 preset when
+    model_name_or_path is empty."""
+    from m3jax import hf_io
+
+    choice = model_config or config.model_name_or_path
+    if not choice:
+        return dict(BGE_M3), "preset bge-m3 (config.model_name_or_path is empty)", True
+    if choice in MODEL_PRESETS:
+        return dict(MODEL_PRESETS[choice]), f"preset {choice}", choice == "bge-m3"
+    path = choice if os.path.isdir(choice) else os.path.dirname(os.path.abspath(choice))
+    file = os.path.join(path, hf_io.CONFIG_NAME) if os.path.isdir(choice) else choice
+    if not os.path.isfile(file):
+        field = "--model-config" if model_config else "config.model_name_or_path"
+        raise PlanError(f"{field}={choice!r}: no config.json there; give --model-config bge-m3 (or tiny) to plan "
+                        f"with a preset's dims, or a directory / config.json file")
+    try:
+        with open(file, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlanError(f"{file}: cannot read config.json: {e}") from e
+    pooler = os.path.isdir(path) and hf_io.has_pooler(path) if os.path.isdir(choice) else True
+    return hf, file, bool(pooler)
+
+
+def model_config_for(config, hf_config: dict, platform: str, *, has_pooler: bool = True):
+    """The trainer's ModelConfig for these dims (loading.model_config), attention resolved for `platform`."""
+    from m3jax import loading
+
+    source = loading.ModelSource(path="(plan: no weights)", hf_config=hf_config, tokenizer_dir=None,
+                                 colbert_dim=None, has_pooler=has_pooler)
+    return loading.model_config(source, loading.ModelSettings.from_run_config(config), platform=platform)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiling the run's step
+
+
+@dataclasses.dataclass
+class ShapeResult:
+    shape: Shape
+    fits: bool
+    peak_bytes: int | None  # per chip: XLA's peak on TPU, else arguments + outputs - aliased + temp + code
+    memory: dict  # xla_stats.memory_record
+    matmul_flops: float | None  # trip-weighted, per chip; not the attention inside Pallas kernels (splash)
+    error: str | None  # the RESOURCE_EXHAUSTED message
+    compile_s: float
+    # From a TPU RESOURCE_EXHAUSTED message: what the step's temporaries need, and the HBM the compiler allows.
+    needed_bytes: int | None = None
+    limit_bytes: int | None = None
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["shape"] = str(self.shape)
+        d["peak_gib"] = None if self.peak_bytes is None else round(self.peak_bytes / GIB, 4)
+        return d
+
+
+_UNITS = dict(B=1, K=2 ** 10, M=2 ** 20, G=2 ** 30, T=2 ** 40)
+
+
+def oom_figures(message: str) -> tuple[int | None, int | None]:
+    """(bytes needed, bytes available) from the TPU compiler's "... required for HLO temporaries (5.00T) exceeds
+    available HBM (30.75G)"; (None, None) if the message does not say."""
+    m = re.search(r"\(([\d.]+)([BKMGT])\) exceeds available HBM \(([\d.]+)([BKMGT])\)", message)
+    if not m:
+        return None, None
+    return int(float(m.group(1)) * _UNITS[m.group(2)]), int(float(m.group(3)) * _UNITS[m.group(4)])
+
+
+class Planner:
+    """The run's Stepper on a target's devices; compiles its step for abstract batches of a shape."""
+
+    def __init__(self, config, model_cfg, target: Target, *, mesh=None, has_teacher: bool | None = None):
+        from m3jax import sharding as shard_lib
+        from m3jax.step import Stepper
+
+        self.config = config
+        self.model_cfg = model_cfg
+        self.target = target
+        self.mesh = shard_lib.make_mesh(config.mesh, target.devices) if mesh is None else mesh
+        self.stepper = Stepper.build(config, model_cfg, self.mesh, total_steps=1000)
+        self.num_shards = shard_lib.num_batch_shards(self.mesh, config.sharding_rules)
+        self.has_teacher = bool(config.knowledge_distillation) if has_teacher is None else has_teacher
+        self.compiles = 0
+
+    def compile(self, shape: Shape, *, no_in_batch_neg: bool = False):
+        fn = self.stepper.step(shape.group, no_in_batch_neg, self.has_teacher)
+        lowered = fn.lower(self.stepper.abstract_state(),
+                           self.stepper.abstract_batch(shape.batch, shape.group, shape.qlen, shape.plen))
+        self.compiles += 1
+        if self.target.platform == "cpu":  # LLVM -O0: the HLO passes and so the memory analysis are unchanged
+            return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+        return lowered.compile()
+
+    def check(self, shape: Shape, *, flops: bool = True, no_in_batch_neg: bool = False) -> ShapeResult:
+        """Compile `shape`: fits (compiled, and peak within the budget), its memory and matmul FLOPs."""
+        t0 = time.perf_counter()
+        try:
+            compiled = self.compile(shape, no_in_batch_neg=no_in_batch_neg)
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e):
+                raise
+            needed, limit = oom_figures(str(e))
+            return ShapeResult(shape, False, None, {}, None, short(e), round(time.perf_counter() - t0, 1), needed,
+                               limit)
+        mem = memory_record(compiled)
+        # TPU: XLA's peak, which the TPU compiler holds against the chip's HBM; elsewhere (where XLA's peak leaves
+        # the arguments out) what the step needs at once: arguments + outputs - aliased + temp + code.
+        peak = (mem.get("xla_peak_bytes") if self.target.platform == "tpu" else None) or mem.get("total_bytes")
+        fits = self.target.budget_bytes is None or (peak is not None and peak <= self.target.budget_bytes)
+        stats = hlo_stats(compiled.as_text(), vocab_size=self.model_cfg.vocab_size) if flops else {}
+        error = None if fits else (f"peak {peak / GIB:.2f} GiB > budget {self.target.budget_bytes / GIB:.2f} GiB")
+        return ShapeResult(shape, fits, peak, mem, stats.get("matmul_flops"), error,
+                           round(time.perf_counter() - t0, 1))
+
+    def max_batch(self, shape: Shape, *, granularity: int = 1, limit: int = 1024,
+                  known: dict[int, bool] | None = None) -> tuple[int, int | None, list[dict]]:
+        """(largest per-shard batch that fits at shape's GROUP:QLEN:PLEN, smallest that does not, the tries):
+        doubling from shape.batch up to `limit`, then bisection (xla_stats.search_max_batch). `known`: batch ->
+        fits already compiled."""
+        known = dict(known or {})
+        tries: list[dict] = []
+
+        def fits(b: int) -> bool:
+            if b not in known:
+                r = self.check(shape.with_batch(b), flops=False)
+                known[b] = r.fits
+                tries.append(dict(batch=b, fits=r.fits, peak_gib=r.as_dict()["peak_gib"], seconds=r.compile_s))
+                logger.info("%s batch %d: %s (%s)", shape, b, "fits" if r.fits else "does not fit",
+                            r.error or f"{r.as_dict()['peak_gib']} GiB")
+            return known[b]
+
+        best, first_fail = search_max_batch(fits, min(shape.batch, limit), granularity=granularity, limit=limit)
+        return best, first_fail, tries
+
+    def state_gib(self) -> float:
+        return round(self.stepper.state_bytes_per_device() / GIB, 3)
+
+
+def recommend_mesh(planner: Planner, results: list[ShapeResult]) -> dict:
+    """fsdp (params and optimizer state sharded over every chip) when they take a large share of a chip's memory
+    (>= 1/4), or when a shape does not fit and sharding them would free what it lacks; else the config's mesh."""
+    n = planner.mesh.size
+    state = planner.stepper.state_bytes_per_device()
+    sharded = state / n
+    hbm = planner.target.budget_bytes or planner.target.hbm_bytes
+    current = {k: int(v) for k, v in planner.mesh.shape.items()}
+    out = dict(current=current, state_gib_per_chip=round(state / GIB, 2),
+               state_gib_per_chip_fsdp=round(sharded / GIB, 2))
+    if n == 1 or current.get("fsdp", 1) == n or hbm is None:
+        return dict(out, recommended=current, reason="the config's mesh")
+    large = state >= hbm / 4
+    helps = any(not r.fits and r.peak_bytes is not None and r.peak_bytes - state + sharded <= hbm for r in results)
+    if large or helps:
+        why = (f"params + optimizer state take {state / GIB:.2f} GiB of each chip's {hbm / GIB:.2f} GiB"
+               if large else "a shape that does not fit would with the state sharded")
+        return dict(out, recommended=dict(data=1, fsdp=n, tensor=1),
+                    reason=f"{why}; --config.mesh.data=1 --config.mesh.fsdp={n} holds {sharded / GIB:.2f} GiB")
+    return dict(out, recommended=current, reason=f"params + optimizer state {state / GIB:.2f} GiB per chip is a "
+                                                 f"small share of {hbm / GIB:.2f} GiB")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step shapes of a run
+
+
+def bucket_lengths(config, key: str) -> tuple[int, int]:
+    """(query length, passage length) a `LO-HI` length bucket pads to at most: passage min(HI, passage_max_len)
+    rounded up to the data pipeline's ladder (m3jax/padding.py), query query_max_len."""
+    from m3jax.padding import length_buckets, pad_length
+
+    lo, _, hi = str(key).partition("-")
+    if not lo.isdigit() or not (hi.isdigit() or hi == "inf"):
+        raise PlanError(f"config.batch_size_by_length key {key!r}: expected 'LO-HI' with HI an int or 'inf'")
+    pmax = int(config.passage_max_len)
+    plen = pmax if hi == "inf" else min(int(hi), pmax)
+    return int(config.query_max_len), pad_length(plen, length_buckets(pmax, tuple(config.seq_len_buckets)))
+
+
+def table_shapes(config) -> dict[str, Shape]:
+    """Label -> shape of each bucket of the config's batch-size table (the research table when None), plus
+    `untagged`: per_device_train_batch_size at the max lengths."""
+    from m3jax.config import RESEARCH_BATCH_SIZE_BY_LENGTH
+
+    table = config.batch_size_by_length
+    if table is None or table == "auto":
+        table = RESEARCH_BATCH_SIZE_BY_LENGTH.get(config.train_group_size, {})
+    g = int(config.train_group_size)
+    out = {}
+    for key, batch in dict(table).items():
+        q, p = bucket_lengths(config, key)
+        out[str(key)] = Shape(int(batch), g, q, p)
+    out["untagged"] = Shape(int(config.per_device_train_batch_size), g, int(config.query_max_len),
+                            int(config.passage_max_len))
+    return out
+
+
+def data_shapes(config, num_shards: int) -> dict[str, Shape]:
+    """Label -> the longest shape of each (batch, group) the run's data produces (data.build_train_data)."""
+    from m3jax import data as data_lib
+    from m3jax import loading
+
+    source = loading.find_model(config.model_name_or_path)
+    tokenizer = loading.load_tokenizer(source)
+    if config.batch_size_by_length == "auto":  # plan the research table's batches (a run sizes them itself)
+        config = config.copy_and_resolve_references()
+        config.batch_size_by_length = None
+    shapes = data_lib.build_train_data(config, tokenizer, num_batch_shards=num_shards).shapes()
+    worst: dict[tuple, Shape] = {}
+    for s in shapes:
+        key = (s.global_batch // num_shards, s.group_size)
+        prev = worst.get(key)
+        q, p = max(s.query_len, prev.qlen if prev else 0), max(s.passage_len, prev.plen if prev else 0)
+        worst[key] = Shape(key[0], key[1], q, p)
+    return {f"data {s.batch}x{s.group}": s for s in sorted(worst.values(), key=lambda s: (s.plen, s.batch))}
+
+
+def parse_shapes(text: str) -> dict[str, Shape]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            shape = Shape.parse(part)
+        except BenchError as e:
+            raise PlanError(f"--shapes: {e}") from None
+        out[str(shape)] = shape
+    if not out:
+        raise PlanError(f"--shapes {text!r}: expected BATCHxGROUP:QLEN:PLEN[,...], e.g. 8x8:512:2048")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# m3jax plan
+
+
+def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, model_config: str | None = None,
+         search: bool = True, granularity: int = 1, limit: int = 1024, emit=None) -> dict:
+    """Compile the run's step for every shape on `target`; returns (and `emit`s, as a table) the results."""
+    from m3jax import config as config_lib
+
+    emit = emit or (lambda line: print(line, flush=True))
+    config_lib.validate(config, for_training=False)
+    hf, where, pooler = hf_config_for(config, model_config)
+    model_cfg = model_config_for(config, hf, target.platform, has_pooler=pooler)
+    planner = Planner(config, model_cfg, target)
+    if shapes is None:
+        shapes = data_shapes(config, planner.num_shards) if config_lib.train_data_dirs(config) else \
+            table_shapes(config)
+    hbm = target.hbm_bytes
+    emit(f"target {target.name}: {len(target.devices)} x {target.device_kind} ({target.platform})"
+         + (f", {hbm / GIB:.0f} GiB HBM per chip" if hbm else "")
+         + (f", budget {target.budget_bytes / GIB:.2f} GiB" if target.budget_bytes else ""))
+    emit(f"model {where}: {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, vocab "
+         f"{model_cfg.vocab_size}; dtype {model_cfg.dtype}, attention {model_cfg.attention_implementation}, remat "
+         f"{model_cfg.remat_policy}, sub_batch_size {config.sub_batch_size}")
+    emit(f"mesh {dict(planner.mesh.shape)}; batch split over {planner.num_shards} chips; params + optimizer state "
+         f"{planner.state_gib()} GiB per chip")
+    header = f"{'bucket':<16} {'per-chip shape':<18} {'peak GiB':>9} {'fits':>5} {'matmul TFLOP':>13} {'max batch':>10}"
+    emit(header)
+    results, rows = [], []
+    t0 = time.perf_counter()
+    for label, shape in shapes.items():
+        r = planner.check(shape)
+        results.append(r)
+        row = dict(label=label, **r.as_dict())
+        if search:
+            known = {shape.batch: r.fits}
+            best, first_fail, tries = planner.max_batch(shape, granularity=granularity, limit=limit, known=known)
+            row.update(max_batch=best, first_failing_batch=first_fail, tries=tries)
+        rows.append(row)
+        flops = "-" if r.matmul_flops is None else f"{r.matmul_flops / 1e12:.2f}"
+        peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / GIB:.2f}"
+        if r.peak_bytes is None and r.needed_bytes is not None:  # temporaries alone, as the compiler says
+            peak = f">{r.needed_bytes / GIB:.1f}"
+        max_b = "-" if not search else (f"{row['max_batch']}" + ("" if row["first_failing_batch"] else "+"))
+        bucket = "-" if label == str(shape) else label
+        emit(f"{bucket:<16} {str(shape):<18} {peak:>9} {'yes' if r.fits else 'NO':>5} {flops:>13} {max_b:>10}")
+        if r.error:
+            emit(f"    {r.error}")
+    mesh = recommend_mesh(planner, results)
+    emit(f"recommended mesh: {mesh['recommended']} ({mesh['reason']})")
+    emit(f"{planner.compiles} compiles in {time.perf_counter() - t0:.0f} s")
+    return dict(target=dict(name=target.name, devices=len(target.devices), device_kind=target.device_kind,
+                            platform=target.platform, hbm_gib=None if hbm is None else round(hbm / GIB, 2)),
+                model=where, mesh=mesh, shapes=rows, compiles=planner.compiles)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batch_size_by_length="auto"
+
+AUTO_BATCH_FILE = "auto_batch_sizes.json"  # in the run's output_dir
+_NOT_STEP_SETTINGS = ("model_name_or_path", "output_dir", "overwrite_output_dir", "train_data", "logging_steps",
+                      "save_steps", "save_total_limit", "eval_steps", "eval", "num_data_workers", "data_prefetch",
+                      "num_train_epochs", "max_steps", "skip_bad_examples", "distributed", "batch_size_by_length",
+                      "per_device_train_batch_size", "max_example_num_per_dataset", "small_threshold",
+                      "drop_threshold", "shuffle_ratio")
+
+
+def _cache_key(config, model_cfg, shape: Shape, planner: Planner, budget: int | None, granularity: int) -> str:
+    import jax
+
+    from m3jax.checkpoint import config_to_json
+
+    step_settings = {k: v for k, v in config_to_json(config).items() if k not in _NOT_STEP_SETTINGS}
+    key = dict(model=dataclasses.asdict(model_cfg), shape=str(shape), mesh=dict(planner.mesh.shape),
+               device_kind=planner.target.device_kind, platform=planner.target.platform, jax=jax.__version__,
+               budget=budget, granularity=granularity, step=step_settings)
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def data_length_tags(config) -> list[str]:
+    """The `LO-HI` tags of the run's data files (len-LO-HI.jsonl names), sorted by LO."""
+    from m3jax.config import train_data_dirs
+    from m3jax.data_files import list_dataset_files
+
+    tag = re.compile(r"len-(\d+)-(\d+|inf)\.jsonl?$")
+    tags = set()
+    for d in train_data_dirs(config):
+        for path in list_dataset_files(os.path.normpath(d)):
+            m = tag.search(os.path.basename(path))
+            if m:
+                tags.add(f"{m.group(1)}-{m.group(2)}")
+    return sorted(tags, key=lambda t: int(t.split("-")[0]))
+
+
+def auto_batch_sizes(config, model_cfg, mesh, *, tags: list[str] | None = None) -> dict[str, Any]:
+    """{"table": {tag: per-device batch}, "buckets": [...]} for batch_size_by_length="auto": per length tag of
+    the data (or `tags`), the largest per-device batch whose step compiles within the device's memory -- the
+    compiler's limit on TPU, the allocator's on GPU, config.auto_batch_memory_gib where set (required on CPU).
+    The search starts from the research table's batch (else per_device_train_batch_size), to within 1/8 of it;
+    each bucket's answer is cached (storage.cache_dir("auto_batch"))."""
+    devices = list(mesh.devices.flat)
+    budget_gib = float(config.auto_batch_memory_gib)
+    target = local_target(memory_gib=budget_gib if budget_gib > 0 else None, devices=devices)
+    planner = Planner(config, model_cfg, target, mesh=mesh)
+    from m3jax.config import RESEARCH_BATCH_SIZE_BY_LENGTH
+
+    research = RESEARCH_BATCH_SIZE_BY_LENGTH.get(int(config.train_group_size), {})
+    tags = data_length_tags(config) if tags is None else list(tags)
+    table, buckets = {}, []
+    for tag in tags:
+        q, p = bucket_lengths(config, tag)
+        start = int(research.get(tag, config.per_device_train_batch_size))
+        shape = Shape(start, int(config.train_group_size), q, p)
+        granularity = max(1, start // 8)
+        path = storage.cache_dir("auto_batch", _cache_key(config, model_cfg, shape, planner, target.budget_bytes,
+                                                          granularity) + ".json")
+        cached = None
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    cached = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                cached = None
+        if cached is not None:
+            entry = dict(cached, cached=True)
+        else:
+            best, first_fail, tries = planner.max_batch(shape, granularity=granularity)
+            entry = dict(tag=tag, batch=best, first_failing_batch=first_fail, query_len=q, passage_len=p,
+                         group=shape.group, tries=tries)
+            with storage.atomic_file(path) as f:
+                json.dump(entry, f, indent=2, sort_keys=True)
+            entry = dict(entry, cached=False)
+        if entry["batch"] < 1:
+            within = ("the device's memory" if target.budget_bytes is None
+                      else f"config.auto_batch_memory_gib={target.budget_bytes / GIB:g}")
+            raise PlanError(f"config.batch_size_by_length='auto': not even 1 query per device fits for length "
+                            f"bucket {tag} ({shape.with_batch(1)}) within {within}; set sub_batch_size, a mesh with "
+                            f"fsdp, or a smaller passage_max_len")
+        table[tag] = int(entry["batch"])
+        buckets.append(entry)
+        logger.info("auto batch size for %s (%s:%d:%d): %d per device%s", tag, f"?x{shape.group}", q, p,
+                    entry["batch"], " (cached)" if entry["cached"] else f" ({len(entry['tries'])} compiles)")
+    return dict(table=table, buckets=buckets, device_kind=target.device_kind, platform=target.platform,
+                budget_gib=None if target.budget_bytes is None else round(target.budget_bytes / GIB, 3),
+                mesh={k: int(v) for k, v in mesh.shape.items()})

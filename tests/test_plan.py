@@ -1,0 +1,154 @@
+"""batch_size_by_length="auto" on CPU: the largest batch whose compiled step fits a memory budget, cached on disk,
+saved with the run; and the step shapes `m3jax plan` derives from a config's batch-size table.
+
+The tiny model's step at 4 passages of 64 tokens and 32-token queries needs about 0.017 GiB at batch 1 plus
+0.007 GiB per query (CPU, float32, arguments + outputs - aliased + temp): within 0.035 GiB, 3 queries fit and 4 do
+not.
+"""
+import json
+import os
+
+import jax
+import pytest
+
+from m3jax import config as config_lib
+from m3jax import plan, sharding, trainer
+from m3jax.xla_stats import GIB, Shape
+
+
+def _config(train_data="", **changes):
+    c = config_lib.default_config()
+    c.train_data = train_data
+    c.train_group_size, c.query_max_len, c.passage_max_len = 4, 32, 64
+    c.per_device_train_batch_size = 2
+    c.model.dtype, c.model.remat_policy = "float32", "none"
+    c.mesh.data = 1
+    c.batch_size_by_length = "auto"
+    c.auto_batch_memory_gib = 0.035
+    for k, v in changes.items():
+        c[k] = v
+    return c
+
+
+def test_auto_batch_sizes_search_by_compiled_memory_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("M3JAX_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a_len-0-50.jsonl", "b_len-50-inf.jsonl", "untagged.jsonl"):
+        (data / name).write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"]}) + "\n")
+    config = _config(str(data))
+    config_lib.validate(config, for_training=False)
+    assert plan.data_length_tags(config) == ["0-50", "50-inf"]
+    model_cfg = plan.model_config_for(config, plan.TINY, "cpu")
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+
+    first = plan.auto_batch_sizes(config, model_cfg, mesh, tags=["0-50"])  # passages padded to 64 tokens
+    (bucket,) = first["buckets"]
+    assert first["table"] == {"0-50": 3} and first["budget_gib"] == 0.035 and first["platform"] == "cpu"
+    assert (bucket["query_len"], bucket["passage_len"], bucket["group"]) == (32, 64, 4)
+    assert not bucket["cached"] and bucket["first_failing_batch"] == 4
+    tried = {t["batch"]: t for t in bucket["tries"]}
+    assert sorted(tried) == [2, 3, 4]  # from per_device_train_batch_size: 2 fits, 4 does not, then 3
+    assert tried[3]["fits"] and tried[3]["peak_gib"] <= 0.035 < tried[4]["peak_gib"] and not tried[4]["fits"]
+
+    again = plan.auto_batch_sizes(config, model_cfg, mesh, tags=["0-50"])
+    assert again["table"] == {"0-50": 3} and again["buckets"][0]["cached"]  # no compile the second time
+    assert len(os.listdir(tmp_path / "cache" / "auto_batch")) == 1
+
+    # The trainer's use: the table replaces "auto" and is saved with the run; a resumed run reads it back.
+    out = tmp_path / "run"
+    out.mkdir()
+    resolved = trainer._auto_batch_sizes(config, model_cfg, mesh, str(out), resuming=False)
+    saved = json.loads((out / plan.AUTO_BATCH_FILE).read_text())
+    assert saved["table"] == {"0-50": 3, "50-inf": 3} and dict(resolved.batch_size_by_length) == saved["table"]
+    assert [b["cached"] for b in saved["buckets"]] == [True, True]  # both pad passages to 64: one shape
+    (out / plan.AUTO_BATCH_FILE).write_text(json.dumps(dict(first, table={"0-50": 7, "50-inf": 5})))
+    resumed = trainer._auto_batch_sizes(config, model_cfg, mesh, str(out), resuming=True)
+    assert dict(resumed.batch_size_by_length) == {"0-50": 7, "50-inf": 5} and config.batch_size_by_length == "auto"
+
+
+def test_auto_batch_memory_is_required_where_the_device_has_no_limit():
+    config = _config(auto_batch_memory_gib=-1.0)
+    model_cfg = plan.model_config_for(config, plan.TINY, "cpu")
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    with pytest.raises(plan.PlanError, match="auto_batch_memory_gib"):
+        plan.auto_batch_sizes(config, model_cfg, mesh, tags=["0-50"])
+    with pytest.raises(config_lib.ConfigError, match="auto_batch_memory_gib"):
+        config_lib.validate(_config(auto_batch_memory_gib=0.0), for_training=False)
+    with pytest.raises(config_lib.ConfigError, match="batch_size_by_length"):
+        config_lib.validate(_config(batch_size_by_length="big"), for_training=False)
+
+
+def test_plan_shapes_from_the_batch_size_table():
+    c = config_lib.default_config()
+    c.train_group_size, c.query_max_len, c.passage_max_len = 8, 512, 8192
+    shapes = plan.table_shapes(c)  # the research table for group size 8
+    assert shapes["0-500"] == Shape(48, 8, 512, 512) and shapes["1000-2000"] == Shape(20, 8, 512, 2048)
+    assert shapes["3000-4000"] == Shape(14, 8, 512, 4096) and shapes["7000-inf"] == Shape(8, 8, 512, 8192)
+    assert shapes["untagged"] == Shape(1, 8, 512, 8192)
+    c.batch_size_by_length = {"0-100": 64}
+    c.passage_max_len = 64
+    assert plan.table_shapes(c)["0-100"] == Shape(64, 8, 512, 64)  # capped at passage_max_len
+    with pytest.raises(plan.PlanError, match="LO-HI"):
+        plan.bucket_lengths(c, "short")
+    assert plan.parse_shapes("8x8:512:2048, 4x2:64:256") == {"8x8:512:2048": Shape(8, 8, 512, 2048),
+                                                             "4x2:64:256": Shape(4, 2, 64, 256)}
+    assert GIB == 2 ** 30
+
+
+def test_mesh_advice_shards_the_state_when_it_is_a_large_share_of_a_chip():
+    import types
+
+    from m3jax.plan import ShapeResult, recommend_mesh
+
+    def planner(state_gib, chips=8, hbm_gib=16):
+        stepper = types.SimpleNamespace(state_bytes_per_device=lambda: int(state_gib * GIB))
+        return types.SimpleNamespace(mesh=types.SimpleNamespace(size=chips, shape=dict(data=chips, fsdp=1, tensor=1)),
+                                     stepper=stepper, target=plan.Target("t", [], "tpu", "TPU v5 lite",
+                                                                         int(hbm_gib * GIB), None))
+
+    def result(fits, peak_gib):
+        return ShapeResult(Shape(8, 8, 512, 2048), fits, None if peak_gib is None else int(peak_gib * GIB), {},
+                           None, None, 0.0)
+
+    big = recommend_mesh(planner(6.35), [result(True, 12)])  # bge-m3's AdamW state on 16 GiB chips
+    assert big["recommended"] == dict(data=1, fsdp=8, tensor=1) and big["state_gib_per_chip_fsdp"] == 0.79
+    small = recommend_mesh(planner(1.0), [result(True, 3)])
+    assert small["recommended"] == small["current"] == dict(data=8, fsdp=1, tensor=1)
+    rescued = recommend_mesh(planner(3.0), [result(False, 17)])  # 17 - 3 + 3/8 fits in 16
+    assert rescued["recommended"]["fsdp"] == 8 and "would" in rescued["reason"]
+
+
+def test_tpu_out_of_memory_message_figures():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (5.00T) "
+               "exceeds available HBM (30.75G).")  # the TPU v4 compiler's, tiny model at 8192x8:32:2048
+    assert plan.oom_figures(message) == (5 * 2 ** 40, int(30.75 * 2 ** 30))
+    assert plan.oom_figures("RESOURCE_EXHAUSTED: something else") == (None, None)
+
+
+def test_plan_shapes_from_the_runs_data(tiny_ckpt):
+    """With train_data: one shape per (per-device batch, group size) the data produces, at its longest padded
+    lengths (the toy data: 3 datasets of batch 4 and group 4, passages padded up to 128 tokens)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = _config(os.path.join(repo, "toy_train_data"), batch_size_by_length="auto", per_device_train_batch_size=4,
+                model_name_or_path=str(tiny_ckpt), num_data_workers=0)
+    c.passage_max_len = 128
+    assert plan.data_shapes(c, num_shards=2) == {"data 4x4": Shape(4, 4, 32, 128)}
+
+
+def test_plan_command_on_this_host_against_a_memory_budget(tmp_path, capsys):
+    """`m3jax plan` without --topology: this host's device (CPU here, so against --memory-gib)."""
+    from m3jax import cli
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "--config", os.path.join(repo, "configs", "bge_m3_unified.py"), "--model-config", "tiny",
+                     "--shapes", "2x2:16:32,64x2:16:32", "--memory-gib", "0.05", "--no-search", "--output", str(out),
+                     "--config.model.dtype=float32", "--config.mesh.data=1"]) == 0
+    result = json.loads(out.read_text())
+    small, big = result["shapes"]
+    assert result["target"]["platform"] == "cpu" and result["model"] == "preset tiny"
+    assert small["fits"] and 0 < small["peak_gib"] <= 0.05 < big["peak_gib"] and not big["fits"]
+    assert "peak" in big["error"] and "> budget 0.05 GiB" in big["error"]
+    printed = capsys.readouterr().out
+    assert "local cpu" in printed and "2x2:16:32" in printed and "NO" in printed
