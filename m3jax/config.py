@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from m3jax import storage
 from m3jax.errors import M3JaxError
 
 # Per-device batch size by token-length range of the dataset file (FlagEmbedding research/BGE_M3 recipe, 80 GB
@@ -396,6 +397,12 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
                  "checkpoints to no other object store; inputs and exports may be any URL etils.epath reads)",
                  c.output_dir)
         _require(bool(train_data_dirs(c)), "train_data", "one or more data directories (comma-separated)", c.train_data)
+        urls = [("output_dir", c.output_dir), ("model_name_or_path", c.model_name_or_path)]
+        urls += [("train_data", d) for d in train_data_dirs(c)]
+        for field, path in urls:
+            problem = storage.missing_client(path)
+            if problem:
+                raise ConfigError(f"config.{field}={path!r}: {problem}")
     _require(isinstance(c.train_group_size, int) and c.train_group_size >= 1, "train_group_size", "an int >= 1",
              c.train_group_size)
     for f, low in (("query_max_len", 2), ("passage_max_len", 2), ("per_device_train_batch_size", 1)):

@@ -12,9 +12,10 @@
 
 Local paths and URLs. Every path a run reads or writes may be a local path or a URL that etils.epath reaches
 (`gs://bucket/...` through gcsfs, `s3://` through s3fs, ...): `is_url`, `resolve` (a local path made absolute, a
-URL as given), `join`, `basename`, `dirname`, `exists`, `isdir`, `isfile`, `listdir`, `makedirs`, `read_bytes`,
-`write_bytes`, `open_text` are `os.path` / `open` on a local path and epath on a URL, so local paths behave exactly
-as before and no `os.path` function ever sees a URL. Object stores have no rename, so on a URL:
+URL as given), `join`, `basename`, `dirname`, `exists`, `isdir`, `isfile`, `listdir`, `makedirs`, `getsize`,
+`read_bytes`, `write_bytes`, `open_text`, `open_binary` are `os.path` / `open` on a local path and epath on a URL,
+so local paths behave exactly as before and no `os.path` function ever sees a URL.
+Object stores have no rename, so on a URL:
 - `write_bytes` / `write_json` / `atomic_file` write an object in one PUT (a single-object PUT is atomic on GCS and
   S3: a reader sees the old object or the new one);
 - `atomic_directory` builds the directory locally, then uploads it file by file with `last` (e.g. the export's
@@ -53,8 +54,9 @@ class StorageError(M3JaxError, OSError):
 # Local paths and URLs
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-# The fsspec package epath needs for a scheme (epath uses fsspec when TensorFlow is not installed).
-_FSSPEC_PACKAGES = {"gs": ("gcsfs", "gcsfs"), "s3": ("s3fs", "s3fs"), "az": ("adlfs", "adlfs")}
+# The fsspec module epath needs for a scheme (epath uses fsspec when TensorFlow is not installed), and what to
+# install for it: gcsfs is m3jax's `gcs` extra, not a dependency (a run on local disks never imports it).
+_FSSPEC_PACKAGES = {"gs": ("gcsfs", "m3jax[gcs]"), "s3": ("s3fs", "s3fs"), "az": ("adlfs", "adlfs")}
 
 
 def is_url(path) -> bool:
@@ -83,19 +85,31 @@ def dirname(path) -> str:
     return posixpath.dirname(path.rstrip("/")) if is_url(path) else os.path.dirname(path)
 
 
+def missing_client(url) -> str | None:
+    """Why m3jax cannot reach the URL `url` in this environment (its scheme's client library is not installed:
+    the message names the URL and the pip command), or None (a local path, or the library imports)."""
+    if not is_url(url):
+        return None
+    scheme = os.fspath(url).split("://", 1)[0]
+    if scheme not in _FSSPEC_PACKAGES:
+        return None
+    module, package = _FSSPEC_PACKAGES[scheme]
+    try:
+        __import__(module)
+    except ImportError:
+        return f"{url}: {scheme}:// paths need the {module} package: pip install '{package}'"
+    return None
+
+
 def epath_of(url):
     """The etils.epath.Path of a URL, with a clear error when the scheme's client library is missing."""
     from etils import epath
 
-    scheme = os.fspath(url).split("://", 1)[0]
-    if scheme in _FSSPEC_PACKAGES:
-        module, package = _FSSPEC_PACKAGES[scheme]
-        try:
-            __import__(module)
-        except ImportError:
-            raise StorageError(f"{url}: {scheme}:// paths need the {module} package; pip install '{package}'") from None
-        if scheme == "gs":
-            _no_stale_gcs_listings()
+    problem = missing_client(url)
+    if problem:
+        raise StorageError(problem)
+    if os.fspath(url).startswith("gs://"):
+        _no_stale_gcs_listings()
     return epath.Path(url)
 
 
@@ -149,6 +163,15 @@ def write_bytes(path, data: bytes) -> None:
         return
     with open(path, "wb") as f:
         f.write(data)
+
+
+def getsize(path) -> int:
+    return epath_of(path).stat().length if is_url(path) else os.path.getsize(path)
+
+
+def open_binary(path):
+    """A file opened for reading bytes, local or URL (streamed)."""
+    return epath_of(path).open("rb") if is_url(path) else open(path, "rb")  # noqa: SIM115 (the caller closes it)
 
 
 def open_text(path):

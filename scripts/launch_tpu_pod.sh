@@ -8,7 +8,8 @@
 # Steps (each a command printed by --dry-run / DRY_RUN=1 instead of being run):
 #   1. with --create: gcloud compute tpus tpu-vm create
 #   2. unless --skip-install: pack this source tree (tar), copy it to every worker (tpu-vm scp --worker=all),
-#      unpack it in --remote-dir and pip install jax[tpu] and the package there (tpu-vm ssh --worker=all)
+#      unpack it in --remote-dir and pip install jax[tpu] and the package with its gcs extra (gcsfs, for gs://
+#      paths) there (tpu-vm ssh --worker=all)
 #   3. run `python train.py --config CONFIG <overrides>` in --remote-dir on all workers at once
 #      (tpu-vm ssh --worker=all). jax finds the other hosts of the slice itself; every worker runs the same
 #      command with the same config. --detach runs it under nohup (log: <remote-dir>/train.log) so that it
@@ -21,7 +22,7 @@
 # listed on stderr.
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
 . "$(dirname "${BASH_SOURCE[0]}")/launch_lib.sh"  # q, qjoin
 run() {  # print (dry run) or execute one command
@@ -83,7 +84,7 @@ if [[ $INSTALL == 1 ]]; then
   run tar -czf "$ARCHIVE" --exclude=.git --exclude=.venv --exclude=runs --exclude=work_dirs \
       --exclude=__pycache__ --exclude='*.egg-info' -C "$REPO" .
   run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$NAME:m3jax-src.tar.gz" "${GCLOUD_FLAGS[@]}" --worker=all
-  INSTALL_CMD="set -e; rm -rf $(q "$REMOTE_DIR"); mkdir -p $(q "$REMOTE_DIR"); tar -xzf m3jax-src.tar.gz -C $(q "$REMOTE_DIR"); $(q "$PYTHON") -m pip install -U $(q "$JAX_SPEC"); $(q "$PYTHON") -m pip install -e $(q "$REMOTE_DIR")"
+  INSTALL_CMD="set -e; rm -rf $(q "$REMOTE_DIR"); mkdir -p $(q "$REMOTE_DIR"); tar -xzf m3jax-src.tar.gz -C $(q "$REMOTE_DIR"); $(q "$PYTHON") -m pip install -U $(q "$JAX_SPEC"); $(q "$PYTHON") -m pip install -e $(q "$REMOTE_DIR[gcs]")"
   run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_FLAGS[@]}" --worker=all --command="$INSTALL_CMD"
 fi
 
