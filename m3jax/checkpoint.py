@@ -186,6 +186,9 @@ def locate_checkpoint(path, step: int | None = None) -> CheckpointLocation:
     Asked for the latest step, unfinished steps are skipped with a warning (as Orbax's CheckpointManager does).
     """
     path = storage.resolve(path)
+    if storage.is_url(path) and not path.startswith("gs://"):
+        raise CheckpointError(f"{path}: m3jax checkpoints live on a local (or mounted) path or gs:// (Orbax writes "
+                              f"and reads their arrays through tensorstore's file and gcs drivers only)")
     if not storage.exists(path):
         raise CheckpointError(f"{path}: does not exist")
     if not storage.isdir(path):

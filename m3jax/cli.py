@@ -181,10 +181,10 @@ def _eval_set_arg(value: str, args):
     if len(parts) == 3:
         corpus, queries, qrels = parts
     elif len(parts) == 1:
-        corpus, queries = os.path.join(where, "corpus.jsonl"), os.path.join(where, "queries.jsonl")
-        qrels = os.path.join(where, "qrels.tsv")
-        if not os.path.isfile(qrels) and os.path.isfile(os.path.join(where, "qrels", "test.tsv")):
-            qrels = os.path.join(where, "qrels", "test.tsv")
+        corpus, queries = storage.join(where, "corpus.jsonl"), storage.join(where, "queries.jsonl")
+        qrels = storage.join(where, "qrels.tsv")
+        if not storage.isfile(qrels) and storage.isfile(storage.join(where, "qrels", "test.tsv")):
+            qrels = storage.join(where, "qrels", "test.tsv")
     else:
         raise UsageError(f"--eval-set {value!r}: expected NAME=DIR or NAME=CORPUS,QUERIES,QRELS")
     modes = args.modes or ev.MODES
@@ -434,6 +434,7 @@ def _run_mine(args) -> int:
         query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
         queries_per_pass=args.queries_per_pass, passages_per_block=args.passages_per_block,
         passages_per_chunk=args.passages_per_chunk).checked()
+    _local_job_files(args, "mine")
     records = read_input(args.input, args.pool)  # file errors before loading the model
     _start_processes()
     model = _load_model(args, query_instruction_for_retrieval=None)
@@ -443,6 +444,17 @@ def _run_mine(args) -> int:
     logger.info("mine: %d records, %d pool passages, %.1f s", report["records"], report["pool"], report["seconds"])
     print(os.path.abspath(args.output))
     return 0
+
+
+def _local_job_files(args, command: str) -> None:
+    """mine and score read their input by byte offset and build their output from resumable parts in a local
+    directory: an input URL is staged to the local cache (once per host), an output URL refused."""
+    if storage.is_url(args.output):
+        raise UsageError(f"--output {args.output}: m3jax {command} builds its output from resumable parts in a local "
+                         f"directory; write it to a local path and copy it to the object store afterwards")
+    args.input = storage.stage(args.input, what=f"{command} input")
+    if getattr(args, "pool", None):
+        args.pool = storage.stage(args.pool, what=f"{command} candidate pool")
 
 
 def _add_score(subparsers) -> None:
@@ -485,6 +497,7 @@ def _run_score(args) -> int:
     if args.passage_max_len < (6 if teacher_kind == "reranker" else 2) or (
             args.query_max_len is not None and args.query_max_len < 1):
         raise UsageError("--query-max-len / --passage-max-len too small")
+    _local_job_files(args, "score")
     records = read_input(args.input)  # file errors before loading the model
     _start_processes()
     if teacher_kind == "reranker":

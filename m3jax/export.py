@@ -176,7 +176,7 @@ def export_checkpoint(checkpoint, output_dir, *, step: int | str | None = None, 
         params, lora = merge_lib.merge_params([m3model.merge_lora(params, cfg), merge_lib.load_for_merge(
             merge_with, like=(source.location.step_dir, dataclasses.replace(cfg, lora=None)))[1]],
             merge_lib.check_weights([merge_weight, 1.0 - merge_weight], 2, exact_pair=True)), None
-        info["merge"] = card["merge"] = {"models": [source.location.step_dir, os.path.abspath(merge_with)],
+        info["merge"] = card["merge"] = {"models": [source.location.step_dir, storage.resolve(merge_with)],
                                          "weights": [float(merge_weight), 1.0 - float(merge_weight)]}
     return export_params(params, source.hf_config, output_dir, tokenizer_dir=source.tokenizer_dir,
                          sentence_pooling_method=cfg.sentence_pooling_method,

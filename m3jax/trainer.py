@@ -162,10 +162,9 @@ def _auto_batch_sizes(config, model_cfg, mesh, output_dir: str, *, resuming: boo
     as <output_dir>/auto_batch_sizes.json; a resumed run reads that file back (its data plan must not change)."""
     from m3jax import plan
 
-    path = os.path.join(output_dir, plan.AUTO_BATCH_FILE)
-    if resuming and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            chosen = json.load(f)
+    path = storage.join(output_dir, plan.AUTO_BATCH_FILE)
+    if resuming and storage.isfile(path):
+        chosen = json.loads(storage.read_bytes(path))
         logger.info("batch_size_by_length='auto': the run's table from %s: %s", path, chosen["table"])
     else:
         chosen = plan.auto_batch_sizes(config, model_cfg, mesh)
