@@ -39,8 +39,9 @@ def gcs(tmp_path_factory):
     # first gcsfs or tensorstore call after a few hundred requests). Drain it into a log file.
     log = open(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log", "wb")
     threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, log), daemon=True).start()
-    # gcsfs's bucket-type probe goes through the Storage Control gRPC API, which the emulator lacks: its TLS
-    # handshake fails and retries block gcsfs's event loop; the plain JSON API is what m3jax needs.
+    # gcsfs's bucket-type probe (hierarchical-namespace buckets) goes through the Storage Control gRPC API, which
+    # the emulator lacks: it fails (no credentials) and falls back to the JSON API with a warning at every call.
+    # The plain JSON API is what m3jax needs; the probe is turned off.
     os.environ.update(TENSORSTORE_GCS_HTTP_URL=server.url, GOOGLE_AUTH_TOKEN_FOR_TESTING="test-token",
                       GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
     request = urllib.request.Request(f"{server.url}/storage/v1/b?project=test", data=json.dumps(
