@@ -7,7 +7,8 @@
 #   4. the largest per-device batch at 512/8192 tokens, train_group_size 8: compiled memory analysis against the
 #      allocator's limit, then the step timed at the batch found                  -> maxbatch.jsonl
 #      and the same search with --sub-batch-size 1 --remat none (no step timed)   -> maxbatch.jsonl
-#   5. m3jax at the two shorter shapes with the alternative remat policy           -> m3jax.jsonl
+#   5. m3jax with the gradient cache (chunks of 16 rows, remat none) at 32x8 and 256x8:64:256 -> m3jax.jsonl
+#   6. m3jax at the two shorter shapes with the alternative remat policy           -> m3jax.jsonl
 # Every command has its own timeout and the whole script a deadline (--budget-s): a step that would start with
 # less than 20 s left is skipped. Each command's exit status and time go to status.jsonl, stderr to bench.log.
 # JSON lines go to $OUT (the device tool's result folder) or --out DIR (default runs/device_bench).
@@ -26,6 +27,7 @@ OUT_DIR="${OUT:-$REPO/runs/device_bench}"
 SHAPES="32x8:64:256,8x8:512:2048,8x2:512:8192"
 ALT_SHAPES="32x8:64:256,8x8:512:2048"
 ALT_REMAT="dots_no_batch"
+CACHE_SHAPES="32x8:64:256,256x8:64:256"
 MAX_BATCH_SHAPE="8x8:512:8192"
 REFERENCE="benchmarks/torch_reference.py"
 WHEELS=""
@@ -35,7 +37,7 @@ DRY_RUN=0
 usage() {
   sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   echo "options: --dry-run --out DIR --reference PATH --wheels DIR --python PY --shapes LIST --alt-remat POLICY"
-  echo "         --alt-shapes LIST --max-batch-shape SHAPE --budget-s SECONDS"
+  echo "         --alt-shapes LIST --cache-shapes LIST --max-batch-shape SHAPE --budget-s SECONDS"
 }
 
 while [ $# -gt 0 ]; do
@@ -47,6 +49,7 @@ while [ $# -gt 0 ]; do
     --python) PYTHON="$2"; shift ;;
     --shapes) SHAPES="$2"; shift ;;
     --alt-shapes) ALT_SHAPES="$2"; shift ;;
+    --cache-shapes) CACHE_SHAPES="$2"; shift ;;
     --alt-remat) ALT_REMAT="$2"; shift ;;
     --max-batch-shape) MAX_BATCH_SHAPE="$2"; shift ;;
     --budget-s) BUDGET_S="$2"; shift ;;
@@ -142,7 +145,12 @@ run "max batch $MAX_BATCH_SHAPE" 220 maxbatch.jsonl "$PYTHON" -m benchmarks.trai
 run "max batch $MAX_BATCH_SHAPE sub-batch 1" 150 maxbatch.jsonl "$PYTHON" -m benchmarks.train_step --find-max-batch \
   "$MAX_BATCH_SHAPE" --memory-budget-gib auto --granularity 4 --attention cudnn --remat none --sub-batch-size 1
 
-# --- 5. the alternative remat policy ---------------------------------------------------------------------------
+# --- 5. the gradient cache (issue 13): the same step, chunks of 16 rows re-encoded instead of remat; 32x8 is the
+#        uncached step 3 shape (speed per token side by side), 256x8 a batch the uncached step does not reach ------
+run "m3jax gradient cache" 150 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$CACHE_SHAPES" \
+  --attention cudnn --remat none --gradient-cache 16
+
+# --- 6. the alternative remat policy ---------------------------------------------------------------------------
 run "m3jax remat $ALT_REMAT" 120 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$ALT_SHAPES" --attention cudnn \
   --remat "$ALT_REMAT"
 

@@ -388,6 +388,14 @@ def parse_shapes(text: str) -> dict[str, Shape]:
 # m3jax plan
 
 
+def _cache_words(config) -> str:
+    if not config.gradient_cache:
+        return ""
+    if config.gradient_cache_chunk_tokens:
+        return f", gradient cache: chunks of {config.gradient_cache_chunk_tokens} tokens"
+    return f", gradient cache: chunks of {config.gradient_cache_chunk_size} rows"
+
+
 def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, model_config: str | None = None,
          search: bool = True, granularity: int = 1, limit: int = 1024, emit=None) -> dict:
     """Compile the run's step for every shape on `target`; returns (and `emit`s, as a table) the results."""
@@ -407,7 +415,7 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
          + (f", budget {target.budget_bytes / GIB:.2f} GiB" if target.budget_bytes else ""))
     emit(f"model {where}: {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, vocab "
          f"{model_cfg.vocab_size}; dtype {model_cfg.dtype}, attention {model_cfg.attention_implementation}, remat "
-         f"{model_cfg.remat_policy}, sub_batch_size {config.sub_batch_size}")
+         f"{model_cfg.remat_policy}, sub_batch_size {config.sub_batch_size}" + _cache_words(config))
     emit(f"mesh {dict(planner.mesh.shape)}; batch split over {planner.num_shards} chips; params + optimizer state "
          f"{planner.state_gib()} GiB per chip")
     header = f"{'bucket':<16} {'per-chip shape':<18} {'peak GiB':>9} {'fits':>5} {'matmul TFLOP':>13} {'max batch':>10}"

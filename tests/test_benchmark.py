@@ -301,6 +301,8 @@ def test_device_bench_dry_run_prints_the_commands(tmp_path):
         f"--verify --steps 2 --warmup 1 --attention cudnn --remat full >> {out}/maxbatch.jsonl",
         "python3 -m benchmarks.train_step --find-max-batch 8x8:512:8192 --memory-budget-gib auto --granularity 4 "
         f"--attention cudnn --remat none --sub-batch-size 1 >> {out}/maxbatch.jsonl",
+        "python3 -m benchmarks.train_step --shapes 32x8:64:256,256x8:64:256 --attention cudnn --remat none "
+        f"--gradient-cache 16 >> {out}/m3jax.jsonl",
         "python3 -m benchmarks.train_step --shapes 32x8:64:256,8x8:512:2048 --attention cudnn --remat dots_no_batch "
         f">> {out}/m3jax.jsonl",
     ]
@@ -328,11 +330,12 @@ def test_device_bench_runs_each_step_and_records_status(tmp_path):
     calls = log.read_text().splitlines()
     assert calls[0] == "-m benchmarks.train_step --env"
     assert calls[1].startswith("reference.py --configs 32x8:64:256,8x8:512:2048,8x2:512:8192 --ckpt 1")
-    assert len(calls) == 8 and "--find-max-batch 8x8:512:8192" in calls[5] and "--sub-batch-size 1" in calls[6]
+    assert len(calls) == 9 and "--find-max-batch 8x8:512:8192" in calls[5] and "--sub-batch-size 1" in calls[6]
+    assert "--gradient-cache 16" in calls[7]
     status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
-    assert [s["rc"] for s in status] == [0] * 8
+    assert [s["rc"] for s in status] == [0] * 9
     assert (out / "reference.jsonl").read_text() == '{"fake": true}\n'
-    assert len((out / "m3jax.jsonl").read_text().splitlines()) == 4
+    assert len((out / "m3jax.jsonl").read_text().splitlines()) == 5
     assert {p.name for p in out.iterdir()} <= {"env.txt", "reference.jsonl", "m3jax.jsonl", "maxbatch.jsonl",
                                                "status.jsonl", "bench.log"}  # at most 8 files come back
 
@@ -344,5 +347,5 @@ def test_device_bench_deadline_skips_the_rest(tmp_path):
                             "--budget-s", "5"])
     assert result.returncode == 0, result.stderr
     status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
-    assert len(status) == 8 and all(s.get("skipped") == "deadline" for s in status)
+    assert len(status) == 9 and all(s.get("skipped") == "deadline" for s in status)
     assert not log.exists()

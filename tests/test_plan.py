@@ -79,6 +79,22 @@ def test_auto_batch_memory_is_required_where_the_device_has_no_limit():
         config_lib.validate(_config(batch_size_by_length="big"), for_training=False)
 
 
+def test_plan_compiles_the_gradient_cache_step_the_config_asks_for():
+    """`m3jax plan --config.gradient_cache=True` plans the cached step: at 64 queries its compiled memory is below
+    the uncached step's, and the header says which step was planned."""
+    lines, peaks = [], {}
+    for cached in (False, True):
+        config = _config(train_data="", batch_size_by_length=None, gradient_cache=cached,
+                         gradient_cache_chunk_size=8)
+        target = plan.local_target(memory_gib=1.0, devices=jax.devices()[:1])
+        result = plan.plan(config, target, shapes={"s": Shape(64, 4, 32, 64)}, model_config="tiny", search=False,
+                           emit=lines.append)
+        peaks[cached] = result["shapes"][0]["peak_gib"]
+    assert peaks[True] < 0.8 * peaks[False], peaks
+    assert sum("gradient cache" in line for line in lines) == 1
+    assert any("gradient cache: chunks of 8 rows" in line for line in lines)
+
+
 def test_plan_shapes_from_the_batch_size_table():
     c = config_lib.default_config()
     c.train_group_size, c.query_max_len, c.passage_max_len = 8, 512, 8192
