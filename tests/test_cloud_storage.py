@@ -140,6 +140,17 @@ def test_checkpoints_on_another_object_store_are_refused_by_name():
         locate_checkpoint("s3://b/run/")
 
 
+def test_mine_and_score_refuse_an_output_url_before_any_work(tmp_path, capsys):
+    from m3jax import cli
+
+    for command in ("mine", "score"):
+        assert cli.main([command, "--model", str(tmp_path / "no_model"), "--input", str(tmp_path / "no_input.jsonl"),
+                         "--output", "gs://b/out.jsonl"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"m3jax {command}: error: --output gs://b/out.jsonl: m3jax {command} builds its output from resumable "
+            f"parts in a local directory; write it to a local path and copy it to the object store afterwards")
+
+
 def _bucket_inputs(gcs, tiny_ckpt):
     """The tiny model, the toy training data and the toy eval files, uploaded to the bucket."""
     model = upload(tiny_ckpt, gcs("tiny_bge_m3"))
@@ -190,6 +201,9 @@ def test_toy_run_on_the_bucket_resumes_exactly_after_sigkill(gcs, tiny_ckpt, tmp
     step_b, params_b = final_params(resumed)  # Orbax reads the bucket
     assert step_a == step_b == n
     jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+    # save_total_limit=3: the resumed run's save of step 10 removed step 3 from the bucket (Orbax's rmtree)
+    assert ckpt_lib.Checkpointer(resumed, read_only=True).all_steps() == [6, 9, 10]
+    assert json.loads(storage.read_bytes(storage.join(resumed, "best.json")))["step"] == n
     evals_a = [r for r in map(json.loads, open(os.path.join(straight, "metrics.jsonl"))) if r["split"] == "eval"]
     evals_b = [r for r in map(json.loads, open(local / "metrics.jsonl")) if r["split"] == "eval"]
     assert evals_b and evals_a[-1]["all/ndcg@10"] == evals_b[-1]["all/ndcg@10"]  # eval files read from the bucket
