@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from m3jax import hf_io
+from m3jax import hf_io, storage
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +40,29 @@ class CheckpointError(hf_io.CheckpointFormatError):
 
 
 def checkpoint_dir(output_dir: str) -> str:
-    return os.path.join(os.path.abspath(output_dir), "checkpoints")
+    """output_dir/checkpoints (output_dir: a local path or a URL such as gs://bucket/run)."""
+    return storage.join(storage.resolve(output_dir), "checkpoints")
 
 
 def base_model_dir(output_dir: str) -> str:
-    return os.path.join(os.path.abspath(output_dir), "base_model")
+    return storage.join(storage.resolve(output_dir), "base_model")
 
 
 def copy_base_model_files(model_dir: str, output_dir: str) -> None:
-    """Keep the architecture config and tokenizer next to the checkpoints (export and resume read them)."""
+    """Keep the architecture config and tokenizer next to the checkpoints (export and resume read them).
+    `model_dir` is local; on a URL output_dir each file is one PUT, made by process 0 only."""
     target = base_model_dir(output_dir)
+    if storage.is_url(target):
+        import jax
+
+        if jax.process_index() != 0:
+            return
+        for name in BASE_MODEL_FILES:
+            src, dst = os.path.join(model_dir, name), storage.join(target, name)
+            if os.path.exists(src) and not storage.exists(dst):
+                with open(src, "rb") as f:
+                    storage.write_bytes(dst, f.read())
+        return
     os.makedirs(target, exist_ok=True)
     for name in BASE_MODEL_FILES:
         src = os.path.join(model_dir, name)
@@ -130,18 +143,20 @@ class CheckpointLocation:
 
 
 # Orbax writes a step into "<step>.orbax-checkpoint-tmp-<n>" (or "<step>.orbax-checkpoint-tmp") and renames it to
-# "<step>" once every item is committed; anything else in checkpoints/ is not a step.
+# "<step>" once every item is committed; anything else in checkpoints/ is not a step. On gs:// (no rename) it writes
+# "<step>/" in place and "<step>/commit_success.txt" last: a URL step without that file is unfinished.
 _STEP_RE = re.compile(r"^(\d+)$")
 _TMP_STEP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp.*$")
 _STEP_ITEMS = ("state", "config")  # `data` (the grain iterator state) is optional and never read here
+_COMMIT_MARKER = "commit_success.txt"
 
 
 def _step_dirs(checkpoints_dir: str) -> tuple[dict[int, str], list[str]]:
     """(finalised step -> dir, names of unfinished Orbax temporary step dirs) in a checkpoints/ directory."""
     steps, tmp = {}, []
-    for name in sorted(os.listdir(checkpoints_dir)):
-        full = os.path.join(checkpoints_dir, name)
-        if not os.path.isdir(full):
+    for name in sorted(storage.listdir(checkpoints_dir)):
+        full = storage.join(checkpoints_dir, name)
+        if not storage.isdir(full):
             continue
         if _STEP_RE.match(name):
             steps[int(name)] = full
@@ -151,12 +166,16 @@ def _step_dirs(checkpoints_dir: str) -> tuple[dict[int, str], list[str]]:
 
 
 def _missing_items(step_dir: str) -> list[str]:
-    return [item for item in _STEP_ITEMS if not os.path.isdir(os.path.join(step_dir, item))]
+    missing = [item for item in _STEP_ITEMS if not storage.isdir(storage.join(step_dir, item))]
+    if storage.is_url(step_dir) and not storage.isfile(storage.join(step_dir, _COMMIT_MARKER)):
+        missing.append(f"{_COMMIT_MARKER} (the save never finished)")
+    return missing
 
 
 def _looks_like_checkpoints_dir(path: str) -> bool:
     steps, tmp = _step_dirs(path)
-    return bool(steps or tmp) or os.path.basename(os.path.normpath(path)) == "checkpoints"
+    name = storage.basename(path) if storage.is_url(path) else os.path.basename(os.path.normpath(path))
+    return bool(steps or tmp) or name == "checkpoints"
 
 
 def locate_checkpoint(path, step: int | None = None) -> CheckpointLocation:
@@ -166,36 +185,39 @@ def locate_checkpoint(path, step: int | None = None) -> CheckpointLocation:
     not exist or is incomplete (an Orbax temporary directory, or a step directory lacking `state` / `config`).
     Asked for the latest step, unfinished steps are skipped with a warning (as Orbax's CheckpointManager does).
     """
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.exists(path):
+    path = storage.resolve(path)
+    if storage.is_url(path) and not path.startswith("gs://"):
+        raise CheckpointError(f"{path}: m3jax checkpoints live on a local (or mounted) path or gs:// (Orbax writes "
+                              f"and reads their arrays through tensorstore's file and gcs drivers only)")
+    if not storage.exists(path):
         raise CheckpointError(f"{path}: does not exist")
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise CheckpointError(f"{path}: is a file; pass a run's output_dir, its checkpoints/ directory or a step "
                               f"directory checkpoints/<step>")
-    name = os.path.basename(path)
+    name = storage.basename(path)
     tmp_match = _TMP_STEP_RE.match(name)
     if tmp_match:
         raise CheckpointError(f"{path}: is an unfinished Orbax checkpoint (the save of step {tmp_match.group(1)} never "
                               f"completed); export a completed step instead")
 
     explicit_step_dir = None
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        checkpoints_dir = os.path.join(path, "checkpoints")
-    elif _STEP_RE.match(name) and (any(os.path.exists(os.path.join(path, i)) for i in _STEP_ITEMS + ("data",))
-                                   or os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))
-                                   or os.path.basename(os.path.dirname(path)) == "checkpoints"):
-        checkpoints_dir, explicit_step_dir = os.path.dirname(path), path
+    if storage.isdir(storage.join(path, "checkpoints")):
+        checkpoints_dir = storage.join(path, "checkpoints")
+    elif _STEP_RE.match(name) and (any(storage.exists(storage.join(path, i)) for i in _STEP_ITEMS + ("data",))
+                                   or storage.exists(storage.join(path, "_CHECKPOINT_METADATA"))
+                                   or storage.basename(storage.dirname(path)) == "checkpoints"):
+        checkpoints_dir, explicit_step_dir = storage.dirname(path), path
         if step is not None and step != int(name):
             raise CheckpointError(f"{path}: is the directory of step {int(name)} but step {step} was requested")
         step = int(name)
     elif _looks_like_checkpoints_dir(path):
         checkpoints_dir = path
-    elif os.path.isdir(os.path.join(path, "base_model")):
+    elif storage.isdir(storage.join(path, "base_model")):
         raise CheckpointError(f"{path}: the run has saved no checkpoint yet (no checkpoints/ directory)")
     else:
         raise CheckpointError(f"{path}: not an m3jax run directory (no checkpoints/ in it), nor a checkpoints/ "
                               f"directory, nor a step directory checkpoints/<step>")
-    work_dir = os.path.dirname(checkpoints_dir)
+    work_dir = storage.dirname(checkpoints_dir)
 
     steps, tmp = _step_dirs(checkpoints_dir)
     complete = {s: d for s, d in steps.items() if not _missing_items(d)}
@@ -204,7 +226,7 @@ def locate_checkpoint(path, step: int | None = None) -> CheckpointLocation:
         if step_dir is None:
             unfinished = [t for t in tmp if _TMP_STEP_RE.match(t).group(1) == str(step)]
             if unfinished:
-                raise CheckpointError(f"{os.path.join(checkpoints_dir, unfinished[0])}: step {step} is incomplete (its "
+                raise CheckpointError(f"{storage.join(checkpoints_dir, unfinished[0])}: step {step} is incomplete (its "
                                       f"Orbax save never finished); completed steps: {sorted(complete) or 'none'}")
             raise CheckpointError(f"{checkpoints_dir}: no step {step}; completed steps: {sorted(complete) or 'none'}")
         missing = _missing_items(step_dir)
@@ -214,11 +236,11 @@ def locate_checkpoint(path, step: int | None = None) -> CheckpointLocation:
         return CheckpointLocation(work_dir, checkpoints_dir, step, step_dir)
 
     if not complete:
-        found = [os.path.basename(d) for d in steps.values()] + tmp
+        found = [storage.basename(d) for d in steps.values()] + tmp
         detail = f"only incomplete steps: {', '.join(found)}" if found else "no checkpoint steps"
         raise CheckpointError(f"{checkpoints_dir}: {detail}; nothing to export (has the run saved a checkpoint yet?)")
     latest = max(complete)
-    skipped = [os.path.basename(d) for s, d in steps.items() if s > latest] + \
+    skipped = [storage.basename(d) for s, d in steps.items() if s > latest] + \
               [t for t in tmp if int(_TMP_STEP_RE.match(t).group(1)) > latest]
     if skipped:
         logger.warning("%s: skipping incomplete newer step(s) %s; using step %d", checkpoints_dir,
@@ -234,11 +256,10 @@ def _short(e: BaseException, limit: int = 300) -> str:
 
 def params_metadata(state_dir: str) -> dict:
     """The `params` subtree of the saved TrainState as Orbax array metadata (shapes, dtypes; no data read)."""
-    from etils import epath
 
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        tree = handler.metadata(epath.Path(state_dir)).tree
+        tree = handler.metadata(storage.epath_of(state_dir)).tree
     except Exception as e:  # noqa: BLE001 - any failure here means the item is unreadable
         raise CheckpointError(f"{state_dir}: cannot read the Orbax checkpoint metadata ({_short(e)}); "
                               f"the checkpoint is incomplete or corrupt") from e
@@ -253,13 +274,12 @@ def params_metadata(state_dir: str) -> dict:
 def restore_params(state_dir: str) -> dict:
     """The `params` subtree of the saved TrainState as host float32 numpy arrays (no device, whatever wrote it)."""
     import jax
-    from etils import epath
 
     wanted = {"params": params_metadata(state_dir)}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        restored = handler.restore(epath.Path(state_dir), args=ocp.args.PyTreeRestore(
+        restored = handler.restore(storage.epath_of(state_dir), args=ocp.args.PyTreeRestore(
             item=wanted, restore_args=restore_args, partial_restore=True))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{state_dir}: cannot restore the params ({_short(e)}); the checkpoint is "
@@ -284,19 +304,18 @@ def restore_run_config(config_dir: str) -> dict:
 
 def read_base_model(base_dir: str) -> dict:
     """base_model/config.json (checked), after checking the tokenizer files are there too."""
-    if not os.path.isdir(base_dir):
+    if not storage.isdir(base_dir):
         raise CheckpointError(f"{base_dir}: does not exist; the run copies config.json and the tokenizer there when it "
                               f"starts. Pass --base-model <the bge-m3 directory the run started from> instead")
-    config_path = os.path.join(base_dir, hf_io.CONFIG_NAME)
-    if not os.path.isfile(config_path):
+    config_path = storage.join(base_dir, hf_io.CONFIG_NAME)
+    if not storage.isfile(config_path):
         raise CheckpointError(f"{config_path}: missing; pass --base-model <the bge-m3 directory the run started from>")
-    if not any(os.path.isfile(os.path.join(base_dir, n)) for n in ("tokenizer.json", "sentencepiece.bpe.model")):
+    if not any(storage.isfile(storage.join(base_dir, n)) for n in ("tokenizer.json", "sentencepiece.bpe.model")):
         raise CheckpointError(f"{base_dir}: no tokenizer files (tokenizer.json or sentencepiece.bpe.model); pass "
                               f"--base-model <the bge-m3 directory the run started from>")
     try:
-        with open(config_path) as f:
-            hf_config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        hf_config = json.loads(storage.read_bytes(config_path))
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{config_path}: cannot read: {e}") from e
     if not isinstance(hf_config, dict) or hf_config.get("model_type") != "xlm-roberta":
         found = hf_config.get("model_type") if isinstance(hf_config, dict) else type(hf_config).__name__

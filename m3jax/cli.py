@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 
+from m3jax import storage
 from m3jax.errors import M3JaxError
 
 logger = logging.getLogger("m3jax")
@@ -180,10 +181,10 @@ def _eval_set_arg(value: str, args):
     if len(parts) == 3:
         corpus, queries, qrels = parts
     elif len(parts) == 1:
-        corpus, queries = os.path.join(where, "corpus.jsonl"), os.path.join(where, "queries.jsonl")
-        qrels = os.path.join(where, "qrels.tsv")
-        if not os.path.isfile(qrels) and os.path.isfile(os.path.join(where, "qrels", "test.tsv")):
-            qrels = os.path.join(where, "qrels", "test.tsv")
+        corpus, queries = storage.join(where, "corpus.jsonl"), storage.join(where, "queries.jsonl")
+        qrels = storage.join(where, "qrels.tsv")
+        if not storage.isfile(qrels) and storage.isfile(storage.join(where, "qrels", "test.tsv")):
+            qrels = storage.join(where, "qrels", "test.tsv")
     else:
         raise UsageError(f"--eval-set {value!r}: expected NAME=DIR or NAME=CORPUS,QUERIES,QRELS")
     modes = args.modes or ev.MODES
@@ -267,7 +268,7 @@ def _load_model(args, **overrides):
     from m3jax.checkpoint import CheckpointError
     from m3jax.inference import BGEM3FlagModel
 
-    hf_dir = os.path.isfile(os.path.join(args.model, "config.json"))
+    hf_dir = storage.isfile(storage.join(args.model, "config.json"))
     if hf_dir and (args.step is not None or args.base_model is not None):
         raise UsageError("--step and --base-model apply to an m3jax run directory, not to an HF directory")
     if not hf_dir and args.pooling_method is not None:
@@ -281,7 +282,7 @@ def _load_model(args, **overrides):
     try:
         return BGEM3FlagModel(args.model, **kwargs)
     except CheckpointError as e:
-        if hf_dir or not os.path.isdir(args.model):
+        if hf_dir or not storage.isdir(args.model):
             raise
         raise CheckpointError(f"--model: not an HF model directory (no config.json) and not a usable m3jax "
                               f"checkpoint: {e}") from e
@@ -291,7 +292,7 @@ def _trained_matryoshka_modes(args, cfg) -> tuple[str, ...]:
     from m3jax import loading
     from m3jax.evaluate import matryoshka_modes
 
-    hf_dir = os.path.isfile(os.path.join(args.model, "config.json"))
+    hf_dir = storage.isfile(storage.join(args.model, "config.json"))
     defaults = loading.find_model(args.model, step=None if hf_dir else args.step,
                                   base_model=None if hf_dir else args.base_model).defaults
     return matryoshka_modes(defaults.get("mrl_dims") or (), dense_size=cfg.hidden_size,
@@ -330,8 +331,8 @@ def _run_eval(args) -> int:
     print(ev.format_table(results))
     if args.output:
         payload = ev.results_json(
-            results, model=os.path.abspath(args.model), corpus=os.path.abspath(args.corpus),
-            queries=os.path.abspath(args.queries), qrels=os.path.abspath(args.qrels), weights=list(args.weights),
+            results, model=storage.resolve(args.model), corpus=storage.resolve(args.corpus),
+            queries=storage.resolve(args.queries), qrels=storage.resolve(args.qrels), weights=list(args.weights),
             num_queries=len(eval_set.query_ids), num_passages=len(eval_set.corpus_ids),
             unknown_query_qrels=eval_set.unknown_query_qrels, unknown_passage_qrels=eval_set.unknown_passage_qrels,
             batch_size=args.batch_size, query_max_len=args.query_max_len, passage_max_len=args.passage_max_len)
@@ -364,7 +365,7 @@ def _add_model_flags(p, *, what: str) -> None:
 
 
 def _model_info(args) -> dict:
-    return {"path": os.path.abspath(args.model), "step": args.step, "base_model": args.base_model,
+    return {"path": storage.resolve(args.model), "step": args.step, "base_model": args.base_model,
             "pooling_method": args.pooling_method, "fp32": args.fp32}
 
 
@@ -433,6 +434,7 @@ def _run_mine(args) -> int:
         query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
         queries_per_pass=args.queries_per_pass, passages_per_block=args.passages_per_block,
         passages_per_chunk=args.passages_per_chunk).checked()
+    _local_job_files(args, "mine")
     records = read_input(args.input, args.pool)  # file errors before loading the model
     _start_processes()
     model = _load_model(args, query_instruction_for_retrieval=None)
@@ -442,6 +444,17 @@ def _run_mine(args) -> int:
     logger.info("mine: %d records, %d pool passages, %.1f s", report["records"], report["pool"], report["seconds"])
     print(os.path.abspath(args.output))
     return 0
+
+
+def _local_job_files(args, command: str) -> None:
+    """mine and score read their input by byte offset and build their output from resumable parts in a local
+    directory: an input URL is staged to the local cache (once per host), an output URL refused."""
+    if storage.is_url(args.output):
+        raise UsageError(f"--output {args.output}: m3jax {command} builds its output from resumable parts in a local "
+                         f"directory; write it to a local path and copy it to the object store afterwards")
+    args.input = storage.stage(args.input, what=f"{command} input")
+    if getattr(args, "pool", None):
+        args.pool = storage.stage(args.pool, what=f"{command} candidate pool")
 
 
 def _add_score(subparsers) -> None:
@@ -484,6 +497,7 @@ def _run_score(args) -> int:
     if args.passage_max_len < (6 if teacher_kind == "reranker" else 2) or (
             args.query_max_len is not None and args.query_max_len < 1):
         raise UsageError("--query-max-len / --passage-max-len too small")
+    _local_job_files(args, "score")
     records = read_input(args.input)  # file errors before loading the model
     _start_processes()
     if teacher_kind == "reranker":
@@ -491,7 +505,7 @@ def _run_score(args) -> int:
 
         if args.step is not None or args.base_model is not None or args.pooling_method is not None:
             raise UsageError("--step, --base-model and --pooling-method apply to a bge-m3 teacher, not a reranker")
-        if not os.path.isfile(os.path.join(args.model, "config.json")):
+        if not storage.isfile(storage.join(args.model, "config.json")):
             raise UsageError(f"--model {args.model}: a reranker is a Hugging Face directory with config.json")
         teacher = RerankerTeacher(FlagReranker(args.model, use_fp16=not args.fp32, devices=args.devices),
                                   batch_size=args.batch_size, query_max_len=args.query_max_len,

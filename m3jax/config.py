@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from m3jax import storage
 from m3jax.errors import M3JaxError
 
 # Per-device batch size by token-length range of the dataset file (FlagEmbedding research/BGE_M3 recipe, 80 GB
@@ -33,13 +34,13 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     # ---- model / checkpoint in and out --------------------------------------------------------------------
-    c.model_name_or_path = ""  # a bge-m3 directory (HF layout + colbert_linear.pt / sparse_linear.pt)
-    c.output_dir = ""  # work directory: checkpoints, TensorBoard events, logs, exported model
+    c.model_name_or_path = ""  # a bge-m3 directory (HF layout + colbert_linear.pt / sparse_linear.pt); a URL is staged
+    c.output_dir = ""  # work directory: checkpoints, TensorBoard events, logs; a local path or gs://bucket/path
     c.overwrite_output_dir = False  # False: resume from the latest checkpoint in output_dir when there is one
     c.seed = 42
 
     # ---- data (FlagEmbedding AbsEmbedderDataArguments) -----------------------------------------------------
-    c.train_data = ""  # one or more directories of .json/.jsonl datasets, comma-separated
+    c.train_data = ""  # one or more directories of .json/.jsonl datasets, comma-separated (URLs are staged)
     c.train_group_size = 8  # passages per query: 1 positive + (G-1) negatives
     c.query_max_len = 32
     c.passage_max_len = 128
@@ -389,7 +390,19 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
         _require(bool(c.model_name_or_path), "model_name_or_path", "a bge-m3 checkpoint directory",
                  c.model_name_or_path)
         _require(bool(c.output_dir), "output_dir", "a work directory for checkpoints and logs", c.output_dir)
+        # Orbax (0.12) writes checkpoint arrays through tensorstore's gcs driver for gs:// and its file driver
+        # otherwise, so an s3:// (or other) URL cannot hold the checkpoints.
+        scheme = str(c.output_dir).split("://", 1)[0] if "://" in str(c.output_dir) else None
+        _require(scheme in (None, "gs"), "output_dir", "a local (or mounted) directory or a gs:// URL (Orbax writes "
+                 "checkpoints to no other object store; inputs and exports may be any URL etils.epath reads)",
+                 c.output_dir)
         _require(bool(train_data_dirs(c)), "train_data", "one or more data directories (comma-separated)", c.train_data)
+        urls = [("output_dir", c.output_dir), ("model_name_or_path", c.model_name_or_path)]
+        urls += [("train_data", d) for d in train_data_dirs(c)]
+        for field, path in urls:
+            problem = storage.missing_client(path)
+            if problem:
+                raise ConfigError(f"config.{field}={path!r}: {problem}")
     _require(isinstance(c.train_group_size, int) and c.train_group_size >= 1, "train_group_size", "an int >= 1",
              c.train_group_size)
     for f, low in (("query_max_len", 2), ("passage_max_len", 2), ("per_device_train_batch_size", 1)):

@@ -87,6 +87,7 @@ import grain
 import numpy as np
 from absl import flags as absl_flags
 
+from m3jax import storage
 from m3jax.config import RESEARCH_BATCH_SIZE_BY_LENGTH, train_data_dirs
 from m3jax.data_files import (
     DataError,
@@ -679,12 +680,22 @@ def _settings(config) -> _Settings:
                                   config.passage_instruction_for_retrieval, config.passage_instruction_format))
 
 
+def _staged_train_dir(url: str) -> str:
+    """A train_data URL (gs://bucket/data/task_a): its .json/.jsonl files copied to the local cache once per host,
+    since records are re-read by byte offset. The local directory keeps the URL's base name (`no_in_batch_neg`)."""
+    if not storage.isdir(url):
+        what = "is a file" if storage.exists(url) else "does not exist"
+        raise DataError(f"train_data path {url!r} {what}; expected a directory of .json/.jsonl files")
+    return storage.stage(url, what="train_data", keep=lambda rel: "/" not in rel and rel.endswith((".json", ".jsonl")))
+
+
 def _read_datasets(config, s: _Settings) -> tuple[Corpus, list[_Dataset], dict[str, int]]:
     """Scan every file and form the datasets (FlagEmbedding's thresholds and batch sizes)."""
     dirs = train_data_dirs(config)
     if not dirs:
         raise DataError("config.train_data is empty; expected one or more directories of .json/.jsonl files "
                         "(comma-separated)")
+    dirs = [_staged_train_dir(d) if storage.is_url(d) else d for d in dirs]
     rules = ScanRules(s.train_group_size, s.knowledge_distillation, s.same_dataset, bool(config.skip_bad_examples))
     paths = [(os.path.normpath(d), p) for d in dirs for p in list_dataset_files(os.path.normpath(d))]
     logger.info("reading %d file(s): %s", len(paths), ", ".join(p for _, p in paths))

@@ -1,5 +1,5 @@
-"""Retrieval evaluation on BEIR-style local files: nDCG@10, Recall@100 and MRR@10 for the dense, sparse and colbert
-scores of a bge-m3 model and their weighted combinations.
+"""Retrieval evaluation on BEIR-style files (local paths or URLs such as gs://...): nDCG@10, Recall@100 and MRR@10
+for the dense, sparse and colbert scores of a bge-m3 model and their weighted combinations.
 
     python -m m3jax eval --model runs/toy_export --corpus toy_eval_data/corpus.jsonl \
         --queries toy_eval_data/queries.jsonl --qrels toy_eval_data/qrels.tsv
@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m3jax import scores
+from m3jax import scores, storage
 from m3jax import sharding as shard_lib
 from m3jax.errors import M3JaxError
 from m3jax.inference import pack_outputs
@@ -167,9 +167,9 @@ def scoring_mode(mode: str, weights: Sequence[float], error: type[Exception], us
 
 
 def _read_jsonl(path: str, what: str):
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise EvalDataError(f"{path}: {what} file does not exist")
-    with open(path, encoding="utf-8") as f:
+    with storage.open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -255,11 +255,11 @@ def load_qrels(path) -> dict[str, dict[str, int]]:
     """{query id: {passage id: grade}} from a BEIR qrels TSV (query-id, corpus-id, score; header optional) or a
     TREC qrels file (query-id, iteration, corpus-id, grade)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise EvalDataError(f"{path}: qrels file does not exist")
     qrels: dict[str, dict[str, int]] = {}
     where: dict[tuple[str, str], int] = {}
-    with open(path, encoding="utf-8") as f:
+    with storage.open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

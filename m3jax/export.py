@@ -11,6 +11,8 @@ What is written (m3jax.hf_io.write_hf_files): config.json, model.safetensors (an
 colbert_linear.pt, sparse_linear.pt, tokenizer files, sentence-transformers files matching the run's pooling, plus
 `m3jax_export.json` naming the source step and the head settings. Everything is written through
 `storage.atomic_directory`: an interrupted or failed export never leaves a half-written output directory.
+Both `checkpoint` and `output_dir` may be URLs (gs://bucket/...): Orbax reads the checkpoint in place, and an output
+URL is built locally and uploaded file by file with m3jax_export.json last, as its commit marker.
 
 LoRA: a run with adapters is exported merged -- each adapted kernel becomes W + (alpha / rank) * A B
 (m3jax.model.merge_lora) -- so the output is a plain bge-m3 directory. `lora_adapters=True`
@@ -31,7 +33,7 @@ import os
 from typing import Any
 
 from m3jax import config as config_lib
-from m3jax import hf_io, loading, model_card
+from m3jax import hf_io, loading, model_card, storage
 from m3jax import model as m3model
 from m3jax import sharding as shard_lib
 from m3jax.errors import M3JaxError
@@ -50,7 +52,7 @@ class ExportError(M3JaxError, ValueError):
 
 
 def _check_options(output_dir, heads_dtype: str, overwrite: bool) -> str:
-    out_dir = os.path.abspath(os.fspath(output_dir))
+    out_dir = storage.resolve(output_dir)
     if heads_dtype not in HEADS_DTYPES:
         raise ExportError(f"heads_dtype={heads_dtype!r}: expected one of {', '.join(HEADS_DTYPES)}")
     check_output_dir(out_dir, overwrite, ExportError)
@@ -97,7 +99,7 @@ def export_params(params, hf_config: dict, output_dir, *, tokenizer_dir: str,
                                   heads_dtype=heads_dtype)
     except hf_io.CheckpointFormatError as e:
         raise ExportError(str(e)) from e
-    with atomic_directory(out_dir, overwrite=overwrite, error=ExportError) as folder:
+    with atomic_directory(out_dir, overwrite=overwrite, error=ExportError, last=EXPORT_INFO_NAME) as folder:
         hf_io.write_hf_files(folder, hf_ckpt, tokenizer_dir=tokenizer_dir, safetensors=safetensors,
                              pytorch_bin=pytorch_bin, heads_dtype=heads_dtype,
                              sentence_pooling_method=sentence_pooling_method,
@@ -174,7 +176,7 @@ def export_checkpoint(checkpoint, output_dir, *, step: int | str | None = None, 
         params, lora = merge_lib.merge_params([m3model.merge_lora(params, cfg), merge_lib.load_for_merge(
             merge_with, like=(source.location.step_dir, dataclasses.replace(cfg, lora=None)))[1]],
             merge_lib.check_weights([merge_weight, 1.0 - merge_weight], 2, exact_pair=True)), None
-        info["merge"] = card["merge"] = {"models": [source.location.step_dir, os.path.abspath(merge_with)],
+        info["merge"] = card["merge"] = {"models": [source.location.step_dir, storage.resolve(merge_with)],
                                          "weights": [float(merge_weight), 1.0 - float(merge_weight)]}
     return export_params(params, source.hf_config, output_dir, tokenizer_dir=source.tokenizer_dir,
                          sentence_pooling_method=cfg.sentence_pooling_method,

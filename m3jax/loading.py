@@ -5,12 +5,14 @@
     params = load_params(source, cfg)         # float32 numpy params in the layout of m3jax.model.BGEM3
     loaded = load_model(path, settings)       # all three: loaded.cfg, loaded.params, loaded.source
 
-`path` may be
+`path` (a local path or a URL such as gs://bucket/...) may be
   - a bge-m3 (Hugging Face) directory: config.json + weights + colbert_linear.pt / sparse_linear.pt (m3jax.hf_io);
-    an export of m3jax also carries m3jax_export.json, whose pooling / normalisation become the defaults;
+    an export of m3jax also carries m3jax_export.json, whose pooling / normalisation become the defaults; on a URL
+    it is copied to the local cache once per host first (storage.stage);
   - an m3jax run directory, its checkpoints/ directory or one step directory checkpoints/<step> (its latest complete
     step unless `step` is given; config.json and the tokenizer come from the run's base_model/ or `base_model`), with
-    the run config's pooling / normalisation / colbert_dim as defaults.
+    the run config's pooling / normalisation / colbert_dim as defaults (Orbax reads a URL in place; base_model/
+    is staged locally for the tokenizer).
 `ModelSettings` holds what a user chooses on top of the checkpoint's architecture (the run config's model fields, or
 BGEM3FlagModel's arguments): pooling, normalisation, colbert_dim, compute dtype, attention kernel, remat, dropout,
 LoRA adapters (an m3jax checkpoint of a LoRA run keeps its adapters unmerged; export merges them).
@@ -31,7 +33,7 @@ import numpy as np
 
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import hf_io
+from m3jax import hf_io, storage
 from m3jax.model import LoRAConfig, ModelConfig, init_head_params, params_from_hf, reranker_params_from_hf
 
 logger = logging.getLogger(__name__)
@@ -128,12 +130,12 @@ def find_model(path, *, step: int | None = None, base_model: str | None = None) 
     """Resolve `path` (see the module docstring) to a ModelSource, reading no weights. Raises CheckpointFormatError
     (a Hugging Face directory) or its subclass CheckpointError (an m3jax checkpoint) naming the file and what was
     expected."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isfile(os.path.join(path, hf_io.CONFIG_NAME)):
+    path = storage.resolve(path)
+    if storage.isfile(storage.join(path, hf_io.CONFIG_NAME)):
         if step is not None or base_model is not None:
             raise hf_io.CheckpointFormatError(f"{path}: step and base_model apply to an m3jax run directory, not to "
                                               f"a Hugging Face model directory")
-        return _hf_source(path)
+        return _hf_source(storage.stage(path, what="model directory"))
     return _checkpoint_source(path, step, base_model)
 
 
@@ -157,10 +159,11 @@ def _hf_source(path: str) -> ModelSource:
 
 def _checkpoint_source(path: str, step: int | None, base_model: str | None) -> ModelSource:
     location = ckpt_lib.locate_checkpoint(path, step)
-    run_config = ckpt_lib.restore_run_config(os.path.join(location.step_dir, "config"))
-    base_dir = os.path.abspath(base_model) if base_model else ckpt_lib.base_model_dir(location.work_dir)
+    run_config = ckpt_lib.restore_run_config(storage.join(location.step_dir, "config"))
+    base_dir = storage.resolve(base_model) if base_model else ckpt_lib.base_model_dir(location.work_dir)
     hf_config = ckpt_lib.read_base_model(base_dir)
-    params = ckpt_lib.params_metadata(os.path.join(location.step_dir, "state"))
+    base_dir = storage.stage(base_dir, what="base model files")  # the tokenizer is read from a local directory
+    params = ckpt_lib.params_metadata(storage.join(location.step_dir, "state"))
     try:
         colbert_dim = int(params["colbert_linear"]["kernel"].shape[-1])
     except (KeyError, TypeError, AttributeError, IndexError) as e:
@@ -217,7 +220,7 @@ def load_params(source: ModelSource, cfg: ModelConfig, *, seed: int = 0) -> dict
     """The params of `source` as float32 numpy arrays, checked against `cfg`. An HF directory without head files
     gets freshly initialised heads (torch.nn.Linear's init from `seed`, as FlagEmbedding does)."""
     if source.location is not None:
-        params = ckpt_lib.restore_params(os.path.join(source.location.step_dir, "state"))
+        params = ckpt_lib.restore_params(storage.join(source.location.step_dir, "state"))
         check_params(params, cfg, source.location.step_dir)
         return params
     ckpt = hf_io.load_hf_checkpoint(source.path)
@@ -264,14 +267,15 @@ def load_model(path, settings: ModelSettings = ModelSettings(), *, step: int | N
 
 def is_reranker(path) -> bool:
     """Whether `path` is a Hugging Face directory whose config.json describes a sequence-classification model."""
-    config_path = os.path.join(os.fspath(path), hf_io.CONFIG_NAME)
-    return os.path.isfile(config_path) and hf_io.is_reranker_config(hf_io.load_hf_config(os.fspath(path)))
+    config_path = storage.join(os.fspath(path), hf_io.CONFIG_NAME)
+    return storage.isfile(config_path) and hf_io.is_reranker_config(hf_io.load_hf_config(
+        storage.stage(os.fspath(path), what="model directory")))
 
 
 def load_reranker(path, *, dtype: str = "float32", attention_implementation: str = "auto",
                   platform: str | None = None) -> tuple[ModelConfig, dict]:
     """A reranker directory -> (ModelConfig, Reranker params as float32 numpy); errors are CheckpointFormatError."""
-    ckpt = hf_io.load_reranker_checkpoint(os.fspath(path))
+    ckpt = hf_io.load_reranker_checkpoint(storage.stage(os.fspath(path), what="model directory"))
     try:
         cfg = ModelConfig.from_hf_config(
             ckpt.config, has_pooler=False, dtype=dtype, remat_policy="none",

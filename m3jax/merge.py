@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from m3jax import hf_io, loading
+from m3jax import hf_io, loading, storage
 from m3jax import model as m3model
 from m3jax.errors import M3JaxError
 
@@ -88,9 +88,9 @@ def load_for_merge(path, *, step=None, like: tuple[str, m3model.ModelConfig] | N
     from m3jax import selection
 
     path = os.fspath(path)
-    is_hf = os.path.isfile(os.path.join(path, hf_io.CONFIG_NAME))
+    is_hf = storage.isfile(storage.join(path, hf_io.CONFIG_NAME))
     if is_hf:
-        missing = [n for n in (hf_io.COLBERT_NAME, hf_io.SPARSE_NAME) if not os.path.isfile(os.path.join(path, n))]
+        missing = [n for n in (hf_io.COLBERT_NAME, hf_io.SPARSE_NAME) if not storage.isfile(storage.join(path, n))]
         if missing:
             raise MergeError(f"{path}: no {' or '.join(missing)}; merging needs every tensor of both models (a "
                              f"bge-m3 directory has colbert_linear.pt and sparse_linear.pt)")
@@ -135,7 +135,7 @@ def _write(models, paths, params, output, *, weights, card_info, overwrite, extr
     from m3jax import model_card
 
     first = models[0]
-    info = {"merge": {"models": [os.path.abspath(p) for p in paths], "weights": list(weights)}, **(extra_info or {})}
+    info = {"merge": {"models": [storage.resolve(p) for p in paths], "weights": list(weights)}, **(extra_info or {})}
     card = dict(card_info or {})
     card.setdefault("merge", info["merge"])
     if first.source.location is not None:  # an m3jax run: its card information
@@ -211,7 +211,7 @@ def merge_grid(paths: Sequence[str], grid: Sequence[float], specs, output, *, me
         if p["weight"] == 0.0:
             evals = {"second model (W=0)": p["metrics"], **evals}
     grid_record = {"metric": expression.text, "greater_is_better": greater_is_better, "chosen_weight": w,
-                   "models": [os.path.abspath(p) for p in paths], "points": points}
+                   "models": [storage.resolve(p) for p in paths], "points": points}
     out = _write(models, paths, params, output, weights=[w, 1.0 - w], overwrite=overwrite,
                  card_info={"grid": points, "grid_metric": expression.text, "evals": evals},
                  extra_info={"merge_grid": {"metric": expression.text, "chosen_weight": w}},

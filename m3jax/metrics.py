@@ -4,11 +4,18 @@ The step returns its metrics as device arrays; `MetricsLogger.add` queues them w
 (every logging_steps, before a save and before an eval) reads the queue in one transfer, stops the run on a
 non-finite loss or gradient norm, and logs the averages with the step time and tokens per second. Only process 0
 writes; every process runs the checks.
+
+On a URL output_dir (gs://...; an object store cannot append): the TensorBoard events are written to a local
+temporary directory and each event file is uploaded whole to output_dir/tensorboard/ at every flush (a new event
+file is started past 1 MiB, so an upload stays small), and metrics.jsonl is kept in memory (its earlier lines read
+back when a run resumes) and rewritten in one PUT at every log.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +23,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from m3jax import storage
 from m3jax.errors import M3JaxError
+
+EVENT_FILE_ROLLOVER_BYTES = 1 << 20  # URL output_dir: start a new TensorBoard event file past this size
 
 
 class NonFiniteLossError(M3JaxError, RuntimeError):
@@ -38,8 +48,12 @@ class MetricsLogger:
         from tensorboardX import SummaryWriter
         from tqdm.auto import tqdm
 
-        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115 (close())
+        if storage.is_url(output_dir):
+            self.writer = _SyncedEventWriter(storage.join(output_dir, "tensorboard"))
+            self.jsonl = _RewrittenObject(storage.join(output_dir, "metrics.jsonl"))
+        else:
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def add(self, step: int, device_metrics: dict, tokens: int) -> None:
@@ -85,3 +99,63 @@ class MetricsLogger:
             self.bar.close()
             self.writer.close()
             self.jsonl.close()
+
+
+class _RewrittenObject:
+    """A text file on an object store opened for appending: the whole content is rewritten (one PUT) at flush."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.text = storage.read_bytes(url).decode("utf-8") if storage.isfile(url) else ""
+        self._flushed = len(self.text)
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        if len(self.text) != self._flushed:
+            storage.write_bytes(self.url, self.text.encode("utf-8"))
+            self._flushed = len(self.text)
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _SyncedEventWriter:
+    """tensorboardX's SummaryWriter on a local temporary directory, its event files uploaded to a URL at flush."""
+
+    def __init__(self, url: str):
+        from tensorboardX import SummaryWriter
+
+        self._make = SummaryWriter
+        self.url = url
+        self.local = tempfile.mkdtemp(prefix="m3jax-tensorboard-")
+        self.uploaded: dict[str, int] = {}  # event file name -> size uploaded
+        self.files = 0
+        self.writer = self._make(self.local, filename_suffix=".0")
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        big = False
+        for name in sorted(os.listdir(self.local)):
+            path = os.path.join(self.local, name)
+            size = os.path.getsize(path)
+            if self.uploaded.get(name) != size:
+                with open(path, "rb") as f:
+                    storage.write_bytes(storage.join(self.url, name), f.read())
+                self.uploaded[name] = size
+            big = big or size > EVENT_FILE_ROLLOVER_BYTES
+        if big:  # later events go to a new file; the full ones are uploaded and need no more uploads
+            self.writer.close()
+            for name in os.listdir(self.local):
+                os.remove(os.path.join(self.local, name))
+            self.files += 1
+            self.writer = self._make(self.local, filename_suffix=f".{self.files}")
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        shutil.rmtree(self.local, ignore_errors=True)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from typing import Any
+
+from m3jax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +31,8 @@ _COUNT_LINES_BELOW = 2 * 2**30  # bytes of a data directory up to which its exam
 def read_front_matter(readme_path: str) -> dict:
     """The YAML front matter of a model card ({} if none or unreadable)."""
     try:
-        with open(readme_path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError:
+        text = storage.read_bytes(readme_path).decode("utf-8")
+    except (OSError, ValueError):
         return {}
     match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
     if not match:
@@ -51,11 +51,11 @@ def base_model_name(path: str | None) -> str | None:
     models--ORG--NAME/snapshots/<hash>), else the directory name."""
     if not path:
         return None
-    path = os.path.abspath(path)
+    path = storage.resolve(path)
     match = re.search(r"models--([^/]+)--([^/]+)/snapshots/", path)
     if match:
         return f"{match.group(1)}/{match.group(2)}"
-    return os.path.basename(os.path.normpath(path))
+    return storage.basename(path)
 
 
 def data_dir_sizes(dirs) -> list[dict]:
@@ -64,17 +64,17 @@ def data_dir_sizes(dirs) -> list[dict]:
     out = []
     for d in dirs:
         entry: dict[str, Any] = {"path": d}
-        if not os.path.isdir(d):
+        if not storage.isdir(d):
             entry["missing"] = True
             out.append(entry)
             continue
-        files = sorted(f for f in os.listdir(d) if f.endswith((".json", ".jsonl")))
-        size = sum(os.path.getsize(os.path.join(d, f)) for f in files)
+        files = sorted(f for f in storage.listdir(d) if f.endswith((".json", ".jsonl")))
+        size = sum(storage.getsize(storage.join(d, f)) for f in files)
         entry.update(files=len(files), bytes=size)
         if size < _COUNT_LINES_BELOW:
             count = 0
             for f in files:
-                with open(os.path.join(d, f), "rb") as fh:
+                with storage.open_binary(storage.join(d, f)) as fh:
                     count += sum(1 for line in fh if line.strip())
             entry["examples"] = count
         out.append(entry)
@@ -103,11 +103,11 @@ def config_changes(run_config: dict) -> dict:
 def eval_rows(work_dir: str) -> dict[int, dict[str, float]]:
     """{step: {"<set>/<mode>/<metric>": value}} from a run's metrics.jsonl (the last row of a step wins: a resumed
     run redoes the evals after its checkpoint). The set of config.eval is "eval"."""
-    path = os.path.join(work_dir, "metrics.jsonl")
+    path = storage.join(work_dir, "metrics.jsonl")
     out: dict[int, dict[str, float]] = {}
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         return out
-    with open(path, encoding="utf-8") as f:
+    with storage.open_text(path) as f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -130,7 +130,7 @@ def card_info_from_run(work_dir: str | None, run_config: dict | None, step: int 
     info["base_model_path"] = base_path
     info["base_model"] = base_model_name(base_path)
     if base_path:
-        license_ = read_front_matter(os.path.join(base_path, "README.md")).get("license")
+        license_ = read_front_matter(storage.join(base_path, "README.md")).get("license")
         if license_:
             info["license"] = license_
     train_data = run_config.get("train_data") or ""
@@ -144,10 +144,9 @@ def card_info_from_run(work_dir: str | None, run_config: dict | None, step: int 
             columns["base (step 0)"] = rows[0]
         if step is not None and step in rows:
             columns[f"fine-tuned (step {step})"] = rows[step]
-        best_path = os.path.join(work_dir, "best.json")
-        if os.path.isfile(best_path):
-            with open(best_path, encoding="utf-8") as f:
-                best = json.load(f)
+        best_path = storage.join(work_dir, "best.json")
+        if storage.isfile(best_path):
+            best = json.loads(storage.read_bytes(best_path))
             info["best"] = {k: best.get(k) for k in ("metric_for_best_model", "greater_is_better", "step", "value")}
     info["evals"] = columns
     return info

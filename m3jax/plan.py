@@ -161,6 +161,8 @@ def hf_config_for(config, model_config: str | None = None) -> tuple[dict, str, b
         return dict(BGE_M3), "preset bge-m3 (config.model_name_or_path is empty)", True
     if choice in MODEL_PRESETS:
         return dict(MODEL_PRESETS[choice]), f"preset {choice}", choice == "bge-m3"
+    if storage.is_url(choice):  # staged once per host, as the run itself stages it (storage.stage)
+        choice = storage.stage(choice, what="model directory" if storage.isdir(choice) else "model config")
     path = choice if os.path.isdir(choice) else os.path.dirname(os.path.abspath(choice))
     file = os.path.join(path, hf_io.CONFIG_NAME) if os.path.isdir(choice) else choice
     if not os.path.isfile(file):
@@ -477,8 +479,10 @@ def data_length_tags(config) -> list[str]:
     tag = re.compile(r"len-(\d+)-(\d+|inf)\.jsonl?$")
     tags = set()
     for d in train_data_dirs(config):
-        for path in list_dataset_files(os.path.normpath(d)):
-            m = tag.search(os.path.basename(path))
+        names = ([n for n in storage.listdir(d) if n.endswith((".json", ".jsonl"))] if storage.is_url(d)
+                 else [os.path.basename(p) for p in list_dataset_files(os.path.normpath(d))])
+        for name in names:
+            m = tag.search(name)
             if m:
                 tags.add(f"{m.group(1)}-{m.group(2)}")
     return sorted(tags, key=lambda t: int(t.split("-")[0]))

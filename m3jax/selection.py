@@ -17,11 +17,10 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Sequence
 
-from m3jax.storage import atomic_file
+from m3jax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class BestTracker:
     checkpoint save_total_limit must not remove."""
 
     def __init__(self, output_dir: str, expression: MetricExpression, greater_is_better: bool = True):
-        self.path = os.path.join(output_dir, BEST_NAME)
+        self.path = storage.join(output_dir, BEST_NAME)
         self.expression, self.greater = expression, bool(greater_is_better)
         self.history: list[dict] = []
         self.base: dict | None = None
@@ -123,11 +122,10 @@ class BestTracker:
 
     def resume(self, resume_step: int | None) -> None:
         """Read best.json of a resumed run, forgetting evals after `resume_step` (they will be redone)."""
-        if resume_step is None or not os.path.isfile(self.path):
+        if resume_step is None or not storage.isfile(self.path):
             return
         try:
-            with open(self.path, encoding="utf-8") as f:
-                saved = json.load(f)
+            saved = json.loads(storage.read_bytes(self.path))
         except (OSError, ValueError) as e:
             logger.warning("%s: unreadable (%s); the best checkpoint is chosen among the evals from now on",
                            self.path, e)
@@ -163,7 +161,7 @@ class BestTracker:
                 "metrics": best["metrics"] if best else None, "history": self.history, "base": self.base}
 
     def write(self) -> None:
-        with atomic_file(self.path) as f:
+        with storage.atomic_file(self.path) as f:
             json.dump(self.record(), f, indent=2, sort_keys=True)
             f.write("\n")
 
@@ -182,13 +180,12 @@ def read_best(work_dir: str) -> dict:
     """best.json of a run directory. Raises CheckpointError when there is none."""
     from m3jax.checkpoint import CheckpointError
 
-    path = os.path.join(os.path.abspath(os.fspath(work_dir)), BEST_NAME)
-    if not os.path.isfile(path):
+    path = storage.join(storage.resolve(work_dir), BEST_NAME)
+    if not storage.isfile(path):
         raise CheckpointError(f"{path}: no such file; the best step is recorded by runs with eval sets "
                               f"(eval_steps > 0)")
     try:
-        with open(path, encoding="utf-8") as f:
-            best = json.load(f)
+        best = json.loads(storage.read_bytes(path))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
     if not isinstance(best, dict) or not isinstance(best.get("step"), int):
@@ -203,8 +200,8 @@ def resolve_step(path, step):
         return step
     if str(step).lower() != "best":
         return int(step)
-    path = os.path.abspath(os.fspath(path))
-    for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-        if os.path.isfile(os.path.join(candidate, BEST_NAME)):
+    path = storage.resolve(path)
+    for candidate in (path, storage.dirname(path), storage.dirname(storage.dirname(path))):
+        if storage.isfile(storage.join(candidate, BEST_NAME)):
             return read_best(candidate)["step"]
     return read_best(path)["step"]  # raises, naming the expected file

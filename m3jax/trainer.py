@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
 
@@ -34,8 +33,8 @@ def train(config) -> dict:
     config_lib.validate(config)
     distributed.initialize(config.distributed)
     distributed.enable_compilation_cache()
-    output_dir = os.path.abspath(config.output_dir)
-    os.makedirs(output_dir, exist_ok=True)
+    output_dir = storage.resolve(config.output_dir)  # a local path or a URL (gs://bucket/run)
+    storage.makedirs(output_dir)
 
     # --- mesh -------------------------------------------------------------------------------------------------
     mesh = shard_lib.make_mesh(config.mesh)
@@ -86,7 +85,7 @@ def train(config) -> dict:
         state = checkpointer.restore(resume_step, stepper.abstract_state(), data_iter)
         logger.info("resumed from %s step %d", checkpointer.directory, resume_step)
     else:
-        ckpt_lib.copy_base_model_files(config.model_name_or_path, output_dir)
+        ckpt_lib.copy_base_model_files(source.path, output_dir)  # source.path: local (a URL model is staged)
         params = loading.load_params(source, model_cfg, seed=config.seed)
         state = stepper.init_state(shard_lib.put_tree(params, stepper.param_shardings))
         del params
@@ -163,10 +162,9 @@ def _auto_batch_sizes(config, model_cfg, mesh, output_dir: str, *, resuming: boo
     as <output_dir>/auto_batch_sizes.json; a resumed run reads that file back (its data plan must not change)."""
     from m3jax import plan
 
-    path = os.path.join(output_dir, plan.AUTO_BATCH_FILE)
-    if resuming and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            chosen = json.load(f)
+    path = storage.join(output_dir, plan.AUTO_BATCH_FILE)
+    if resuming and storage.isfile(path):
+        chosen = json.loads(storage.read_bytes(path))
         logger.info("batch_size_by_length='auto': the run's table from %s: %s", path, chosen["table"])
     else:
         chosen = plan.auto_batch_sizes(config, model_cfg, mesh)

@@ -8,16 +8,21 @@
 # Steps (each a command printed by --dry-run / DRY_RUN=1 instead of being run):
 #   1. with --create: gcloud compute tpus tpu-vm create
 #   2. unless --skip-install: pack this source tree (tar), copy it to every worker (tpu-vm scp --worker=all),
-#      unpack it in --remote-dir and pip install jax[tpu] and the package there (tpu-vm ssh --worker=all)
+#      unpack it in --remote-dir and pip install jax[tpu] and the package with its gcs extra (gcsfs, for gs://
+#      paths) there (tpu-vm ssh --worker=all)
 #   3. run `python train.py --config CONFIG <overrides>` in --remote-dir on all workers at once
 #      (tpu-vm ssh --worker=all). jax finds the other hosts of the slice itself; every worker runs the same
 #      command with the same config. --detach runs it under nohup (log: <remote-dir>/train.log) so that it
 #      survives the ssh session; otherwise the output of all workers streams to this terminal.
 # Everything after `--` is passed to train.py verbatim (quoted for the remote shell), typically
 # --config.<field>=<value> overrides. Put output_dir on storage every worker can reach (e.g. gs://...).
+# gs:// works for output_dir (checkpoints, metrics.jsonl, TensorBoard, base_model/: read and written in place, every
+# worker resumes from it), eval.corpus/queries/qrels (read in place), model_name_or_path and train_data (staged:
+# copied once to each worker's $M3JAX_CACHE_DIR, default ~/.cache/m3jax). The gs:// paths of the overrides are
+# listed on stderr.
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
 . "$(dirname "${BASH_SOURCE[0]}")/launch_lib.sh"  # q, qjoin
 run() {  # print (dry run) or execute one command
@@ -79,9 +84,19 @@ if [[ $INSTALL == 1 ]]; then
   run tar -czf "$ARCHIVE" --exclude=.git --exclude=.venv --exclude=runs --exclude=work_dirs \
       --exclude=__pycache__ --exclude='*.egg-info' -C "$REPO" .
   run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$NAME:m3jax-src.tar.gz" "${GCLOUD_FLAGS[@]}" --worker=all
-  INSTALL_CMD="set -e; rm -rf $(q "$REMOTE_DIR"); mkdir -p $(q "$REMOTE_DIR"); tar -xzf m3jax-src.tar.gz -C $(q "$REMOTE_DIR"); $(q "$PYTHON") -m pip install -U $(q "$JAX_SPEC"); $(q "$PYTHON") -m pip install -e $(q "$REMOTE_DIR")"
+  INSTALL_CMD="set -e; rm -rf $(q "$REMOTE_DIR"); mkdir -p $(q "$REMOTE_DIR"); tar -xzf m3jax-src.tar.gz -C $(q "$REMOTE_DIR"); $(q "$PYTHON") -m pip install -U $(q "$JAX_SPEC"); $(q "$PYTHON") -m pip install -e $(q "$REMOTE_DIR[gcs]")"
   run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_FLAGS[@]}" --worker=all --command="$INSTALL_CMD"
 fi
+
+# Say what the workers do with each gs:// path (stderr: stdout is the commands alone).
+for arg in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
+  case $arg in
+    --config.output_dir=gs://*) echo "output_dir ${arg#*=}: read and written in place by every worker" >&2 ;;
+    --config.model_name_or_path=gs://*|--config.train_data=*gs://*)
+      echo "${arg%%=*}: ${arg#*=} is staged (copied once to each worker's \$M3JAX_CACHE_DIR)" | sed 's/^--config.//' >&2 ;;
+    --config.eval.*=gs://*) echo "${arg%%=*}: ${arg#*=} is read in place" | sed 's/^--config.//' >&2 ;;
+  esac
+done
 
 TRAIN=$(qjoin "$PYTHON" train.py --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
 if [[ $DETACH == 1 ]]; then

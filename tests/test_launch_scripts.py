@@ -51,7 +51,7 @@ TPU_ARGS = ["--name", "m3-pod", "--zone", "us-central2-b", "--project", "my-proj
 
 def _tpu_expected(tmpdir):
     install = ("set -e; rm -rf m3jax; mkdir -p m3jax; tar -xzf m3jax-src.tar.gz -C m3jax; "
-               "python3 -m pip install -U 'jax[tpu]'; python3 -m pip install -e m3jax")
+               "python3 -m pip install -U 'jax[tpu]'; python3 -m pip install -e 'm3jax[gcs]'")
     train = "cd m3jax && python3 train.py --config configs/toy.py --config.output_dir=gs://bucket/runs/m3 " \
             + shlex.quote(TRICKY)
     flags = ["--zone=us-central2-b", "--project=my-proj"]
@@ -81,6 +81,22 @@ def test_tpu_dry_run_prints_every_command(tmp_path):
     remote = shlex.split(shlex.split(lines[-1])[-1][len("--command="):])
     assert remote == ["cd", "m3jax", "&&", "python3", "train.py", "--config", "configs/toy.py",
                       "--config.output_dir=gs://bucket/runs/m3", TRICKY]
+    # stderr says what the workers do with each gs:// path (issue 18)
+    assert result.stderr.splitlines() == ["output_dir gs://bucket/runs/m3: read and written in place by every worker"]
+
+
+def test_tpu_dry_run_names_what_happens_to_each_cloud_path(tmp_path):
+    args = TPU_ARGS[:-2] + ["--config.output_dir=gs://b/run", "--config.model_name_or_path=gs://b/bge-m3",
+                            "--config.train_data=gs://b/data/a,gs://b/data/b", "--config.eval.corpus=gs://b/ev/c.jsonl",
+                            "--config.learning_rate=1e-5"]
+    result = _run("launch_tpu_pod.sh", args, env={"DRY_RUN": "1", "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "output_dir gs://b/run: read and written in place by every worker",
+        "model_name_or_path: gs://b/bge-m3 is staged (copied once to each worker's $M3JAX_CACHE_DIR)",
+        "train_data: gs://b/data/a,gs://b/data/b is staged (copied once to each worker's $M3JAX_CACHE_DIR)",
+        "eval.corpus: gs://b/ev/c.jsonl is read in place"]
+    assert "pip install -e " in result.stdout and "m3jax[gcs]" in result.stdout
 
 
 def test_tpu_real_run_calls_gcloud_as_printed(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
 from m3jax import model as m3model
-from m3jax import trainer
+from m3jax import storage, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def final_params(output_dir):
     """Params of the latest checkpoint, as host numpy (restored without target shardings)."""
     import orbax.checkpoint as ocp
     step = ckpt_lib.Checkpointer(output_dir, read_only=True).latest_step()
-    path = os.path.join(ckpt_lib.checkpoint_dir(output_dir), str(step), "state")
+    path = storage.join(ckpt_lib.checkpoint_dir(output_dir), str(step), "state")  # a local path or a URL
     restored = ocp.StandardCheckpointer().restore(path)
     return step, jax.tree.map(np.asarray, restored["params"])
 
