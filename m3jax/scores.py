@@ -59,14 +59,56 @@ def lexical_vectors(token_weights: jax.Array, input_ids: jax.Array, vocab_size: 
     """Lexical vectors [N, V]: per token id, the max weight over its occurrences; `unused_token_ids` zeroed.
 
     A (batch, vocab) scatter-max: the same numbers as FlagEmbedding's (batch, seq, vocab) scatter + max over seq,
-    with memory (and gradient memory) N*V instead of N*L*V.
+    with memory N*V instead of N*L*V. The gradient is JAX's own rule for the scatter-max, bit for bit, computed
+    by gathers (`_lexical_bwd`) instead of autodiff's extra (batch, vocab) buffers.
     """
+    return _lexical(token_weights, input_ids, vocab_size, tuple(int(t) for t in unused_token_ids))
+
+
+def _lexical_fwd_values(token_weights, input_ids, vocab_size, unused_token_ids):
     rows = jnp.arange(token_weights.shape[0])[:, None]
     lexical = jnp.zeros((token_weights.shape[0], vocab_size), token_weights.dtype).at[rows, input_ids].max(
         token_weights)
     if unused_token_ids:
         lexical = lexical.at[:, jnp.asarray(unused_token_ids)].set(0.0)
     return lexical
+
+
+_lexical = jax.custom_vjp(_lexical_fwd_values, nondiff_argnums=(2, 3))
+
+
+def _lexical_fwd(token_weights, input_ids, vocab_size, unused_token_ids):
+    return _lexical_fwd_values(token_weights, input_ids, vocab_size, unused_token_ids), (token_weights, input_ids)
+
+
+def _lexical_bwd(vocab_size, unused_token_ids, res, g):
+    """JAX's scatter-max gradient (jax/_src/lax/slicing.py, _scatter_extremal_jvp, transposed) without (N, V)
+    buffers: token l of row n gets g[n, id] / k when its weight is the row's max for its id (the max over the
+    id's weights and the zero operand), else 0, where k counts the id's tokens at that max, plus one when the max
+    is the zero operand's (ties share the gradient evenly); unused ids get 0. The max and the tie count come from
+    each row sorted by (id, weight): an id's tokens are then contiguous, its max weight last (O(N*L) memory)."""
+    w, ids = res
+    n, length = w.shape
+    pos = jnp.broadcast_to(jnp.arange(length), (n, length))
+    ids_s, w_s, pos_s = jax.lax.sort((ids, w, pos), dimension=1, num_keys=2)
+    last = jnp.concatenate([ids_s[:, 1:] != ids_s[:, :-1], jnp.ones((n, 1), bool)], axis=1)
+    first = jnp.concatenate([jnp.ones((n, 1), bool), ids_s[:, 1:] != ids_s[:, :-1]], axis=1)
+    end = jax.lax.cummin(jnp.where(last, pos, length), axis=1, reverse=True)  # last index of the token's id
+    start = jax.lax.cummax(jnp.where(first, pos, 0), axis=1)  # its first index
+    top = jnp.maximum(jnp.take_along_axis(w_s, end, axis=1), 0).astype(w.dtype)  # the id's lexical weight
+    wins = w_s == top
+    tied = jnp.cumsum(wins.astype(jnp.int32), axis=1)
+    before = jnp.where(start > 0, jnp.take_along_axis(tied, jnp.maximum(start - 1, 0), axis=1), 0)
+    ties = (jnp.take_along_axis(tied, end, axis=1) - before).astype(w.dtype)
+    coef_s = jnp.where(wins, jnp.where(top == 0, 1.0 / (ties + 1), 1.0 / ties), jnp.zeros((), w.dtype))
+    coef = jnp.zeros_like(w).at[jnp.arange(n)[:, None], pos_s].set(coef_s, unique_indices=True)
+    gathered = jnp.take_along_axis(g, ids, axis=-1)
+    if unused_token_ids:
+        gathered = jnp.where(jnp.isin(ids, jnp.asarray(unused_token_ids)), jnp.zeros((), g.dtype), gathered)
+    return gathered * coef, None
+
+
+_lexical.defvjp(_lexical_fwd, _lexical_bwd)
 
 
 class SparseRows(NamedTuple):
