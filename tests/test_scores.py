@@ -35,27 +35,28 @@ def _inputs(seed: int, n: int, length: int, vocab: int, dtype):
     return jnp.asarray(w, dtype), jnp.asarray(ids)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("unused", [UNUSED, ()])
-def test_lexical_vectors_gradient_equals_autodiff_of_the_scatter_max(dtype, unused):
+def test_lexical_vectors_gradient_equals_autodiff_of_the_scatter_max(dtype, unused, seed):
     vocab = 40
-    for seed in range(3):
-        w, ids = _inputs(seed, 7, 24, vocab, dtype)
-        cot = jnp.asarray(np.random.default_rng(100 + seed).normal(size=(7, vocab)), dtype)
-        mine, vjp_mine = jax.vjp(lambda x: scores.lexical_vectors(x, ids, vocab, unused), w)
-        ref, vjp_ref = jax.vjp(lambda x: _autodiff_lexical(x, ids, vocab, unused), w)
-        np.testing.assert_array_equal(np.asarray(mine, np.float32), np.asarray(ref, np.float32))
-        (g_mine,), (g_ref,) = vjp_mine(cot), vjp_ref(cot)
-        assert g_mine.dtype == g_ref.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(g_mine, np.float32), np.asarray(g_ref, np.float32))
-        # ... and through a loss, under jit (sparse scores and a softmax, as the unified loss uses them)
-        def loss(x, lex):
-            v = lex(x, ids, vocab, unused)
-            return jnp.sum(jax.nn.log_softmax(scores.sparse_scores(v[:3], v) / 0.02, axis=-1)[:, 0])
+    w, ids = _inputs(seed, 7, 24, vocab, dtype)
+    cot = jnp.asarray(np.random.default_rng(100 + seed).normal(size=(7, vocab)), dtype)
+    mine, vjp_mine = jax.vjp(lambda x: scores.lexical_vectors(x, ids, vocab, unused), w)
+    ref, vjp_ref = jax.vjp(lambda x: _autodiff_lexical(x, ids, vocab, unused), w)
+    np.testing.assert_array_equal(np.asarray(mine, np.float32), np.asarray(ref, np.float32))
+    (g_mine,), (g_ref,) = vjp_mine(cot), vjp_ref(cot)
+    assert g_mine.dtype == g_ref.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(g_mine, np.float32), np.asarray(g_ref, np.float32))
 
-        g1 = jax.jit(jax.grad(lambda x: loss(x, scores.lexical_vectors)))(w)
-        g2 = jax.jit(jax.grad(lambda x: loss(x, _autodiff_lexical)))(w)
-        np.testing.assert_array_equal(np.asarray(g1, np.float32), np.asarray(g2, np.float32))
+    # ... and through a loss, under jit (sparse scores and a softmax, as the unified loss uses them)
+    def loss(x, lex):
+        v = lex(x, ids, vocab, unused)
+        return jnp.sum(jax.nn.log_softmax(scores.sparse_scores(v[:3], v) / 0.02, axis=-1)[:, 0])
+
+    g1 = jax.jit(jax.grad(lambda x: loss(x, scores.lexical_vectors)))(w)
+    g2 = jax.jit(jax.grad(lambda x: loss(x, _autodiff_lexical)))(w)
+    np.testing.assert_array_equal(np.asarray(g1, np.float32), np.asarray(g2, np.float32))
 
 
 def test_lexical_vectors_gradient_needs_no_vocab_sized_temporaries():
@@ -77,3 +78,42 @@ def test_lexical_vectors_gradient_needs_no_vocab_sized_temporaries():
           f"one (batch, vocab) fp32 tensor {nv / 2**20:.1f} MiB")
     assert mine < 0.05 * nv
     assert autodiff > nv
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_sparse_token_scores_equal_autodiff_of_the_lexical_vectors_inner_products(grouped):
+    """scores.sparse_token_scores (what the loss's sparse head uses): the same scores and token-weight gradients as
+    autodiff of sparse_scores over the autodiffed scatter-max, bit for bit -- flat and grouped, and vmapped over
+    device blocks as the loss does."""
+    vocab, b, g, lq, lp = 40, 4, 3, 10, 24
+    qw, q_ids = _inputs(0, b, lq, vocab, jnp.float32)
+    pw, p_ids = _inputs(1, b * g, lp, vocab, jnp.float32)
+    if grouped:
+        pw, p_ids = pw.reshape(b, g, lp), p_ids.reshape(b, g, lp)
+    cot = jnp.asarray(np.random.default_rng(7).normal(size=(b, g if grouped else b * g)), jnp.float32)
+
+    def mine(qw, pw):
+        return scores.sparse_token_scores(scores.SparseTokens(qw, q_ids), scores.SparseTokens(pw, p_ids), vocab,
+                                          UNUSED, grouped=grouped)
+
+    def ref(qw, pw):
+        lex = lambda w, i: _autodiff_lexical(w.reshape(-1, w.shape[-1]), i.reshape(-1, i.shape[-1]), vocab,
+                                             UNUSED).reshape(w.shape[:-1] + (vocab,))
+        return scores.sparse_scores(lex(qw, q_ids), lex(pw, p_ids), grouped=grouped)
+
+    for fn in (lambda f: f, jax.jit):
+        s1, vjp1 = jax.vjp(fn(mine), qw, pw)
+        s2, vjp2 = jax.vjp(fn(ref), qw, pw)
+        np.testing.assert_array_equal(s1, s2)
+        for a, c in zip(vjp1(cot), vjp2(cot)):
+            np.testing.assert_array_equal(a, c)
+    if not grouped:  # two device blocks, as losses.m3_loss vmaps the in-batch scores
+        blocks = lambda x: x.reshape((2, x.shape[0] // 2) + x.shape[1:])
+        mine_b = jax.vmap(lambda qw, pw, qi, pi: scores.sparse_token_scores(
+            scores.SparseTokens(qw, qi), scores.SparseTokens(pw, pi), vocab, UNUSED))
+        ref_b = jax.vmap(lambda qw, pw, qi, pi: scores.sparse_scores(
+            _autodiff_lexical(qw, qi, vocab, UNUSED), _autodiff_lexical(pw, pi, vocab, UNUSED)))
+        args = (blocks(qw), blocks(pw), blocks(q_ids), blocks(p_ids))
+        loss = lambda f: lambda qw, pw: jnp.sum(jnp.sin(f(qw, pw, *args[2:])))
+        for x, y in zip(jax.grad(loss(mine_b), (0, 1))(*args[:2]), jax.grad(loss(ref_b), (0, 1))(*args[:2])):
+            np.testing.assert_array_equal(x, y)
