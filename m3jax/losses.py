@@ -177,8 +177,7 @@ def representations(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask
 
 def similarity(head: str, cfg: LossConfig):
     """The head's scores.SIMILARITIES function over `representations`' entries; sparse: scores.sparse_token_scores
-    (the lexical vectors' inner products, their (batch, vocab) vectors rebuilt in the backward pass instead of
-    kept through the rest of the loss)."""
+    (the lexical vectors' inner products, with the same values and gradients in less memory)."""
     if head != "sparse":
         return scores.SIMILARITIES[head]
 

@@ -60,7 +60,7 @@ def lexical_vectors(token_weights: jax.Array, input_ids: jax.Array, vocab_size: 
 
     A (batch, vocab) scatter-max: the same numbers as FlagEmbedding's (batch, seq, vocab) scatter + max over seq,
     with memory N*V instead of N*L*V. The gradient is JAX's own rule for the scatter-max, bit for bit, computed
-    by gathers (`_lexical_bwd`) instead of autodiff's extra (batch, vocab) buffers.
+    from a per-row sort and a gather (`_lexical_bwd`) instead of autodiff's extra (batch, vocab) buffers.
     """
     return _lexical(token_weights, input_ids, vocab_size, tuple(int(t) for t in unused_token_ids))
 
@@ -226,8 +226,8 @@ def _sparse_token_fwd(q, p, vocab_size, unused, grouped, precision):
 
 def _sparse_token_bwd(vocab_size, unused, grouped, precision, res, ct):
     """The transposes autodiff would take (linear_transpose of the same einsum), in a fixed order: the queries'
-    vector gradient from the passages' vectors, then (after an optimization barrier, so the passages' vectors are
-    dead) the passages' from the queries'; each pulled back to token weights by `_lexical_bwd`."""
+    vector gradient from the passages' vectors, then (after an optimization barrier, so the passages' vectors can
+    be freed first) the passages' from the queries'; each pulled back to token weights by `_lexical_bwd`."""
     q, p = res
     q_lex, p_lex = _lexical_of(q, vocab_size, unused), _lexical_of(p, vocab_size, unused)
     score = lambda a, b: sparse_scores(a, b, grouped=grouped, precision=precision)
