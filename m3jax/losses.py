@@ -157,22 +157,35 @@ ENSEMBLE_WEIGHTS = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
 
 def representations(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Array,
                     cfg: LossConfig) -> tuple[dict, dict]:
-    """Model outputs -> what each trained head's similarity (m3jax.scores) reads, for queries and passages.
+    """Model outputs -> what each trained head's similarity (`similarity`) reads, for queries and passages.
 
-    dense: the embeddings; sparse: lexical vectors [N, V]; colbert: TokenVecs, the query's real tokens after cls as
-    its mask, no passage mask (padded passage tokens are zero vectors that join the max, as in FlagEmbedding).
+    dense: the embeddings; sparse: `scores.SparseTokens` (token weights and ids; the similarity builds the lexical
+    vectors); colbert: TokenVecs, the query's real tokens after cls as its mask, no passage mask (padded passage
+    tokens are zero vectors that join the max, as in FlagEmbedding).
     """
     heads = cfg.trained_heads
-    lex = lambda out, ids: scores.lexical_vectors(out["sparse_weights"], ids, cfg.vocab_size,
-                                                  cfg.unused_token_ids)
     qr, pr = {}, {}
     if "dense" in heads:
         qr["dense"], pr["dense"] = q["dense"], p["dense"]
     if "sparse" in heads:
-        qr["sparse"], pr["sparse"] = lex(q, q_ids), lex(p, p_ids)
+        qr["sparse"] = scores.SparseTokens(q["sparse_weights"], q_ids)
+        pr["sparse"] = scores.SparseTokens(p["sparse_weights"], p_ids)
     if "colbert" in heads:
         qr["colbert"], pr["colbert"] = scores.TokenVecs(q["colbert"], q_mask[:, 1:]), scores.TokenVecs(p["colbert"])
     return qr, pr
+
+
+def similarity(head: str, cfg: LossConfig):
+    """The head's scores.SIMILARITIES function over `representations`' entries; sparse: scores.sparse_token_scores
+    (the lexical vectors' inner products, with the same values and gradients in less memory)."""
+    if head != "sparse":
+        return scores.SIMILARITIES[head]
+
+    def sim(q: scores.SparseTokens, p: scores.SparseTokens, *, grouped: bool = False, precision=None):
+        return scores.sparse_token_scores(q, p, cfg.vocab_size, cfg.unused_token_ids, grouped=grouped,
+                                          precision=precision)
+
+    return sim
 
 
 def m3_loss(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Array,
@@ -195,7 +208,7 @@ def m3_loss(q: dict, p: dict, q_ids: jax.Array, p_ids: jax.Array, q_mask: jax.Ar
         """Score tensor [W', B', N] the head's loss runs over (at Matryoshka size `dim`, None: full), and whether
         it is FlagEmbedding's gathered dense term (queries against the passages of all blocks, 1/W of its
         gradient)."""
-        sim, qx, px = scores.SIMILARITIES[head], qr[head], pr[head]
+        sim, qx, px = similarity(head, cfg), qr[head], pr[head]
         if dim is not None:
             qx, px = (scores.truncate(x, dim, cfg.normalize_embeddings) for x in (qx, px))
         if no_in_batch_neg:  # own group only: [1, WB, G]

@@ -347,8 +347,11 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+        from m3jax import sharding
+
         cfg = self.cfg
         x = Embeddings(cfg, name="embeddings")(input_ids, deterministic).astype(cfg.compute_dtype)
+        x = sharding.rows_over_batch_axes(x)  # rows over the batch axes, not hidden like the embedding table
         lengths = attention_mask.astype(jnp.int32).sum(axis=-1)
         layer = Layer
         if cfg.remat_policy != "none":

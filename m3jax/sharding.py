@@ -92,6 +92,21 @@ def current_rules() -> tuple:
     return _TRACING_RULES.get()
 
 
+def rows_over_batch_axes(tree):
+    """Each array's first (row) dimension sharded over the mesh axes of the logical rule "batch" (its other
+    dimensions left to the partitioner), inside a sharded trace (`tracing_context`); as is elsewhere.
+
+    Activations need it where the partitioner would otherwise choose for itself: for a small chunk of rows (the
+    gradient cache's) the TPU partitioner gathered all devices' rows and sharded the hidden dimension like the
+    fsdp-sharded embedding table, so every chip encoded the whole chunk."""
+    axes = rule_axes(current_rules(), "batch")
+    if jax.sharding.get_abstract_mesh().empty or not axes:
+        return tree
+    free = PartitionSpec.UNCONSTRAINED
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *(free,) * (x.ndim - 1))), tree)
+
+
 def num_batch_shards(mesh: Mesh, rules) -> int:
     """Devices the batch is split over (W): each holds one block of queries and their passages."""
     return math.prod(mesh.shape[a] for a in batch_axes(rules))

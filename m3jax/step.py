@@ -129,9 +129,10 @@ def gradient_cache_loss_and_grads(model: m3model.BGEM3, params, batch: dict, rng
     keys = tuple(CACHED_OUTPUTS[h] for h in heads)
 
     def outputs(p, ids, mask, rng):
+        ids, mask = shard_lib.rows_over_batch_axes((ids, mask))
         out = model.apply({"params": p}, ids, mask, deterministic=deterministic, train_encoder=train_encoder,
                           rngs={"dropout": rng})
-        return {k: out[k] for k in keys}
+        return shard_lib.rows_over_batch_axes({k: out[k] for k in keys})
 
     sides = []
     for side, rng in (("query", rng_q), ("passage", rng_p)):
@@ -148,7 +149,7 @@ def gradient_cache_loss_and_grads(model: m3model.BGEM3, params, batch: dict, rng
     def accumulate(grads, args):
         *inputs, cotangent = args
         _, pullback = jax.vjp(lambda p: outputs(p, *inputs), params)
-        return jax.tree.map(jnp.add, grads, pullback(cotangent)[0]), None
+        return jax.tree.map(jnp.add, grads, pullback(shard_lib.rows_over_batch_axes(cotangent))[0]), None
 
     grads = jax.tree.map(jnp.zeros_like, params)
     for (ch, chunks), d_rep in zip(sides, rep_grads):

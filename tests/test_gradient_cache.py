@@ -10,10 +10,12 @@ the uncached step's when its passages are encoded with sub_batch_size = the chun
 chunk (step.Chunking: chunk k draws the k-th of split(key, n) in encode's sub-batches and in both cache passes);
 the dropout cases are compared that way, the dropout-free cases also with several query chunks against the plain
 uncached step. Then: a toy training run matches the uncached run step for step, and the compiled step's temporary
-memory grows with the batch only through the cached representations (XLA memory analysis at two batch sizes).
+memory grows with the batch only through the cached representations (XLA memory analysis at two batch sizes, on
+the tiny model and at bge-m3's dimensions).
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import subprocess
@@ -24,7 +26,7 @@ import numpy as np
 import pytest
 
 from m3jax import config as config_lib
-from m3jax import loading, losses, trainer
+from m3jax import loading, losses, trainer, xla_stats
 from m3jax import sharding as shard_lib
 from m3jax import step as step_lib
 from m3jax.xla_stats import memory_record
@@ -222,3 +224,91 @@ def test_temp_memory_grows_only_through_the_cached_representations(tiny_ckpt, tm
     assert slope <= loss_slope + cache_per_query, (slope, loss_slope, cache_per_query)
     u8, u16 = (_temp_bytes(tiny_ckpt, tmp_path, b, group, **NO_DROPOUT)[0] for b in (8, 16))
     assert (u16 - u8) / 8 > 2 * slope, ((u16 - u8) / 8, slope)
+
+
+# bge-m3's dimensions (hidden 1024, 16 heads, FFN 4096, vocab 250002, colbert 1024) with BGE_M3_LAYERS layers: the
+# slope through the cache does not depend on depth (the cache holds last-layer outputs; a chunk's activations are
+# the same at any batch), and 2 layers keep the two compiles within the CI budget.
+BGE_M3_LAYERS = 2
+BGE_M3_GROUP, BGE_M3_QLEN, BGE_M3_PLEN = 8, 64, 256
+BGE_M3_SLOPE_BATCHES = (128, 256)
+
+
+def _bge_m3_bench(cache: str):
+    from benchmarks import train_step
+
+    class FewLayers(train_step.Bench):
+        def _model_config(self, hf_config):
+            return super()._model_config(dict(hf_config, num_hidden_layers=BGE_M3_LAYERS))
+
+    parser = argparse.ArgumentParser()
+    train_step.add_arguments(parser)
+    args = parser.parse_args(["--mesh", "data=1", "--remat", "none", "--attention", "xla", "--dtype", "bfloat16",
+                              "--gradient-cache", cache])
+    return FewLayers(args, remat="none", for_run=False)
+
+
+def _bge_m3_bytes(bench, queries: int) -> dict:
+    """XLA's memory analysis of the step compiled (never run; abstract state) at queries x 8:64:256."""
+    shape = xla_stats.Shape(queries, BGE_M3_GROUP, BGE_M3_QLEN, BGE_M3_PLEN)
+    compiled, _, _ = bench.compile(shape, abstract=True)
+    return memory_record(compiled)
+
+
+def _bge_m3_loss_bytes(bench, queries: int) -> int:
+    """What the loss alone needs at once at bge-m3's dimensions (as `_loss_bytes`, representations in the cache's
+    dtypes: dense and sparse weights float32, colbert vectors in the compute dtype)."""
+    config, model_cfg = bench.config, bench.model_cfg
+    loss_cfg = step_lib.loss_config_from(config, model_cfg, 1)
+    h, d, g = model_cfg.hidden_size, model_cfg.colbert_out_dim, BGE_M3_GROUP
+    sds = jax.ShapeDtypeStruct
+    reps = lambda n, length: dict(dense=sds((n, h), np.float32), sparse_weights=sds((n, length), np.float32),
+                                  colbert=sds((n, length - 1, d), model_cfg.compute_dtype))
+    ids = lambda n, length: sds((n, length), np.int32)
+
+    def grads(q, p, q_ids, p_ids, q_mask, step):
+        loss = lambda q, p: losses.m3_loss(q, p, q_ids, p_ids, q_mask, None, step, cfg=loss_cfg, group_size=g)[0]
+        return jax.value_and_grad(loss, argnums=(0, 1))(q, p)
+
+    n = queries * g
+    compiled = jax.jit(grads).lower(reps(queries, BGE_M3_QLEN), reps(n, BGE_M3_PLEN), ids(queries, BGE_M3_QLEN),
+                                    ids(n, BGE_M3_PLEN), ids(queries, BGE_M3_QLEN),
+                                    sds((), np.int32)).compile(FAST_COMPILE)
+    rec = memory_record(compiled)
+    return rec["argument_bytes"] + rec["output_bytes"] + rec["temp_bytes"]
+
+
+def test_temp_memory_slope_at_bge_m3_dimensions_is_the_cache_and_the_loss():
+    """The cached step at bge-m3's dimensions (bf16, chunks of 16 rows, remat none, the recipe's loss), compiled on
+    CPU without weights at 128 and 256 queries x 8 passages of 64/256 tokens. At both sizes the loss alone (its
+    inputs, their gradient and its working memory, `_bge_m3_loss_bytes`) is at least 80% of the step's temp, so
+    the peak is in the loss phase. The step's temp grows per query by at most what the loss alone grows by (the
+    cached representations, their gradient, and what the loss derives from them: lexical vectors [N, 250002],
+    score matrices) plus one more copy of the cache (4.15 MiB per query; measured on this 2-core machine: 29.0
+    MiB per query against 33.0 + 4.2), and by at most twice the cache, a float32 copy of its colbert vectors and
+    the lexical vectors (41.9 MiB). The uncached step's slope (every layer's activations of 9 sequences, even at 2 layers: 938 MiB
+    per query at 64 -> 128) is over ten times the bound, so the bound fails when the cache is off."""
+    small, large = BGE_M3_SLOPE_BATCHES
+    bench = _bge_m3_bench("16")
+    t_small, t_large = (_bge_m3_bytes(bench, b)["temp_bytes"] for b in (small, large))
+    l_small, l_large = (_bge_m3_loss_bytes(bench, b) for b in (small, large))
+    slope, loss_slope = (t_large - t_small) / (large - small), (l_large - l_small) / (large - small)
+    h, d, g = bench.model_cfg.hidden_size, bench.model_cfg.colbert_out_dim, BGE_M3_GROUP
+    row = lambda length: 4 * h + 4 * length + 2 * (length - 1) * d  # dense, sparse weights (f32), colbert (bf16)
+    cache_per_query = row(BGE_M3_QLEN) + g * row(BGE_M3_PLEN)
+    bound = loss_slope + cache_per_query
+    mib = lambda x: f"{x / 2**20:.1f} MiB"
+    print(f"bge-m3 dims, {BGE_M3_LAYERS} layers: temp {mib(t_small)} -> {mib(t_large)}, loss alone {mib(l_small)} "
+          f"-> {mib(l_large)}; per query: step {mib(slope)}, loss {mib(loss_slope)}, cache {mib(cache_per_query)}")
+    assert l_small >= 0.8 * t_small and l_large >= 0.8 * t_large, (l_small, t_small, l_large, t_large)
+    assert slope <= bound, (slope, loss_slope, cache_per_query)
+    # ... and in absolute terms: at most the cache, a float32 copy of its colbert vectors (XLA:CPU runs bf16 dots
+    # in float32), the 9 lexical vectors, and a gradient of each (41.9 MiB per query)
+    colbert_f32 = 4 * (BGE_M3_QLEN - 1 + g * (BGE_M3_PLEN - 1)) * d
+    lexical = (1 + g) * 4 * bench.model_cfg.vocab_size
+    assert slope <= 2 * (cache_per_query + colbert_f32 + lexical), (slope, cache_per_query, colbert_f32, lexical)
+    uncached = _bge_m3_bench("off")
+    u_small, u_large = (_bge_m3_bytes(uncached, b)["temp_bytes"] for b in (small // 2, small))
+    u_slope = (u_large - u_small) / (small - small // 2)
+    print(f"uncached: temp {mib(u_small)} -> {mib(u_large)} at {small // 2} -> {small}: {mib(u_slope)} per query")
+    assert u_slope > 10 * bound, (u_slope, bound)
