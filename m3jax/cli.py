@@ -563,6 +563,10 @@ def _add_plan(subparsers) -> None:
                    help="only compile the given shapes (one compile each); skip the largest-batch search")
     p.add_argument("--granularity", type=int, default=1,
                    help="stop the largest-batch search when the gap is at most this (default 1)")
+    p.add_argument("--bisect", dest="predict", action="store_false",
+                   help="narrow the largest-batch search by plain bisection, not by the batch where the memory line "
+                        "through the compiles so far reaches the limit (the default: refused TPU compiles are fast "
+                        "and say the bytes they needed, so the prediction saves fitting compiles)")
     p.add_argument("--search-limit", type=int, default=1024,
                    help="largest per-chip batch the search tries (default 1024; shown as LIMIT+ when it fits)")
     p.add_argument("--output", default=None, help="also write the results to this JSON file")
@@ -590,7 +594,8 @@ def _run_plan(args) -> int:
     target = (plan.tpu_target(args.topology, memory_gib=args.memory_gib) if args.topology
               else plan.local_target(memory_gib=args.memory_gib))
     result = plan.plan(config, target, shapes=shapes, model_config=args.model_config, search=args.search,
-                       granularity=args.granularity, limit=args.search_limit)
+                       granularity=args.granularity, limit=args.search_limit,
+                       predict=args.predict)
     if args.output:
         with atomic_file(args.output) as f:
             json.dump(result, f, indent=2)

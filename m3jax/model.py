@@ -243,7 +243,7 @@ def _splash_attention(q, k, v, lengths, *, interpret: bool):
     padded = -(-length // 128) * 128
     block = next(b for b in (512, 256, 128) if padded % b == 0)
     segments = (jnp.arange(padded)[None, :] < lengths[:, None]).astype(jnp.int32)
-    scale = 1.0 / np.sqrt(q.shape[-1])
+    scale = float(1.0 / np.sqrt(q.shape[-1]))  # a Python float: weakly typed, so q stays in its dtype (bf16)
 
     def local(q, k, v, segments):  # [b, L, n, d] on one shard
         kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((padded, padded))] * q.shape[2]), head_shards=1,

@@ -270,24 +270,48 @@ class Planner:
                            round(time.perf_counter() - t0, 1))
 
     def max_batch(self, shape: Shape, *, granularity: int = 1, limit: int = 1024,
-                  known: dict[int, bool] | None = None) -> tuple[int, int | None, list[dict]]:
+                  known: dict[int, bool] | None = None, predict: bool = True
+                  ) -> tuple[int, int | None, list[dict]]:
         """(largest per-shard batch that fits at shape's GROUP:QLEN:PLEN, smallest that does not, the tries):
-        doubling from shape.batch up to `limit`, then bisection (xla_stats.search_max_batch). `known`: batch ->
-        fits already compiled."""
+        doubling from shape.batch up to `limit`, then narrowing (xla_stats.search_max_batch). With `predict`, each
+        narrowing try is the batch where the memory line through the tries so far reaches the limit: the TPU
+        compiler refuses a step that does not fit in seconds and says how many bytes it needed, so two refused
+        batches predict the boundary and one fitting compile confirms it (bisection when the line misses).
+        `known`: batch -> fits already compiled (or batch -> ShapeResult, which also gives its bytes)."""
         known = dict(known or {})
+        needs: dict[int, float] = {}
+        limits: list[int] = []
+        for b, r in list(known.items()):
+            if isinstance(r, ShapeResult):
+                known[b] = self._note(r, needs, limits)
         tries: list[dict] = []
 
         def fits(b: int) -> bool:
             if b not in known:
                 r = self.check(shape.with_batch(b), flops=False)
-                known[b] = r.fits
-                tries.append(dict(batch=b, fits=r.fits, peak_gib=r.as_dict()["peak_gib"], seconds=r.compile_s))
-                logger.info("%s batch %d: %s (%s)", shape, b, "fits" if r.fits else "does not fit",
-                            r.error or f"{r.as_dict()['peak_gib']} GiB")
+                known[b] = self._note(r, needs, limits)
+                tries.append(dict(batch=b, fits=r.fits, peak_gib=r.as_dict()["peak_gib"], seconds=r.compile_s,
+                                  needed_gib=None if r.needed_bytes is None else round(r.needed_bytes / GIB, 4)))
+                logger.info("%s batch %d: %s (%s, %.0f s)", shape, b, "fits" if r.fits else "does not fit",
+                            r.error or f"{r.as_dict()['peak_gib']} GiB", r.compile_s)
             return known[b]
 
-        best, first_fail = search_max_batch(fits, min(shape.batch, limit), granularity=granularity, limit=limit)
+        def budget() -> float | None:
+            return self.target.budget_bytes or (min(limits) if limits else None)
+
+        best, first_fail = search_max_batch(fits, min(shape.batch, limit), granularity=granularity, limit=limit,
+                                            needs=needs if predict else None, budget=budget)
         return best, first_fail, tries
+
+    @staticmethod
+    def _note(r: ShapeResult, needs: dict, limits: list) -> bool:
+        """Record a result's bytes (peak, or what a refused TPU compile needed) and the compiler's limit."""
+        n = r.peak_bytes if r.peak_bytes is not None else r.needed_bytes
+        if n is not None:
+            needs[r.shape.batch] = n
+        if r.limit_bytes is not None:
+            limits.append(r.limit_bytes)
+        return r.fits
 
     def state_gib(self) -> float:
         return round(self.stepper.state_bytes_per_device() / GIB, 3)
@@ -397,7 +421,7 @@ def _cache_words(config) -> str:
 
 
 def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, model_config: str | None = None,
-         search: bool = True, granularity: int = 1, limit: int = 1024, emit=None) -> dict:
+         search: bool = True, granularity: int = 1, limit: int = 1024, predict: bool = True, emit=None) -> dict:
     """Compile the run's step for every shape on `target`; returns (and `emit`s, as a table) the results."""
     from m3jax import config as config_lib
 
@@ -427,8 +451,8 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
         results.append(r)
         row = dict(label=label, **r.as_dict())
         if search:
-            known = {shape.batch: r.fits}
-            best, first_fail, tries = planner.max_batch(shape, granularity=granularity, limit=limit, known=known)
+            best, first_fail, tries = planner.max_batch(shape, granularity=granularity, limit=limit,
+                                                        known={shape.batch: r}, predict=predict)
             row.update(max_batch=best, first_failing_batch=first_fail, tries=tries)
         rows.append(row)
         flops = "-" if r.matmul_flops is None else f"{r.matmul_flops / 1e12:.2f}"

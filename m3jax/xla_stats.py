@@ -475,10 +475,41 @@ def short(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def search_max_batch(fits: Callable[[int], bool], start: int, *, limit: int = 1 << 16,
-                     granularity: int = 1) -> tuple[int, int | None]:
-    """(largest batch that fits, smallest that does not): doubling from `start`, then bisection until the gap is
-    at most `granularity`. `fits` is assumed monotone. Returns (0, start) if not even batch 1 fits."""
+def predict_boundary(needs: dict[int, float], budget: float) -> float | None:
+    """The batch at which the memory a step needs reaches `budget`, on the straight line through two measured
+    points: `needs` maps batch -> bytes (XLA's peak of a compiled step, or what the TPU compiler said it required
+    when it refused one). The points nearest the boundary on either side when both exist; else the two nearest it
+    on the one side there is; a single point over budget gives the line through the origin. None when the points
+    cannot tell (none, or memory not growing with the batch)."""
+    under = sorted(b for b, n in needs.items() if n <= budget)
+    over = sorted(b for b, n in needs.items() if n > budget)
+    if under and over:
+        pair = (under[-1], over[0])
+    elif len(over) >= 2:
+        pair = (over[0], over[1])
+    elif len(under) >= 2:
+        pair = (under[-2], under[-1])
+    elif over:
+        return over[0] * budget / needs[over[0]]
+    else:
+        return None
+    (b1, n1), (b2, n2) = ((b, needs[b]) for b in pair)
+    slope = (n2 - n1) / (b2 - b1)
+    return None if slope <= 0 else b1 + (budget - n1) / slope
+
+
+def search_max_batch(fits: Callable[[int], bool], start: int, *, limit: int = 1 << 16, granularity: int = 1,
+                     needs: dict[int, float] | None = None, budget: Callable[[], float | None] | None = None
+                     ) -> tuple[int, int | None]:
+    """(largest batch that fits, smallest that does not): doubling from `start`, then narrowing the bracket until
+    the gap is at most `granularity`. `fits` is assumed monotone. Returns (0, start) if not even batch 1 fits.
+
+    Narrowing is bisection, unless `fits` records in `needs` the bytes each batch it tried needs and `budget()`
+    gives the bytes that fit: then each try is the batch where the line through the measured points reaches the
+    budget (`predict_boundary`; memory is close to affine in the batch), and two tries in a row that do not halve
+    the bracket are followed by a bisection step -- the answer is the same, in fewer tries when the line is right.
+    A TPU compile that does not fit is refused in seconds while one that fits takes minutes, so two refused sizes
+    that predict the boundary and one fitting compile that confirms it are the cheap way there."""
     lo, hi = 0, None
     b = max(1, start)
     while hi is None:
@@ -490,10 +521,17 @@ def search_max_batch(fits: Callable[[int], bool], start: int, *, limit: int = 1 
         else:
             hi = b
     gap = 1 if lo == 0 else granularity  # start did not fit: find the exact largest batch below it
+    misses = 0  # guesses in a row that did not halve the bracket
     while hi - lo > gap:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
+        b = (lo + hi) // 2
+        limit_bytes = budget() if (needs is not None and budget is not None and misses < 2) else None
+        guess = predict_boundary(needs, limit_bytes) if limit_bytes else None
+        if guess is not None:
+            b = min(max(int(guess), lo + 1), hi - 1)
+        width = hi - lo
+        if fits(b):
+            lo = b
         else:
-            hi = mid
+            hi = b
+        misses = 0 if guess is None or 2 * (hi - lo) <= width else misses + 1
     return lo, hi

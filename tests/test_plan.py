@@ -13,7 +13,7 @@ import pytest
 
 from m3jax import config as config_lib
 from m3jax import plan, sharding, trainer
-from m3jax.xla_stats import GIB, Shape
+from m3jax.xla_stats import GIB, Shape, predict_boundary, search_max_batch
 
 
 def _config(train_data="", **changes):
@@ -65,6 +65,27 @@ def test_auto_batch_sizes_search_by_compiled_memory_and_cache(tmp_path, monkeypa
     (out / plan.AUTO_BATCH_FILE).write_text(json.dumps(dict(first, table={"0-50": 7, "50-inf": 5})))
     resumed = trainer._auto_batch_sizes(config, model_cfg, mesh, str(out), resuming=True)
     assert dict(resumed.batch_size_by_length) == {"0-50": 7, "50-inf": 5} and config.batch_size_by_length == "auto"
+
+
+def test_largest_batch_from_the_memory_line_of_the_tiny_model():
+    """The search narrows by the memory line through the compiles so far: the same answer as bisection, in no
+    more compiles. On this CPU the tiny model's memory grows a little
+    faster than linearly (0.088 GiB at 11, 0.102 at 13, 0.272 at 32), so the first guesses land just below."""
+    config = _config()
+    model_cfg = plan.model_config_for(config, plan.TINY, "cpu")
+    target = plan.local_target(memory_gib=0.1, devices=jax.devices()[:1])
+    planner = plan.Planner(config, model_cfg, target)
+    best, first_fail, tries = planner.max_batch(Shape(32, 4, 32, 64))
+    by_batch = {t["batch"]: t for t in tries}
+    assert by_batch[best]["fits"] and by_batch[best]["peak_gib"] <= 0.1 < by_batch[first_fail]["peak_gib"]
+    assert first_fail == best + 1 and 8 <= best <= 16
+    peaks = [t["peak_gib"] for t in sorted(tries, key=lambda t: t["batch"])]
+    assert peaks == sorted(peaks)
+    line = predict_boundary({t["batch"]: t["peak_gib"] for t in tries}, 0.1)
+    assert best <= line < first_fail
+    bisection = []  # the batches plain bisection compiles for the same answer
+    assert search_max_batch(lambda b: bisection.append(b) or b <= best, 32) == (best, first_fail)
+    assert len(tries) <= len(bisection)
 
 
 def test_auto_batch_memory_is_required_where_the_device_has_no_limit():

@@ -67,6 +67,18 @@ def test_splash_falls_back_to_xla_below_one_tile():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same XLA computation
 
 
+def test_splash_keeps_bfloat16_inputs_in_bfloat16():
+    """The kernel's output, and so the gradients of q, k and v, stay in the inputs' dtype: a float32 scale would
+    promote q (and the output, and dq) to float32, doubling their memory on TPU (the bge-m3 step on v5e did not
+    fit for it)."""
+    q, k, v, lengths = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _qkv())
+    out = jax.eval_shape(lambda q, k, v: m3model._attention(q, k, v, lengths, _cfg("splash-interpret"), True, None),
+                         q, k, v)
+    grads = jax.eval_shape(jax.grad(lambda q, k, v: jnp.sum(m3model._attention(
+        q, k, v, lengths, _cfg("splash-interpret"), True, None).astype(jnp.float32)), argnums=(0, 1, 2)), q, k, v)
+    assert out.dtype == jnp.bfloat16 and [g.dtype for g in grads] == [jnp.bfloat16] * 3
+
+
 def test_splash_sharded_over_a_cpu_mesh_matches_and_gathers_nothing():
     """Batch over data x fsdp, heads over tensor (the config's rules), on 8 CPU devices: same numbers as XLA's
     attention on one device, and the kernel runs per shard (no all-gather of q, k, v)."""

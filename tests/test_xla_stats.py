@@ -68,6 +68,35 @@ def test_search_max_batch_doubles_then_bisects():
     assert xla_stats.search_max_batch(fits_up_to(100), 4, granularity=1000) == (64, 128)
 
 
+def test_search_max_batch_narrows_by_the_memory_line():
+    """With the bytes of each try (a refused TPU compile says what it needed), the search tries the batch where
+    the line through the measured points reaches the budget: same answer as bisection, fewer (fitting) tries."""
+    def run(need, budget, start, **kw):
+        tried, needs = [], {}
+
+        def fits(b):
+            tried.append(b)
+            needs[b] = need(b)
+            return needs[b] <= budget
+        return xla_stats.search_max_batch(fits, start, needs=needs, budget=lambda: budget, **kw), tried
+
+    affine = lambda b: 100 + 7 * b  # noqa: E731 -- budget 1000: 128 fits, 129 does not
+    assert abs(xla_stats.predict_boundary({8: affine(8), 256: affine(256)}, 1000) - (128 + 4 / 7)) < 1e-9
+    assert abs(xla_stats.predict_boundary({512: affine(512)}, 1000) - 512000 / affine(512)) < 1e-9  # via 0
+    assert xla_stats.predict_boundary({}, 1000) is None and xla_stats.predict_boundary({1: 5, 2: 5}, 9) is None
+    # Doubling as before, then one try to close the bracket instead of bisection's seven (192, 160, ..., 129).
+    assert run(affine, 1000, 8) == ((128, 129), [8, 16, 32, 64, 128, 256, 129])
+    # The start refused: proportional guess (refused too), then the line through the two refused sizes.
+    assert run(affine, 1000, 512) == ((128, 129), [512, 138, 128, 129])
+    assert run(affine, 1000, 512, granularity=8) == ((128, 129), [512, 138, 128, 129])
+    # Memory far from a line: still the exact answer (a guess that does not halve the bracket is followed by a
+    # bisection step).
+    for need in (lambda b: 10 + b * b, lambda b: 2000 if b > 37 else 0, lambda b: 50 * b ** 0.5):
+        (best, fail), tried = run(need, 1000, 4)
+        expect = xla_stats.search_max_batch(lambda b, need=need: need(b) <= 1000, 4)
+        assert (best, fail) == expect and need(best) <= 1000 < need(fail) and len(tried) <= 14
+
+
 def test_oom_becomes_an_error_line():
     assert xla_stats.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB"))
     assert xla_stats.is_oom(MemoryError())
