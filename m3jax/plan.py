@@ -270,14 +270,15 @@ class Planner:
                            round(time.perf_counter() - t0, 1))
 
     def max_batch(self, shape: Shape, *, granularity: int = 1, limit: int = 1024,
-                  known: dict[int, bool] | None = None, predict: bool = True
+                  known: dict[int, bool] | None = None, predict: bool = True, flops: bool = False
                   ) -> tuple[int, int | None, list[dict]]:
         """(largest per-shard batch that fits at shape's GROUP:QLEN:PLEN, smallest that does not, the tries):
         doubling from shape.batch up to `limit`, then narrowing (xla_stats.search_max_batch). With `predict`, each
         narrowing try is the batch where the memory line through the tries so far reaches the limit: the TPU
         compiler refuses a step that does not fit in seconds and says how many bytes it needed, so two refused
         batches predict the boundary and one fitting compile confirms it (bisection when the line misses).
-        `known`: batch -> fits already compiled (or batch -> ShapeResult, which also gives its bytes)."""
+        `known`: batch -> fits already compiled (or batch -> ShapeResult, which also gives its bytes). `flops`:
+        also count each fitting try's matmul FLOPs (the tries' `matmul_flops`)."""
         known = dict(known or {})
         needs: dict[int, float] = {}
         limits: list[int] = []
@@ -288,10 +289,11 @@ class Planner:
 
         def fits(b: int) -> bool:
             if b not in known:
-                r = self.check(shape.with_batch(b), flops=False)
+                r = self.check(shape.with_batch(b), flops=flops)
                 known[b] = self._note(r, needs, limits)
                 tries.append(dict(batch=b, fits=r.fits, peak_gib=r.as_dict()["peak_gib"], seconds=r.compile_s,
-                                  needed_gib=None if r.needed_bytes is None else round(r.needed_bytes / GIB, 4)))
+                                  needed_gib=None if r.needed_bytes is None else round(r.needed_bytes / GIB, 4),
+                                  matmul_flops=r.matmul_flops))
                 logger.info("%s batch %d: %s (%s, %.0f s)", shape, b, "fits" if r.fits else "does not fit",
                             r.error or f"{r.as_dict()['peak_gib']} GiB", r.compile_s)
             return known[b]
@@ -452,8 +454,10 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
         row = dict(label=label, **r.as_dict())
         if search:
             best, first_fail, tries = planner.max_batch(shape, granularity=granularity, limit=limit,
-                                                        known={shape.batch: r}, predict=predict)
-            row.update(max_batch=best, first_failing_batch=first_fail, tries=tries)
+                                                        known={shape.batch: r}, predict=predict, flops=True)
+            at_best = r.as_dict() if best == shape.batch else next((t for t in tries if t["batch"] == best), {})
+            row.update(max_batch=best, first_failing_batch=first_fail, tries=tries,
+                       max_batch_peak_gib=at_best.get("peak_gib"), max_batch_matmul_flops=at_best.get("matmul_flops"))
         rows.append(row)
         flops = "-" if r.matmul_flops is None else f"{r.matmul_flops / 1e12:.2f}"
         peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / GIB:.2f}"
@@ -464,6 +468,14 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
         emit(f"{bucket:<16} {str(shape):<18} {peak:>9} {'yes' if r.fits else 'NO':>5} {flops:>13} {max_b:>10}")
         if r.error:
             emit(f"    {r.error}")
+        if search and row["max_batch"]:
+            over = next((t for t in tries if t["batch"] == row["first_failing_batch"]), None)
+            tflop = row["max_batch_matmul_flops"]
+            emit(f"    largest batch {row['max_batch']}: peak {row['max_batch_peak_gib']} GiB, "
+                 + ("-" if tflop is None else f"{tflop / 1e12:.2f}") + " matmul TFLOP"
+                 + ("" if over is None else f"; {over['batch']} does not fit"
+                    + (f" (temporaries {over['needed_gib']} GiB)" if over["needed_gib"] is not None else
+                       f" (peak {over['peak_gib']} GiB)" if over["peak_gib"] is not None else "")))
     mesh = recommend_mesh(planner, results)
     emit(f"recommended mesh: {mesh['recommended']} ({mesh['reason']})")
     emit(f"{planner.compiles} compiles in {time.perf_counter() - t0:.0f} s")

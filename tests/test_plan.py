@@ -189,3 +189,17 @@ def test_plan_command_on_this_host_against_a_memory_budget(tmp_path, capsys):
     assert "peak" in big["error"] and "> budget 0.05 GiB" in big["error"]
     printed = capsys.readouterr().out
     assert "local cpu" in printed and "2x2:16:32" in printed and "NO" in printed
+
+    # With the search: the largest batch, with its own peak and FLOPs (compiled), and the batch above it refused.
+    assert cli.main(["plan", "--config", os.path.join(repo, "configs", "bge_m3_unified.py"), "--model-config", "tiny",
+                     "--shapes", "32x2:16:32", "--memory-gib", "0.05", "--output", str(out),
+                     "--config.model.dtype=float32", "--config.mesh.data=1"]) == 0
+    (row,) = json.loads(out.read_text())["shapes"]
+    tries = {t["batch"]: t for t in row["tries"]}
+    best, over = row["max_batch"], row["first_failing_batch"]
+    assert 32 < best < 64 and over == best + 1 and not tries[over]["fits"] and tries[over]["peak_gib"] > 0.05
+    assert tries[best]["fits"] and row["max_batch_peak_gib"] == tries[best]["peak_gib"] <= 0.05
+    assert row["max_batch_matmul_flops"] == tries[best]["matmul_flops"] > row["matmul_flops"] > 0
+    printed = capsys.readouterr().out
+    assert f"largest batch {best}: peak {row['max_batch_peak_gib']} GiB" in printed
+    assert f"{over} does not fit (peak {tries[over]['peak_gib']} GiB)" in printed
