@@ -469,7 +469,9 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
         if r.error:
             emit(f"    {r.error}")
         if search and row["max_batch"]:
-            over = next((t for t in tries if t["batch"] == row["first_failing_batch"]), None)
+            first = dict(batch=shape.batch, peak_gib=row["peak_gib"],
+                         needed_gib=None if r.needed_bytes is None else round(r.needed_bytes / GIB, 4))
+            over = next((t for t in [first, *tries] if t["batch"] == row["first_failing_batch"]), None)
             tflop = row["max_batch_matmul_flops"]
             emit(f"    largest batch {row['max_batch']}: peak {row['max_batch_peak_gib']} GiB, "
                  + ("-" if tflop is None else f"{tflop / 1e12:.2f}") + " matmul TFLOP"
