@@ -100,6 +100,24 @@ def test_auto_batch_memory_is_required_where_the_device_has_no_limit():
         config_lib.validate(_config(batch_size_by_length="big"), for_training=False)
 
 
+def test_a_gpu_is_planned_against_its_allocators_limit():
+    """On a GPU host (no accelerator here: a device object that answers as jax's GPU devices do) the budget is the
+    allocator's bytes_limit; --memory-gib overrides it; a CPU, which reports none, must be given one."""
+
+    class FakeGpu:
+        platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+
+        def memory_stats(self):
+            return {"bytes_limit": 79 * GIB, "bytes_in_use": 0}
+
+    target = plan.local_target(devices=[FakeGpu()])
+    assert (target.name, target.platform, target.device_kind) == ("local gpu", "gpu", "NVIDIA H100 80GB HBM3")
+    assert target.hbm_bytes == target.budget_bytes == 79 * GIB
+    assert plan.local_target(memory_gib=40, devices=[FakeGpu()]).budget_bytes == 40 * GIB
+    with pytest.raises(plan.PlanError, match="--memory-gib"):
+        plan.local_target(devices=jax.devices()[:1])
+
+
 def test_plan_compiles_the_gradient_cache_step_the_config_asks_for():
     """`m3jax plan --config.gradient_cache=True` plans the cached step: at 64 queries its compiled memory is below
     the uncached step's, and the header says which step was planned."""
