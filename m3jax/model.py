@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m3jax import scores
+from m3jax import attention, scores, sharding
 from m3jax.config import LORA_TARGETS  # the layer's linear modules LoRA can adapt, in the layer's order
 
 logger = logging.getLogger(__name__)
@@ -196,73 +196,6 @@ class Embeddings(nn.Module):
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
-def _attention(q, k, v, lengths, cfg: ModelConfig, deterministic: bool, dropout_module: nn.Module):
-    """Bidirectional attention over right-padded sequences; q, k, v [B, L, N, D].
-
-    Implementations (cfg.attention_implementation, resolved by m3jax.loading.resolve_attention):
-      xla              XLA's attention; with attention-probability dropout in training, on probabilities it
-                       materialises here
-      cudnn            cuDNN's fused kernel (GPU)
-      splash           the Pallas TPU splash (flash) kernel, `splash-interpret` the same kernel interpreted (CPU
-                       tests); sequences shorter than SPLASH_MIN_LENGTH use XLA's attention (their scores are small)
-    The fused kernels have no dropout: attention-probability dropout is not applied with them (the trainer says so
-    at start).
-    """
-    impl = cfg.attention_implementation
-    if impl == "xla" and cfg.attention_probs_dropout_prob > 0 and not deterministic:
-        logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
-        key_mask = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
-        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        probs = dropout_module(jax.nn.softmax(logits, axis=-1), deterministic=False)
-        return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)
-    if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                            implementation="cudnn")
-    if impl.startswith("splash") and q.shape[1] >= SPLASH_MIN_LENGTH:
-        return _splash_attention(q, k, v, lengths, interpret=impl == "splash-interpret")
-    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="xla")
-
-
-SPLASH_MIN_LENGTH = 128  # TPU tiles are 128 wide: shorter sequences would be padded up to 128
-
-
-def _splash_attention(q, k, v, lengths, *, interpret: bool):
-    """Pallas TPU splash attention (memory linear in the sequence length; scores never materialised).
-
-    Right padding becomes segment ids (real tokens 1, padding 0: a real query sees only real keys), the sequence is
-    padded to a multiple of 128 and cut back after. Inside a sharded computation the kernel runs per shard under
-    shard_map: the batch over the mesh axes of the logical rule "batch", the heads over those of "heads" (the mesh
-    and rules are those set by `m3jax.sharding.tracing_context`); without a mesh it runs as is (one device).
-    """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
-    from m3jax.sharding import current_rules, rule_axes
-
-    length = q.shape[1]
-    padded = -(-length // 128) * 128
-    block = next(b for b in (512, 256, 128) if padded % b == 0)
-    segments = (jnp.arange(padded)[None, :] < lengths[:, None]).astype(jnp.int32)
-    scale = float(1.0 / np.sqrt(q.shape[-1]))  # a Python float: weakly typed, so q stays in its dtype (bf16)
-
-    def local(q, k, v, segments):  # [b, L, n, d] on one shard
-        kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((padded, padded))] * q.shape[2]), head_shards=1,
-                                    q_seq_shards=1, block_sizes=sk.BlockSizes(*(block,) * 8), interpret=interpret)
-        to_heads = lambda x: jnp.swapaxes(jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0))), 1, 2)
-        out = jax.vmap(kernel)(to_heads(q * scale), to_heads(k), to_heads(v),
-                               segment_ids=sk.SegmentIds(q=segments, kv=segments))
-        return jnp.swapaxes(out, 1, 2)[:, :length]
-
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return local(q, k, v, segments)
-    rules = current_rules()
-    batch, heads = rule_axes(rules, "batch") or None, rule_axes(rules, "heads") or None
-    spec = jax.sharding.PartitionSpec(batch, None, heads, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(batch, None)),
-                         out_specs=spec, check_vma=False)(q, k, v, segments)
-
-
 def projections(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]]]:
     """The linear layers of an encoder layer: name -> (input shape, output shape, logical axes of the kernel)."""
     h, n, d, i = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
@@ -326,8 +259,11 @@ class Layer(nn.Module):
             return y
 
         q, k, v = linear("query", x), linear("key", x), linear("value", x)
-        attn = _attention(q, k, v, lengths, cfg, self.deterministic,
-                          nn.Dropout(cfg.attention_probs_dropout_prob, name="attention_dropout"))
+        dropout = None
+        if cfg.attention_probs_dropout_prob > 0 and not self.deterministic:
+            module = nn.Dropout(cfg.attention_probs_dropout_prob, name="attention_dropout")
+            dropout = lambda probs: module(probs, deterministic=False)
+        attn = attention.attention(q, k, v, lengths, implementation=cfg.attention_implementation, dropout=dropout)
         attn = linear("attention_output", attn)
         attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=self.deterministic)
         x = _layer_norm(cfg, "attention_LayerNorm")(attn + x)
@@ -347,8 +283,6 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
-        from m3jax import sharding
-
         cfg = self.cfg
         x = Embeddings(cfg, name="embeddings")(input_ids, deterministic).astype(cfg.compute_dtype)
         x = sharding.rows_over_batch_axes(x)  # rows over the batch axes, not hidden like the embedding table

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from m3jax import attention as m3attention
 from m3jax import model as m3model
 from m3jax import sharding as shard_lib
 from m3jax.config import default_config
@@ -36,7 +37,7 @@ def _qkv(b=3, length=200, n=2, d=16, seed=0):
 
 def _attention_loss(impl):
     def loss(q, k, v, lengths):
-        out = m3model._attention(q, k, v, lengths, _cfg(impl), True, None)
+        out = m3attention.attention(q, k, v, lengths, implementation=_cfg(impl).attention_implementation)
         real = (jnp.arange(q.shape[1])[None, :] < lengths[:, None])[:, :, None, None]
         return jnp.sum(jnp.where(real, out, 0.0) * jnp.cos(jnp.arange(out.size).reshape(out.shape) * 0.1)), out
     return loss
@@ -62,8 +63,8 @@ def test_splash_matches_xla_forward_and_gradient_with_right_padding():
 
 def test_splash_falls_back_to_xla_below_one_tile():
     q, k, v, lengths = _qkv(length=100)
-    a = m3model._attention(q, k, v, lengths, _cfg("xla"), True, None)
-    b = m3model._attention(q, k, v, lengths, _cfg("splash-interpret"), True, None)
+    a = m3attention.attention(q, k, v, lengths, implementation="xla")
+    b = m3attention.attention(q, k, v, lengths, implementation="splash-interpret")
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same XLA computation
 
 
@@ -72,10 +73,10 @@ def test_splash_keeps_bfloat16_inputs_in_bfloat16():
     promote q (and the output, and dq) to float32, doubling their memory on TPU (the bge-m3 step on v5e did not
     fit for it)."""
     q, k, v, lengths = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _qkv())
-    out = jax.eval_shape(lambda q, k, v: m3model._attention(q, k, v, lengths, _cfg("splash-interpret"), True, None),
+    out = jax.eval_shape(lambda q, k, v: m3attention.attention(q, k, v, lengths, implementation="splash-interpret"),
                          q, k, v)
-    grads = jax.eval_shape(jax.grad(lambda q, k, v: jnp.sum(m3model._attention(
-        q, k, v, lengths, _cfg("splash-interpret"), True, None).astype(jnp.float32)), argnums=(0, 1, 2)), q, k, v)
+    grads = jax.eval_shape(jax.grad(lambda q, k, v: jnp.sum(m3attention.attention(
+        q, k, v, lengths, implementation="splash-interpret").astype(jnp.float32)), argnums=(0, 1, 2)), q, k, v)
     assert out.dtype == jnp.bfloat16 and [g.dtype for g in grads] == [jnp.bfloat16] * 3
 
 
