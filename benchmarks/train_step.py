@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import importlib.util
 import json
@@ -52,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import profile_trace
 from benchmarks.torch_reference import auto_sub_batch  # the reference's --sub_batch auto
 from m3jax.plan import MODEL_PRESETS
 from m3jax.xla_stats import (
@@ -237,8 +239,9 @@ class Bench:
 
         source = loading.ModelSource(path="random weights", hf_config=hf_config, tokenizer_dir=None,
                                      colbert_dim=None, has_pooler=False)
-        return loading.model_config(source, loading.ModelSettings.from_run_config(self.config),
-                                    platform=self.target["backend"])
+        cfg = loading.model_config(source, loading.ModelSettings.from_run_config(self.config),
+                                   platform=self.target["backend"])
+        return dataclasses.replace(cfg, scan_unroll=self.args.unroll) if self.args.unroll != 1 else cfg
 
     def _build_stepper(self):
         from m3jax.step import Stepper
@@ -364,6 +367,18 @@ class Bench:
             rec.update(step_s=round(dt, 4), queries_per_s=round(shape.batch * w / dt, 2),
                        tokens_per_s=round(tokens(shape) * w / dt), model_tflops=round(tflops, 1 if tflops >= 1 else 6),
                        loss=round(float(metrics["loss"]), 4), dispatch_s=round(t_dispatch / max(steps, 1), 5))
+            if self.args.profile:
+                out_dir = os.path.join(self.args.profile, f"{shape}".replace(":", "_") + f"_{self.settings.remat}")
+                trace = profile_trace.capture(functools.partial(self._step_again, compiled, batch),
+                                              self.args.profile_steps, out_dir)
+                table = profile_trace.reduce_trace(trace, self.args.profile_steps)
+                with open(os.path.join(out_dir, "profile.json"), "w", encoding="utf-8") as f:
+                    json.dump(table, f)
+                with open(os.path.join(out_dir, "profile.md"), "w", encoding="utf-8") as f:
+                    f.write(profile_trace.markdown(table) + "\n")
+                rec["profile"] = dict(dir=out_dir, **{k: v for k, v in (table["device"] or {}).items()
+                                                      if k in ("busy_ms", "idle_ms", "idle_share", "window_ms",
+                                                               "kernels_per_step", "by_kind")})
             peak, source = device_peak_bytes(jax)
             if peak is None and mem:
                 peak, source = mem["total_bytes"], "memory_analysis"
@@ -376,6 +391,11 @@ class Bench:
             del compiled
             gc.collect()
         return rec
+
+    def _step_again(self, compiled, batch):
+        state, metrics = compiled(self._state, batch)
+        self._state = state
+        return metrics
 
     def fits_by_analysis(self, shape: Shape, budget_bytes: int) -> tuple[bool, dict]:
         rec = self.analyze(shape, hlo=False)
@@ -461,6 +481,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a run-config field (repeatable), e.g. --set lora.rank=16 "
                         "--set \"lora.targets=('query','key','value')\" --set heads=dense,sparse")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, trace --profile-steps more steps with jax.profiler into DIR/<shape>_<remat> and "
+                        "reduce the trace to a table (benchmarks/profile_trace.py): profile.json, profile.md")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps in the --profile trace (default 3)")
+    p.add_argument("--unroll", type=int, default=1,
+                   help="encoder layers per iteration of the layer scan (model.scan_unroll; 1: a loop of one layer, "
+                        "24: bge-m3's layers unrolled)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="also append the JSON lines to this file")
     p.add_argument("--env", action="store_true", help="print versions and devices (one JSON line) and exit")

@@ -25,20 +25,38 @@ from m3jax.sharding import current_rules, rule_axes
 SPLASH_MIN_LENGTH = 128  # TPU tiles are 128 wide: shorter sequences would be padded up to 128
 
 
-def attention(q, k, v, lengths, *, implementation: str, dropout: Callable | None = None):
-    """Attention of q over k, v [B, L, N, D], keys past lengths [B] masked; returns [B, L, N, D]."""
+def attention(q, k, v, lengths, *, implementation: str, dropout: Callable | None = None, dropout_rate: float = 0.0,
+              dropout_seed: int = 0):
+    """Attention of q over k, v [B, L, N, D], keys past lengths [B] masked; returns [B, L, N, D].
+
+    dropout (xla): applied to the probabilities; dropout_rate / dropout_seed (cudnn): the kernel's own dropout."""
     if implementation == "xla" and dropout is not None:
         logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
         key_mask = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = dropout(jax.nn.softmax(logits, axis=-1))
         return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)
+    if implementation == "cudnn" and dropout_rate > 0:
+        return cudnn_attention(q, k, v, lengths, dropout_rate=dropout_rate, seed=dropout_seed)
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
                                             implementation="cudnn")
     if implementation.startswith("splash") and q.shape[1] >= SPLASH_MIN_LENGTH:
         return splash_attention(q, k, v, lengths, interpret=implementation == "splash-interpret")
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="xla")
+
+
+def cudnn_attention(q, k, v, lengths, *, dropout_rate: float, seed: int):
+    """cuDNN's fused attention with its own attention-probability dropout (jax's lower-level cudnn module).
+
+    The kernel draws its keep mask from Philox at (seed, offset) where the offset is a counter of the kernel's
+    executions kept by XLA's runtime per compiled call site; the forward, its recomputation and the backward of one
+    call site agree only when each runs once per step (or in the same order). See m3jax/model.py's cuDNN layer loop.
+    """
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+    return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, scale=float(1.0 / np.sqrt(q.shape[-1])),
+                                 mask_type=MaskType.PADDING, seed=int(seed), dropout_rate=float(dropout_rate))
 
 
 def splash_attention(q, k, v, lengths, *, interpret: bool):

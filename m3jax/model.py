@@ -106,6 +106,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; params are always float32
     attention_implementation: str = "xla"  # xla | cudnn | splash | splash-interpret
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
+    scan_unroll: int = 1  # layers per iteration of the layer scan (num_hidden_layers: no loop)
+    dropout_seed: int = 0  # cuDNN's attention dropout: the first layer's seed (static; layer i uses seed + i)
     lora: LoRAConfig | None = None  # adapters on the encoder (None: none)
 
     @property
@@ -242,6 +244,7 @@ class Layer(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool = True
+    layer_index: int = 0  # static: the cuDNN dropout seed's offset (layers unrolled); 0 under the layer scan
 
     @nn.compact
     def __call__(self, x, lengths):
@@ -263,7 +266,9 @@ class Layer(nn.Module):
         if cfg.attention_probs_dropout_prob > 0 and not self.deterministic:
             module = nn.Dropout(cfg.attention_probs_dropout_prob, name="attention_dropout")
             dropout = lambda probs: module(probs, deterministic=False)
-        attn = attention.attention(q, k, v, lengths, implementation=cfg.attention_implementation, dropout=dropout)
+        rate = 0.0 if self.deterministic else cfg.attention_probs_dropout_prob
+        attn = attention.attention(q, k, v, lengths, implementation=cfg.attention_implementation, dropout=dropout,
+                                   dropout_rate=rate, dropout_seed=cfg.dropout_seed + self.layer_index)
         attn = linear("attention_output", attn)
         attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=self.deterministic)
         x = _layer_norm(cfg, "attention_LayerNorm")(attn + x)
@@ -291,7 +296,7 @@ class Encoder(nn.Module):
         if cfg.remat_policy != "none":
             layer = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
         layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=nn.broadcast, length=cfg.num_hidden_layers,
+                         in_axes=nn.broadcast, length=cfg.num_hidden_layers, unroll=cfg.scan_unroll,
                          metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = layers(cfg, deterministic, name="layers")(x, lengths)
         return x
