@@ -13,7 +13,8 @@ gradients of q, k and v of the same loss for comparison. One JSON line per case:
   scan_remat    the same with jax.checkpoint on the scanned body (the encoder's remat);
   unrolled      `layers` calls in a Python loop with seeds seed + layer (m3jax's cuDNN dropout layout);
   unrolled_same_seed  the same with one seed for every layer: are the masks of the layers the same?
-A case's grads are right when max_rel_err (|g - g_ref| / max|g_ref| over q, k, v) is at bf16 level (< 3e-2).
+Compiled as m3jax compiles its step on GPUs (m3jax.step.GPU_COMPILER_OPTIONS: no command buffers, into which XLA
+cannot record cuDNN's dropout). A case's grads are right when max_rel_err (|g - g_ref| / max|g_ref| over q, k, v) is at bf16 level (< 3e-2).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from m3jax.step import GPU_COMPILER_OPTIONS  # command buffers off: cuDNN's dropout cannot be recorded in them
 
 L, D, N, B = 64, 64, 4, 4
 LENGTHS = (64, 50, 33, 64)
@@ -82,7 +85,8 @@ def check(name, attend, rate, layers, seed=0):
         out = attend(q, k, v, lengths)
         return jnp.sum(jnp.where(row_ok, out.astype(jnp.float32) * w, 0.0)), out
 
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                              compiler_options=GPU_COMPILER_OPTIONS)(q, k, v)
     keeps = [keep_of(out[j], lengths) for j in range(layers)]
 
     def ref_loss(q, k, v):
@@ -123,7 +127,7 @@ def main(argv=None) -> int:
 
     # two calls of one jitted function: the mask of call 2 against call 1
     q, k, v, _, lengths = inputs(0)
-    f = jax.jit(lambda q, k: one(q, k, v, lengths))
+    f = jax.jit(lambda q, k: one(q, k, v, lengths), compiler_options=GPU_COMPILER_OPTIONS)
     a, b = keep_of(f(q[0], k[0]), lengths), keep_of(f(q[0], k[0]), lengths)
     pairs = jnp.broadcast_to(real_pairs(lengths), a.shape)
     agree = float(jnp.sum((a == b) & pairs) / jnp.sum(pairs))

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# The one prepared accelerator run of the benchmarks (about 9.5 minutes of a 15-minute device budget):
+# The one prepared accelerator run of the benchmarks (about 9.5 minutes of a 15-minute device budget), in order of
+# what matters most, each command with its own timeout under one deadline (--budget-s):
 #   1. versions, nvidia-smi                                                       -> env.txt
-#   2. our PyTorch reference step (benchmarks/torch_reference.py), three shapes  -> reference.jsonl
-#   3. m3jax's train step at the same shapes, cuDNN attention, remat full, one process per shape (so that each
-#      peak_gib is that shape's own)                                              -> m3jax.jsonl
-#   4. the largest per-device batch at 512/8192 tokens, train_group_size 8: compiled memory analysis against the
-#      allocator's limit, then the step timed at the batch found                  -> maxbatch.jsonl
-#      and the same search with --sub-batch-size 1 --remat none (no step timed)   -> maxbatch.jsonl
-#   5. m3jax with the gradient cache (chunks of 16 rows, remat none) at 32x8 and 256x8:64:256 -> m3jax.jsonl
-#   6. m3jax at the two shorter shapes with the alternative remat policy           -> m3jax.jsonl
-# Every command has its own timeout and the whole script a deadline (--budget-s): a step that would start with
-# less than 20 s left is skipped. Each command's exit status and time go to status.jsonl, stderr to bench.log.
+#   2. cuDNN's attention dropout against the XLA path: keep rate, forward values and the gradients of q, k, v, in
+#      one call, a scan, a remat'd scan and the layer loop m3jax uses (benchmarks/cudnn_dropout.py) -> cudnn_dropout.jsonl
+#   3. m3jax's train step at the three shapes, cuDNN attention, remat full, one process, each shape profiled
+#      (jax.profiler, reduced by benchmarks/profile_trace.py)                     -> m3jax.jsonl, profiles.*
+#   4. our PyTorch reference step (benchmarks/torch_reference.py) at the long shape -> reference.jsonl
+#   5. m3jax with bge-m3's attention dropout 0.1 on cuDNN (the layer loop) at the short shape -> m3jax.jsonl
+#   6. m3jax with the gradient cache (chunks of 16 rows, remat none) at the short shape, profiled -> m3jax.jsonl
+#   7. m3jax at the short shape with XLA's GPU command buffers on (the old default) -> m3jax.jsonl
+#   8. the reference's largest batch at 8x8:512:8192 (runs steps until OOM), with what time is left -> reference.jsonl
+# A step that would start with less than 20 s left is skipped. Each command's exit status and time go to
+# status.jsonl, stderr to bench.log; at most 8 files come back from the device tool, so profiles are gathered
+# into profiles.md / profiles.jsonl (the traces themselves stay on the machine under /tmp/m3jax_profiles).
 # JSON lines go to $OUT (the device tool's result folder) or --out DIR (default runs/device_bench).
 #
 #   bash benchmarks/device_bench.sh --dry-run                 # print the commands, run nothing
@@ -25,19 +28,20 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 OUT_DIR="${OUT:-$REPO/runs/device_bench}"
 SHAPES="32x8:64:256,8x8:512:2048,8x2:512:8192"
-ALT_SHAPES="32x8:64:256,8x8:512:2048"
-ALT_REMAT="dots_no_batch"
-CACHE_SHAPES="32x8:64:256,256x8:64:256"
+SHORT="32x8:64:256"
+LONG="8x2:512:8192"
+CACHE_SHAPES="32x8:64:256"
 MAX_BATCH_SHAPE="8x8:512:8192"
+PROFILES=/tmp/m3jax_profiles
 REFERENCE="benchmarks/torch_reference.py"
 WHEELS=""
-BUDGET_S=570
+BUDGET_S=575
 DRY_RUN=0
 
 usage() {
   sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-  echo "options: --dry-run --out DIR --reference PATH --wheels DIR --python PY --shapes LIST --alt-remat POLICY"
-  echo "         --alt-shapes LIST --cache-shapes LIST --max-batch-shape SHAPE --budget-s SECONDS"
+  echo "options: --dry-run --out DIR --reference PATH --wheels DIR --python PY --shapes LIST --short SHAPE"
+  echo "         --long SHAPE --cache-shapes LIST --max-batch-shape SHAPE --budget-s SECONDS"
 }
 
 while [ $# -gt 0 ]; do
@@ -48,9 +52,9 @@ while [ $# -gt 0 ]; do
     --wheels) WHEELS="$2"; shift ;;
     --python) PYTHON="$2"; shift ;;
     --shapes) SHAPES="$2"; shift ;;
-    --alt-shapes) ALT_SHAPES="$2"; shift ;;
+    --short) SHORT="$2"; shift ;;
+    --long) LONG="$2"; shift ;;
     --cache-shapes) CACHE_SHAPES="$2"; shift ;;
-    --alt-remat) ALT_REMAT="$2"; shift ;;
     --max-batch-shape) MAX_BATCH_SHAPE="$2"; shift ;;
     --budget-s) BUDGET_S="$2"; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -128,31 +132,40 @@ else
 fi
 run env 60 env.txt "$PYTHON" -m benchmarks.train_step --env
 
-# --- 2. the PyTorch reference ---------------------------------------------------------------------------------
-run reference 150 reference.jsonl "$PYTHON" "$REFERENCE" --configs "$SHAPES" --ckpt 1 --sub_batch auto
+# --- 2. cuDNN's attention dropout against the XLA path (issue 24) ----------------------------------------------
+run "cudnn dropout" 50 cudnn_dropout.jsonl "$PYTHON" -m benchmarks.cudnn_dropout --rate 0.1 --layers 3
 
-# --- 3. m3jax, one process per shape --------------------------------------------------------------------------
-IFS=',' read -r -a SHAPE_LIST <<< "$SHAPES"
-for shape in "${SHAPE_LIST[@]}"; do
-  run "m3jax $shape" 100 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$shape" --attention cudnn --remat full
-done
+# --- 3. m3jax at the three shapes, one process (peak_gib is the process's; analysed_gib each shape's own) -------
+run "m3jax $SHAPES" 200 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$SHAPES" --attention cudnn \
+  --remat full --profile "$PROFILES"
 
-# --- 4. max batch at 512/8192, group 8 -------------------------------------------------------------------------
-run "max batch $MAX_BATCH_SHAPE" 220 maxbatch.jsonl "$PYTHON" -m benchmarks.train_step --find-max-batch "$MAX_BATCH_SHAPE" \
-  --memory-budget-gib auto --granularity 4 --verify --steps 2 --warmup 1 --attention cudnn --remat full
+# --- 4. the PyTorch reference at the long shape ------------------------------------------------------------------
+run "reference $LONG" 70 reference.jsonl "$PYTHON" "$REFERENCE" --configs "$LONG" --ckpt 1 --sub_batch auto
 
-# --- 4b. the same search with passages encoded one per chunk and no per-layer remat (same FLOPs as 4) -----------
-run "max batch $MAX_BATCH_SHAPE sub-batch 1" 150 maxbatch.jsonl "$PYTHON" -m benchmarks.train_step --find-max-batch \
-  "$MAX_BATCH_SHAPE" --memory-budget-gib auto --granularity 4 --attention cudnn --remat none --sub-batch-size 1
+# --- 5. bge-m3's attention dropout on cuDNN: the layer loop (one call site per layer), its cost ------------------
+run "m3jax attention dropout $SHORT" 130 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$SHORT" \
+  --attention cudnn --remat full --attention-dropout 0.1
 
-# --- 5. the gradient cache (issue 13): the same step, chunks of 16 rows re-encoded instead of remat; 32x8 is the
-#        uncached step 3 shape (speed per token side by side), 256x8 a batch the uncached step does not reach ------
-run "m3jax gradient cache" 150 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$CACHE_SHAPES" \
-  --attention cudnn --remat none --gradient-cache 16
+# --- 6. the gradient cache: chunks of 16 rows re-encoded instead of remat, profiled ---------------------------------
+run "m3jax gradient cache" 80 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$CACHE_SHAPES" \
+  --attention cudnn --remat none --gradient-cache 16 --profile "$PROFILES"
 
-# --- 6. the alternative remat policy ---------------------------------------------------------------------------
-run "m3jax remat $ALT_REMAT" 120 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$ALT_SHAPES" --attention cudnn \
-  --remat "$ALT_REMAT"
+# --- 7. XLA's GPU command buffers on (the default before issue 24): dispatch_s and step_s side by side -----------
+run "m3jax command buffers $SHORT" 60 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$SHORT" \
+  --attention cudnn --remat full --set model.gpu_command_buffers=True
+
+# --- 8. the reference's largest batch at the max-batch shape (steps until OOM), with what time is left ----------
+run "reference max batch $MAX_BATCH_SHAPE" 200 reference.jsonl "$PYTHON" "$REFERENCE" --find-max-batch \
+  "$MAX_BATCH_SHAPE" --granularity 2 --steps 1 --warmup 1 --ckpt 1 --sub_batch auto
+
+# --- profiles: the reduced tables into two files (the device tool brings back at most 8) -------------------------
+if [ "$DRY_RUN" != 1 ]; then
+  for d in "$PROFILES"/*/; do
+    [ -f "$d/profile.md" ] || continue
+    { echo "## $(basename "$d")"; cat "$d/profile.md"; echo; } >> "$OUT_DIR/profiles.md"
+    { cat "$d/profile.json"; echo; } >> "$OUT_DIR/profiles.jsonl"
+  done
+fi
 
 if [ "$DRY_RUN" != 1 ]; then
   echo "device_bench.sh: done in $(($(date +%s) - START)) s; results in $OUT_DIR" >&2

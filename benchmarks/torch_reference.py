@@ -3,6 +3,7 @@
     python benchmarks/torch_reference.py --configs 32x8:64:256,8x8:512:2048,8x2:512:8192 --ckpt 1 --sub_batch auto
     python benchmarks/torch_reference.py --configs 2x2:8:16 --layers 1 --hidden 32 --heads 2 --ffn 64 --vocab 100 \\
         --device cpu                                                  # a tiny model on CPU (a smoke test)
+    python benchmarks/torch_reference.py --find-max-batch 8x8:512:8192 --granularity 2 --steps 1 --warmup 1
 
 The step (FlagEmbedding 1.4's EncoderOnlyEmbedderM3Model with unified fine-tuning and self-distillation, one
 process, in-batch negatives, no teacher scores), written here from its definition:
@@ -196,6 +197,41 @@ def run_config(model, optimizer, args, config: str) -> dict:
     return rec
 
 
+def find_max_batch(model, optimizer, args, config: str) -> dict:
+    """The largest batch at GROUP:QLEN:PLEN of `config` whose step runs (one warmup and one timed step each):
+    doubling from BATCH until a step runs out of memory, then bisection to within --granularity."""
+    batch, group, qlen, plen = parse_config(config)
+    tries: list[dict] = []
+
+    def fits(b: int) -> bool:
+        t0 = time.perf_counter()
+        rec = run_config(model, optimizer, args, f"{b}x{group}:{qlen}:{plen}")
+        tries.append(dict(batch=b, fits="error" not in rec, peak_gib=rec["peak_gib"], step_s=rec["step_s"],
+                          seconds=round(time.perf_counter() - t0, 1)))
+        print(json.dumps(dict(rec, mode="find_max_batch_try")), file=sys.stderr, flush=True)
+        return "error" not in rec
+
+    good, bad = 0, None
+    b = max(1, batch)
+    while bad is None and b <= args.limit:
+        if fits(b):
+            good, b = b, b * 2
+        else:
+            bad = b
+    if bad is None:  # everything up to the limit ran
+        return dict(mode="find_max_batch", impl="torch", group=group, qlen=qlen, plen=plen, max_batch=good,
+                    first_failing_batch=None, tries=tries)
+    while bad - good > max(1, args.granularity):
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return dict(mode="find_max_batch", impl="torch", ckpt=int(args.ckpt), group=group, qlen=qlen, plen=plen,
+                sub_batch=auto_sub_batch(plen) if args.sub_batch == "auto" else int(args.sub_batch), max_batch=good,
+                first_failing_batch=bad, tries=tries)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/torch_reference.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,9 +250,16 @@ def main(argv=None) -> int:
     p.add_argument("--max_positions", type=int, default=8194)
     p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout (bge-m3's: 0.1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--find-max-batch", metavar="SHAPE", default=None,
+                   help="largest batch at GROUP:QLEN:PLEN of SHAPE whose step runs, searched from its BATCH by "
+                        "doubling, then bisection (each try: --warmup and --steps steps); one JSON line")
+    p.add_argument("--granularity", type=int, default=1, help="with --find-max-batch: stop when the gap is this")
+    p.add_argument("--limit", type=int, default=1024, help="with --find-max-batch: the largest batch tried")
     args = p.parse_args(argv)
     try:
         configs = [c for c in args.configs.split(",") if c.strip()]
+        if args.find_max_batch:
+            parse_config(args.find_max_batch)
         for c in configs:
             parse_config(c)
         if args.sub_batch != "auto":
@@ -240,6 +283,9 @@ def main(argv=None) -> int:
         model.encoder.gradient_checkpointing_enable()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=cuda)
+    if args.find_max_batch:
+        print(json.dumps(find_max_batch(model, optimizer, args, args.find_max_batch)), flush=True)
+        return 0
     for c in configs:
         print(json.dumps(run_config(model, optimizer, args, c)), flush=True)
     return 0

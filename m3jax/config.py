@@ -175,6 +175,9 @@ def default_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",  # compute dtype: bfloat16 | float32 (params and optimizer state stay float32)
         attention_implementation="auto",  # auto (cudnn on GPU, splash on TPU, xla elsewhere) | xla | cudnn | splash
         remat_policy="full",  # none | full | dots | dots_no_batch
+        # XLA's GPU command buffers (CUDA graphs). Off: inside the layer scan they hold the host for every layer
+        # (the host cannot run ahead of the device) and cuDNN's attention dropout cannot be recorded in them.
+        gpu_command_buffers=False,
         # None: take the checkpoint's config.json values (bge-m3: 0.1 / 0.1), as FlagEmbedding trains with.
         hidden_dropout_prob=ml_collections.config_dict.placeholder(float),
         attention_probs_dropout_prob=ml_collections.config_dict.placeholder(float),
@@ -375,9 +378,15 @@ def _validate_finetune_control(c) -> None:
 
 
 def validate_against_model(config, model_cfg) -> None:
-    """The fields whose bounds depend on the model: freeze_layers_below, mrl_dims (Stepper.build calls this)."""
+    """The fields whose bounds depend on the model: freeze_layers_below, mrl_dims, sub_batch_size with cuDNN's
+    attention dropout (Stepper.build calls this)."""
     _require(config.freeze_layers_below <= model_cfg.num_hidden_layers, "freeze_layers_below",
              f"at most the model's {model_cfg.num_hidden_layers} layers", config.freeze_layers_below)
+    cudnn_dropout = model_cfg.attention_implementation == "cudnn" and model_cfg.attention_probs_dropout_prob > 0
+    _require(not (cudnn_dropout and config.sub_batch_size > 0), "sub_batch_size",
+             "-1 with cuDNN's attention dropout (its keep masks follow the kernel's execution order, which the "
+             "sub-batched backward pass reverses): use gradient_cache=True to bound memory, or "
+             "model.attention_implementation='xla'", config.sub_batch_size)
     largest = max([model_cfg.hidden_size] + ([model_cfg.colbert_out_dim] if config.mrl_colbert else []))
     _require(all(d <= largest for d in mrl_dims(config)), "mrl_dims",
              f"sizes of at most the embedding size ({largest})", tuple(config.mrl_dims))
@@ -454,6 +463,8 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
     _require(c.model.dtype in ("bfloat16", "float32"), "model.dtype", "'bfloat16' or 'float32'", c.model.dtype)
     _require(c.model.attention_implementation in ("auto", "xla", "cudnn", "splash"), "model.attention_implementation",
              "'auto', 'xla', 'cudnn' or 'splash'", c.model.attention_implementation)
+    _require(isinstance(c.model.gpu_command_buffers, bool), "model.gpu_command_buffers", "True or False",
+             c.model.gpu_command_buffers)
     _require(c.model.remat_policy in ("none", "full", "dots", "dots_no_batch"), "model.remat_policy",
              "'none', 'full', 'dots' or 'dots_no_batch'", c.model.remat_policy)
     for axis in ("data", "fsdp", "tensor"):

@@ -281,13 +281,25 @@ class Layer(nn.Module):
         return x, None
 
 
+def unrolls_layers(cfg: ModelConfig, deterministic: bool) -> bool:
+    """Whether the encoder runs its layers as a Python loop instead of the layer scan: with cuDNN's attention
+    dropout in training. cuDNN draws its keep mask at (seed, a counter of the kernel's executions kept per call
+    site), so a call site inside the layer scan would give the backward pass (layers in reverse) other masks than
+    the forward pass had (benchmarks/cudnn_dropout.py shows it on the device); one call site per layer, each run once
+    a step, with its own seed (cfg.dropout_seed + stream * layers + layer) keeps them the same."""
+    return cfg.attention_implementation == "cudnn" and cfg.attention_probs_dropout_prob > 0 and not deterministic
+
+
 class Encoder(nn.Module):
-    """XLMRobertaModel without pooler: input ids [B, L] (right-padded) -> last hidden state [B, L, H]."""
+    """XLMRobertaModel without pooler: input ids [B, L] (right-padded) -> last hidden state [B, L, H].
+
+    `dropout_stream` (a static int) separates the cuDNN dropout seeds of different encodes in one step (queries 0,
+    passages 1); the layer scan's dropout keys already differ by call."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True, dropout_stream: int = 0):
         cfg = self.cfg
         x = Embeddings(cfg, name="embeddings")(input_ids, deterministic).astype(cfg.compute_dtype)
         x = sharding.rows_over_batch_axes(x)  # rows over the batch axes, not hidden like the embedding table
@@ -297,8 +309,22 @@ class Encoder(nn.Module):
             layer = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
         layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                          in_axes=nn.broadcast, length=cfg.num_hidden_layers, unroll=cfg.scan_unroll,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = layers(cfg, deterministic, name="layers")(x, lengths)
+                         metadata_params={nn.PARTITION_NAME: "layers"})(cfg, deterministic, name="layers")
+        if self.is_initializing() or not unrolls_layers(cfg, deterministic):
+            x, _ = layers(x, lengths)
+            return x
+        # The same stacked parameters as the scan's ("layers", leading axis = layer), one layer at a time.
+        stacked = nn.unbox(self.variables["params"]["layers"])
+        rng = self.make_rng("dropout")
+        for i in range(cfg.num_hidden_layers):
+            module = Layer(cfg, deterministic, layer_index=dropout_stream * cfg.num_hidden_layers + i, parent=None)
+
+            def run(p, x, key, module=module):
+                return module.apply({"params": p}, x, lengths, rngs={"dropout": key})[0]
+
+            if cfg.remat_policy != "none":
+                run = jax.checkpoint(run, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+            x = run(jax.tree.map(lambda a, i=i: a[i], stacked), x, jax.random.fold_in(rng, i))
         return x
 
 
@@ -315,8 +341,9 @@ class BGEM3(nn.Module):
         if cfg.has_pooler:
             self.pooler = _dense(cfg.hidden_size, ("embed", "mlp"), "pooler", jnp.float32)
 
-    def __call__(self, input_ids, attention_mask, deterministic: bool = True, train_encoder: bool = True):
-        hidden = self.encoder(input_ids, attention_mask, deterministic)
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True, train_encoder: bool = True,
+                 dropout_stream: int = 0):
+        hidden = self.encoder(input_ids, attention_mask, deterministic, dropout_stream)
         if not train_encoder:  # fix_encoder: no backward pass through the encoder at all
             hidden = jax.lax.stop_gradient(hidden)
         if self.is_initializing() and self.cfg.has_pooler:

@@ -29,6 +29,20 @@ from m3jax import model as m3model
 from m3jax import optimizer as optim
 from m3jax import sharding as shard_lib
 
+# XLA's GPU command buffers (CUDA graphs) update and relaunch a loop body's graph on every iteration of the layer
+# scan, which holds the host until the device has run the iteration before (dispatch_s was 0.39 of a 0.45 s step on
+# an H200, BENCHMARKS.md) and which cuDNN's attention dropout cannot be recorded into. Kernels launched one by one
+# cost the host about 20 ms of a step whose 6,500 kernels average 70 us each: the device stays busy and the host
+# returns at once. Passed to every jit of a step whose devices are GPUs.
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
+
+
+def compiler_options(mesh, *, gpu_command_buffers: bool = False) -> dict | None:
+    """The jit compiler options for the mesh's devices: GPU_COMPILER_OPTIONS on GPUs unless command buffers are
+    wanted (config.model.gpu_command_buffers), none elsewhere."""
+    gpu = mesh.devices.flat[0].platform == "gpu"
+    return dict(GPU_COMPILER_OPTIONS) if gpu and not gpu_command_buffers else None
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -89,10 +103,12 @@ class Chunking:
 
 
 def encode(model: m3model.BGEM3, params, ids, mask, rng, *, deterministic: bool, train_encoder: bool,
-           num_blocks: int, sub_batch_size: int = -1) -> dict:
+           num_blocks: int, sub_batch_size: int = -1, dropout_stream: int = 0) -> dict:
     """Model outputs for a [W*N, L] batch; with sub_batch_size, each device encodes its N rows in chunks whose
-    activations are recomputed in the backward pass (FlagEmbedding's sub_batch_size, as memory control)."""
-    apply = functools.partial(model.apply, deterministic=deterministic, train_encoder=train_encoder)
+    activations are recomputed in the backward pass (FlagEmbedding's sub_batch_size, as memory control).
+    dropout_stream: the static stream of cuDNN's dropout seeds (queries 0, passages 1; m3jax.model.Encoder)."""
+    apply = functools.partial(model.apply, deterministic=deterministic, train_encoder=train_encoder,
+                              dropout_stream=dropout_stream)
     rows = ids.shape[0] // num_blocks
     if sub_batch_size <= 0 or sub_batch_size >= rows:
         return apply({"params": params}, ids, mask, rngs={"dropout": rng})
@@ -128,32 +144,35 @@ def gradient_cache_loss_and_grads(model: m3model.BGEM3, params, batch: dict, rng
     """
     keys = tuple(CACHED_OUTPUTS[h] for h in heads)
 
-    def outputs(p, ids, mask, rng):
+    def outputs(p, ids, mask, rng, stream):
         ids, mask = shard_lib.rows_over_batch_axes((ids, mask))
         out = model.apply({"params": p}, ids, mask, deterministic=deterministic, train_encoder=train_encoder,
-                          rngs={"dropout": rng})
+                          dropout_stream=stream, rngs={"dropout": rng})
         return shard_lib.rows_over_batch_axes({k: out[k] for k in keys})
 
     sides = []
-    for side, rng in (("query", rng_q), ("passage", rng_p)):
+    for stream, (side, rng) in enumerate((("query", rng_q), ("passage", rng_p))):
         ids, mask = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
         rows = max(1, chunk_tokens // ids.shape[1]) if chunk_tokens > 0 else chunk_rows
         ch = Chunking.of(ids.shape[0], num_blocks, rows)
-        sides.append((ch, (ch.split(ids), ch.split(mask), ch.rngs(rng))))
+        sides.append((ch, (ch.split(ids), ch.split(mask), ch.rngs(rng)), stream))
 
     # Pass 1: representations only (nothing is differentiated here, so no activation outlives its chunk).
-    reps = [jax.tree.map(ch.join, jax.lax.map(lambda a: outputs(params, *a), chunks)) for ch, chunks in sides]
+    reps = [jax.tree.map(ch.join, jax.lax.map(lambda a, s=stream: outputs(params, *a, s), chunks))
+            for ch, chunks, stream in sides]
     (loss, parts), rep_grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(*reps)
 
-    # Pass 2: re-encode each chunk and pull its slice of the representation gradient back to the parameters.
-    def accumulate(grads, args):
+    # Pass 2: re-encode each chunk and pull its slice of the representation gradient back to the parameters (chunk
+    # by chunk in pass 1's order, forward and backward in one iteration: cuDNN's dropout masks agree with pass 1's).
+    def accumulate(stream, grads, args):
         *inputs, cotangent = args
-        _, pullback = jax.vjp(lambda p: outputs(p, *inputs), params)
+        _, pullback = jax.vjp(lambda p: outputs(p, *inputs, stream), params)
         return jax.tree.map(jnp.add, grads, pullback(shard_lib.rows_over_batch_axes(cotangent))[0]), None
 
     grads = jax.tree.map(jnp.zeros_like, params)
-    for (ch, chunks), d_rep in zip(sides, rep_grads):
-        grads, _ = jax.lax.scan(accumulate, grads, (*chunks, jax.tree.map(ch.split, d_rep)))
+    for (ch, chunks, stream), d_rep in zip(sides, rep_grads):
+        grads, _ = jax.lax.scan(functools.partial(accumulate, stream), grads,
+                                (*chunks, jax.tree.map(ch.split, d_rep)))
     return (loss, parts), grads
 
 
@@ -186,7 +205,7 @@ def make_loss_and_grads(model: m3model.BGEM3, loss_cfg: losses.LossConfig, *, se
         def loss_fn(params):
             q = enc(params, batch["query_input_ids"], batch["query_attention_mask"], rng_q)
             p = enc(params, batch["passage_input_ids"], batch["passage_attention_mask"], rng_p,
-                    sub_batch_size=sub_batch_size)
+                    sub_batch_size=sub_batch_size, dropout_stream=1)
             return loss_of(q, p)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -247,12 +266,16 @@ class Stepper:
     trainable: Any  # optimizer.trainable_mask of the params
     loss_and_grads: Any  # make_loss_and_grads: what the step differentiates (not jitted; tests and benchmarks)
     _rules: tuple = ()  # config.sharding_rules
+    _gpu_command_buffers: bool = False  # config.model.gpu_command_buffers
     _jitted: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def build(cls, config, model_cfg: m3model.ModelConfig, mesh, total_steps: int) -> Stepper:
         """Everything from the run config: optimizer and schedule, loss settings, shardings by the logical rules."""
         config_lib.validate_against_model(config, model_cfg)
+        # cuDNN's attention dropout takes static seeds (m3jax.model.Encoder): the run's seed spaced past a step's
+        # 2 x layers call sites
+        model_cfg = dataclasses.replace(model_cfg, dropout_seed=int(config.seed) * 1000)
         model = m3model.BGEM3(model_cfg)
         abstract_boxed = m3model.abstract_params(model_cfg)["params"]
         param_shardings = shard_lib.logical_shardings(abstract_boxed, mesh, config.sharding_rules)
@@ -274,7 +297,7 @@ class Stepper:
                                                                     config.sharding_rules))
         return cls(model, tx, schedule, mesh, shard_lib.batch_sharding(mesh, config.sharding_rules), param_shardings,
                    state_shardings, abstract_params, abstract_opt, step_fn, trainable, loss_and_grads,
-                   tuple(tuple(r) for r in config.sharding_rules))
+                   tuple(tuple(r) for r in config.sharding_rules), bool(config.model.gpu_command_buffers))
 
     def parameter_summary(self) -> dict:
         """How many parameters train and how many do not; the optimizer state's size (all devices together)."""
@@ -328,5 +351,6 @@ class Stepper:
                                    has_teacher=has_teacher)
             self._jitted[key] = jax.jit(
                 fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                out_shardings=(self.state_shardings, shard_lib.replicated(self.mesh)), donate_argnums=(0,))
+                out_shardings=(self.state_shardings, shard_lib.replicated(self.mesh)), donate_argnums=(0,),
+                compiler_options=compiler_options(self.mesh, gpu_command_buffers=self._gpu_command_buffers))
         return self._jitted[key]

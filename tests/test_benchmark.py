@@ -293,22 +293,22 @@ def test_device_bench_dry_run_prints_the_commands(tmp_path):
     shapes = "32x8:64:256,8x8:512:2048,8x2:512:8192"
     expected = [
         f"python3 -m benchmarks.train_step --env >> {out}/env.txt",
-        f"python3 benchmarks/torch_reference.py --configs {shapes} --ckpt 1 --sub_batch auto "
-        f">> {out}/reference.jsonl",
-        *[f"python3 -m benchmarks.train_step --shapes {s} --attention cudnn --remat full >> {out}/m3jax.jsonl"
-          for s in shapes.split(",")],
-        "python3 -m benchmarks.train_step --find-max-batch 8x8:512:8192 --memory-budget-gib auto --granularity 4 "
-        f"--verify --steps 2 --warmup 1 --attention cudnn --remat full >> {out}/maxbatch.jsonl",
-        "python3 -m benchmarks.train_step --find-max-batch 8x8:512:8192 --memory-budget-gib auto --granularity 4 "
-        f"--attention cudnn --remat none --sub-batch-size 1 >> {out}/maxbatch.jsonl",
-        "python3 -m benchmarks.train_step --shapes 32x8:64:256,256x8:64:256 --attention cudnn --remat none "
-        f"--gradient-cache 16 >> {out}/m3jax.jsonl",
-        "python3 -m benchmarks.train_step --shapes 32x8:64:256,8x8:512:2048 --attention cudnn --remat dots_no_batch "
+        f"python3 -m benchmarks.cudnn_dropout --rate 0.1 --layers 3 >> {out}/cudnn_dropout.jsonl",
+        f"python3 -m benchmarks.train_step --shapes {shapes} --attention cudnn --remat full --profile "
+        f"/tmp/m3jax_profiles >> {out}/m3jax.jsonl",
+        f"python3 benchmarks/torch_reference.py --configs 8x2:512:8192 --ckpt 1 --sub_batch auto >> {out}/reference.jsonl",
+        "python3 -m benchmarks.train_step --shapes 32x8:64:256 --attention cudnn --remat full --attention-dropout 0.1 "
         f">> {out}/m3jax.jsonl",
+        "python3 -m benchmarks.train_step --shapes 32x8:64:256 --attention cudnn --remat none --gradient-cache 16 "
+        f"--profile /tmp/m3jax_profiles >> {out}/m3jax.jsonl",
+        "python3 -m benchmarks.train_step --shapes 32x8:64:256 --attention cudnn --remat full "
+        f"--set model.gpu_command_buffers=True >> {out}/m3jax.jsonl",
+        "python3 benchmarks/torch_reference.py --find-max-batch 8x8:512:8192 --granularity 2 --steps 1 --warmup 1 "
+        f"--ckpt 1 --sub_batch auto >> {out}/reference.jsonl",
     ]
     assert [c.split(" ", 4)[4] for c in commands] == expected
     limits = [int(c.split()[3]) for c in commands]
-    assert all(0 < t <= 300 for t in limits)  # each bounded; the script's deadline (570 s) bounds the whole
+    assert all(0 < t <= 300 for t in limits)  # each bounded; the script's deadline (575 s) bounds the whole
     assert not out.exists()  # a dry run writes nothing
 
 
@@ -329,15 +329,15 @@ def test_device_bench_runs_each_step_and_records_status(tmp_path):
     assert result.returncode == 0, result.stderr
     calls = log.read_text().splitlines()
     assert calls[0] == "-m benchmarks.train_step --env"
-    assert calls[1].startswith("reference.py --configs 32x8:64:256,8x8:512:2048,8x2:512:8192 --ckpt 1")
-    assert len(calls) == 9 and "--find-max-batch 8x8:512:8192" in calls[5] and "--sub-batch-size 1" in calls[6]
-    assert "--gradient-cache 16" in calls[7]
+    assert calls[1].startswith("-m benchmarks.cudnn_dropout")
+    assert calls[3].startswith("reference.py --configs 8x2:512:8192 --ckpt 1")
+    assert len(calls) == 8 and "--gradient-cache 16" in calls[5] and "--find-max-batch 8x8:512:8192" in calls[7]
     status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
-    assert [s["rc"] for s in status] == [0] * 9
-    assert (out / "reference.jsonl").read_text() == '{"fake": true}\n'
-    assert len((out / "m3jax.jsonl").read_text().splitlines()) == 5
-    assert {p.name for p in out.iterdir()} <= {"env.txt", "reference.jsonl", "m3jax.jsonl", "maxbatch.jsonl",
-                                               "status.jsonl", "bench.log"}  # at most 8 files come back
+    assert [s["rc"] for s in status] == [0] * 8
+    assert (out / "reference.jsonl").read_text() == '{"fake": true}\n{"fake": true}\n'
+    assert len((out / "m3jax.jsonl").read_text().splitlines()) == 4
+    assert {p.name for p in out.iterdir()} <= {"env.txt", "reference.jsonl", "m3jax.jsonl", "cudnn_dropout.jsonl",
+                                               "status.jsonl", "bench.log", "profiles.md", "profiles.jsonl"}  # <= 8
 
 
 def test_device_bench_deadline_skips_the_rest(tmp_path):
@@ -347,5 +347,25 @@ def test_device_bench_deadline_skips_the_rest(tmp_path):
                             "--budget-s", "5"])
     assert result.returncode == 0, result.stderr
     status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
-    assert len(status) == 9 and all(s.get("skipped") == "deadline" for s in status)
+    assert len(status) == 8 and all(s.get("skipped") == "deadline" for s in status)
     assert not log.exists()
+
+
+def test_torch_reference_finds_the_largest_batch_by_doubling_then_bisection(monkeypatch, capsys):
+    """--find-max-batch: a fake step that runs out of memory above 11 queries; the search doubles 3 -> 6 -> 12
+    (OOM), then bisects to 11 (12 fails), each try one step."""
+    tried = []
+
+    def fake(model, optimizer, args, config):
+        b = torch_reference.parse_config(config)[0]
+        tried.append(b)
+        rec = dict.fromkeys(torch_reference.FIELDS)
+        rec.update(batch=b, peak_gib=float(b))
+        return dict(rec, error="OOM") if b > 11 else dict(rec, step_s=0.1)
+
+    monkeypatch.setattr(torch_reference, "run_config", fake)
+    args = type("A", (), dict(granularity=1, limit=1024, ckpt=1, sub_batch="auto"))()
+    rec = torch_reference.find_max_batch(None, None, args, "3x8:512:8192")
+    assert (rec["max_batch"], rec["first_failing_batch"]) == (11, 12)
+    assert tried == [3, 6, 12, 9, 10, 11]
+    assert rec["sub_batch"] == 1 and [t["fits"] for t in rec["tries"]] == [True, True, False, True, True, True]

@@ -173,3 +173,45 @@ def test_colbert_scores_in_passage_blocks_equal_one_block():
         for a, b in zip(jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)(q, p, block_bytes),
                         jax.grad(f, argnums=(0, 1))(q, p, 2**30)):
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_unrolled_layers_equal_the_layer_scan(tiny_ckpt, monkeypatch, policy):
+    """The layer loop of cuDNN's attention dropout (m3jax.model.unrolls_layers) reads the scan's stacked parameters:
+    with dropout rates 0 it computes what the scan computes, and its gradients land in the same stacked layout."""
+    ids, mask = _batch(tiny_ckpt, TEXTS)
+    cfg, params, _ = loading.load_model(tiny_ckpt)
+    cfg = m3model.ModelConfig(**{**cfg.__dict__, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                                 "remat_policy": policy})
+    model = m3model.BGEM3(cfg)
+
+    def loss(p):
+        out = model.apply({"params": p}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
+        return out["dense"].sum() + out["sparse_weights"].sum() + out["colbert"].astype(jnp.float32).sum()
+
+    scan_loss, scan_grads = jax.value_and_grad(loss)(params)
+    monkeypatch.setattr(m3model, "unrolls_layers", lambda cfg, deterministic: not deterministic)
+    jaxpr = str(jax.make_jaxpr(loss)(params))
+    assert "scan[" not in jaxpr and "while[" not in jaxpr  # one call site per layer
+    loop_loss, loop_grads = jax.value_and_grad(loss)(params)
+    np.testing.assert_allclose(loop_loss, scan_loss, rtol=1e-6)
+    # float32 sums in another order: within 1e-6 of the largest gradient (some, like the key bias's, are 0 + noise)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(scan_grads))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6 * scale, rtol=0), loop_grads, scan_grads)
+
+
+def test_unrolled_layers_give_each_layer_and_stream_its_own_cudnn_seed(tiny_ckpt, monkeypatch):
+    """cuDNN's dropout seed is static per call site: layer i of stream s (queries 0, passages 1) gets
+    dropout_seed + s * layers + i, so no two call sites of a step share a keep mask."""
+    ids, mask = _batch(tiny_ckpt, TEXTS[:2])
+    cfg, params, _ = loading.load_model(tiny_ckpt)
+    cfg = m3model.ModelConfig(**{**cfg.__dict__, "dropout_seed": 100})
+    seeds = []
+    monkeypatch.setattr(m3model, "unrolls_layers", lambda cfg, deterministic: not deterministic)
+    monkeypatch.setattr(m3model.attention, "attention",
+                        lambda q, k, v, lengths, **kw: seeds.append(kw["dropout_seed"]) or q)
+    for stream in (0, 1):
+        m3model.BGEM3(cfg).apply({"params": params}, ids, mask, deterministic=False, dropout_stream=stream,
+                                 rngs={"dropout": jax.random.key(0)})
+    n = cfg.num_hidden_layers
+    assert seeds == [100 + i for i in range(2 * n)]
