@@ -14,7 +14,8 @@ gradients of q, k and v of the same loss for comparison. One JSON line per case:
   unrolled      `layers` calls in a Python loop with seeds seed + layer (m3jax's cuDNN dropout layout);
   unrolled_same_seed  the same with one seed for every layer: are the masks of the layers the same?
 Compiled as m3jax compiles its step on GPUs (m3jax.step.GPU_COMPILER_OPTIONS: no command buffers, into which XLA
-cannot record cuDNN's dropout). A case's grads are right when max_rel_err (|g - g_ref| / max|g_ref| over q, k, v) is at bf16 level (< 3e-2).
+cannot record cuDNN's dropout). A case's grads are right when max_rel_err (|g - g_ref| / max|g_ref| over q, k, v)
+is at bf16 level (< 3e-2).
 """
 from __future__ import annotations
 
