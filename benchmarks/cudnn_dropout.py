@@ -13,6 +13,8 @@ gradients of q, k and v of the same loss for comparison. One JSON line per case:
   scan_remat    the same with jax.checkpoint on the scanned body (the encoder's remat);
   unrolled      `layers` calls in a Python loop with seeds seed + layer (m3jax's cuDNN dropout layout);
   unrolled_same_seed  the same with one seed for every layer: are the masks of the layers the same?
+  gradient_cache  pass 1 over chunks by lax.map, pass 2 by a scan with forward and backward per iteration (the
+                order m3jax's gradient cache runs them in), chunks = `layers`.
 Compiled as m3jax compiles its step on GPUs (m3jax.step.GPU_COMPILER_OPTIONS: no command buffers, into which XLA
 cannot record cuDNN's dropout). A case's grads are right when max_rel_err (|g - g_ref| / max|g_ref| over q, k, v)
 is at bf16 level (< 3e-2).
@@ -143,7 +145,32 @@ def main(argv=None) -> int:
             return jax.lax.scan(body, 0, (q, k))[1]
         return attend
 
-    for name, attend in (("scan", scanned(False)), ("scan_remat", scanned(True)),
+    def gradient_cache(q, k, v, lengths):
+        """m3jax's gradient cache (m3jax.step.gradient_cache_loss_and_grads): pass 1 maps the chunks (here the
+        `layers` axis) through one call site; pass 2 re-encodes chunk by chunk in the same order, forward and
+        backward in one scan iteration, through other call sites."""
+        @jax.custom_vjp
+        def cached(q, k, v):
+            return jax.lax.map(lambda x: one(x[0], x[1], v, lengths), (q, k))
+
+        def fwd(q, k, v):
+            return cached(q, k, v), (q, k, v)
+
+        def bwd(res, g):
+            q, k, v = res
+
+            def body(dv, x):
+                _, pull = jax.vjp(lambda a, b, c: one(a, b, c, lengths), *x[:2], v)
+                dq, dk, dv_i = pull(x[2])
+                return dv + dv_i, (dq, dk)
+
+            dv, (dq, dk) = jax.lax.scan(body, jnp.zeros_like(v), (q, k, g.astype(q.dtype)))
+            return dq, dk, dv
+
+        cached.defvjp(fwd, bwd)
+        return cached(q, k, v)
+
+    for name, attend in (("scan", scanned(False)), ("scan_remat", scanned(True)), ("gradient_cache", gradient_cache),
                          ("unrolled", lambda q, k, v, n: jnp.stack([one(q[j], k[j], v, n, s0 + j)
                                                                     for j in range(layers)])),
                          ("unrolled_remat", lambda q, k, v, n: jnp.stack([

@@ -239,9 +239,8 @@ class Bench:
 
         source = loading.ModelSource(path="random weights", hf_config=hf_config, tokenizer_dir=None,
                                      colbert_dim=None, has_pooler=False)
-        cfg = loading.model_config(source, loading.ModelSettings.from_run_config(self.config),
-                                   platform=self.target["backend"])
-        return dataclasses.replace(cfg, scan_unroll=self.args.unroll) if self.args.unroll != 1 else cfg
+        return loading.model_config(source, loading.ModelSettings.from_run_config(self.config),
+                                    platform=self.target["backend"])
 
     def _build_stepper(self):
         from m3jax.step import Stepper
@@ -485,9 +484,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after timing, trace --profile-steps more steps with jax.profiler into DIR/<shape>_<remat> and "
                         "reduce the trace to a table (benchmarks/profile_trace.py): profile.json, profile.md")
     p.add_argument("--profile-steps", type=int, default=3, help="steps in the --profile trace (default 3)")
-    p.add_argument("--unroll", type=int, default=1,
-                   help="encoder layers per iteration of the layer scan (model.scan_unroll; 1: a loop of one layer, "
-                        "24: bge-m3's layers unrolled)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="also append the JSON lines to this file")
     p.add_argument("--env", action="store_true", help="print versions and devices (one JSON line) and exit")

@@ -178,6 +178,9 @@ def default_config() -> ml_collections.ConfigDict:
         # XLA's GPU command buffers (CUDA graphs). Off: inside the layer scan they hold the host for every layer
         # (the host cannot run ahead of the device) and cuDNN's attention dropout cannot be recorded in them.
         gpu_command_buffers=False,
+        # The encoder layers in training: True = nn.scan (fast compiles), False = a loop over the layers (faster
+        # steps, 4x the compile time; needed by cuDNN's attention dropout). None: False on GPU, True elsewhere.
+        scan_layers=ml_collections.config_dict.placeholder(bool),
         # None: take the checkpoint's config.json values (bge-m3: 0.1 / 0.1), as FlagEmbedding trains with.
         hidden_dropout_prob=ml_collections.config_dict.placeholder(float),
         attention_probs_dropout_prob=ml_collections.config_dict.placeholder(float),
@@ -383,6 +386,10 @@ def validate_against_model(config, model_cfg) -> None:
     _require(config.freeze_layers_below <= model_cfg.num_hidden_layers, "freeze_layers_below",
              f"at most the model's {model_cfg.num_hidden_layers} layers", config.freeze_layers_below)
     cudnn_dropout = model_cfg.attention_implementation == "cudnn" and model_cfg.attention_probs_dropout_prob > 0
+    _require(not (cudnn_dropout and model_cfg.scan_layers), "model.scan_layers",
+             "False (or None) with cuDNN's attention dropout: inside the layer scan its keep masks differ between the "
+             "forward and the backward pass; or set model.attention_probs_dropout_prob=0.0 or "
+             "model.attention_implementation='xla'", model_cfg.scan_layers)
     _require(not (cudnn_dropout and config.sub_batch_size > 0), "sub_batch_size",
              "-1 with cuDNN's attention dropout (its keep masks follow the kernel's execution order, which the "
              "sub-batched backward pass reverses): use gradient_cache=True to bound memory, or "

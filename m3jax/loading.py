@@ -52,6 +52,7 @@ class ModelSettings:
     dtype: str = "float32"  # compute dtype; params stay float32
     attention_implementation: str = "auto"  # auto | xla | cudnn | splash (resolve_attention)
     remat_policy: str = "none"
+    scan_layers: bool | None = None  # None: the layer loop (False) in training on GPU, the scan elsewhere
     hidden_dropout_prob: float | None = None  # None: config.json's
     attention_probs_dropout_prob: float | None = None
     # LoRA adapters: None = the source's (a run's config; an HF directory has none); LoRAConfig(rank=0) = none.
@@ -63,7 +64,8 @@ class ModelSettings:
         return cls(sentence_pooling_method=config.sentence_pooling_method,
                    normalize_embeddings=config.normalize_embeddings, colbert_dim=int(config.colbert_dim),
                    dtype=config.model.dtype, attention_implementation=config.model.attention_implementation,
-                   remat_policy=config.model.remat_policy, hidden_dropout_prob=config.model.hidden_dropout_prob,
+                   remat_policy=config.model.remat_policy, scan_layers=config.model.get("scan_layers"),
+                   hidden_dropout_prob=config.model.hidden_dropout_prob,
                    attention_probs_dropout_prob=config.model.attention_probs_dropout_prob,
                    lora=lora_config(config.lora.rank, config.lora.alpha, config.lora.dropout,
                                     config_lib.lora_targets(config)))
@@ -82,6 +84,15 @@ def _lora_of_run_config(run_config: dict) -> LoRAConfig | None:
     return lora_config(lora["rank"], lora["alpha"], lora["dropout"], config_lib.lora_targets(run_config))
 
 
+def platform_of(platform: str | None) -> str:
+    """`platform`, or jax's default backend when None."""
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return platform
+
+
 def resolve_attention(implementation: str, platform: str | None = None) -> str:
     """The attention kernel for `platform` (the devices the step runs or is compiled for; default: jax's default
     backend): 'auto' is cuDNN's fused attention on GPU, Pallas splash attention on TPU and XLA's elsewhere;
@@ -89,10 +100,7 @@ def resolve_attention(implementation: str, platform: str | None = None) -> str:
     if implementation not in ATTENTION_IMPLEMENTATIONS + ("splash-interpret",):
         raise ValueError(f"attention_implementation={implementation!r}: expected one of "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    if platform is None:
-        import jax
-
-        platform = jax.default_backend()
+    platform = platform_of(platform)
     if implementation == "auto":
         return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
     if implementation.startswith("splash"):
@@ -202,6 +210,7 @@ def model_config(source: ModelSource, settings: ModelSettings = ModelSettings(),
         attention_implementation=resolve_attention(settings.attention_implementation, platform),
         remat_policy=settings.remat_policy, hidden_dropout_prob=settings.hidden_dropout_prob,
         attention_probs_dropout_prob=settings.attention_probs_dropout_prob,
+        scan_layers=settings.scan_layers if settings.scan_layers is not None else platform_of(platform) != "gpu",
         lora=lora if lora is not None and lora.rank > 0 else None)
     try:
         return ModelConfig.from_hf_config(source.hf_config, **fields)

@@ -369,3 +369,22 @@ def test_torch_reference_finds_the_largest_batch_by_doubling_then_bisection(monk
     assert (rec["max_batch"], rec["first_failing_batch"]) == (11, 12)
     assert tried == [3, 6, 12, 9, 10, 11]
     assert rec["sub_batch"] == 1 and [t["fits"] for t in rec["tries"]] == [True, True, False, True, True, True]
+
+
+def test_cudnn_dropout_check_runs_every_case_on_a_stand_in_kernel(monkeypatch, capsys):
+    """benchmarks/cudnn_dropout.py on CPU with XLA's attention standing in for cuDNN's (rate 0, nothing dropped):
+    every case reads the keep mask back from the one-hot values and its gradients match the reference, so on the
+    device only the kernel's own masks can make a case differ."""
+    import jax
+
+    from benchmarks import cudnn_dropout
+
+    monkeypatch.setattr(cudnn_dropout, "cudnn", lambda q, k, v, lengths, rate, seed: jax.nn.dot_product_attention(
+        q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths))
+    assert cudnn_dropout.main(["--rate", "0", "--layers", "2"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["case"] for r in records] == ["single", "steps", "scan", "scan_remat", "gradient_cache", "unrolled",
+                                            "unrolled_remat", "unrolled_same_seed"]
+    for r in records[2:] + records[:1]:
+        assert r["keep_rate"] == [1.0] * r["layers"] and r["forward_rel_err"] < 1e-2
+        assert max(r["max_rel_err"].values()) < 3e-2, r

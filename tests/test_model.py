@@ -1,4 +1,5 @@
 """The Flax encoder and heads against transformers' XLMRobertaModel, and the HF <-> Flax weight mapping."""
+import functools
 import os
 import shutil
 
@@ -176,24 +177,26 @@ def test_colbert_scores_in_passage_blocks_equal_one_block():
 
 
 @pytest.mark.parametrize("policy", ["none", "full"])
-def test_unrolled_layers_equal_the_layer_scan(tiny_ckpt, monkeypatch, policy):
-    """The layer loop of cuDNN's attention dropout (m3jax.model.unrolls_layers) reads the scan's stacked parameters:
-    with dropout rates 0 it computes what the scan computes, and its gradients land in the same stacked layout."""
+def test_unrolled_layers_equal_the_layer_scan(tiny_ckpt, policy):
+    """The layer loop (scan_layers=False: GPU training, cuDNN's attention dropout) reads the scan's stacked
+    parameters: with dropout rates 0 it computes what the scan computes, its gradients land in the same stacked
+    layout, and inference keeps the scan."""
     ids, mask = _batch(tiny_ckpt, TEXTS)
     cfg, params, _ = loading.load_model(tiny_ckpt)
     cfg = m3model.ModelConfig(**{**cfg.__dict__, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
                                  "remat_policy": policy})
-    model = m3model.BGEM3(cfg)
+    model, loop_model = m3model.BGEM3(cfg), m3model.BGEM3(m3model.ModelConfig(**{**cfg.__dict__, "scan_layers": False}))
 
-    def loss(p):
+    def loss(p, model=model):
         out = model.apply({"params": p}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
         return out["dense"].sum() + out["sparse_weights"].sum() + out["colbert"].astype(jnp.float32).sum()
 
     scan_loss, scan_grads = jax.value_and_grad(loss)(params)
-    monkeypatch.setattr(m3model, "unrolls_layers", lambda cfg, deterministic: not deterministic)
-    jaxpr = str(jax.make_jaxpr(loss)(params))
+    loop_loss_fn = functools.partial(loss, model=loop_model)
+    jaxpr = str(jax.make_jaxpr(loop_loss_fn)(params))
     assert "scan[" not in jaxpr and "while[" not in jaxpr  # one call site per layer
-    loop_loss, loop_grads = jax.value_and_grad(loss)(params)
+    assert "scan[" in str(jax.make_jaxpr(lambda p: loop_model.apply({"params": p}, ids, mask))(params))  # inference
+    loop_loss, loop_grads = jax.value_and_grad(loop_loss_fn)(params)
     np.testing.assert_allclose(loop_loss, scan_loss, rtol=1e-6)
     # float32 sums in another order: within 1e-6 of the largest gradient (some, like the key bias's, are 0 + noise)
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(scan_grads))
@@ -205,9 +208,8 @@ def test_unrolled_layers_give_each_layer_and_stream_its_own_cudnn_seed(tiny_ckpt
     dropout_seed + s * layers + i, so no two call sites of a step share a keep mask."""
     ids, mask = _batch(tiny_ckpt, TEXTS[:2])
     cfg, params, _ = loading.load_model(tiny_ckpt)
-    cfg = m3model.ModelConfig(**{**cfg.__dict__, "dropout_seed": 100})
+    cfg = m3model.ModelConfig(**{**cfg.__dict__, "dropout_seed": 100, "scan_layers": False})
     seeds = []
-    monkeypatch.setattr(m3model, "unrolls_layers", lambda cfg, deterministic: not deterministic)
     monkeypatch.setattr(m3model.attention, "attention",
                         lambda q, k, v, lengths, **kw: seeds.append(kw["dropout_seed"]) or q)
     for stream in (0, 1):
