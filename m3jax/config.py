@@ -59,8 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
     # "auto": each bucket's batch is the largest whose compiled step fits the device (m3jax/plan.py, cached on disk,
     # saved as <output_dir>/auto_batch_sizes.json); the buckets are the len-LO-HI tags of the data's files.
     c.batch_size_by_length = ml_collections.config_dict.placeholder(object)
-    # Memory per device that batch_size_by_length="auto" sizes against: -1 = the device's own limit (the TPU
-    # compiler's, the GPU allocator's); required (> 0) on CPU, which has none.
+    # Memory per device that batch_size_by_length="auto" and model.remat_policy="auto" size against: -1 = the
+    # device's own limit (the TPU compiler's, the GPU allocator's); CPU has none (batch sizes need one; remat
+    # "auto" then takes "none").
     c.auto_batch_memory_gib = -1.0
     # Texts are padded to the smallest of these lengths that fits (capped at the max_len); bounds the number of
     # compiled step shapes. Empty = powers of two from 32 up (m3jax/padding.py).
@@ -174,7 +175,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         dtype="bfloat16",  # compute dtype: bfloat16 | float32 (params and optimizer state stay float32)
         attention_implementation="auto",  # auto (cudnn on GPU, splash on TPU, xla elsewhere) | xla | cudnn | splash
-        remat_policy="full",  # none | full | dots | dots_no_batch
+        # auto | none | full | dots | dots_no_batch. auto: per compiled step shape, the policy with the least
+        # recomputation whose compiled step fits the device's memory (auto_batch_memory_gib where set), judged by
+        # XLA's memory analysis and logged at start with every candidate's memory; none where no limit is known.
+        remat_policy="auto",
         # XLA's GPU command buffers (CUDA graphs). Off: inside the layer scan they hold the host for every layer
         # (the host cannot run ahead of the device) and cuDNN's attention dropout cannot be recorded in them.
         gpu_command_buffers=False,
@@ -472,8 +476,8 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
              "'auto', 'xla', 'cudnn' or 'splash'", c.model.attention_implementation)
     _require(isinstance(c.model.gpu_command_buffers, bool), "model.gpu_command_buffers", "True or False",
              c.model.gpu_command_buffers)
-    _require(c.model.remat_policy in ("none", "full", "dots", "dots_no_batch"), "model.remat_policy",
-             "'none', 'full', 'dots' or 'dots_no_batch'", c.model.remat_policy)
+    _require(c.model.remat_policy in ("auto", "none", "full", "dots", "dots_no_batch"), "model.remat_policy",
+             "'auto', 'none', 'full', 'dots' or 'dots_no_batch'", c.model.remat_policy)
     for axis in ("data", "fsdp", "tensor"):
         size = c.mesh[axis]
         _require(isinstance(size, int) and (size == -1 or size >= 1), f"mesh.{axis}", "-1 or a positive int", size)

@@ -64,7 +64,10 @@ class ModelSettings:
         return cls(sentence_pooling_method=config.sentence_pooling_method,
                    normalize_embeddings=config.normalize_embeddings, colbert_dim=int(config.colbert_dim),
                    dtype=config.model.dtype, attention_implementation=config.model.attention_implementation,
-                   remat_policy=config.model.remat_policy, scan_layers=config.model.get("scan_layers"),
+                   # "auto" is chosen per compiled shape by the trainer (m3jax.plan.choose_remat); the model's
+                   # own default is the policy that always fits best
+                   remat_policy="full" if config.model.remat_policy == "auto" else config.model.remat_policy,
+                   scan_layers=config.model.get("scan_layers"),
                    hidden_dropout_prob=config.model.hidden_dropout_prob,
                    attention_probs_dropout_prob=config.model.attention_probs_dropout_prob,
                    lora=lora_config(config.lora.rank, config.lora.alpha, config.lora.dropout,

@@ -487,6 +487,64 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# model.remat_policy="auto"
+
+REMAT_BY_RECOMPUTE = ("none", "dots", "dots_no_batch", "full")  # least recomputation first
+
+
+def memory_target(config, mesh) -> Target | None:
+    """The target the "auto" choices judge memory by: the mesh's devices with config.auto_batch_memory_gib, else
+    the device's own limit; None where neither exists (CPU without a budget)."""
+    budget_gib = float(config.auto_batch_memory_gib)
+    try:
+        return local_target(memory_gib=budget_gib if budget_gib > 0 else None, devices=list(mesh.devices.flat))
+    except PlanError:
+        return None
+
+
+def choose_remat(config, model_cfg, mesh, shapes, *, target: Target | None = None) -> list[dict]:
+    """For model.remat_policy="auto": per (Shape per batch shard, has_teacher, no_in_batch_neg) of `shapes`, the
+    policy with the least recomputation (REMAT_BY_RECOMPUTE) whose compiled step fits the memory budget
+    (`memory_target`, or `target`), judged by XLA's memory analysis as `m3jax plan` judges a shape. Returns one
+    dict per shape: shape, policy, candidates (policy, peak_gib, fits; in the order compiled). Compiles stop at the
+    first fitting policy; where none fits, "full" (the step then fails as it would have). Without a budget (CPU
+    and no auto_batch_memory_gib) nothing can be judged: "none", with no candidates."""
+    target = target or memory_target(config, mesh)
+    planners: dict[tuple[str, bool], Planner] = {}
+    out = []
+    for shape, has_teacher, no_in_batch_neg in shapes:
+        if target is None:
+            out.append(dict(shape=str(shape), policy="none", candidates=[], reason="no memory budget to judge by"))
+            continue
+        candidates, chosen = [], None
+        for policy in REMAT_BY_RECOMPUTE:
+            key = (policy, bool(has_teacher))
+            if key not in planners:
+                cfg = config.copy_and_resolve_references()
+                with cfg.unlocked():
+                    cfg.model.remat_policy = policy
+                planners[key] = Planner(cfg, dataclasses.replace(model_cfg, remat_policy=policy), target, mesh=mesh,
+                                        has_teacher=bool(has_teacher))
+            r = planners[key].check(shape, flops=False, no_in_batch_neg=bool(no_in_batch_neg))
+            candidates.append(dict(policy=policy, peak_gib=r.as_dict()["peak_gib"], fits=r.fits,
+                                   compile_s=r.compile_s))
+            if r.fits:
+                chosen = policy
+                break
+        out.append(dict(shape=str(shape), policy=chosen or "full", candidates=candidates,
+                        budget_gib=None if target.budget_bytes is None else round(target.budget_bytes / GIB, 3)))
+    return out
+
+
+def describe_remat_choice(choice: dict) -> str:
+    """One log line: the shape, the chosen policy and every candidate's memory."""
+    tried = ", ".join(f"{c['policy']} {c['peak_gib']} GiB{'' if c['fits'] else ' (does not fit)'}"
+                      for c in choice["candidates"])
+    return f"remat_policy='auto' for {choice['shape']}: {choice['policy']}" + (f" ({tried})" if tried else
+                                                                               f" ({choice.get('reason')})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # batch_size_by_length="auto"
 
 AUTO_BATCH_FILE = "auto_batch_sizes.json"  # in the run's output_dir

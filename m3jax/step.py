@@ -267,6 +267,7 @@ class Stepper:
     loss_and_grads: Any  # make_loss_and_grads: what the step differentiates (not jitted; tests and benchmarks)
     _rules: tuple = ()  # config.sharding_rules
     _gpu_command_buffers: bool = False  # config.model.gpu_command_buffers
+    _step_fn_for: Any = None  # remat policy -> (loss_and_grads, step_fn): the steps of remat_policy="auto"
     _jitted: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -287,17 +288,24 @@ class Stepper:
                                      opt_state=opt_shardings)
         loss_cfg = loss_config_from(config, model_cfg, shard_lib.num_batch_shards(mesh, config.sharding_rules))
         trainable = optim.trainable_mask(abstract_params, config)
-        loss_and_grads = make_loss_and_grads(
-            model, loss_cfg, seed=config.seed, sub_batch_size=config.sub_batch_size,
-            train_encoder=not config.fix_encoder, gradient_cache=bool(config.gradient_cache),
-            gradient_cache_chunk=config.gradient_cache_chunk_size,
-            gradient_cache_tokens=config.gradient_cache_chunk_tokens)
-        step_fn = make_train_step(loss_and_grads, tx, schedule, trainable=trainable,
-                                  tracing_context=functools.partial(shard_lib.tracing_context, mesh,
-                                                                    config.sharding_rules))
+        def step_fn_for(policy: str):
+            """(loss_and_grads, step function) with the encoder under remat `policy` (remat_policy="auto")."""
+            m = model if policy == model_cfg.remat_policy else m3model.BGEM3(
+                dataclasses.replace(model_cfg, remat_policy=policy))
+            lag = make_loss_and_grads(
+                m, loss_cfg, seed=config.seed, sub_batch_size=config.sub_batch_size,
+                train_encoder=not config.fix_encoder, gradient_cache=bool(config.gradient_cache),
+                gradient_cache_chunk=config.gradient_cache_chunk_size,
+                gradient_cache_tokens=config.gradient_cache_chunk_tokens)
+            return lag, make_train_step(lag, tx, schedule, trainable=trainable,
+                                        tracing_context=functools.partial(shard_lib.tracing_context, mesh,
+                                                                          config.sharding_rules))
+
+        loss_and_grads, step_fn = step_fn_for(model_cfg.remat_policy)
         return cls(model, tx, schedule, mesh, shard_lib.batch_sharding(mesh, config.sharding_rules), param_shardings,
                    state_shardings, abstract_params, abstract_opt, step_fn, trainable, loss_and_grads,
-                   tuple(tuple(r) for r in config.sharding_rules), bool(config.model.gpu_command_buffers))
+                   tuple(tuple(r) for r in config.sharding_rules), bool(config.model.gpu_command_buffers),
+                   step_fn_for)
 
     def parameter_summary(self) -> dict:
         """How many parameters train and how many do not; the optimizer state's size (all devices together)."""
@@ -343,11 +351,14 @@ class Stepper:
         """This process's slice of a batch -> global arrays sharded like the step expects (no host sync)."""
         return shard_lib.global_batch(local_batch, self.batch_sharding)
 
-    def step(self, group_size: int, no_in_batch_neg: bool, has_teacher: bool):
-        """The jitted step for one batch kind (donates the state); each new input shape compiles once more."""
-        key = (group_size, no_in_batch_neg, has_teacher)
+    def step(self, group_size: int, no_in_batch_neg: bool, has_teacher: bool, remat: str | None = None):
+        """The jitted step for one batch kind (donates the state); each new input shape compiles once more. `remat`:
+        the encoder's remat policy for this step (remat_policy="auto" chooses per shape), default the model's."""
+        remat = remat or self.model.cfg.remat_policy
+        key = (group_size, no_in_batch_neg, has_teacher, remat)
         if key not in self._jitted:
-            fn = functools.partial(self.step_fn, group_size=group_size, no_in_batch_neg=no_in_batch_neg,
+            step_fn = self.step_fn if remat == self.model.cfg.remat_policy else self._step_fn_for(remat)[1]
+            fn = functools.partial(step_fn, group_size=group_size, no_in_batch_neg=no_in_batch_neg,
                                    has_teacher=has_teacher)
             self._jitted[key] = jax.jit(
                 fn, in_shardings=(self.state_shardings, self.batch_sharding),

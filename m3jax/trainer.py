@@ -11,10 +11,11 @@ import jax
 
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import distributed, evaluate, loading, selection, storage
+from m3jax import distributed, evaluate, loading, plan, selection, storage
 from m3jax import sharding as shard_lib
 from m3jax.metrics import MetricsLogger, NonFiniteLossError
 from m3jax.step import Stepper, TrainState
+from m3jax.xla_stats import Shape
 
 __all__ = ["train", "NonFiniteLossError", "Stepper", "TrainState"]
 
@@ -75,6 +76,15 @@ def train(config) -> dict:
 
     # --- the step, and the state: restored, or the pretrained params put straight into their shardings --------
     stepper = Stepper.build(config, model_cfg, mesh, total_steps)
+    remat_of = {}  # BatchShape -> remat policy, for remat_policy="auto"
+    if config.model.remat_policy == "auto":
+        choices = plan.choose_remat(config, model_cfg, mesh, [
+            (Shape(s.global_batch // num_blocks, s.group_size, s.query_len, s.passage_len), s.has_teacher,
+             s.no_in_batch_neg) for s in shapes])
+        for s, choice in zip(shapes, choices):
+            logger.info("%s", plan.describe_remat_choice(choice))
+            remat_of[(s.global_batch, s.group_size, s.query_len, s.passage_len, s.has_teacher,
+                      s.no_in_batch_neg)] = choice["policy"]
     counts = stepper.parameter_summary()
     logger.info("parameters: %s train, %s frozen (heads trained: %s%s); optimizer state %.1f MiB",
                 f"{counts['trained']:,}", f"{counts['frozen']:,}", ", ".join(config_lib.trained_heads(config)),
@@ -131,7 +141,9 @@ def train(config) -> dict:
                 arrays = {k: local[k] for k in ("query_input_ids", "query_attention_mask", "passage_input_ids",
                                                 "passage_attention_mask", "teacher_scores")}
                 tokens = int(arrays["query_attention_mask"].sum() + arrays["passage_attention_mask"].sum())
-                state, metrics = stepper.step(*kind)(state, stepper.global_batch(arrays))
+                shape = (arrays["query_input_ids"].shape[0] * jax.process_count(), kind[0],
+                         arrays["query_input_ids"].shape[1], arrays["passage_input_ids"].shape[1], kind[2], kind[1])
+                state, metrics = stepper.step(*kind, remat=remat_of.get(shape))(state, stepper.global_batch(arrays))
                 metrics_log.add(step, metrics, tokens * jax.process_count())
                 step += 1
                 if step % config.logging_steps == 0 or step == total_steps:
@@ -160,8 +172,6 @@ def train(config) -> dict:
 def _auto_batch_sizes(config, model_cfg, mesh, output_dir: str, *, resuming: bool):
     """config with batch_size_by_length="auto" resolved (m3jax.plan.auto_batch_sizes), the table logged and saved
     as <output_dir>/auto_batch_sizes.json; a resumed run reads that file back (its data plan must not change)."""
-    from m3jax import plan
-
     path = storage.join(output_dir, plan.AUTO_BATCH_FILE)
     if resuming and storage.isfile(path):
         chosen = json.loads(storage.read_bytes(path))

@@ -221,3 +221,47 @@ def test_plan_command_on_this_host_against_a_memory_budget(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"largest batch {best}: peak {row['max_batch_peak_gib']} GiB" in printed
     assert f"{over} does not fit (peak {tries[over]['peak_gib']} GiB)" in printed
+
+
+def test_remat_auto_takes_the_least_recompute_that_fits_the_budget(monkeypatch):
+    """model.remat_policy="auto" (m3jax.plan.choose_remat): candidates compile in the order of least recomputation
+    (none, dots, dots_no_batch, full) and the first whose compiled step fits the budget is taken; compiles stop
+    there. One real compile (everything fits: none), then the planner's compiled peaks stood in for, so that the
+    order and the stopping are checked without four compiles per case."""
+    config = _config()
+    config.model.remat_policy = "auto"
+    config.auto_batch_memory_gib = 100.0
+    model_cfg = plan.model_config_for(config, plan.TINY, "cpu")
+    assert model_cfg.remat_policy == "full"  # the model's own default under "auto"
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    shape = Shape(2, 4, 32, 64)
+    (choice,) = plan.choose_remat(config, model_cfg, mesh, [(shape, False, False)])
+    assert choice["policy"] == "none" and [c["policy"] for c in choice["candidates"]] == ["none"]
+    assert choice["candidates"][0]["fits"] and 0 < choice["candidates"][0]["peak_gib"] < 1 and choice["budget_gib"] == 100
+
+    peaks = {"none": 3.0, "dots": 2.5, "dots_no_batch": 1.5, "full": 1.0}  # GiB
+    compiled = []
+
+    def check(self, shape, *, flops=True, no_in_batch_neg=False):
+        policy = self.model_cfg.remat_policy
+        compiled.append((policy, no_in_batch_neg, self.has_teacher))
+        fits = peaks[policy] <= self.target.budget_bytes / GIB
+        return plan.ShapeResult(shape, fits, int(peaks[policy] * GIB), {}, None, None, 0.1)
+
+    monkeypatch.setattr(plan.Planner, "check", check)
+    config.auto_batch_memory_gib = 2.0
+    first, second = plan.choose_remat(config, model_cfg, mesh, [(shape, True, False), (shape.with_batch(4), False, True)])
+    assert first["policy"] == second["policy"] == "dots_no_batch"
+    assert [c["policy"] for c in first["candidates"]] == ["none", "dots", "dots_no_batch"]  # stops at the first fit
+    assert [c["fits"] for c in first["candidates"]] == [False, False, True]
+    assert compiled[:3] == [("none", False, True), ("dots", False, True), ("dots_no_batch", False, True)]
+    assert compiled[3:] == [("none", True, False), ("dots", True, False), ("dots_no_batch", True, False)]
+    line = plan.describe_remat_choice(first)
+    assert line == ("remat_policy='auto' for 2x4:32:64: dots_no_batch (none 3.0 GiB (does not fit), dots 2.5 GiB "
+                    "(does not fit), dots_no_batch 1.5 GiB)")
+    config.auto_batch_memory_gib = 0.5  # nothing fits: full, which then fails as it would have
+    (choice,) = plan.choose_remat(config, model_cfg, mesh, [(shape, False, False)])
+    assert choice["policy"] == "full" and len(choice["candidates"]) == 4
+    config.auto_batch_memory_gib = -1.0  # CPU reports no limit: nothing to judge by
+    (choice,) = plan.choose_remat(config, model_cfg, mesh, [(shape, False, False)])
+    assert choice["policy"] == "none" and choice["candidates"] == []
