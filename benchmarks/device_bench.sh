@@ -3,14 +3,16 @@
 # what matters most, each command with its own timeout under one deadline (--budget-s):
 #   1. versions, nvidia-smi                                                       -> env.txt
 #   2. cuDNN's attention dropout against the XLA path: keep rate, forward values and the gradients of q, k, v, in
-#      one call, a scan, a remat'd scan and the layer loop m3jax uses (benchmarks/cudnn_dropout.py) -> cudnn_dropout.jsonl
-#   3. m3jax's train step at the three shapes, cuDNN attention, remat full, one process, each shape profiled
+#      one call, a scan, a remat'd scan, the gradient cache's order and the layer loop m3jax uses
+#      (benchmarks/cudnn_dropout.py)                                              -> cudnn_dropout.jsonl
+#   3. m3jax's train step at the short and the long shape as bge-m3 trains (attention dropout 0.1 on cuDNN, the
+#      layer loop, remat auto: each candidate policy compiled until one fits), one process, profiled
 #      (jax.profiler, reduced by benchmarks/profile_trace.py)                     -> m3jax.jsonl, profiles.*
 #   4. our PyTorch reference step (benchmarks/torch_reference.py) at the long shape -> reference.jsonl
-#   5. m3jax with bge-m3's attention dropout 0.1 on cuDNN (the layer loop) at the short shape -> m3jax.jsonl
-#   6. m3jax with the gradient cache (chunks of 16 rows, remat none) at the short shape, profiled -> m3jax.jsonl
-#   7. m3jax at the short shape with XLA's GPU command buffers on (the old default) -> m3jax.jsonl
-#   8. the reference's largest batch at 8x8:512:8192 (runs steps until OOM), with what time is left -> reference.jsonl
+#   5. m3jax with the gradient cache (chunks of 16 rows, remat none) at the short shape, profiled -> m3jax.jsonl
+#   6. m3jax at the middle shape, remat full                                      -> m3jax.jsonl
+#   7. the reference's largest batch at 8x8:512:8192 (runs steps until OOM), with what time is left -> reference.jsonl
+# With the layer loop a bge-m3 shape compiles in about 100 s (the scan: 25 s).
 # A step that would start with less than 20 s left is skipped. Each command's exit status and time go to
 # status.jsonl, stderr to bench.log; at most 8 files come back from the device tool, so profiles are gathered
 # into profiles.md / profiles.jsonl (the traces themselves stay on the machine under /tmp/m3jax_profiles).
@@ -27,8 +29,8 @@ set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 OUT_DIR="${OUT:-$REPO/runs/device_bench}"
-SHAPES="32x8:64:256,8x8:512:2048,8x2:512:8192"
-SHORT="32x8:64:256"
+SHAPES="32x8:64:256,8x2:512:8192"
+MIDDLE="8x8:512:2048"
 LONG="8x2:512:8192"
 CACHE_SHAPES="32x8:64:256"
 MAX_BATCH_SHAPE="8x8:512:8192"
@@ -40,7 +42,7 @@ DRY_RUN=0
 
 usage() {
   sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-  echo "options: --dry-run --out DIR --reference PATH --wheels DIR --python PY --shapes LIST --short SHAPE"
+  echo "options: --dry-run --out DIR --reference PATH --wheels DIR --python PY --shapes LIST --middle SHAPE"
   echo "         --long SHAPE --cache-shapes LIST --max-batch-shape SHAPE --budget-s SECONDS"
 }
 
@@ -52,7 +54,7 @@ while [ $# -gt 0 ]; do
     --wheels) WHEELS="$2"; shift ;;
     --python) PYTHON="$2"; shift ;;
     --shapes) SHAPES="$2"; shift ;;
-    --short) SHORT="$2"; shift ;;
+    --middle) MIDDLE="$2"; shift ;;
     --long) LONG="$2"; shift ;;
     --cache-shapes) CACHE_SHAPES="$2"; shift ;;
     --max-batch-shape) MAX_BATCH_SHAPE="$2"; shift ;;
@@ -135,26 +137,23 @@ run env 60 env.txt "$PYTHON" -m benchmarks.train_step --env
 # --- 2. cuDNN's attention dropout against the XLA path (issue 24) ----------------------------------------------
 run "cudnn dropout" 50 cudnn_dropout.jsonl "$PYTHON" -m benchmarks.cudnn_dropout --rate 0.1 --layers 3
 
-# --- 3. m3jax at the three shapes, one process (peak_gib is the process's; analysed_gib each shape's own) -------
-run "m3jax $SHAPES" 200 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$SHAPES" --attention cudnn \
-  --remat full --profile "$PROFILES"
+# --- 3. m3jax at the short and long shapes as bge-m3 trains: remat auto (the trainer's choice per shape, by the
+#        compiled memory against the allocator's limit), attention dropout 0.1 on cuDNN, the layer loop ---------
+run "m3jax $SHAPES" 330 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$SHAPES" --attention cudnn \
+  --remat auto --steps 4 --warmup 1 --profile "$PROFILES" --profile-steps 2
 
 # --- 4. the PyTorch reference at the long shape ------------------------------------------------------------------
 run "reference $LONG" 70 reference.jsonl "$PYTHON" "$REFERENCE" --configs "$LONG" --ckpt 1 --sub_batch auto
 
-# --- 5. bge-m3's attention dropout on cuDNN: the layer loop (one call site per layer), its cost ------------------
-run "m3jax attention dropout $SHORT" 130 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$SHORT" \
-  --attention cudnn --remat full --attention-dropout 0.1
-
-# --- 6. the gradient cache: chunks of 16 rows re-encoded instead of remat, profiled ---------------------------------
-run "m3jax gradient cache" 80 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$CACHE_SHAPES" \
+# --- 5. the gradient cache: chunks of 16 rows re-encoded instead of remat, profiled ---------------------------------
+run "m3jax gradient cache" 130 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$CACHE_SHAPES" \
   --attention cudnn --remat none --gradient-cache 16 --profile "$PROFILES"
 
-# --- 7. XLA's GPU command buffers on (the default before issue 24): dispatch_s and step_s side by side -----------
-run "m3jax command buffers $SHORT" 60 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$SHORT" \
-  --attention cudnn --remat full --set model.gpu_command_buffers=True
+# --- 6. the middle shape -----------------------------------------------------------------------------------------
+run "m3jax $MIDDLE" 130 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$MIDDLE" --attention cudnn \
+  --remat full
 
-# --- 8. the reference's largest batch at the max-batch shape (steps until OOM), with what time is left ----------
+# --- 7. the reference's largest batch at the max-batch shape (steps until OOM), with what time is left ----------
 run "reference max batch $MAX_BATCH_SHAPE" 200 reference.jsonl "$PYTHON" "$REFERENCE" --find-max-batch \
   "$MAX_BATCH_SHAPE" --granularity 2 --steps 1 --warmup 1 --ckpt 1 --sub_batch auto
 

@@ -444,9 +444,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--find-max-batch", metavar="SHAPE", default=None,
                    help="largest per-device batch at GROUP:QLEN:PLEN of SHAPE, searched from its BATCH")
     p.add_argument("--memory-budget-gib", default=None,
-                   help="with --find-max-batch: judge by the compiled memory analysis against this many GiB per "
-                        "device ('auto': the device's allocator limit) instead of running steps until OOM; "
-                        "required on CPU")
+                   help="with --find-max-batch or --remat auto: judge by the compiled memory analysis against this "
+                        "many GiB per device ('auto': the device's allocator limit) instead of running steps until "
+                        "OOM; required on CPU for --find-max-batch")
     p.add_argument("--granularity", type=int, default=1,
                    help="with --find-max-batch: stop bisecting when the gap is at most this (default 1)")
     p.add_argument("--verify", action="store_true",
@@ -454,8 +454,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=RECIPE, help="run config the step is built from (default: the bge-m3 "
                                                     "unified recipe, configs/bge_m3_unified.py)")
     p.add_argument("--remat", default=None,
-                   help="remat policy, or a comma list to run each: none, full, dots, dots_no_batch "
-                        "(default: the recipe's, full)")
+                   help="remat policy, or a comma list to run each: auto (the trainer's choice per shape, by the "
+                        "compiled memory against --memory-budget-gib or the device's limit), none, full, dots, "
+                        "dots_no_batch (default: the recipe's)")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
                    help="attention implementation (auto: cudnn on GPU, xla elsewhere)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
@@ -471,9 +472,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(cross_device_all_heads)")
     p.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=-1 or data=1,fsdp=8 (default: recipe's)")
     p.add_argument("--hidden-dropout", type=float, default=0.1, help="bge-m3's config.json: 0.1")
-    p.add_argument("--attention-dropout", type=float, default=0.0,
-                   help="bge-m3's config.json has 0.1, which m3jax can only apply by materialising the attention "
-                        "probabilities (no fused kernel); default 0.0 benchmarks the fused-attention step")
+    p.add_argument("--attention-dropout", type=float, default=0.1,
+                   help="bge-m3's config.json: 0.1, applied by every attention path (cuDNN's inside its kernel, in "
+                        "the layer loop of GPU training); 0 benchmarks the step without it")
     p.add_argument("--fast-compile", default="auto", choices=("auto", "on", "off"),
                    help="CPU only: compile with LLVM optimisation level 0 (about half the compile time; the HLO, "
                         "memory and cost analyses are identical, the code runs slower). auto: for analyses only")
@@ -505,8 +506,10 @@ def _validate(args) -> None:
     if args.granularity < 1:
         raise BenchError("--granularity: a positive int")
     for r in remat_list(args):
-        if r not in ("none", "full", "dots", "dots_no_batch"):
-            raise BenchError(f"--remat {r!r}: none, full, dots or dots_no_batch")
+        if r not in ("auto", "none", "full", "dots", "dots_no_batch"):
+            raise BenchError(f"--remat {r!r}: auto, none, full, dots or dots_no_batch")
+        if r == "auto" and args.find_max_batch:
+            raise BenchError("--remat auto chooses per shape; --find-max-batch needs one policy")
     parse_mesh(args.mesh)
     parse_overrides(args.set)
 
@@ -552,6 +555,10 @@ def run(args, emit: Callable[[dict], None] | None = None) -> list[dict]:
             return records
         shapes = [Shape.parse(s) for s in args.shapes.split(",") if s.strip()]
         for remat in remat_list(args):
+            if remat == "auto":
+                for shape in shapes:
+                    out(_run_remat_auto(args, shape))
+                continue
             bench = Bench(args, remat=remat, for_run=not args.analyze)
             for shape in shapes:
                 logger.info("%s %s remat=%s", "analyzing" if args.analyze else "timing", shape, remat)
@@ -562,6 +569,24 @@ def run(args, emit: Callable[[dict], None] | None = None) -> list[dict]:
         if sink:
             sink.close()
     return records
+
+
+def _run_remat_auto(args, shape: Shape) -> dict:
+    """--remat auto: the trainer's choice for this shape (m3jax.plan.choose_remat: the least recomputation whose
+    compiled step fits --memory-budget-gib, else the device's limit), then that step timed (or analysed)."""
+    from m3jax import plan
+
+    probe = Bench(args, remat="full", for_run=False)
+    budget = None if args.memory_budget_gib in (None, "auto") else float(args.memory_budget_gib)
+    with probe.config.unlocked():
+        probe.config.auto_batch_memory_gib = budget if budget else -1.0
+    (choice,) = plan.choose_remat(probe.config, probe.model_cfg, probe.mesh, [(shape, False, False)])
+    logger.info("%s", plan.describe_remat_choice(choice))
+    del probe
+    gc.collect()
+    bench = Bench(args, remat=choice["policy"], for_run=not args.analyze)
+    rec = bench.analyze(shape) if args.analyze else bench.run(shape, steps=args.steps, warmup=args.warmup)
+    return dict(rec, remat_auto=choice)
 
 
 def _find_max_batch(bench: Bench, shape: Shape, args, by_analysis: bool) -> dict:
