@@ -41,7 +41,9 @@ def get_config():
     c.logging_steps = 10
     c.save_steps = 1000
 
-    # Accelerator numerics: bf16 compute, fp32 master weights and optimizer state, full remat per layer.
+    # Accelerator numerics: bf16 compute, fp32 master weights and optimizer state, full remat per layer (the
+    # config default "auto" picks per step shape the least recomputation that fits, at a compile per candidate at
+    # start: --config.model.remat_policy=auto).
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "full"
     c.model.attention_implementation = "auto"

@@ -444,6 +444,10 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
          f"{model_cfg.remat_policy}, sub_batch_size {config.sub_batch_size}" + _cache_words(config))
     emit(f"mesh {dict(planner.mesh.shape)}; batch split over {planner.num_shards} chips; params + optimizer state "
          f"{planner.state_gib()} GiB per chip")
+    if config.model.remat_policy == "auto":  # the trainer's choice per shape; the table below compiles with "full"
+        for choice in choose_remat(config, model_cfg, planner.mesh,
+                                   [(shape, planner.has_teacher, False) for shape in shapes.values()], target=target):
+            emit(describe_remat_choice(choice))
     header = f"{'bucket':<16} {'per-chip shape':<18} {'peak GiB':>9} {'fits':>5} {'matmul TFLOP':>13} {'max batch':>10}"
     emit(header)
     results, rows = [], []
