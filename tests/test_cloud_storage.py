@@ -264,7 +264,7 @@ def test_export_errors_name_the_url(gcs):
     run = gcs("unfinished")
     storage.write_bytes(storage.join(run, "checkpoints", "4", "state", "x"), b"")
     storage.write_bytes(storage.join(run, "checkpoints", "4", "config", "x"), b"")
-    with pytest.raises(CheckpointError, match="only incomplete steps: 4"):
+    with pytest.raises(CheckpointError, match="only incomplete or damaged steps: 4"):
         export_checkpoint(run, gcs("out"))
     with pytest.raises(CheckpointError, match="step 4 is incomplete: missing commit_success.txt"):
         export_checkpoint(run, gcs("out"), step=4)
