@@ -7,6 +7,13 @@ Layout of one step (`checkpoints/<step>/`):
 The architecture files needed to use a checkpoint without the original model directory (config.json, tokenizer
 files) are copied once to `output_dir/base_model/` when a run starts.
 
+Verification: when a step's arrays are written, before Orbax commits the step (the rename of its temporary
+directory, or commit_success.txt on gs://), `m3jax_manifest.json` lists every file of the step with its size and
+CRC-32 (computed in Orbax's background save thread, off the step loop). `verify_step` checks a step against it (and
+a step of an m3jax before manifests by its items alone); `locate_checkpoint` (export, eval, mine, score) and
+`prepare_resume` (the train loop) take the newest intact step and name each damaged or partial one in one line.
+A failed asynchronous save surfaces as CheckpointSaveError at the next step boundary (`Checkpointer.check`).
+
 Writing: `Checkpointer` (the train loop). Reading a step from outside a run (export, eval, resume's model config):
 `locate_checkpoint` resolves a run directory, its checkpoints/ directory or one step directory to a complete step;
 `params_metadata` / `restore_params` give the params' shapes / the params as host numpy arrays whatever mesh wrote
@@ -21,12 +28,14 @@ import logging
 import os
 import re
 import shutil
+import zlib
 from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
 
 from m3jax import hf_io, storage
+from m3jax.errors import M3JaxError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +46,11 @@ BASE_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "s
 class CheckpointError(hf_io.CheckpointFormatError):
     """An m3jax training checkpoint (or its base_model/ files) is missing, incomplete or unusable. A kind of
     CheckpointFormatError, so `except CheckpointFormatError` covers every model path m3jax cannot load."""
+
+
+class CheckpointSaveError(M3JaxError, OSError):
+    """Saving a checkpoint step failed (a full disk, a quota, a permission, a refused upload); the message names the
+    step, the path and the cause. Earlier steps are untouched and the failed one is never taken for a step."""
 
 
 def checkpoint_dir(output_dir: str) -> str:
@@ -90,11 +104,16 @@ class Checkpointer:
 
     def __init__(self, output_dir: str, *, max_to_keep: int | None = 3, read_only: bool = False, protected=None):
         self.directory = checkpoint_dir(output_dir)
+        self._saving: int | None = None  # the step whose asynchronous save has not been checked yet
+        self._writing: int | None = None  # the step of the latest save (the manifest callback's step)
         keep = dict(max_to_keep=max_to_keep) if protected is None else dict(
             preservation_policy=_LatestOrProtected(max_to_keep, protected))
+        if not read_only:  # the manifest is written in Orbax's background thread, before it commits the step
+            keep["async_options"] = ocp.AsyncOptions(post_finalization_callback=self._write_manifest)
         options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only,
                                                enable_async_checkpointing=not read_only, **keep)
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "config"), options=options)
+        _quiet_orbax_save_errors()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -108,7 +127,33 @@ class Checkpointer:
         if data_iterator is not None:
             import grain.python as grain  # lazily: benchmarks and export run without grain installed
             args["data"] = grain.PyGrainCheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        self.wait()  # a failed earlier save stops here, before anything else is written
+        self._saving = self._writing = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**args), force=True,
+                              custom_metadata={MANIFEST_FLAG: MANIFEST_NAME})
+        except Exception as e:  # noqa: BLE001 - what was written synchronously failed (a directory, metadata)
+            self._saving = None
+            raise self._save_error(step, e) from e
+
+    def _write_manifest(self) -> None:
+        """Orbax's post-finalization callback (process 0, background thread, every process's files written): the
+        manifest of the step being saved, in its temporary directory (or its directory on gs://)."""
+        step = self._writing
+        names = storage.listdir(self.directory)
+        tmp = sorted(n for n in names if _TMP_STEP_RE.match(n) and _TMP_STEP_RE.match(n).group(1) == str(step))
+        write_manifest(storage.join(self.directory, tmp[-1] if tmp else str(step)), step)
+
+    def _save_error(self, step: int, e: BaseException) -> CheckpointSaveError:
+        return CheckpointSaveError(f"step {step}: saving the checkpoint to {storage.join(self.directory, str(step))} "
+                                   f"failed: {_cause(e)}; training stopped. Earlier steps are intact; the unfinished "
+                                   f"step is discarded when the run resumes")
+
+    def check(self) -> None:
+        """At a step boundary: raise CheckpointSaveError if the last asynchronous save has failed. Never waits for
+        a save still running."""
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            self.wait()
 
     def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
         """State restored into the shardings of `abstract_state`; the data iterator restored in place."""
@@ -119,7 +164,14 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(**args)).state
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the running save; CheckpointSaveError if it failed."""
+        step, self._saving = self._saving, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - any failure of the background save
+            if step is None:
+                raise
+            raise self._save_error(step, e) from e
 
     def close(self) -> None:
         self.manager.close()
@@ -151,6 +203,188 @@ _STEP_ITEMS = ("state", "config")  # `data` (the grain iterator state) is option
 _COMMIT_MARKER = "commit_success.txt"
 
 
+MANIFEST_NAME = "m3jax_manifest.json"
+MANIFEST_FLAG = "m3jax_manifest"  # in the step's Orbax custom metadata: this step was saved with a manifest
+_METADATA_NAME = "_CHECKPOINT_METADATA"
+# Top-level files Orbax (re)writes after the manifest, as part of its commit: not listed in it.
+_NOT_IN_MANIFEST = (MANIFEST_NAME, _METADATA_NAME, _COMMIT_MARKER)
+_CHUNK = 4 << 20
+
+
+def _crc32(path: str) -> str:
+    crc = 0
+    with storage.open_binary(path) as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def write_manifest(step_dir: str, step: int) -> None:
+    """`step_dir/m3jax_manifest.json`: every file of the step (relative path -> size and CRC-32), read back once."""
+    files = {rel: {"size": size, "crc32": _crc32(storage.join(step_dir, *rel.split("/")))}
+             for rel, size, _ in storage.list_files(step_dir) if rel not in _NOT_IN_MANIFEST}
+    text = json.dumps({"format": 1, "step": step, "files": files}, indent=1, sort_keys=True) + "\n"
+    storage.write_bytes(storage.join(step_dir, MANIFEST_NAME), text.encode("utf-8"))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCheck:
+    """What `verify_step` found: `problem` (one file and what is wrong with it) is None for a usable step;
+    `verified` is False for a step saved without a manifest (by an m3jax before manifests: not checksummed)."""
+
+    step: int
+    step_dir: str
+    problem: str | None = None
+    kind: str = ""  # "incomplete" (files missing: an unfinished save) or "damaged" (files changed or cut short)
+    verified: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def describe(self) -> str:
+        return f"{self.step_dir}: step {self.step} is {self.kind}: {self.problem}"
+
+
+_VERIFIED: dict[str, tuple] = {}  # step dir -> its file listing (sizes, versions) when it last verified intact
+
+
+def _expects_manifest(step_dir: str) -> bool:
+    """Whether Orbax's step metadata says m3jax saved this step with a manifest (so a missing one is a fault)."""
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(step_dir, _METADATA_NAME)))
+        return bool((meta.get("custom_metadata") or {}).get(MANIFEST_FLAG))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def verify_step(step_dir: str) -> StepCheck:
+    """Check one step directory against its manifest: every listed file present, of its size and CRC-32, and on
+    gs:// Orbax's commit marker. A step without a manifest (an m3jax before manifests) is checked by its items
+    alone. Raises CheckpointError only when the files cannot be read at all (not a verdict on the step)."""
+    step = int(storage.basename(step_dir))
+    listing = storage.list_files(step_dir)
+    sizes = {rel: size for rel, size, _ in listing}
+
+    def bad(problem: str, kind: str = "damaged") -> StepCheck:
+        return StepCheck(step, step_dir, problem, kind)
+
+    if storage.is_url(step_dir) and _COMMIT_MARKER not in sizes:
+        return bad(f"missing {_COMMIT_MARKER} (the save never finished)", "incomplete")
+    if MANIFEST_NAME not in sizes:
+        if _expects_manifest(step_dir):
+            return bad(f"missing {MANIFEST_NAME} (the save never finished, or the file was removed)", "incomplete")
+        missing = _missing_items(step_dir)
+        if missing:
+            return bad(f"missing {' and '.join(missing)} (a checkpoint step holds {', '.join(_STEP_ITEMS)})",
+                       "incomplete")
+        return StepCheck(step, step_dir)
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(step_dir, MANIFEST_NAME)))
+        files = {str(rel): (int(e["size"]), str(e["crc32"])) for rel, e in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        return bad(f"{MANIFEST_NAME} is unreadable ({_short(e, 120)})")
+    except OSError as e:
+        raise CheckpointError(f"{step_dir}: cannot read {MANIFEST_NAME} ({_short(e)})") from e
+    missing = [rel for rel in sorted(files) if rel not in sizes]
+    if missing:
+        items = sorted({rel.split("/")[0] for rel in missing if "/" in rel})
+        gone = [i for i in items if not any(r.startswith(i + "/") for r in sizes)]
+        what = (f"missing {gone[0]}/ ({sum(r.startswith(gone[0] + '/') for r in files)} files)" if gone
+                else f"missing {missing[0]}")
+        more = len(missing) - (sum(r.startswith(gone[0] + "/") for r in files) if gone else 1)
+        return bad(what + (f" (and {more} more file(s))" if more > 0 else ""), "incomplete")
+    wrong = [(rel, sizes[rel], size) for rel, (size, _) in sorted(files.items()) if sizes[rel] != size]
+    if wrong:
+        rel, found, size = wrong[0]
+        cut = "truncated" if found < size else "grown"
+        more = f" (and {len(wrong) - 1} more file(s))" if len(wrong) > 1 else ""
+        return bad(f"{rel} is {found} bytes, the manifest says {size} ({cut}){more}")
+    snapshot = tuple(listing)
+    if _VERIFIED.get(step_dir) == snapshot:
+        return StepCheck(step, step_dir, verified=True)
+    for rel, (_, crc) in sorted(files.items()):
+        try:
+            found = _crc32(storage.join(step_dir, *rel.split("/")))
+        except FileNotFoundError:
+            return bad(f"missing {rel}", "incomplete")
+        except OSError as e:
+            raise CheckpointError(f"{storage.join(step_dir, rel)}: cannot read to verify it ({_short(e)})") from e
+        if found != crc:
+            return bad(f"{rel} has CRC-32 {found}, the manifest says {crc} (its bytes changed)")
+    _VERIFIED[step_dir] = snapshot
+    return StepCheck(step, step_dir, verified=True)
+
+
+def _log_unverified(check: StepCheck) -> None:
+    if check.ok and not check.verified:
+        logger.warning("%s: step %d has no %s (saved by an m3jax before checkpoint manifests): used without "
+                       "verifying its files", check.step_dir, check.step, MANIFEST_NAME)
+
+
+def newest_intact_step(checkpoints_dir: str, *, discard: bool = False) -> StepCheck | None:
+    """The newest step of `checkpoints_dir` that verifies (None if there is none); each newer damaged or partial
+    step, and each unfinished Orbax save, is named in one warning line. With `discard` (a resuming run, process 0)
+    those are deleted, since the run writes them again; nothing is deleted when no step is intact."""
+    if not storage.isdir(checkpoints_dir):
+        return None
+    steps, tmp = _step_dirs(checkpoints_dir)
+    bad, chosen = [], None
+    for step in sorted(steps, reverse=True):
+        check = verify_step(steps[step])
+        if check.ok:
+            chosen = check
+            break
+        bad.append(check)
+    if chosen is None and bad:
+        if discard:
+            raise CheckpointError(f"{checkpoints_dir}: no intact step to resume from ("
+                                  f"{'; '.join(c.describe() for c in bad)}); pass --config.overwrite_output_dir=true "
+                                  f"to start the run over")
+        for check in bad:
+            logger.warning("%s", check.describe())
+        return None
+    then = f"; using step {chosen.step}" if chosen else ""
+    for check in bad:
+        logger.warning("%s%s%s", check.describe(), "; discarded" if discard else "; skipped", then)
+        if discard:
+            storage.remove_tree(check.step_dir)
+    for name in tmp:
+        step = int(_TMP_STEP_RE.match(name).group(1))
+        if discard:
+            logger.warning("%s: the save of step %d never finished (the run stopped during it); discarded%s",
+                           storage.join(checkpoints_dir, name), step, then)
+            storage.remove_tree(storage.join(checkpoints_dir, name))
+        elif chosen is None or step > chosen.step:
+            logger.warning("%s: the save of step %d never finished; skipped%s", storage.join(checkpoints_dir, name),
+                           step, then)
+    if chosen is not None:
+        _log_unverified(chosen)
+    return chosen
+
+
+def prepare_resume(output_dir: str) -> int | None:
+    """The step a (re)started run resumes from: the newest intact step, None for a fresh start. Process 0 verifies
+    and discards the damaged, partial and unfinished steps after it (one line each); the others receive the step."""
+    import jax
+
+    step = -1
+    if jax.process_index() == 0:
+        chosen = newest_intact_step(checkpoint_dir(output_dir), discard=True)
+        step = -1 if chosen is None else chosen.step
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
+    return None if step < 0 else step
+
+
+def last_verified_step(checkpoints_dir: str) -> int | None:
+    """The newest step that verifies against its manifest (a step without one is not named as verified)."""
+    chosen = newest_intact_step(checkpoints_dir)
+    return chosen.step if chosen is not None and chosen.verified else None
+
+
 def _step_dirs(checkpoints_dir: str) -> tuple[dict[int, str], list[str]]:
     """(finalised step -> dir, names of unfinished Orbax temporary step dirs) in a checkpoints/ directory."""
     steps, tmp = {}, []
@@ -178,12 +412,14 @@ def _looks_like_checkpoints_dir(path: str) -> bool:
     return bool(steps or tmp) or name == "checkpoints"
 
 
-def locate_checkpoint(path, step: int | None = None) -> CheckpointLocation:
-    """Resolve a work dir (latest complete step), a checkpoints/ dir or a step dir checkpoints/<step> to one step.
+def locate_checkpoint(path, step: int | None = None, *, verify: bool = True) -> CheckpointLocation:
+    """Resolve a work dir (newest intact step), a checkpoints/ dir or a step dir checkpoints/<step> to one step.
 
     Raises CheckpointError for a missing path, a directory without checkpoints, an explicitly requested step that does
-    not exist or is incomplete (an Orbax temporary directory, or a step directory lacking `state` / `config`).
-    Asked for the latest step, unfinished steps are skipped with a warning (as Orbax's CheckpointManager does).
+    not exist, is incomplete (an Orbax temporary directory, a step directory lacking files) or damaged (a file whose
+    size or CRC-32 differs from the step's manifest). Asked for the latest step, the newest step that verifies is
+    taken and each newer damaged or unfinished one is named in one warning line (`newest_intact_step`).
+    `verify=False`: the caller has verified the step (a resuming run); only its items are checked.
     """
     path = storage.resolve(path)
     if storage.is_url(path) and not path.startswith("gs://"):
@@ -220,8 +456,8 @@ def locate_checkpoint(path, step: int | None = None) -> CheckpointLocation:
     work_dir = storage.dirname(checkpoints_dir)
 
     steps, tmp = _step_dirs(checkpoints_dir)
-    complete = {s: d for s, d in steps.items() if not _missing_items(d)}
     if step is not None:
+        complete = {s: d for s, d in steps.items() if not _missing_items(d)}
         step_dir = explicit_step_dir or steps.get(step)
         if step_dir is None:
             unfinished = [t for t in tmp if _TMP_STEP_RE.match(t).group(1) == str(step)]
@@ -229,23 +465,83 @@ def locate_checkpoint(path, step: int | None = None) -> CheckpointLocation:
                 raise CheckpointError(f"{storage.join(checkpoints_dir, unfinished[0])}: step {step} is incomplete (its "
                                       f"Orbax save never finished); completed steps: {sorted(complete) or 'none'}")
             raise CheckpointError(f"{checkpoints_dir}: no step {step}; completed steps: {sorted(complete) or 'none'}")
+        if verify:
+            check = verify_step(step_dir)
+            if not check.ok:
+                raise CheckpointError(f"{check.describe()} (without a step, the newest intact step is taken)")
+            _log_unverified(check)
+            return CheckpointLocation(work_dir, checkpoints_dir, step, step_dir)
         missing = _missing_items(step_dir)
         if missing:
             raise CheckpointError(f"{step_dir}: step {step} is incomplete: missing {' and '.join(missing)} "
                                   f"(a checkpoint step holds {', '.join(_STEP_ITEMS)})")
         return CheckpointLocation(work_dir, checkpoints_dir, step, step_dir)
 
-    if not complete:
+    chosen = newest_intact_step(checkpoints_dir)
+    if chosen is None:
         found = [storage.basename(d) for d in steps.values()] + tmp
-        detail = f"only incomplete steps: {', '.join(found)}" if found else "no checkpoint steps"
+        detail = f"only incomplete or damaged steps: {', '.join(found)}" if found else "no checkpoint steps"
         raise CheckpointError(f"{checkpoints_dir}: {detail}; nothing to export (has the run saved a checkpoint yet?)")
-    latest = max(complete)
-    skipped = [storage.basename(d) for s, d in steps.items() if s > latest] + \
-              [t for t in tmp if int(_TMP_STEP_RE.match(t).group(1)) > latest]
-    if skipped:
-        logger.warning("%s: skipping incomplete newer step(s) %s; using step %d", checkpoints_dir,
-                       ", ".join(skipped), latest)
-    return CheckpointLocation(work_dir, checkpoints_dir, latest, complete[latest])
+    return CheckpointLocation(work_dir, checkpoints_dir, chosen.step, chosen.step_dir)
+
+
+def _cause(e: BaseException) -> str:
+    """The root of a failed save, short: the OS error (errno and text) when there is one in the chain, else the
+    innermost exception's first line (tensorstore and HTTP errors carry kilobytes of detail)."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for err in chain:
+        if isinstance(err, OSError) and err.errno:
+            where = f": {err.filename}" if err.filename else ""
+            return f"{type(err).__name__}: [Errno {err.errno}] {err.strerror}{where}"
+    root = chain[-1]
+    text = str(root)
+    code = re.search(r"os_error_code='(\d+)'", text)  # tensorstore's form of an OS error
+    if code:
+        written = re.search(r'Failed writing: "([^"]+)"', text)
+        return f"OSError: [Errno {code.group(1)}] {os.strerror(int(code.group(1)))}" + (
+            f": {written.group(1)}" if written else "")
+    lines = text.strip().splitlines()
+    text = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+    return text if len(text) <= 300 else text[:300] + " ..."
+
+
+class _OrbaxSaveErrorFilter(logging.Filter):
+    """Orbax logs a failed background save several times with its whole traceback (hundreds of lines) before m3jax
+    reports it in one line (CheckpointSaveError): its error records ("[process=N]...") are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.name == "asyncio":  # "Task exception was never retrieved" for each write of the failed save
+            return f"{os.sep}orbax{os.sep}checkpoint{os.sep}" not in record.getMessage()
+        return not str(record.msg).startswith("[process=")
+
+
+def _quiet_orbax_save_errors() -> None:
+    """Install the filter above on Orbax's and asyncio's loggers, and drop the "Event loop is closed" RuntimeErrors
+    that tensorstore's callbacks raise (as unraisable exceptions, each with a traceback) into the event loops of a
+    save that has failed."""
+    import sys
+
+    for name in ("absl", "asyncio"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _OrbaxSaveErrorFilter) for f in log.filters):
+            log.addFilter(_OrbaxSaveErrorFilter())
+    if not getattr(sys.unraisablehook, "_m3jax", False):
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            e = unraisable.exc_value
+            if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+                return
+            previous(unraisable)
+
+        hook._m3jax = True
+        sys.unraisablehook = hook
 
 
 def _short(e: BaseException, limit: int = 300) -> str:

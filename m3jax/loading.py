@@ -137,17 +137,18 @@ class ModelSource:
                    has_pooler="pooler" in params, colbert_where="params: colbert_linear")
 
 
-def find_model(path, *, step: int | None = None, base_model: str | None = None) -> ModelSource:
+def find_model(path, *, step: int | None = None, base_model: str | None = None, verify: bool = True) -> ModelSource:
     """Resolve `path` (see the module docstring) to a ModelSource, reading no weights. Raises CheckpointFormatError
     (a Hugging Face directory) or its subclass CheckpointError (an m3jax checkpoint) naming the file and what was
-    expected."""
+    expected. An m3jax checkpoint step is verified against its manifest (checkpoint.locate_checkpoint) unless
+    `verify=False` (a resuming run, which has verified it)."""
     path = storage.resolve(path)
     if storage.isfile(storage.join(path, hf_io.CONFIG_NAME)):
         if step is not None or base_model is not None:
             raise hf_io.CheckpointFormatError(f"{path}: step and base_model apply to an m3jax run directory, not to "
                                               f"a Hugging Face model directory")
         return _hf_source(storage.stage(path, what="model directory"))
-    return _checkpoint_source(path, step, base_model)
+    return _checkpoint_source(path, step, base_model, verify)
 
 
 def _hf_source(path: str) -> ModelSource:
@@ -168,8 +169,8 @@ def _hf_source(path: str) -> ModelSource:
                        has_pooler=hf_io.has_pooler(path), colbert_where=colbert_path, defaults=defaults)
 
 
-def _checkpoint_source(path: str, step: int | None, base_model: str | None) -> ModelSource:
-    location = ckpt_lib.locate_checkpoint(path, step)
+def _checkpoint_source(path: str, step: int | None, base_model: str | None, verify: bool = True) -> ModelSource:
+    location = ckpt_lib.locate_checkpoint(path, step, verify=verify)
     run_config = ckpt_lib.restore_run_config(storage.join(location.step_dir, "config"))
     base_dir = storage.resolve(base_model) if base_model else ckpt_lib.base_model_dir(location.work_dir)
     hf_config = ckpt_lib.read_base_model(base_dir)

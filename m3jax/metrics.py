@@ -13,6 +13,7 @@ back when a run resumes) and rewritten in one PUT at every log.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -35,7 +36,7 @@ class NonFiniteLossError(M3JaxError, RuntimeError):
 
 class MetricsLogger:
     def __init__(self, output_dir: str, total_steps: int, start_step: int, *,
-                 last_good_checkpoint: Callable[[], str] = lambda: ""):
+                 last_good_checkpoint: Callable[[], str] = lambda: "", resumed: bool = False):
         self.enabled = jax.process_index() == 0
         self.last_good_checkpoint = last_good_checkpoint
         self.history: dict[int, float] = {}  # step -> loss (steps counted from 0)
@@ -48,12 +49,17 @@ class MetricsLogger:
         from tensorboardX import SummaryWriter
         from tqdm.auto import tqdm
 
+        jsonl = storage.join(output_dir, "metrics.jsonl")
+        kept = _rows_up_to(jsonl, start_step if resumed else -1)
         if storage.is_url(output_dir):
             self.writer = _SyncedEventWriter(storage.join(output_dir, "tensorboard"))
-            self.jsonl = _RewrittenObject(storage.join(output_dir, "metrics.jsonl"))
+            self.jsonl = _RewrittenObject(jsonl, kept)
         else:
             self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-            self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+            if kept is not None:
+                with storage.atomic_file(jsonl) as f:
+                    f.write(kept)
+            self.jsonl = open(jsonl, "a", encoding="utf-8")  # noqa: SIM115
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def add(self, step: int, device_metrics: dict, tokens: int) -> None:
@@ -101,13 +107,39 @@ class MetricsLogger:
             self.jsonl.close()
 
 
-class _RewrittenObject:
-    """A text file on an object store opened for appending: the whole content is rewritten (one PUT) at flush."""
+def _rows_up_to(path: str, step: int) -> str | None:
+    """The text of metrics.jsonl keeping only the rows of steps <= `step` (a run resumed from that step logs the
+    later ones again; -1: a run starting over keeps none), or None when nothing is dropped."""
+    if not storage.isfile(path):
+        return None
+    lines = storage.read_bytes(path).decode("utf-8", errors="replace").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a killed run
+        if row_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return None
+    what = (f"after step {step} (the resumed run logs those steps again)" if step >= 0
+            else "of an earlier start (the run starts over)")
+    logging.getLogger(__name__).info("%s: dropped %d row(s) %s", path, len(lines) - len(kept), what)
+    return "".join(kept)
 
-    def __init__(self, url: str):
+
+class _RewrittenObject:
+    """A text file on an object store opened for appending: the whole content is rewritten (one PUT) at flush.
+    `text`: the content to start from (None: the object's)."""
+
+    def __init__(self, url: str, text: str | None = None):
         self.url = url
-        self.text = storage.read_bytes(url).decode("utf-8") if storage.isfile(url) else ""
-        self._flushed = len(self.text)
+        if text is None:
+            self.text = storage.read_bytes(url).decode("utf-8") if storage.isfile(url) else ""
+            self._flushed = len(self.text)
+        else:
+            self.text, self._flushed = text, -1  # written at the first flush
 
     def write(self, text: str) -> None:
         self.text += text

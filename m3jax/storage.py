@@ -13,8 +13,8 @@
 Local paths and URLs. Every path a run reads or writes may be a local path or a URL that etils.epath reaches
 (`gs://bucket/...` through gcsfs, `s3://` through s3fs, ...): `is_url`, `resolve` (a local path made absolute, a
 URL as given), `join`, `basename`, `dirname`, `exists`, `isdir`, `isfile`, `listdir`, `makedirs`, `getsize`,
-`read_bytes`, `write_bytes`, `open_text`, `open_binary` are `os.path` / `open` on a local path and epath on a URL,
-so local paths behave exactly as before and no `os.path` function ever sees a URL.
+`read_bytes`, `write_bytes`, `open_text`, `open_binary`, `list_files` are `os.path` / `open` on a local path and
+epath on a URL, so local paths behave exactly as before and no `os.path` function ever sees a URL.
 Object stores have no rename, so on a URL:
 - `write_bytes` / `write_json` / `atomic_file` write an object in one PUT (a single-object PUT is atomic on GCS and
   S3: a reader sees the old object or the new one);
@@ -212,6 +212,26 @@ def _list_objects(url: str) -> list[tuple[str, int, str]]:
         return [("", int(info.get("size") or 0), _object_version(info))]
     return sorted((path[len(root):].lstrip("/"), int(info.get("size") or 0), _object_version(info))
                   for path, info in fs.find(root, detail=True).items() if info.get("type") != "directory")
+
+
+def list_files(path: str) -> list[tuple[str, int, str]]:
+    """(relative path with '/', size, version) of every file under the directory `path`, sorted; the version is
+    what changes when a file is rewritten (a local file's mtime in ns, an object's generation). Empty when `path`
+    does not exist. One listing request on a URL."""
+    if is_url(path):
+        if not exists(path):
+            return []
+        return [f for f in _list_objects(path) if f[0]]
+    found = []
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:
+                continue
+            found.append((os.path.relpath(full, path).replace(os.sep, "/"), st.st_size, str(st.st_mtime_ns)))
+    return sorted(found)
 
 
 def stage(url: str, *, what: str = "files", keep: Callable[[str], bool] | None = None) -> str:

@@ -47,12 +47,13 @@ def train(config) -> dict:
     eval_specs = config_lib.eval_set_specs(config) if config.eval_steps > 0 or config.eval_on_start else []
     best = selection.BestTracker(output_dir, selection.parse_metric(config.metric_for_best_model, eval_specs),
                                  config.greater_is_better) if eval_specs else None
+    # the newest step that verifies; damaged, partial and unfinished newer steps are named and discarded first
+    resume_step = None if config.overwrite_output_dir else ckpt_lib.prepare_resume(output_dir)
     checkpointer = ckpt_lib.Checkpointer(output_dir, max_to_keep=config.save_total_limit,
                                          protected=best.protected if best else None)
-    resume_step = None if config.overwrite_output_dir else checkpointer.latest_step()
     if best:
         best.resume(resume_step)
-    source = (loading.find_model(output_dir, step=resume_step) if resume_step is not None
+    source = (loading.find_model(output_dir, step=resume_step, verify=False) if resume_step is not None
               else loading.find_model(config.model_name_or_path))
     model_cfg = loading.model_config(source, loading.ModelSettings.from_run_config(config))
     if model_cfg.attention_implementation not in ("xla", "cudnn") and model_cfg.attention_probs_dropout_prob > 0:
@@ -70,6 +71,14 @@ def train(config) -> dict:
                                            process_index=jax.process_index(), process_count=jax.process_count())
     data_lib.log_unknown_token_share(tokenizer, train_data)  # a broken or mismatched tokenizer is otherwise silent
     total_steps = config.max_steps if config.max_steps > 0 else config.num_train_epochs * train_data.steps_per_epoch
+    if resume_step is not None and resume_step >= total_steps:
+        logger.info("this run is already finished: step %d of %d is saved in %s. To train it again, pass "
+                    "--config.overwrite_output_dir=true (or another --config.output_dir); to train longer, raise "
+                    "--config.max_steps or --config.num_train_epochs", resume_step, total_steps,
+                    checkpointer.directory)
+        checkpointer.close()
+        return {"step": resume_step, "metrics": {}, "losses": {}, "preempted": False, "state": None,
+                "model_config": model_cfg, "best": best.record() if best else None, "already_finished": True}
     shapes = train_data.shapes()
     logger.info("%d steps (%d per epoch); %d possible step shapes (each compiles once): %s", total_steps,
                 train_data.steps_per_epoch, len(shapes), shapes)
@@ -105,12 +114,21 @@ def train(config) -> dict:
     config_json = ckpt_lib.config_to_json(config)
 
     def last_good() -> str:
-        good = checkpointer.latest_step()
+        """The newest step that verifies against its manifest, after the running save ends (a NaN state is never
+        saved: save() checks the loss first)."""
+        try:
+            checkpointer.wait()
+        except ckpt_lib.CheckpointSaveError as e:
+            logger.error("%s", e)
+        good = ckpt_lib.newest_intact_step(checkpointer.directory) if jax.process_index() == 0 else None
         if good is None:
-            return "No checkpoint had been saved yet."
-        return f"The last good checkpoint, step {good} in {checkpointer.directory}, is intact."
+            return "No intact checkpoint has been saved." if jax.process_index() == 0 else ""
+        if not good.verified:
+            return f"The newest checkpoint, step {good.step} in {checkpointer.directory}, has no manifest to verify."
+        return f"The last good checkpoint, step {good.step} in {checkpointer.directory}, is verified intact."
 
-    metrics_log = MetricsLogger(output_dir, total_steps, start_step, last_good_checkpoint=last_good)
+    metrics_log = MetricsLogger(output_dir, total_steps, start_step, last_good_checkpoint=last_good,
+                                resumed=resume_step is not None)
 
     def save(step: int) -> None:
         metrics_log.flush()  # never save a state whose loss was not checked
@@ -146,6 +164,7 @@ def train(config) -> dict:
                 state, metrics = stepper.step(*kind, remat=remat_of.get(shape))(state, stepper.global_batch(arrays))
                 metrics_log.add(step, metrics, tokens * jax.process_count())
                 step += 1
+                checkpointer.check()  # a failed asynchronous save stops the run here (CheckpointSaveError)
                 if step % config.logging_steps == 0 or step == total_steps:
                     metrics_log.flush()
                 if preemption.reached(step):
@@ -197,5 +216,6 @@ def main(argv: list[str]) -> int:
     logging.getLogger().setLevel(logging.WARNING)  # orbax / absl info lines drown the progress bar
     logging.getLogger("m3jax").setLevel(logging.INFO)
     summary = train(config)
-    logger.info("finished at step %d: %s", summary["step"], summary["metrics"])
+    if not summary.get("already_finished"):
+        logger.info("finished at step %d: %s", summary["step"], summary["metrics"])
     return 0

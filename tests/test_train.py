@@ -256,6 +256,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, tmp
         trainer.train(config)
     good = ckpt_lib.Checkpointer(str(tmp_path), read_only=True).latest_step()
     assert good is not None and f"good checkpoint, step {good}" in str(err.value)
+    # named good only once verified against its manifest (issue 27)
+    assert str(err.value).endswith("is verified intact.") and ckpt_lib.verify_step(
+        os.path.join(ckpt_lib.checkpoint_dir(str(tmp_path)), str(good))).verified
     _, params = final_params(str(tmp_path))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
