@@ -218,11 +218,64 @@ def _require(ok: bool, field: str, expected: str, value: Any) -> None:
         raise ConfigError(f"config.{field}={value!r}: expected {expected}")
 
 
+# FlagEmbedding / HF Trainer flags whose m3jax spelling is not `--config.<same name>`: name -> (field, value to
+# suggest or None for the user's own, note). Every other config field given bare (`--learning_rate 2e-5`) is
+# answered with `--config.<name>=<value>`; the flags FlagEmbedding needs and m3jax does not are named as such.
+FOREIGN_FLAGS = {
+    "same_task_within_batch": ("same_dataset_within_batch", None, ""),
+    "normlized": ("normalize_embeddings", None, ""),
+    "fp16": ("model.dtype", "bfloat16", "bfloat16 is the default; params and optimizer state stay float32"),
+    "bf16": ("model.dtype", "bfloat16", "the default"),
+    "gradient_checkpointing": ("model.remat_policy", "full", "the default"),
+    "pad_to_multiple_of": ("seq_len_buckets", None, "a ladder of lengths, e.g. (64,128,256)"),
+    "use_mrl": ("mrl_dims", "(1024,512,256,128)", ""),
+}
+NOT_NEEDED_FLAGS = {
+    "deepspeed": "sharding is config.mesh", "dataloader_drop_last": "batches are always complete",
+    "cache_path": "nothing is downloaded", "cache_dir": "nothing is downloaded", "token": "nothing is downloaded",
+    "trust_remote_code": "nothing is downloaded", "local_rank": "processes start from the launcher's environment",
+    "ddp_find_unused_parameters": "sharding is config.mesh", "report_to": "TensorBoard events and metrics.jsonl "
+    "are always written", "do_train": "m3jax train trains",
+}
+_ABSL_FLAGS = ("help", "helpfull", "helpshort", "helpxml", "flagfile", "undefok", "only_check_args")
+
+
+def check_foreign_flags(argv: list[str], schema=None) -> None:
+    """Answer a FlagEmbedding / HF Trainer flag given bare (`--model_name_or_path X`, `--learning_rate=1e-5`) with
+    its m3jax spelling (`--config.model_name_or_path=X`), instead of absl's "Unknown command line flag"."""
+    schema = schema if schema is not None else default_config()
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-") or arg == "--" or arg.startswith(("--config.", "--config=")) or arg == "--config":
+            continue
+        raw, sep, value = arg.lstrip("-").partition("=")
+        name = raw.replace("-", "_")
+        if not name or name in _ABSL_FLAGS or (name.startswith("no") and name[2:] in _ABSL_FLAGS):
+            continue
+        if not sep and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            value = argv[i + 1]  # `--flag value`
+        if name in NOT_NEEDED_FLAGS:
+            raise ConfigError(f"{arg}: FlagEmbedding's --{name} is not needed in m3jax ({NOT_NEEDED_FLAGS[name]}); "
+                              f"leave it out")
+        if name in FOREIGN_FLAGS:
+            field, suggested, note = FOREIGN_FLAGS[name]
+        elif name in schema and not isinstance(schema[name], ml_collections.ConfigDict):
+            field, suggested, note = name, None, ""
+        else:
+            continue  # absl's message (and check_override_flags' suggestions) cover the rest
+        shown = value if value else (suggested or ("True" if isinstance(schema.get(field), bool) else "VALUE"))
+        if suggested and not value:
+            shown = suggested
+        raise ConfigError(f"--{raw}: m3jax takes config fields as --config.<field>=<value>: use "
+                          f"--config.{field}={shown}" + (f" ({note})" if note else ""))
+
+
 def check_override_flags(argv: list[str]) -> None:
-    """Reject `--config.<field>=...` flags naming no field, before absl's parser turns them into a traceback."""
+    """Reject `--config.<field>=...` flags naming no field, before absl's parser turns them into a traceback, and
+    answer FlagEmbedding's bare flags with their m3jax spelling (check_foreign_flags)."""
     import difflib
 
     schema = default_config()
+    check_foreign_flags(argv, schema)
     known = set()
 
     def walk(d, prefix):
