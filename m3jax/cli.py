@@ -170,7 +170,7 @@ def _add_merge(subparsers) -> None:
                         "qrels.tsv (or qrels/test.tsv), or the three files")
     p.add_argument("--metric", default="",
                    help="with --grid: what picks W, [W*]SET/MODE/METRIC terms joined by '+' (default: the first "
-                        "set's first mode and metric)")
+                        "set's all/ndcg@10, else its first mode and metric)")
     p.add_argument("--lower-is-better", action="store_true", help="with --grid: pick the lowest --metric")
     p.add_argument("--modes", type=_modes_arg, default=None,
                    help="with --grid: modes to evaluate (default dense,sparse,colbert,dense+sparse,all)")
@@ -231,6 +231,12 @@ def _run_merge(args) -> int:
                                        use_fp16=not args.fp32, overwrite=args.overwrite)
     for p in points:
         print(f"W={p['weight']:g}\t{p['value']:.4f}\t" + " ".join(f"{k}={v:.4f}" for k, v in p["metrics"].items()))
+    import json
+
+    grid = json.loads(storage.read_bytes(storage.join(out, merge_lib.GRID_NAME)))
+    value = next(p["value"] for p in points if p["weight"] == grid["chosen_weight"])
+    print(f"chosen: W={grid['chosen_weight']:g} by {grid['metric']} = {value:.4f} "
+          f"({'greater' if grid['greater_is_better'] else 'lower'} is better)")
     print(out)
     return 0
 

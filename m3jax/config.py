@@ -165,8 +165,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_on_start = False  # also evaluate the base model at step 0 (the model card's "base" column)
     # The eval metric that picks the best checkpoint (HF Trainer's names): "<set>/<mode>/<metric>", e.g.
     # "domain/all/ndcg@10", or a weighted sum "0.7*domain/all/ndcg@10 + 0.3*general/dense/ndcg@10". Empty: the
-    # first set's first mode and metric. The best step's checkpoint is kept whatever save_total_limit says, and
-    # recorded in output_dir/best.json (`m3jax export --step best`).
+    # first set's mode for the trained heads and its nDCG@10 -- all/ndcg@10 when all three heads train,
+    # dense+sparse/ndcg@10 for heads=dense,sparse, the head's own mode for one head, dense for dense,colbert
+    # (m3jax/selection.py default_mode; the set's first mode / metric when it does not evaluate those). The run logs
+    # the metric at start and its value after every eval. The best step's checkpoint is kept whatever
+    # save_total_limit says, and recorded in output_dir/best.json (`m3jax export --step best`).
     c.metric_for_best_model = ""
     c.greater_is_better = True
 

@@ -13,8 +13,9 @@ LoRA run's adapters are merged into its kernels first. The models must have the 
 tensors and shapes). The output takes config.json, the tokenizer and the pooling of the first model.
 
 Grid (two models): for each W of the grid, the merge W * first + (1 - W) * second is evaluated on the eval sets
-(the exact search of `m3jax eval`); the W with the best `--metric` (m3jax.selection's syntax, default the first
-set's first mode and metric) is written, with every point's numbers in merge_grid.json and the model card.
+(the exact search of `m3jax eval`); the W with the best `--metric` (m3jax.selection's syntax; default: the first
+set's all/ndcg@10, the models carrying all three heads) is written, with every point's numbers in merge_grid.json
+and the model card.
 """
 from __future__ import annotations
 
@@ -181,6 +182,10 @@ def merge_grid(paths: Sequence[str], grid: Sequence[float], specs, output, *, me
         expression = selection.parse_metric(metric, specs)
     except ValueError as e:
         raise MergeError(f"--metric {metric!r}: {e}") from None
+    logger.info("merge --grid: the weight is chosen by %s (%s; %s is better)", expression.text,
+                "--metric" if expression.why == "given" else expression.why.replace("the trained heads",
+                                                                                    "the models' heads"),
+                "greater" if greater_is_better else "lower")
     if eval_sets is None:
         eval_sets = ev.load_eval_sets(specs)  # file errors before loading the models
     models = load_models(paths)
@@ -203,6 +208,7 @@ def merge_grid(paths: Sequence[str], grid: Sequence[float], specs, output, *, me
         if better(p["value"], chosen["value"]):
             chosen = p
     w = chosen["weight"]
+    logger.info("merge --grid: chose W=%g by %s = %.5g", w, expression.text, chosen["value"])
     params = merge_params([models[0].params, models[1].params], [w, 1.0 - w])
     evals = {f"merged (W={w:g})": chosen["metrics"]}
     for p in points:  # the two ends are the models themselves

@@ -44,7 +44,8 @@ def train(config) -> dict:
 
     # --- model config: from the latest checkpoint when resuming, else from the pretrained directory -----------
     eval_specs = config_lib.eval_set_specs(config) if config.eval_steps > 0 or config.eval_on_start else []
-    best = selection.BestTracker(output_dir, selection.parse_metric(config.metric_for_best_model, eval_specs),
+    best = selection.BestTracker(output_dir, selection.parse_metric(config.metric_for_best_model, eval_specs,
+                                                                    heads=config_lib.trained_heads(config)),
                                  config.greater_is_better) if eval_specs else None
     checkpointer = ckpt_lib.Checkpointer(output_dir, max_to_keep=config.save_total_limit,
                                          protected=best.protected if best else None)
