@@ -40,7 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 42
 
     # ---- data (FlagEmbedding AbsEmbedderDataArguments) -----------------------------------------------------
-    c.train_data = ""  # one or more directories of .json/.jsonl datasets, comma-separated (URLs are staged)
+    # One or more directories of .json/.jsonl datasets or .json/.jsonl files (one dataset each, as FlagEmbedding
+    # 1.4.2 takes them), comma-separated (URLs are staged).
+    c.train_data = ""
     c.train_group_size = 8  # passages per query: 1 positive + (G-1) negatives
     c.query_max_len = 32
     c.passage_max_len = 128
@@ -452,7 +454,8 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
         _require(scheme in (None, "gs"), "output_dir", "a local (or mounted) directory or a gs:// URL (Orbax writes "
                  "checkpoints to no other object store; inputs and exports may be any URL etils.epath reads)",
                  c.output_dir)
-        _require(bool(train_data_dirs(c)), "train_data", "one or more data directories (comma-separated)", c.train_data)
+        _require(bool(train_data_dirs(c)), "train_data",
+                 "one or more data directories or .json/.jsonl files (comma-separated)", c.train_data)
         urls = [("output_dir", c.output_dir), ("model_name_or_path", c.model_name_or_path)]
         urls += [("train_data", d) for d in train_data_dirs(c)]
         for field, path in urls:

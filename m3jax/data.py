@@ -6,8 +6,10 @@
 
 What a step is: FlagEmbedding 1.4's `AbsEmbedderSameDatasetTrainDataset` and its research trainer
 (`research/BGE_M3/data.py`), in our words (docs/flagembedding_semantics.md, "Data"):
-- every train_data path is a directory; each .json/.jsonl file in it is one dataset (see m3jax/data_files.py for
-  the record format and validation). Files are taken in sorted order.
+- every train_data path is a directory, each .json/.jsonl file in it one dataset (taken in sorted order), or a
+  .json/.jsonl file, one dataset (FlagEmbedding 1.4.2: such a file is never merged with others: below
+  small_threshold it is skipped; `no_in_batch_neg` at the end of its name without the extension marks it). See
+  m3jax/data_files.py for the record format and validation.
 - same_dataset_within_batch (default): each batch comes from one dataset. Per-device batch size b: the file's
   `batch_size` column, else its `len-LO-HI` tag looked up in config.batch_size_by_length (None: the research table
   for train_group_size 8 or 1), else per_device_train_batch_size; `type` containing "symmetric" halves it. Files
@@ -681,12 +683,24 @@ def _settings(config) -> _Settings:
 
 
 def _staged_train_dir(url: str) -> str:
-    """A train_data URL (gs://bucket/data/task_a): its .json/.jsonl files copied to the local cache once per host,
-    since records are re-read by byte offset. The local directory keeps the URL's base name (`no_in_batch_neg`)."""
+    """A train_data URL (gs://bucket/data/task_a, or a .json/.jsonl file): its .json/.jsonl files copied to the
+    local cache once per host, since records are re-read by byte offset. The local copy keeps the URL's base name
+    (`no_in_batch_neg`)."""
     if not storage.isdir(url):
-        what = "is a file" if storage.exists(url) else "does not exist"
-        raise DataError(f"train_data path {url!r} {what}; expected a directory of .json/.jsonl files")
+        if storage.exists(url) and url.endswith((".json", ".jsonl")):
+            return storage.stage(url, what="train_data")
+        what = "is a file but not .json/.jsonl" if storage.exists(url) else "does not exist"
+        raise DataError(f"train_data path {url!r} {what}; expected a directory of .json/.jsonl files or a "
+                        ".json/.jsonl file")
     return storage.stage(url, what="train_data", keep=lambda rel: "/" not in rel and rel.endswith((".json", ".jsonl")))
+
+
+def _no_in_batch_neg(path: str) -> bool:
+    """FlagEmbedding: a directory whose name ends in `no_in_batch_neg`, or a file whose name does before its
+    extension (`data_dir.split('.')[-2].endswith('no_in_batch_neg')`)."""
+    if os.path.isdir(path):
+        return os.path.basename(path).endswith("no_in_batch_neg")
+    return os.path.splitext(path)[0].endswith("no_in_batch_neg")
 
 
 def _read_datasets(config, s: _Settings) -> tuple[Corpus, list[_Dataset], dict[str, int]]:
@@ -694,7 +708,7 @@ def _read_datasets(config, s: _Settings) -> tuple[Corpus, list[_Dataset], dict[s
     dirs = train_data_dirs(config)
     if not dirs:
         raise DataError("config.train_data is empty; expected one or more directories of .json/.jsonl files "
-                        "(comma-separated)")
+                        "or .json/.jsonl files (comma-separated)")
     dirs = [_staged_train_dir(d) if storage.is_url(d) else d for d in dirs]
     rules = ScanRules(s.train_group_size, s.knowledge_distillation, s.same_dataset, bool(config.skip_bad_examples))
     paths = [(os.path.normpath(d), p) for d in dirs for p in list_dataset_files(os.path.normpath(d))]
@@ -738,9 +752,14 @@ def _read_datasets(config, s: _Settings) -> tuple[Corpus, list[_Dataset], dict[s
 
     if s.same_dataset:
         for directory, (big, small) in groups.items():
-            nibn = os.path.basename(directory).endswith("no_in_batch_neg")
+            nibn = _no_in_batch_neg(directory)
             for i in big:
                 add(files[i].path, [i], _file_batch_size(files[i], config, config.per_device_train_batch_size), nibn)
+            if small and not os.path.isdir(directory):  # FlagEmbedding: a file path below small_threshold is skipped
+                dropped.append(f"{directory} with {len(files[small[0]])} examples (a train_data file below "
+                               f"small_threshold {config.small_threshold} is skipped, as in FlagEmbedding)")
+                logger.warning("dropping %s", dropped[-1])
+                continue
             if small:
                 fs = [files[i] for i in small]
                 total = sum(len(f) for f in fs)

@@ -141,13 +141,16 @@ def file_group_size(type_: str | None, group_size_column: int | None, train_grou
 
 
 def list_dataset_files(directory: str) -> list[str]:
-    """The .json/.jsonl files of a train_data directory, sorted (FlagEmbedding's os.listdir order is arbitrary)."""
+    """The .json/.jsonl files of a train_data directory, sorted (FlagEmbedding's os.listdir order is arbitrary); a
+    train_data path that is a .json/.jsonl file is itself (FlagEmbedding 1.4.2: one dataset per file path)."""
     if not os.path.exists(directory):
-        raise DataError(f"train_data path {directory!r} does not exist; expected a directory of .json/.jsonl files")
+        raise DataError(f"train_data path {directory!r} does not exist; expected a directory of .json/.jsonl files "
+                        "or a .json/.jsonl file")
     if not os.path.isdir(directory):
-        raise DataError(f"train_data path {directory!r} is a file; expected a directory of .json/.jsonl files "
-                        "(FlagEmbedding's rule: each train_data path is a directory, each file in it one dataset) "
-                        "- move the file into a directory and pass that")
+        if directory.endswith((".json", ".jsonl")):
+            return [directory]
+        raise DataError(f"train_data path {directory!r} is a file but not .json/.jsonl; expected a directory of "
+                        ".json/.jsonl files or a .json/.jsonl file (FlagEmbedding skips it silently)")
     files = sorted(f for f in os.listdir(directory) if f.endswith((".json", ".jsonl"))
                    and os.path.isfile(os.path.join(directory, f)))
     if not files:

@@ -380,6 +380,66 @@ def test_no_in_batch_neg_directory(tmp_path, tokenizer):
         assert bool(b["no_in_batch_neg"]) == texts(tokenizer, b)[0][0].startswith("d0")
 
 
+def _file_data(tmp_path):
+    """train_data mixing FlagEmbedding 1.4.2's file paths and a directory: a.jsonl (12 examples), d/ (b.jsonl, 8),
+    c_no_in_batch_neg.json (JSON lines, 16, batch_size 4) and small.jsonl (3, below small_threshold 4)."""
+    a = write(tmp_path / "a.jsonl", records("d0", 12))
+    d = os.path.dirname(write(tmp_path / "d" / "b.jsonl", records("d1", 8)))
+    c = write(tmp_path / "c_no_in_batch_neg.json", records("d2", 16, batch_size=4))
+    small = write(tmp_path / "small.jsonl", records("d3", 3))
+    return [a, d, c, small]
+
+
+def test_json_and_jsonl_files_as_train_data(tmp_path, tokenizer, caplog):
+    """Issue 27: a .json/.jsonl file given as train_data is one dataset, as FlagEmbedding 1.4.2 takes it: never
+    merged with small files (skipped below small_threshold), no_in_batch_neg from its name."""
+    paths = _file_data(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        data = build_train_data(config(",".join(paths), small_threshold=4), tokenizer, num_batch_shards=1)
+    assert [(os.path.basename(d.name), d.num_examples, d.batch_size, d.no_in_batch_neg) for d in data.datasets] == [
+        ("a.jsonl", 12, 2, False), ("b.jsonl", 8, 2, False), ("c_no_in_batch_neg.json", 16, 4, True)]
+    assert "small.jsonl with 3 examples (a train_data file below small_threshold 4 is skipped" in caplog.text
+    seen = set()
+    for b in epoch_batches(data):
+        qs = texts(tokenizer, b)[0]
+        assert bool(b["no_in_batch_neg"]) == qs[0].startswith("d2")
+        seen.update(qs)
+    assert len(seen) == 12 + 8 + 16
+    json_array = tmp_path / "arr" / "e.json"
+    json_array.parent.mkdir()
+    json_array.write_text(json.dumps(records("d4", 4)))  # a JSON array file too
+    assert build_train_data(config(str(json_array)), tokenizer, num_batch_shards=1).datasets[0].num_examples == 4
+
+
+@pytest.mark.needs_flagembedding
+def test_train_data_files_are_flagembeddings_datasets(tmp_path, tokenizer):
+    """The same train_data (files and a directory) in FlagEmbedding 1.4.2's AbsEmbedderSameDatasetTrainDataset:
+    the same datasets, batch sizes, no_in_batch_neg flags and batches, epoch after epoch."""
+    from FlagEmbedding.abc.finetune.embedder import AbsDataset as fe
+
+    paths = _file_data(tmp_path)
+    data = build_train_data(config(",".join(paths), small_threshold=4), tokenizer, num_batch_shards=2)
+
+    class Args:  # the AbsEmbedderDataArguments fields the dataset reads
+        train_data, cache_path, max_example_num_per_dataset = paths, str(tmp_path / "hf"), 10 ** 8
+        knowledge_distillation, shuffle_ratio, small_threshold, drop_threshold = False, 0.0, 4, 0
+        train_group_size, query_instruction_for_retrieval, query_instruction_format = 4, None, "{}{}"
+        passage_instruction_for_retrieval, passage_instruction_format = None, "{}{}"
+
+    ref = fe.AbsEmbedderSameDatasetTrainDataset(Args(), default_batch_size=2, seed=SEED, tokenizer=tokenizer,
+                                                process_index=0, num_processes=2)
+    assert [d.batch_size for d in data.datasets] == list(ref.batch_size_idxs) == [2, 2, 4]
+    assert [d.no_in_batch_neg for d in data.datasets] == list(ref.no_in_batch_neg_flags) == [False, False, True]
+    assert [d.num_examples for d in data.datasets] == [len(i) for i in ref.each_data_idxs]
+    planner = data._pipeline.plan.planner()
+    for epoch in range(3):
+        if epoch:
+            ref.refresh_epoch()
+        ours = [(data.datasets[d].no_in_batch_neg, ids.tolist()) for d, ids in planner.epoch(epoch)]
+        theirs = [(flag, list(map(int, ids))) for ids, flag in ref.batch_datas]
+        assert ours == theirs
+
+
 def test_last_short_batch_research_rule(tmp_path, tokenizer):
     # per-device 3, W=2: global batches of 6; a short last batch stays if it has >= 2*W=4 examples, cut to 2k.
     write(tmp_path / "a" / "a.jsonl", records("d0", 11))  # 6, then 5 -> kept as 4
@@ -755,8 +815,8 @@ def test_parallel_scan_matches_and_reports_errors(tmp_path):
 
 
 def test_bad_paths(tmp_path, tokenizer):
-    path = write(tmp_path / "d" / "a.jsonl", [GOOD] * 4)
-    with pytest.raises(DataError, match=re.escape(path) + r"' is a file; expected a directory"):
+    path = write(tmp_path / "d" / "a.txt", [GOOD] * 4)
+    with pytest.raises(DataError, match=re.escape(path) + r"' is a file but not \.json/\.jsonl; expected a directory"):
         build_train_data(config(path), tokenizer, num_batch_shards=1)
     with pytest.raises(DataError, match=r"missing' does not exist; expected a directory of \.json/\.jsonl files"):
         build_train_data(config(tmp_path / "missing"), tokenizer, num_batch_shards=1)
