@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any
 
@@ -432,8 +433,25 @@ def _validate_finetune_control(c) -> None:
                  "False unless mrl_dims is set and colbert is a trained head", c.mrl_colbert)
 
 
+def max_tokens(model_cfg) -> int:
+    """The longest text (special tokens included) the model's position table holds: XLM-R numbers positions from
+    pad_token_id + 1, so bge-m3's 8194 positions hold 8192 tokens and a 514-position model 512."""
+    return int(model_cfg.max_position_embeddings) - int(model_cfg.pad_token_id) - 1
+
+
 def validate_against_model(config, model_cfg) -> None:
-    """The fields whose bounds depend on the model: freeze_layers_below, mrl_dims (Stepper.build calls this)."""
+    """The fields whose bounds depend on the model: the max lengths (training and every eval set's, against the
+    position table), freeze_layers_below, mrl_dims (the trainer calls this as soon as it knows the model, before
+    reading any data; Stepper.build again)."""
+    limit = max_tokens(model_cfg)
+    why = (f"at most {limit}, the model's position limit (max_position_embeddings {model_cfg.max_position_embeddings}"
+           f" - {int(model_cfg.pad_token_id) + 1} for XLM-R's padding offset)")
+    for field in ("query_max_len", "passage_max_len"):
+        _require(config[field] <= limit, field, why, config[field])
+    for spec in eval_set_specs(config):
+        where = "eval" if spec.name == LEGACY_EVAL_SET and config["eval"]["corpus"] else f"eval_sets.{spec.name}"
+        for field in ("query_max_len", "passage_max_len"):
+            _require(getattr(spec, field) <= limit, f"{where}.{field}", why, getattr(spec, field))
     _require(config.freeze_layers_below <= model_cfg.num_hidden_layers, "freeze_layers_below",
              f"at most the model's {model_cfg.num_hidden_layers} layers", config.freeze_layers_below)
     largest = max([model_cfg.hidden_size] + ([model_cfg.colbert_out_dim] if config.mrl_colbert else []))
@@ -451,6 +469,8 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
         # Orbax (0.12) writes checkpoint arrays through tensorstore's gcs driver for gs:// and its file driver
         # otherwise, so an s3:// (or other) URL cannot hold the checkpoints.
         scheme = str(c.output_dir).split("://", 1)[0] if "://" in str(c.output_dir) else None
+        _require(scheme is not None or not os.path.isfile(str(c.output_dir)), "output_dir",
+                 "a directory to write checkpoints and logs to (this is an existing file)", c.output_dir)
         _require(scheme in (None, "gs"), "output_dir", "a local (or mounted) directory or a gs:// URL (Orbax writes "
                  "checkpoints to no other object store; inputs and exports may be any URL etils.epath reads)",
                  c.output_dir)

@@ -55,6 +55,7 @@ def train(config) -> dict:
     source = (loading.find_model(output_dir, step=resume_step) if resume_step is not None
               else loading.find_model(config.model_name_or_path))
     model_cfg = loading.model_config(source, loading.ModelSettings.from_run_config(config))
+    config_lib.validate_against_model(config, model_cfg)  # max lengths vs positions: before any data is read
     if model_cfg.attention_implementation != "xla" and model_cfg.attention_probs_dropout_prob > 0:
         logger.warning("%s fused attention has no dropout: attention_probs_dropout_prob=%g is not applied "
                        "(set --config.model.attention_implementation=xla to apply it, at a speed and memory cost)",

@@ -96,3 +96,35 @@ def test_train_py_answers_a_flagembedding_flag_in_one_line():
     assert lines == ["m3jax train: error: --model_name_or_path: m3jax takes config fields as --config.<field>=<value>: "
                      "use --config.model_name_or_path=/m"], out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# limits checked before work (issue 27, part 3)
+
+
+def _train(tiny_ckpt, tmp_path, *overrides):
+    return cli.main(["train", "--config", os.path.join(REPO, "configs", "toy.py"),
+                     f"--config.model_name_or_path={tiny_ckpt}", f"--config.output_dir={tmp_path / 'run'}",
+                     "--config.mesh.data=1", *overrides])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.passage_max_len=1024", "config.passage_max_len=1024: expected at most 512, the model's position limit "
+                                      "(max_position_embeddings 514 - 2 for XLM-R's padding offset)"),
+    ("--config.query_max_len=4096", "config.query_max_len=4096: expected at most 512"),
+    ("--config.eval.passage_max_len=600", "config.eval.passage_max_len=600: expected at most 512"),
+])
+def test_max_lengths_beyond_the_models_positions_stop_at_start(tiny_ckpt, tmp_path, capsys, override, message):
+    assert _train(tiny_ckpt, tmp_path, override) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"m3jax train: error: {message}"), err
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not (ckpts.exists() and os.listdir(ckpts)) and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_output_dir_that_is_a_file(tiny_ckpt, tmp_path, capsys):
+    (tmp_path / "run").write_text("not a directory")
+    assert _train(tiny_ckpt, tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"m3jax train: error: config.output_dir='{tmp_path / 'run'}': expected a directory to write "
+                   f"checkpoints and logs to (this is an existing file)"]

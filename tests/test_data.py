@@ -897,3 +897,72 @@ def test_split_data_by_length(tmp_path, tokenizer):
                             num_batch_shards=1)
     assert {os.path.basename(d[0]): d[2] for d in data.datasets} == {
         f"train_len-{lo_mid}.jsonl": 3, f"train_len-{mid_hi}.jsonl": 2, f"train_len-{bounds[2]}-inf.jsonl": 1}
+
+
+# ---- issue 27: long texts cut before tokenisation, the same tokens ------------------------------------------------
+
+_PIECES = ["ab", "xyz", "Qq", "7", " ", " ", " ", "  ", "   ", "\t", "\n", "\r\n", "\u3000", "\u00a0", "\u0301",
+           "\u200d", "\u200c", "\u200b", "\u00e9", "e\u0301", "\u4e2d\u6587", "\ufb01", "<mask>", "<s>", " <mask> ",
+           "\u0e33", "\u0e01", "\u0d4e", "\u0600", "\U0001F642", "\U0001F3FB", "\u03a9", "\u0661", ".", ",", "-",
+           "\u00a8", "\uff9e", "\x00", "\u1100\u1161", "\U000111C2", "\u2474", "\ufe70", "word", "words", "dog"]
+
+
+def _random_texts(n, seed):
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(_PIECES, size=int(rng.integers(20, 300)))) for _ in range(n)]
+
+
+def test_cut_before_tokenisation_gives_the_tokens_of_the_whole_text(tokenizer):
+    from m3jax.data_files import cut_is_exact, cut_point, encode_truncated, make_backend_tokenizer
+
+    tokenizer_json = tokenizer.backend_tokenizer.to_str()
+    assert cut_is_exact(tokenizer_json)
+    prose = " ".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(60))
+    texts = _random_texts(300, 0) + [prose, prose.replace(" ", "  "), prose.replace(" ", "\u3000"),
+                                     "\u4e2d\u6587" * 500, " " * 1000 + prose, prose + " " * 1000,
+                                     "x " * 1000, "\u0301 " * 1000, "ab \u0301" * 500, "<mask> " * 500]
+    cut_total = 0
+    for max_len in (4, 16, 64):
+        tok = make_backend_tokenizer(tokenizer_json, max_len)
+        whole = tok.encode_batch(texts)
+        for cut_chars in (2 * max_len, 16 * max_len):  # far below the default bound: many cuts
+            ours = encode_truncated(tok, texts, max_len, cut_chars)
+            for text, a, b in zip(texts, ours, whole):
+                assert a.ids == b.ids and a.attention_mask == b.attention_mask, (max_len, cut_chars, text[:80])
+            cut_total += sum(cut_point(t, cut_chars) is not None for t in texts)
+    assert cut_total > 500  # the cut really was taken (and checked) often
+    assert cut_point("\u4e2d\u6587" * 3000, 64) is None and cut_point("short", 64) is None
+    assert cut_point("ab " * 100, 64) == 62
+
+
+def test_the_cut_is_only_for_tokenizer_pipelines_it_is_proven_for(tokenizer):
+    from m3jax.data_files import cut_is_exact
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    for change in (lambda s: s.update(pre_tokenizer={"type": "ByteLevel"}),
+                   lambda s: s["normalizer"]["normalizers"].append({"type": "Lowercase"}),
+                   lambda s: s["model"].update(type="BPE"),
+                   lambda s: s["added_tokens"].append({"content": "a b", "id": 9999}),
+                   lambda s: s["pre_tokenizer"].update(split=False)):
+        changed = json.loads(json.dumps(spec))
+        change(changed)
+        assert not cut_is_exact(json.dumps(changed))
+
+
+def test_long_texts_are_cut_counted_and_give_the_same_batches(tmp_path, tokenizer, caplog, monkeypatch):
+    from m3jax import data as data_lib
+
+    recs = records("d0", 8)
+    recs[3]["pos"] = ["long passage " + "lorem ipsum dolor sit amet " * 8000] * 2  # 200 KB each
+    recs[5]["query"] = "long query " + "what is this " * 100
+    write(tmp_path / "d" / "a.jsonl", recs)
+    with caplog.at_level(logging.INFO, logger="m3jax"):
+        data = build_train_data(config(tmp_path / "d"), tokenizer, num_batch_shards=1)
+    assert ("1 queries longer than 256 characters and 2 passages longer than 512 (16 characters per token x max "
+            "length): each is cut at a space before tokenisation") in caplog.text
+    cut = epoch_batches(data)
+    monkeypatch.setattr(data_lib, "cut_is_exact", lambda tokenizer_json: False)
+    whole = epoch_batches(build_train_data(config(tmp_path / "d"), tokenizer, num_batch_shards=1))
+    for a, b in zip(cut, whole):
+        assert_batches_equal(a, b)
+    assert any("long passage lorem" in p for b in cut for p in sum(texts(tokenizer, b)[1], []))
