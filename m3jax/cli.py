@@ -706,6 +706,13 @@ def main(argv=None) -> int:
         args, rest = parser.parse_known_args(argv)
         unknown = [a for a in rest if not a.startswith("--config.")]
         if unknown:
+            from m3jax import config as config_lib
+
+            try:  # a FlagEmbedding flag: its m3jax spelling
+                config_lib.check_foreign_flags(unknown)
+            except M3JaxError as e:
+                print(f"m3jax plan: error: {e}", file=sys.stderr)
+                return 2
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.command, args.config_argv = "plan", ["--config", args.config, *rest]
     else:

@@ -88,6 +88,12 @@ def test_flagembedding_flags_get_the_m3jax_spelling(argv, message, capsys):
     assert len(err) == 1 and err[0].startswith("m3jax train: error: ") and message in err[0], err
 
 
+def test_plan_answers_a_flagembedding_flag_too(capsys):
+    assert cli.main(["plan", "--config", os.path.join(REPO, "configs", "toy.py"), "--passage_max_len", "512"]) == 2
+    assert capsys.readouterr().err.strip() == ("m3jax plan: error: --passage_max_len: m3jax takes config fields as "
+                                               "--config.<field>=<value>: use --config.passage_max_len=512")
+
+
 def test_train_py_answers_a_flagembedding_flag_in_one_line():
     out = subprocess.run([sys.executable, "train.py", "--model_name_or_path", "/m", "--config", "configs/toy.py"],
                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
