@@ -747,8 +747,9 @@ def _read_datasets(config, s: _Settings, cut: bool = False) -> tuple[Corpus, lis
     bad_counts = {f.path: f.bad_count for f in files if f.bad_count}
     long_q, long_p = (sum(f.long_texts[k] for f in files) for k in (0, 1))
     if long_q or long_p:
-        logger.info("%d queries longer than %d characters and %d passages longer than %d (%d characters per token x "
-                    "max length): %s", long_q, long_chars[0], long_p, long_chars[1], CHARS_PER_TOKEN,
+        logger.info("%d queries longer than %d characters and %d passages longer than %d in the training files (%d "
+                    "characters per token x max length): %s", long_q, long_chars[0], long_p, long_chars[1],
+                    CHARS_PER_TOKEN,
                     "each is cut at a space before tokenisation where that keeps exactly its first max length tokens, "
                     "else tokenised whole" if cut else "tokenised whole and then truncated (this tokenizer's "
                     "pipeline is not one the cut is proven exact for)")

@@ -958,8 +958,8 @@ def test_long_texts_are_cut_counted_and_give_the_same_batches(tmp_path, tokenize
     write(tmp_path / "d" / "a.jsonl", recs)
     with caplog.at_level(logging.INFO, logger="m3jax"):
         data = build_train_data(config(tmp_path / "d"), tokenizer, num_batch_shards=1)
-    assert ("1 queries longer than 256 characters and 2 passages longer than 512 (16 characters per token x max "
-            "length): each is cut at a space before tokenisation") in caplog.text
+    assert ("1 queries longer than 256 characters and 2 passages longer than 512 in the training files (16 "
+            "characters per token x max length): each is cut at a space before tokenisation") in caplog.text
     cut = epoch_batches(data)
     monkeypatch.setattr(data_lib, "cut_is_exact", lambda tokenizer_json: False)
     whole = epoch_batches(build_train_data(config(tmp_path / "d"), tokenizer, num_batch_shards=1))
