@@ -308,12 +308,27 @@ def _load_model(args, **overrides):
                   query_instruction_format=args.query_instruction_format)
     kwargs.update(overrides)
     try:
-        return BGEM3FlagModel(args.model, **kwargs)
+        model = BGEM3FlagModel(args.model, **kwargs)
     except CheckpointError as e:
         if hf_dir or not storage.isdir(args.model):
             raise
         raise CheckpointError(f"--model: not an HF model directory (no config.json) and not a usable m3jax "
                               f"checkpoint: {e}") from e
+    _check_max_lengths(args, model.cfg)
+    return model
+
+
+def _check_max_lengths(args, model_cfg) -> None:
+    """--query-max-len / --passage-max-len against the model's positions (config.max_tokens), before any work."""
+    from m3jax import config as config_lib
+
+    limit = config_lib.max_tokens(model_cfg)
+    for name in ("query_max_len", "passage_max_len"):
+        value = getattr(args, name, None)
+        if value is not None and value > limit:
+            raise UsageError(f"--{name.replace('_', '-')}={value}: at most {limit}, the model's position limit "
+                             f"(max_position_embeddings {model_cfg.max_position_embeddings} - "
+                             f"{int(model_cfg.pad_token_id) + 1} for XLM-R's padding offset)")
 
 
 def _trained_matryoshka_modes(args, cfg) -> tuple[str, ...]:

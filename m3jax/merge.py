@@ -190,6 +190,16 @@ def merge_grid(paths: Sequence[str], grid: Sequence[float], specs, output, *, me
         eval_sets = ev.load_eval_sets(specs)  # file errors before loading the models
     models = load_models(paths)
     first = models[0]
+    from m3jax import config as config_lib
+
+    limit = config_lib.max_tokens(first.cfg)
+    for s in specs:  # before the first point is evaluated
+        for name in ("query_max_len", "passage_max_len"):
+            if getattr(s, name) > limit:
+                raise MergeError(f"--{name.replace('_', '-')}={getattr(s, name)} (eval set {s.name}): at most "
+                                 f"{limit}, the models' position limit (max_position_embeddings "
+                                 f"{first.cfg.max_position_embeddings} - {int(first.cfg.pad_token_id) + 1} for XLM-R's "
+                                 f"padding offset)")
     tokenizer = loading.load_tokenizer(first.source)
     points = []
     for w in grid:

@@ -134,3 +134,13 @@ def test_output_dir_that_is_a_file(tiny_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"m3jax train: error: config.output_dir='{tmp_path / 'run'}': expected a directory to write "
                    f"checkpoints and logs to (this is an existing file)"]
+
+
+def test_eval_max_length_beyond_the_models_positions(tiny_ckpt, capsys):
+    toy = os.path.join(REPO, "toy_eval_data")
+    assert cli.main(["eval", "--model", str(tiny_ckpt), "--corpus", f"{toy}/corpus.jsonl", "--queries",
+                     f"{toy}/queries.jsonl", "--qrels", f"{toy}/qrels.tsv", "--devices", "cpu",
+                     "--passage-max-len", "600"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "m3jax eval: error: --passage-max-len=600: at most 512, the model's position limit (max_position_embeddings "
+        "514 - 2 for XLM-R's padding offset)"]
