@@ -8,7 +8,10 @@
 FlagEmbedding's command it reproduces (torchrun ... -m FlagEmbedding.BGE_M3.run): --learning_rate 1e-5 --fp16
 --num_train_epochs 5 --normlized True --temperature 0.02 --query_max_len 64 --passage_max_len 256
 --train_group_size 2 --negatives_cross_device --same_task_within_batch True --unified_finetuning True
---use_self_distill True. `model_name_or_path` is a local copy of BAAI/bge-m3 (m3jax downloads nothing).
+--use_self_distill True. `model_name_or_path` is a local copy of BAAI/bge-m3 (m3jax downloads nothing). Given
+bare (`--learning_rate 1e-5`), those flags are answered with their m3jax spelling (`--config.learning_rate=1e-5`).
+With eval sets (`--config.eval_steps`, README "Eval sets and the best checkpoint") the best checkpoint is chosen by
+the first set's all/ndcg@10 unless metric_for_best_model says otherwise (all three heads train here).
 """
 from m3jax.config import default_config
 
@@ -17,7 +20,7 @@ def get_config():
     c = default_config()
     c.model_name_or_path = ""  # required: a local bge-m3 directory
     c.output_dir = "runs/bge_m3_unified"  # checkpoints, TensorBoard events and logs
-    c.train_data = ""  # required: directories of .jsonl datasets, comma-separated
+    c.train_data = ""  # required: directories of .jsonl datasets or .json/.jsonl files, comma-separated
 
     # Data: one dataset per batch, length-bucketed batch sizes (see README "Efficient batching").
     c.train_group_size = 2  # 1 positive + 1 negative per query

@@ -8,7 +8,9 @@ The tiny checkpoint has random weights, the bge-m3 file layout and a tokenizer t
 and 5.24.0, jax 0.10.2): the logged loss falls from about 3.3 (steps 1-10) to about 0.36 (steps 201-210),
 loss_dense from about 8.4 to about 0.75, and the toy eval (held-out texts on the same topics) reaches nDCG@10 of
 0.68 for sparse, 0.22 for dense and colbert and 0.60 for all three heads at step 105; at step 210 sparse and all
-three drop (0.58, 0.45) as the 57 examples get memorised, dense and colbert rise (0.27, 0.29).
+three drop (0.58, 0.45) as the 57 examples get memorised, dense and colbert rise (0.27, 0.29). The best checkpoint
+is chosen by eval/all/ndcg@10 (metric_for_best_model's default when all three heads train; the log names it at
+start and its value after each eval): step 105.
 tests/test_toy_run.py checks these within margins. `runs/toy/checkpoints/` holds Orbax checkpoints to resume or
 export from:
 

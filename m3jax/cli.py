@@ -48,11 +48,15 @@ def _add_train(subparsers) -> None:
                     "overrides (fields: m3jax/config.py; a mistyped field is rejected with a suggestion).")
     p.add_argument("--config", required=True, help="a configs/*.py file")
     p.add_argument("--config.FIELD", metavar="VALUE", dest="_override", help="override any config field, e.g. "
-                   "--config.learning_rate=2e-5 --config.mesh.fsdp=4 (repeatable)")
+                   "--config.learning_rate=2e-5 --config.mesh.fsdp=4 (repeatable; default: the config file's "
+                   "values)")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args) -> int:
+    from m3jax import config as config_lib
+
+    config_lib.check_override_flags(args.train_argv)  # a FlagEmbedding flag or a mistyped field: before jax starts
     from m3jax import trainer
 
     return trainer.main(args.train_argv)
@@ -73,7 +77,7 @@ def _add_export(subparsers) -> None:
                    help="a run's output_dir (latest complete step), its checkpoints/ dir, or checkpoints/<step>")
     p.add_argument("--output", required=True, help="directory to create (must not exist or be empty)")
     p.add_argument("--step", type=_step_arg, default=None,
-                   help="export this step instead of the latest; 'best': the run's best step (best.json)")
+                   help="export this step; 'best': the run's best step (best.json) (default: the latest complete step)")
     p.add_argument("--base-model", default=None,
                    help="directory with config.json and tokenizer files (default: <output_dir>/base_model, "
                         "copied there when the run started)")
@@ -87,9 +91,10 @@ def _add_export(subparsers) -> None:
                         "(PEFT layout: PeftModel.from_pretrained(<base bge-m3 AutoModel>, <that dir>))")
     p.add_argument("--merge-with", default=None, metavar="DIR",
                    help="a bge-m3 directory (e.g. the base model) to merge with: every tensor becomes W * fine-tuned "
-                        "+ (1 - W) * DIR's (with --merge-weight W)")
+                        "+ (1 - W) * DIR's (with --merge-weight W) (default: no merge)")
     p.add_argument("--merge-weight", type=float, default=None, metavar="W",
-                   help="weight of the fine-tuned model in the merge, in [0, 1] (1: the fine-tuned model, 0: DIR)")
+                   help="weight of the fine-tuned model in the merge, in [0, 1] (1: the fine-tuned model, 0: DIR); "
+                        "required with --merge-with (default: none)")
     p.set_defaults(func=_run_export)
 
 
@@ -122,6 +127,13 @@ def _run_export(args) -> int:
                             pytorch_bin=args.pytorch_bin, heads_dtype=args.heads_dtype, overwrite=args.overwrite,
                             lora_adapters=args.lora_adapters, merge_with=args.merge_with,
                             merge_weight=args.merge_weight)
+    import json
+
+    info = json.loads(storage.read_bytes(storage.join(out, "m3jax_export.json")))
+    merged = info.get("merge")
+    print(f"m3jax export: wrote step {info['step']} of {info['source_checkpoint']}"
+          + (f", merged with {merged['models'][1]} (W={merged['weights'][0]:g})" if merged else "")
+          + f" to {out}", file=sys.stderr)
     print(out)
     return 0
 
@@ -151,20 +163,25 @@ def _add_merge(subparsers) -> None:
     p.add_argument("--output", required=True, help="directory to create (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     p.add_argument("--grid", type=_grid_arg, default=None, metavar="W1,W2,...",
-                   help="two models: the weights W of the first model to evaluate, e.g. 0,0.25,0.5,0.75,1")
+                   help="two models: the weights W of the first model to evaluate, e.g. 0,0.25,0.5,0.75,1 (default: no "
+                        "grid, merge with --weights)")
     p.add_argument("--eval-set", action="append", default=[], metavar="NAME=DIR|NAME=CORPUS,QUERIES,QRELS",
                    help="with --grid (repeatable): an eval set, a directory with corpus.jsonl, queries.jsonl and "
                         "qrels.tsv (or qrels/test.tsv), or the three files")
     p.add_argument("--metric", default="",
                    help="with --grid: what picks W, [W*]SET/MODE/METRIC terms joined by '+' (default: the first "
-                        "set's first mode and metric)")
+                        "set's all/ndcg@10, else its first mode and metric)")
     p.add_argument("--lower-is-better", action="store_true", help="with --grid: pick the lowest --metric")
     p.add_argument("--modes", type=_modes_arg, default=None,
                    help="with --grid: modes to evaluate (default dense,sparse,colbert,dense+sparse,all)")
-    p.add_argument("--metrics", type=_metrics_arg, default="ndcg@10,recall@100,mrr@10")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--query-max-len", type=int, default=512)
-    p.add_argument("--passage-max-len", type=int, default=512)
+    p.add_argument("--metrics", type=_metrics_arg, default="ndcg@10,recall@100,mrr@10",
+                   help="with --grid: comma-separated NAME@K, NAME in ndcg, recall, mrr")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="with --grid: texts per encode batch (and passages per search block)")
+    p.add_argument("--query-max-len", type=int, default=512,
+                   help="with --grid: query tokens, special tokens included")
+    p.add_argument("--passage-max-len", type=int, default=512,
+                   help="with --grid: passage tokens, special tokens included")
     p.add_argument("--devices", default=None, help="e.g. cpu, or cuda:0 (default: all local accelerators)")
     p.add_argument("--fp32", action="store_true", help="evaluate in float32 on accelerators (default: bfloat16)")
     p.set_defaults(func=_run_merge)
@@ -214,6 +231,12 @@ def _run_merge(args) -> int:
                                        use_fp16=not args.fp32, overwrite=args.overwrite)
     for p in points:
         print(f"W={p['weight']:g}\t{p['value']:.4f}\t" + " ".join(f"{k}={v:.4f}" for k, v in p["metrics"].items()))
+    import json
+
+    grid = json.loads(storage.read_bytes(storage.join(out, merge_lib.GRID_NAME)))
+    value = next(p["value"] for p in points if p["weight"] == grid["chosen_weight"])
+    print(f"chosen: W={grid['chosen_weight']:g} by {grid['metric']} = {value:.4f} "
+          f"({'greater' if grid['greater_is_better'] else 'lower'} is better)")
     print(out)
     return 0
 
@@ -247,18 +270,23 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--metrics", type=_metrics_arg, default="ndcg@10,recall@100,mrr@10",
                    help="comma-separated NAME@K, NAME in ndcg, recall, mrr (default ndcg@10,recall@100,mrr@10)")
     p.add_argument("--batch-size", type=int, default=64, help="texts per encode batch (and passages per search block)")
-    p.add_argument("--query-max-len", type=int, default=512)
-    p.add_argument("--passage-max-len", type=int, default=512)
-    p.add_argument("--query-instruction", default=None, help="prefix for queries (query_instruction_for_retrieval)")
-    p.add_argument("--query-instruction-format", default="{}{}")
+    p.add_argument("--query-max-len", type=int, default=512, help="query tokens, special tokens included")
+    p.add_argument("--passage-max-len", type=int, default=512, help="passage tokens, special tokens included")
+    p.add_argument("--query-instruction", default=None,
+                   help="prefix for queries (query_instruction_for_retrieval) (default: none)")
+    p.add_argument("--query-instruction-format", default="{}{}",
+                   help="how the instruction and the query are joined, a str.format with two {} (instruction, "
+                        "query)")
     p.add_argument("--pooling-method", choices=("cls", "mean"), default=None,
                    help="dense pooling of an HF directory (default: from m3jax_export.json, else cls)")
     p.add_argument("--step", type=_step_arg, default=None,
-                   help="with a run directory: evaluate this step ('best': the run's best step)")
-    p.add_argument("--base-model", default=None, help="with a run directory: config.json + tokenizer directory")
+                   help="with a run directory: evaluate this step ('best': the run's best step) (default: the latest)")
+    p.add_argument("--base-model", default=None, help="with a run directory: config.json + tokenizer directory "
+                   "(default: <run>/base_model)")
     p.add_argument("--devices", default=None, help="e.g. cpu, or cuda:0 (default: all local accelerators)")
     p.add_argument("--fp32", action="store_true", help="compute in float32 on accelerators (default: bfloat16)")
-    p.add_argument("--output", default=None, help="also write the metrics (and settings) to this JSON file")
+    p.add_argument("--output", default=None,
+                   help="also write the metrics (and settings) to this JSON file (default: none)")
     p.set_defaults(func=_run_eval)
 
 
@@ -280,12 +308,27 @@ def _load_model(args, **overrides):
                   query_instruction_format=args.query_instruction_format)
     kwargs.update(overrides)
     try:
-        return BGEM3FlagModel(args.model, **kwargs)
+        model = BGEM3FlagModel(args.model, **kwargs)
     except CheckpointError as e:
         if hf_dir or not storage.isdir(args.model):
             raise
         raise CheckpointError(f"--model: not an HF model directory (no config.json) and not a usable m3jax "
                               f"checkpoint: {e}") from e
+    _check_max_lengths(args, model.cfg)
+    return model
+
+
+def _check_max_lengths(args, model_cfg) -> None:
+    """--query-max-len / --passage-max-len against the model's positions (config.max_tokens), before any work."""
+    from m3jax import config as config_lib
+
+    limit = config_lib.max_tokens(model_cfg)
+    for name in ("query_max_len", "passage_max_len"):
+        value = getattr(args, name, None)
+        if value is not None and value > limit:
+            raise UsageError(f"--{name.replace('_', '-')}={value}: at most {limit}, the model's position limit "
+                             f"(max_position_embeddings {model_cfg.max_position_embeddings} - "
+                             f"{int(model_cfg.pad_token_id) + 1} for XLM-R's padding offset)")
 
 
 def _trained_matryoshka_modes(args, cfg) -> tuple[str, ...]:
@@ -348,15 +391,20 @@ def _run_eval(args) -> int:
 
 def _add_model_flags(p, *, what: str) -> None:
     p.add_argument("--model", required=True, help=what)
-    p.add_argument("--step", type=int, default=None, help="with an m3jax run directory: use this step")
-    p.add_argument("--base-model", default=None, help="with a run directory: config.json + tokenizer directory")
+    p.add_argument("--step", type=int, default=None,
+                   help="with an m3jax run directory: use this step (default: the latest)")
+    p.add_argument("--base-model", default=None, help="with a run directory: config.json + tokenizer directory "
+                   "(default: <run>/base_model)")
     p.add_argument("--pooling-method", choices=("cls", "mean"), default=None,
                    help="dense pooling of an HF bge-m3 directory (default: from m3jax_export.json, else cls)")
     p.add_argument("--devices", default=None, help="e.g. cpu, or cuda:0 (default: all local accelerators)")
     p.add_argument("--fp32", action="store_true", help="compute in float32 on accelerators (default: bfloat16)")
     p.add_argument("--query-instruction", default=None,
-                   help="prefix for queries (query_instruction_for_retrieval); a record's own \"prompt\" wins")
-    p.add_argument("--query-instruction-format", default="{}{}")
+                   help="prefix for queries (query_instruction_for_retrieval); a record's own \"prompt\" wins "
+                        "(default: none)")
+    p.add_argument("--query-instruction-format", default="{}{}",
+                   help="how the instruction and the query are joined, a str.format with two {} (instruction, "
+                        "query)")
     p.add_argument("--output", required=True, help="the output jsonl file (must not exist, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output, and discard an unfinished job started with other settings "
@@ -400,17 +448,18 @@ def _add_mine(subparsers) -> None:
     p.add_argument("--range-for-sampling", type=_range_arg, default=(10, 210), metavar="START-END",
                    help="sample negatives from search ranks START..END-1, 0-based (default 10-210, as hn_mine)")
     p.add_argument("--negative-number", type=int, default=15, help="negatives per query (default 15)")
-    p.add_argument("--max-score", type=float, default=None, help="drop candidates scoring above this")
+    p.add_argument("--max-score", type=float, default=None,
+                   help="drop candidates scoring above this (default: no limit)")
     p.add_argument("--absolute-margin", type=float, default=None,
-                   help="drop candidates scoring above (lowest positive score - MARGIN)")
+                   help="drop candidates scoring above (lowest positive score - MARGIN) (default: no margin)")
     p.add_argument("--relative-margin", type=float, default=None,
-                   help="drop candidates scoring above (1 - MARGIN) x the lowest positive score")
+                   help="drop candidates scoring above (1 - MARGIN) x the lowest positive score (default: no margin)")
     p.add_argument("--fill", choices=("random", "none"), default="random",
                    help="too few candidates left: add random pool passages (hn_mine's rule, default) or none")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws (per record)")
     p.add_argument("--batch-size", type=int, default=256, help="texts per encode batch")
-    p.add_argument("--query-max-len", type=int, default=512)
-    p.add_argument("--passage-max-len", type=int, default=512)
+    p.add_argument("--query-max-len", type=int, default=512, help="query tokens, special tokens included")
+    p.add_argument("--passage-max-len", type=int, default=512, help="passage tokens, special tokens included")
     p.add_argument("--queries-per-pass", type=int, default=None,
                    help="queries searched together; the pool is encoded once per pass (default 131072, 16384 "
                         "for modes with colbert)")
@@ -546,7 +595,8 @@ def _add_plan(subparsers) -> None:
                     "compiling); then the mesh it recommends. Any --config.<field>=<value> override applies.")
     p.add_argument("--config", required=True, help="a configs/*.py file")
     p.add_argument("--config.FIELD", metavar="VALUE", dest="_override", help="override any config field, e.g. "
-                   "--config.sub_batch_size=4 --config.mesh.fsdp=-1 --config.mesh.data=1 (repeatable)")
+                   "--config.sub_batch_size=4 --config.mesh.fsdp=-1 --config.mesh.data=1 (repeatable; default: the "
+                   "config file's values)")
     p.add_argument("--topology", default=None,
                    help="a TPU slice by its accelerator type: v4-8, v4-32, v5p-8, v5p-64, v5litepod-8, v6e-8, ... "
                         "(default: this host's devices)")
@@ -558,7 +608,7 @@ def _add_plan(subparsers) -> None:
                         "config.model_name_or_path's config.json; bge-m3 when that is empty)")
     p.add_argument("--memory-gib", type=float, default=None,
                    help="judge fit against this many GiB per chip (required for a CPU target; on TPU the compiler "
-                        "also enforces its own limit)")
+                        "also enforces its own limit) (default: the device's own memory)")
     p.add_argument("--no-search", dest="search", action="store_false",
                    help="only compile the given shapes (one compile each); skip the largest-batch search")
     p.add_argument("--granularity", type=int, default=1,
@@ -569,7 +619,7 @@ def _add_plan(subparsers) -> None:
                         "and say the bytes they needed, so the prediction saves fitting compiles)")
     p.add_argument("--search-limit", type=int, default=1024,
                    help="largest per-chip batch the search tries (default 1024; shown as LIMIT+ when it fits)")
-    p.add_argument("--output", default=None, help="also write the results to this JSON file")
+    p.add_argument("--output", default=None, help="also write the results to this JSON file (default: none)")
     p.set_defaults(func=_run_plan)
 
 
@@ -609,23 +659,59 @@ def _run_plan(args) -> int:
 SUBCOMMANDS = [_add_train, _add_export, _add_eval, _add_mine, _add_score, _add_merge, _add_plan]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default: "(default: X)" is appended unless the help already says what the
+    default is (the word "default"), the flag is required, or it is --help / --version."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default is argparse.SUPPRESS
+                or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def version() -> str:
+    """The installed package's version (importlib.metadata), else m3jax.__version__ (a source tree on PYTHONPATH)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("m3jax")
+    except metadata.PackageNotFoundError:
+        from m3jax import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3jax", description="BGE-M3 fine-tuning in JAX: train, export, eval, "
-                                                               "mine, score, merge, plan.")
+                                                               "mine, score, merge, plan.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"m3jax {version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
+    for sub in subparsers.choices.values():
+        sub.formatter_class = HelpFormatter
     return parser
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # e.g. 2026-05-04 17:35:49,123 INFO m3jax...: ...
+
+
+def configure_logging() -> None:
+    """Timestamped log lines on stderr (unless the root logger already has a handler, e.g. pytest's)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+        for noisy in ("absl", "jax"):  # Orbax logs every handler it creates, jax every backend it probes
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Before parsing: some flag types import modules (e.g. orbax through m3jax.loading) that install a root
     # handler of their own, after which basicConfig would do nothing and the INFO lines would be lost.
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        for noisy in ("absl", "jax"):  # Orbax logs every handler it creates, jax every backend it probes
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     parser = build_parser()
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
         # absl's config flags parse the rest (--config.<field>=<value> for any field of the schema).
@@ -635,6 +721,13 @@ def main(argv=None) -> int:
         args, rest = parser.parse_known_args(argv)
         unknown = [a for a in rest if not a.startswith("--config.")]
         if unknown:
+            from m3jax import config as config_lib
+
+            try:  # a FlagEmbedding flag: its m3jax spelling
+                config_lib.check_foreign_flags(unknown)
+            except M3JaxError as e:
+                print(f"m3jax plan: error: {e}", file=sys.stderr)
+                return 2
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.command, args.config_argv = "plan", ["--config", args.config, *rest]
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any
 
@@ -40,7 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 42
 
     # ---- data (FlagEmbedding AbsEmbedderDataArguments) -----------------------------------------------------
-    c.train_data = ""  # one or more directories of .json/.jsonl datasets, comma-separated (URLs are staged)
+    # One or more directories of .json/.jsonl datasets or .json/.jsonl files (one dataset each, as FlagEmbedding
+    # 1.4.2 takes them), comma-separated (URLs are staged).
+    c.train_data = ""
     c.train_group_size = 8  # passages per query: 1 positive + (G-1) negatives
     c.query_max_len = 32
     c.passage_max_len = 128
@@ -166,8 +169,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_on_start = False  # also evaluate the base model at step 0 (the model card's "base" column)
     # The eval metric that picks the best checkpoint (HF Trainer's names): "<set>/<mode>/<metric>", e.g.
     # "domain/all/ndcg@10", or a weighted sum "0.7*domain/all/ndcg@10 + 0.3*general/dense/ndcg@10". Empty: the
-    # first set's first mode and metric. The best step's checkpoint is kept whatever save_total_limit says, and
-    # recorded in output_dir/best.json (`m3jax export --step best`).
+    # first set's mode for the trained heads and its nDCG@10 -- all/ndcg@10 when all three heads train,
+    # dense+sparse/ndcg@10 for heads=dense,sparse, the head's own mode for one head, dense for dense,colbert
+    # (m3jax/selection.py default_mode; the set's first mode / metric when it does not evaluate those). The run logs
+    # the metric at start and its value after every eval. The best step's checkpoint is kept whatever
+    # save_total_limit says, and recorded in output_dir/best.json (`m3jax export --step best`).
     c.metric_for_best_model = ""
     c.greater_is_better = True
 
@@ -228,11 +234,64 @@ def _require(ok: bool, field: str, expected: str, value: Any) -> None:
         raise ConfigError(f"config.{field}={value!r}: expected {expected}")
 
 
+# FlagEmbedding / HF Trainer flags whose m3jax spelling is not `--config.<same name>`: name -> (field, value to
+# suggest or None for the user's own, note). Every other config field given bare (`--learning_rate 2e-5`) is
+# answered with `--config.<name>=<value>`; the flags FlagEmbedding needs and m3jax does not are named as such.
+FOREIGN_FLAGS = {
+    "same_task_within_batch": ("same_dataset_within_batch", None, ""),
+    "normlized": ("normalize_embeddings", None, ""),
+    "fp16": ("model.dtype", "bfloat16", "bfloat16 is the default; params and optimizer state stay float32"),
+    "bf16": ("model.dtype", "bfloat16", "the default"),
+    "gradient_checkpointing": ("model.remat_policy", "full", "the default"),
+    "pad_to_multiple_of": ("seq_len_buckets", None, "a ladder of lengths, e.g. (64,128,256)"),
+    "use_mrl": ("mrl_dims", "(1024,512,256,128)", ""),
+}
+NOT_NEEDED_FLAGS = {
+    "deepspeed": "sharding is config.mesh", "dataloader_drop_last": "batches are always complete",
+    "cache_path": "nothing is downloaded", "cache_dir": "nothing is downloaded", "token": "nothing is downloaded",
+    "trust_remote_code": "nothing is downloaded", "local_rank": "processes start from the launcher's environment",
+    "ddp_find_unused_parameters": "sharding is config.mesh", "report_to": "TensorBoard events and metrics.jsonl "
+    "are always written", "do_train": "m3jax train trains",
+}
+_ABSL_FLAGS = ("help", "helpfull", "helpshort", "helpxml", "flagfile", "undefok", "only_check_args")
+
+
+def check_foreign_flags(argv: list[str], schema=None) -> None:
+    """Answer a FlagEmbedding / HF Trainer flag given bare (`--model_name_or_path X`, `--learning_rate=1e-5`) with
+    its m3jax spelling (`--config.model_name_or_path=X`), instead of absl's "Unknown command line flag"."""
+    schema = schema if schema is not None else default_config()
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-") or arg == "--" or arg.startswith(("--config.", "--config=")) or arg == "--config":
+            continue
+        raw, sep, value = arg.lstrip("-").partition("=")
+        name = raw.replace("-", "_")
+        if not name or name in _ABSL_FLAGS or (name.startswith("no") and name[2:] in _ABSL_FLAGS):
+            continue
+        if not sep and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            value = argv[i + 1]  # `--flag value`
+        if name in NOT_NEEDED_FLAGS:
+            raise ConfigError(f"{arg}: FlagEmbedding's --{name} is not needed in m3jax ({NOT_NEEDED_FLAGS[name]}); "
+                              f"leave it out")
+        if name in FOREIGN_FLAGS:
+            field, suggested, note = FOREIGN_FLAGS[name]
+        elif name in schema and not isinstance(schema[name], ml_collections.ConfigDict):
+            field, suggested, note = name, None, ""
+        else:
+            continue  # absl's message (and check_override_flags' suggestions) cover the rest
+        shown = value if value else (suggested or ("True" if isinstance(schema.get(field), bool) else "VALUE"))
+        if suggested and not value:
+            shown = suggested
+        raise ConfigError(f"--{raw}: m3jax takes config fields as --config.<field>=<value>: use "
+                          f"--config.{field}={shown}" + (f" ({note})" if note else ""))
+
+
 def check_override_flags(argv: list[str]) -> None:
-    """Reject `--config.<field>=...` flags naming no field, before absl's parser turns them into a traceback."""
+    """Reject `--config.<field>=...` flags naming no field, before absl's parser turns them into a traceback, and
+    answer FlagEmbedding's bare flags with their m3jax spelling (check_foreign_flags)."""
     import difflib
 
     schema = default_config()
+    check_foreign_flags(argv, schema)
     known = set()
 
     def walk(d, prefix):
@@ -384,9 +443,25 @@ def _validate_finetune_control(c) -> None:
                  "False unless mrl_dims is set and colbert is a trained head", c.mrl_colbert)
 
 
+def max_tokens(model_cfg) -> int:
+    """The longest text (special tokens included) the model's position table holds: XLM-R numbers positions from
+    pad_token_id + 1, so bge-m3's 8194 positions hold 8192 tokens and a 514-position model 512."""
+    return int(model_cfg.max_position_embeddings) - int(model_cfg.pad_token_id) - 1
+
+
 def validate_against_model(config, model_cfg) -> None:
-    """The fields whose bounds depend on the model: freeze_layers_below, mrl_dims, sub_batch_size with cuDNN's
-    attention dropout (Stepper.build calls this)."""
+    """The fields whose bounds depend on the model: the max lengths (training and every eval set's, against the
+    position table), freeze_layers_below, mrl_dims, sub_batch_size and model.scan_layers with cuDNN's attention
+    dropout (the trainer calls this as soon as it knows the model, before reading any data; Stepper.build again)."""
+    limit = max_tokens(model_cfg)
+    why = (f"at most {limit}, the model's position limit (max_position_embeddings {model_cfg.max_position_embeddings}"
+           f" - {int(model_cfg.pad_token_id) + 1} for XLM-R's padding offset)")
+    for field in ("query_max_len", "passage_max_len"):
+        _require(config[field] <= limit, field, why, config[field])
+    for spec in eval_set_specs(config):
+        where = "eval" if spec.name == LEGACY_EVAL_SET and config["eval"]["corpus"] else f"eval_sets.{spec.name}"
+        for field in ("query_max_len", "passage_max_len"):
+            _require(getattr(spec, field) <= limit, f"{where}.{field}", why, getattr(spec, field))
     _require(config.freeze_layers_below <= model_cfg.num_hidden_layers, "freeze_layers_below",
              f"at most the model's {model_cfg.num_hidden_layers} layers", config.freeze_layers_below)
     cudnn_dropout = model_cfg.attention_implementation == "cudnn" and model_cfg.attention_probs_dropout_prob > 0
@@ -413,10 +488,13 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
         # Orbax (0.12) writes checkpoint arrays through tensorstore's gcs driver for gs:// and its file driver
         # otherwise, so an s3:// (or other) URL cannot hold the checkpoints.
         scheme = str(c.output_dir).split("://", 1)[0] if "://" in str(c.output_dir) else None
+        _require(scheme is not None or not os.path.isfile(str(c.output_dir)), "output_dir",
+                 "a directory to write checkpoints and logs to (this is an existing file)", c.output_dir)
         _require(scheme in (None, "gs"), "output_dir", "a local (or mounted) directory or a gs:// URL (Orbax writes "
                  "checkpoints to no other object store; inputs and exports may be any URL etils.epath reads)",
                  c.output_dir)
-        _require(bool(train_data_dirs(c)), "train_data", "one or more data directories (comma-separated)", c.train_data)
+        _require(bool(train_data_dirs(c)), "train_data",
+                 "one or more data directories or .json/.jsonl files (comma-separated)", c.train_data)
         urls = [("output_dir", c.output_dir), ("model_name_or_path", c.model_name_or_path)]
         urls += [("train_data", d) for d in train_data_dirs(c)]
         for field, path in urls:

@@ -6,8 +6,10 @@
 
 What a step is: FlagEmbedding 1.4's `AbsEmbedderSameDatasetTrainDataset` and its research trainer
 (`research/BGE_M3/data.py`), in our words (docs/flagembedding_semantics.md, "Data"):
-- every train_data path is a directory; each .json/.jsonl file in it is one dataset (see m3jax/data_files.py for
-  the record format and validation). Files are taken in sorted order.
+- every train_data path is a directory, each .json/.jsonl file in it one dataset (taken in sorted order), or a
+  .json/.jsonl file, one dataset (FlagEmbedding 1.4.2: such a file is never merged with others: below
+  small_threshold it is skipped; `no_in_batch_neg` at the end of its name without the extension marks it). See
+  m3jax/data_files.py for the record format and validation.
 - same_dataset_within_batch (default): each batch comes from one dataset. Per-device batch size b: the file's
   `batch_size` column, else its `len-LO-HI` tag looked up in config.batch_size_by_length (None: the research table
   for train_group_size 8 or 1), else per_device_train_batch_size; `type` containing "symmetric" halves it. Files
@@ -90,11 +92,14 @@ from absl import flags as absl_flags
 from m3jax import storage
 from m3jax.config import RESEARCH_BATCH_SIZE_BY_LENGTH, train_data_dirs
 from m3jax.data_files import (
+    CHARS_PER_TOKEN,
     DataError,
     FileIndex,
     FileLengths,
     Instructions,
     ScanRules,
+    cut_is_exact,
+    encode_truncated,
     file_group_size,
     list_dataset_files,
     make_backend_tokenizer,
@@ -470,8 +475,12 @@ class TokenizeAndPad(_Stage):
     pad_id: int
 
     def encode(self, texts: list[str], max_len: int, buckets: tuple[int, ...], pad_to: int | None):
-        """Token ids and attention mask [len(texts), pad_to] (pad_to None: the longest text's bucket)."""
-        encs = self.tokenizer(self.tokenizer_json, max_len).encode_batch(texts)
+        """Token ids and attention mask [len(texts), pad_to] (pad_to None: the longest text's bucket). A text
+        longer than CHARS_PER_TOKEN * max_len characters is cut first where that gives the same tokens
+        (data_files.encode_truncated)."""
+        exact = self.cached("cut_is_exact", lambda: cut_is_exact(self.tokenizer_json))
+        encs = encode_truncated(self.tokenizer(self.tokenizer_json, max_len), texts, max_len,
+                                CHARS_PER_TOKEN * max_len if exact else None)
         lens = [len(e.ids) for e in encs]
         if pad_to is None:
             pad_to = pad_length(max(lens), buckets)
@@ -681,22 +690,36 @@ def _settings(config) -> _Settings:
 
 
 def _staged_train_dir(url: str) -> str:
-    """A train_data URL (gs://bucket/data/task_a): its .json/.jsonl files copied to the local cache once per host,
-    since records are re-read by byte offset. The local directory keeps the URL's base name (`no_in_batch_neg`)."""
+    """A train_data URL (gs://bucket/data/task_a, or a .json/.jsonl file): its .json/.jsonl files copied to the
+    local cache once per host, since records are re-read by byte offset. The local copy keeps the URL's base name
+    (`no_in_batch_neg`)."""
     if not storage.isdir(url):
-        what = "is a file" if storage.exists(url) else "does not exist"
-        raise DataError(f"train_data path {url!r} {what}; expected a directory of .json/.jsonl files")
+        if storage.exists(url) and url.endswith((".json", ".jsonl")):
+            return storage.stage(url, what="train_data")
+        what = "is a file but not .json/.jsonl" if storage.exists(url) else "does not exist"
+        raise DataError(f"train_data path {url!r} {what}; expected a directory of .json/.jsonl files or a "
+                        ".json/.jsonl file")
     return storage.stage(url, what="train_data", keep=lambda rel: "/" not in rel and rel.endswith((".json", ".jsonl")))
 
 
-def _read_datasets(config, s: _Settings) -> tuple[Corpus, list[_Dataset], dict[str, int]]:
+def _no_in_batch_neg(path: str) -> bool:
+    """FlagEmbedding: a directory whose name ends in `no_in_batch_neg`, or a file whose name does before its
+    extension (`data_dir.split('.')[-2].endswith('no_in_batch_neg')`)."""
+    if os.path.isdir(path):
+        return os.path.basename(path).endswith("no_in_batch_neg")
+    return os.path.splitext(path)[0].endswith("no_in_batch_neg")
+
+
+def _read_datasets(config, s: _Settings, cut: bool = False) -> tuple[Corpus, list[_Dataset], dict[str, int]]:
     """Scan every file and form the datasets (FlagEmbedding's thresholds and batch sizes)."""
     dirs = train_data_dirs(config)
     if not dirs:
         raise DataError("config.train_data is empty; expected one or more directories of .json/.jsonl files "
-                        "(comma-separated)")
+                        "or .json/.jsonl files (comma-separated)")
     dirs = [_staged_train_dir(d) if storage.is_url(d) else d for d in dirs]
-    rules = ScanRules(s.train_group_size, s.knowledge_distillation, s.same_dataset, bool(config.skip_bad_examples))
+    long_chars = (CHARS_PER_TOKEN * s.query_max_len, CHARS_PER_TOKEN * s.passage_max_len)
+    rules = ScanRules(s.train_group_size, s.knowledge_distillation, s.same_dataset, bool(config.skip_bad_examples),
+                      long_text_chars=long_chars)
     paths = [(os.path.normpath(d), p) for d in dirs for p in list_dataset_files(os.path.normpath(d))]
     logger.info("reading %d file(s): %s", len(paths), ", ".join(p for _, p in paths))
     scanned = scan_files([p for _, p in paths], rules, int(config.num_data_workers))
@@ -722,6 +745,14 @@ def _read_datasets(config, s: _Settings) -> tuple[Corpus, list[_Dataset], dict[s
         big, small = groups[directory]
         (small if s.same_dataset and len(f) < config.small_threshold else big).append(len(files) - 1)
     bad_counts = {f.path: f.bad_count for f in files if f.bad_count}
+    long_q, long_p = (sum(f.long_texts[k] for f in files) for k in (0, 1))
+    if long_q or long_p:
+        logger.info("%d queries longer than %d characters and %d passages longer than %d in the training files (%d "
+                    "characters per token x max length): %s", long_q, long_chars[0], long_p, long_chars[1],
+                    CHARS_PER_TOKEN,
+                    "each is cut at a space before tokenisation where that keeps exactly its first max length tokens, "
+                    "else tokenised whole" if cut else "tokenised whole and then truncated (this tokenizer's "
+                    "pipeline is not one the cut is proven exact for)")
 
     datasets: list[_Dataset] = []
     order: list[int] = []  # file ids in global example order
@@ -738,9 +769,14 @@ def _read_datasets(config, s: _Settings) -> tuple[Corpus, list[_Dataset], dict[s
 
     if s.same_dataset:
         for directory, (big, small) in groups.items():
-            nibn = os.path.basename(directory).endswith("no_in_batch_neg")
+            nibn = _no_in_batch_neg(directory)
             for i in big:
                 add(files[i].path, [i], _file_batch_size(files[i], config, config.per_device_train_batch_size), nibn)
+            if small and not os.path.isdir(directory):  # FlagEmbedding: a file path below small_threshold is skipped
+                dropped.append(f"{directory} with {len(files[small[0]])} examples (a train_data file below "
+                               f"small_threshold {config.small_threshold} is skipped, as in FlagEmbedding)")
+                logger.warning("dropping %s", dropped[-1])
+                continue
             if small:
                 fs = [files[i] for i in small]
                 total = sum(len(f) for f in fs)
@@ -807,14 +843,14 @@ def build_train_data(config, tokenizer, *, num_batch_shards: int, process_index:
         raise TypeError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer; load it with "
                         "AutoTokenizer.from_pretrained(..., use_fast=True)")
     s = _settings(config)
-    corpus, datasets, bad_counts = _read_datasets(config, s)
+    tokenizer_json = backend.to_str()
+    corpus, datasets, bad_counts = _read_datasets(config, s, cut_is_exact(tokenizer_json))
     plan = PlanStep(s.seed, datasets, num_batch_shards, s.same_dataset)
     steps = plan.steps_per_epoch
     if steps == 0:
         raise DataError("no complete batch: every dataset is smaller than its global batch (per-device batch size x "
                         f"{num_batch_shards} shards) and than 2 x {num_batch_shards}; datasets: "
                         + ", ".join(f"{d.name} ({len(d)} examples, batch {d.batch_size})" for d in datasets))
-    tokenizer_json = backend.to_str()
     stages: list[_Stage] = [plan, DrawSamples(s.seed, s.train_group_size, corpus, datasets)]
     if process_count > 1:  # every process must pad to the global batch's lengths: take them from a table
         types = [f.type if s.same_dataset else None for f in corpus.files]

@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import os
 import socket
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +61,7 @@ class ScanRules:
     knowledge_distillation: bool
     per_dataset_columns: bool  # same_dataset_within_batch: type / batch_size / train_group_size are honoured
     skip_bad_examples: bool
+    long_text_chars: tuple[int, int] = (0, 0)  # count queries / passages longer than this (0: do not count)
 
 
 @dataclasses.dataclass
@@ -76,6 +78,7 @@ class FileIndex:
     group_size_column: int | None = None  # the `train_group_size` column
     has_scores: bool = False  # pos_scores / neg_scores present (only looked at with knowledge_distillation)
     bad_count: int = 0
+    long_texts: tuple[int, int] = (0, 0)  # valid records' queries / passages longer than ScanRules.long_text_chars
     _fh: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -141,13 +144,16 @@ def file_group_size(type_: str | None, group_size_column: int | None, train_grou
 
 
 def list_dataset_files(directory: str) -> list[str]:
-    """The .json/.jsonl files of a train_data directory, sorted (FlagEmbedding's os.listdir order is arbitrary)."""
+    """The .json/.jsonl files of a train_data directory, sorted (FlagEmbedding's os.listdir order is arbitrary); a
+    train_data path that is a .json/.jsonl file is itself (FlagEmbedding 1.4.2: one dataset per file path)."""
     if not os.path.exists(directory):
-        raise DataError(f"train_data path {directory!r} does not exist; expected a directory of .json/.jsonl files")
+        raise DataError(f"train_data path {directory!r} does not exist; expected a directory of .json/.jsonl files "
+                        "or a .json/.jsonl file")
     if not os.path.isdir(directory):
-        raise DataError(f"train_data path {directory!r} is a file; expected a directory of .json/.jsonl files "
-                        "(FlagEmbedding's rule: each train_data path is a directory, each file in it one dataset) "
-                        "- move the file into a directory and pass that")
+        if directory.endswith((".json", ".jsonl")):
+            return [directory]
+        raise DataError(f"train_data path {directory!r} is a file but not .json/.jsonl; expected a directory of "
+                        ".json/.jsonl files or a .json/.jsonl file (FlagEmbedding skips it silently)")
     files = sorted(f for f in os.listdir(directory) if f.endswith((".json", ".jsonl"))
                    and os.path.isfile(os.path.join(directory, f)))
     if not files:
@@ -292,6 +298,8 @@ def scan_file(path: str, rules: ScanRules) -> FileIndex:
     offsets, line_numbers, num_pos, num_neg, blobs = [], [], [], [], []
     file_cols: dict | None = None
     bad = 0
+    long_q = long_p = 0
+    q_chars, p_chars = rules.long_text_chars
 
     def bad_record(where: str, reason: str) -> None:
         nonlocal bad
@@ -323,6 +331,10 @@ def scan_file(path: str, rules: ScanRules) -> FileIndex:
             continue
         if file_cols is None:
             file_cols = cols
+        if q_chars and len(rec["query"]) > q_chars:
+            long_q += 1
+        if p_chars:
+            long_p += sum(len(t) > p_chars for t in rec["pos"]) + sum(len(t) > p_chars for t in rec.get("neg") or ())
         line_numbers.append(number)
         num_pos.append(len(rec["pos"]))
         num_neg.append(len(rec.get("neg") or ()))
@@ -336,7 +348,7 @@ def scan_file(path: str, rules: ScanRules) -> FileIndex:
     return FileIndex(
         path=path, line_numbers=np.asarray(line_numbers, np.int64), num_pos=np.asarray(num_pos, np.int32),
         num_neg=np.asarray(num_neg, np.int32), offsets=None if array else np.asarray(offsets, np.int64),
-        blobs=blobs if array else None, bad_count=bad, **file_cols)
+        blobs=blobs if array else None, bad_count=bad, long_texts=(long_q, long_p), **file_cols)
 
 
 def scan_files(paths: Sequence[str], rules: ScanRules, num_workers: int,
@@ -383,12 +395,103 @@ def make_backend_tokenizer(tokenizer_json: str, max_length: int | None):
     return tok
 
 
+# ---- cutting long texts before tokenisation -----------------------------------------------------------------------
+#
+# A 10 MB text tokenised whole and then truncated to max_len costs seconds and gigabytes; `encode_truncated` cuts it
+# first, at a space within CHARS_PER_TOKEN * max_len characters, and the result is the same token ids. Why that is
+# exact, for the tokenizer pipeline `cut_is_exact` accepts (XLM-R / bge-m3's tokenizer.json; any other tokenizer is
+# never cut): the text T is split at added tokens (whose contents hold no space), each piece normalised grapheme
+# cluster by grapheme cluster (Precompiled: sentencepiece's charsmap), with the trailing whitespace stripped and runs
+# of spaces collapsed, then split into words at spaces (Metaspace) and each word tokenised alone (Unigram). The cut
+# is at a space T[p] such that T[p-1] is a letter, digit or punctuation that is not a grapheme Prepend character
+# (so a cluster boundary lies at p) and T[p+1] is not a combining or joining character (so the space is a cluster of
+# its own, which the charsmap keeps a space). Then T[:p] is whole clusters, normalises to a prefix of T's
+# normalised text that ends in a non-space, right before a space of T's; every word of T[:p] is a word of T; and
+# the tokens of T[:p] are the first tokens of T. When T[:p] has at least max_len - (special tokens) of them, the
+# truncated encodings are equal; when it has fewer (a text of mostly spaces or symbols), T is tokenised whole. A
+# text with no such space in its last half of the bound (unsegmented Chinese, Japanese, Thai, ...) is tokenised
+# whole too. tests/test_data.py checks the equality on adversarial and random texts.
+
+CHARS_PER_TOKEN = 16  # generous: bge-m3's pieces average 3-4 characters of prose; fewer only saves less
+_PREV_OK = frozenset(("Lu", "Ll", "Lt", "Lo", "Nd", "Nl", "No", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po"))
+_PREPEND_BMP = frozenset("\u0d4e")  # the one Grapheme_Cluster_Break=Prepend letter of the BMP (Unicode 16)
+_NEXT_BAD = frozenset(("Mn", "Mc", "Me", "Cf", "Sk", "Lm", "Co", "Cn", "Cs"))
+_SPACING_MARK_LETTERS = frozenset("\u0e33\u0eb3")  # Thai / Lao AM: letters with Grapheme_Cluster_Break=SpacingMark
+
+
+def cut_is_exact(tokenizer_json: str) -> bool:
+    """True for a tokenizer whose pipeline makes the cut of `encode_truncated` exact (see the comment above):
+    normaliser Precompiled / Strip / Replace(" {2,}" -> " " or "▁") in a Sequence, Metaspace words, a Unigram
+    model, added tokens without spaces."""
+    spec = json.loads(tokenizer_json)
+    normalizer = spec.get("normalizer")
+    parts = (normalizer or {}).get("normalizers", [normalizer]) if normalizer else []
+    for n in parts:
+        kind = n.get("type")
+        if kind == "Replace":
+            if n.get("pattern") not in ({"Regex": " {2,}"},) or n.get("content") not in (" ", "\u2581"):
+                return False
+        elif kind not in ("Precompiled", "Strip"):
+            return False
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") != "Metaspace" or pre.get("replacement") != "\u2581" or pre.get("split", True) is not True:
+        return False
+    if (spec.get("model") or {}).get("type") != "Unigram":
+        return False
+    return all(" " not in t.get("content", "") for t in spec.get("added_tokens") or ())
+
+
+def _prev_ok(ch: str) -> bool:
+    if " " < ch < "\x7f":
+        return True
+    if ch in _PREPEND_BMP or ord(ch) > 0xFFFF:  # the supplementary planes' Prepend letters: leave them all out
+        return False
+    return unicodedata.category(ch) in _PREV_OK
+
+
+def _next_ok(ch: str) -> bool:
+    return ch < "\x7f" or (ch not in _SPACING_MARK_LETTERS and unicodedata.category(ch) not in _NEXT_BAD)
+
+
+def cut_point(text: str, max_chars: int, tries: int = 64) -> int | None:
+    """Where `encode_truncated` may cut `text` (a space of the second half of its first max_chars characters with
+    safe neighbours), or None: not longer than max_chars, or no such space."""
+    if len(text) <= max_chars:
+        return None
+    end = max_chars
+    for _ in range(tries):
+        p = text.rfind(" ", max_chars // 2, end)
+        if p <= 0:
+            return None
+        if _prev_ok(text[p - 1]) and _next_ok(text[p + 1]):
+            return p
+        end = p
+    return None
+
+
+def encode_truncated(tokenizer, texts: Sequence[str], max_len: int, cut_chars: int | None) -> list:
+    """`tokenizer.encode_batch(texts)` (a tokenizer truncating at max_len, make_backend_tokenizer), the texts
+    longer than cut_chars cut first where that gives the same encoding (see the comment above). cut_chars None:
+    no cut (cut_is_exact is False)."""
+    cuts = [None] * len(texts) if cut_chars is None else [cut_point(t, cut_chars) for t in texts]
+    if not any(c is not None for c in cuts):
+        return tokenizer.encode_batch(list(texts))
+    encs = tokenizer.encode_batch([t if c is None else t[:c] for t, c in zip(texts, cuts)])
+    short = [i for i, c in enumerate(cuts) if c is not None and len(encs[i].ids) < max_len]
+    for i, enc in zip(short, tokenizer.encode_batch([texts[i] for i in short]) if short else ()):
+        encs[i] = enc  # the cut kept fewer than max_len tokens: the whole text decides
+    return encs
+
+
 _worker_tokenizers: dict = {}
 
 
 def _init_length_worker(tokenizer_json: str, query_max_len: int, passage_max_len: int) -> None:
     _worker_tokenizers["q"] = make_backend_tokenizer(tokenizer_json, query_max_len)
     _worker_tokenizers["p"] = make_backend_tokenizer(tokenizer_json, passage_max_len)
+    exact = cut_is_exact(tokenizer_json)
+    _worker_tokenizers["cut"] = {n: CHARS_PER_TOKEN * n if exact else None for n in (query_max_len, passage_max_len)}
+    _worker_tokenizers["max_len"] = (query_max_len, passage_max_len)
 
 
 def _lengths_of_chunk(file: FileIndex, start: int, stop: int, type_: str | None, ins: Instructions):
@@ -400,8 +503,12 @@ def _lengths_of_chunk(file: FileIndex, start: int, stop: int, type_: str | None,
         passages.extend(passage_text(t, rec, type_, ins) for t in rec["pos"])
         passages.extend(passage_text(t, rec, type_, ins) for t in rec.get("neg") or ())
     file.close()
-    qlen = np.fromiter((len(e) for e in _worker_tokenizers["q"].encode_batch(queries)), np.int32, len(queries))
-    plen = np.fromiter((len(e) for e in _worker_tokenizers["p"].encode_batch(passages)), np.int32, len(passages))
+    lq, lp = _worker_tokenizers["max_len"]
+    cut = _worker_tokenizers["cut"]
+    qlen = np.fromiter((len(e) for e in encode_truncated(_worker_tokenizers["q"], queries, lq, cut[lq])), np.int32,
+                       len(queries))
+    plen = np.fromiter((len(e) for e in encode_truncated(_worker_tokenizers["p"], passages, lp, cut[lp])), np.int32,
+                       len(passages))
     return qlen, plen
 
 

@@ -13,8 +13,9 @@ LoRA run's adapters are merged into its kernels first. The models must have the 
 tensors and shapes). The output takes config.json, the tokenizer and the pooling of the first model.
 
 Grid (two models): for each W of the grid, the merge W * first + (1 - W) * second is evaluated on the eval sets
-(the exact search of `m3jax eval`); the W with the best `--metric` (m3jax.selection's syntax, default the first
-set's first mode and metric) is written, with every point's numbers in merge_grid.json and the model card.
+(the exact search of `m3jax eval`); the W with the best `--metric` (m3jax.selection's syntax; default: the first
+set's all/ndcg@10, the models carrying all three heads) is written, with every point's numbers in merge_grid.json
+and the model card.
 """
 from __future__ import annotations
 
@@ -181,10 +182,24 @@ def merge_grid(paths: Sequence[str], grid: Sequence[float], specs, output, *, me
         expression = selection.parse_metric(metric, specs)
     except ValueError as e:
         raise MergeError(f"--metric {metric!r}: {e}") from None
+    logger.info("merge --grid: the weight is chosen by %s (%s; %s is better)", expression.text,
+                "--metric" if expression.why == "given" else expression.why.replace("the trained heads",
+                                                                                    "the models' heads"),
+                "greater" if greater_is_better else "lower")
     if eval_sets is None:
         eval_sets = ev.load_eval_sets(specs)  # file errors before loading the models
     models = load_models(paths)
     first = models[0]
+    from m3jax import config as config_lib
+
+    limit = config_lib.max_tokens(first.cfg)
+    for s in specs:  # before the first point is evaluated
+        for name in ("query_max_len", "passage_max_len"):
+            if getattr(s, name) > limit:
+                raise MergeError(f"--{name.replace('_', '-')}={getattr(s, name)} (eval set {s.name}): at most "
+                                 f"{limit}, the models' position limit (max_position_embeddings "
+                                 f"{first.cfg.max_position_embeddings} - {int(first.cfg.pad_token_id) + 1} for XLM-R's "
+                                 f"padding offset)")
     tokenizer = loading.load_tokenizer(first.source)
     points = []
     for w in grid:
@@ -203,6 +218,7 @@ def merge_grid(paths: Sequence[str], grid: Sequence[float], specs, output, *, me
         if better(p["value"], chosen["value"]):
             chosen = p
     w = chosen["weight"]
+    logger.info("merge --grid: chose W=%g by %s = %.5g", w, expression.text, chosen["value"])
     params = merge_params([models[0].params, models[1].params], [w, 1.0 - w])
     evals = {f"merged (W={w:g})": chosen["metrics"]}
     for p in points:  # the two ends are the models themselves

@@ -579,8 +579,11 @@ def data_length_tags(config) -> list[str]:
     tag = re.compile(r"len-(\d+)-(\d+|inf)\.jsonl?$")
     tags = set()
     for d in train_data_dirs(config):
-        names = ([n for n in storage.listdir(d) if n.endswith((".json", ".jsonl"))] if storage.is_url(d)
-                 else [os.path.basename(p) for p in list_dataset_files(os.path.normpath(d))])
+        if storage.is_url(d):  # a directory, or a .json/.jsonl file (one dataset, as FlagEmbedding takes it)
+            names = ([n for n in storage.listdir(d) if n.endswith((".json", ".jsonl"))] if storage.isdir(d)
+                     else [storage.basename(d)])
+        else:
+            names = [os.path.basename(p) for p in list_dataset_files(os.path.normpath(d))]
         for name in names:
             m = tag.search(name)
             if m:

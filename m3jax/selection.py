@@ -3,7 +3,11 @@ the record of the choice, `output_dir/best.json`.
 
 The metric is one eval value, `<set>/<mode>/<metric>` (e.g. `domain/all/ndcg@10`; the set named by config.eval is
 `eval`), or a weighted sum of such values, `0.7*domain/all/ndcg@10 + 0.3*general/dense/ndcg@10` (weights: any
-finite numbers; a term without `W*` has weight 1). Empty: the first eval set's first mode and metric.
+finite numbers; a term without `W*` has weight 1). Empty: the first eval set's mode that scores with the trained
+heads (`default_mode`: `all` for all three, `dense+sparse`, or the one head; dense when two heads have no combined
+mode) and its nDCG@10 -- `all/ndcg@10` for a run that trains all three heads, and for `m3jax merge --grid` (whose
+models carry all three heads). A mode or metric the set does not evaluate falls back to its first mode / metric.
+The metric is named, with its value, in the log at start, after every eval and in the final summary.
 
 best.json (written by process 0 after every eval, atomically) holds the choice and every eval it was made from:
     {"metric_for_best_model": ..., "greater_is_better": ..., "step": S, "value": V, "metrics": {name: value},
@@ -34,14 +38,33 @@ _TERM = re.compile(r"\s*(?:(?P<weight>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
 class MetricExpression:
     text: str
     terms: tuple[tuple[float, str], ...]  # (weight, "<set>/<mode>/<metric>")
+    why: str = ""  # how the metric was chosen: "given", or the default's reason
 
     def value(self, metrics: dict[str, float]) -> float:
         return float(sum(w * metrics[name] for w, name in self.terms))
 
 
-def parse_metric(text: str, specs: Sequence = (), *, extra_modes: Sequence[str] = ()) -> MetricExpression:
+DEFAULT_METRIC = "ndcg@10"
+
+
+def default_mode(heads: Sequence[str]) -> str:
+    """The eval mode that scores with the trained heads: all three -> all, dense + sparse -> dense+sparse, one head
+    -> that head; dense + colbert or sparse + colbert (no combined mode) -> dense, or colbert without dense."""
+    chosen = set(heads)
+    if chosen == {"dense", "sparse", "colbert"}:
+        return "all"
+    if chosen == {"dense", "sparse"}:
+        return "dense+sparse"
+    if len(chosen) == 1:
+        return next(iter(chosen))
+    return "dense" if "dense" in chosen else "colbert"
+
+
+def parse_metric(text: str, specs: Sequence = (), *, extra_modes: Sequence[str] = (),
+                 heads: Sequence[str] = ("dense", "sparse", "colbert")) -> MetricExpression:
     """Parse `metric_for_best_model`; with `specs` (config.EvalSetSpec list) check each term names a set, one of its
-    modes (or a Matryoshka mode in `extra_modes`) and one of its metrics. Raises ValueError saying what is wrong."""
+    modes (or a Matryoshka mode in `extra_modes`) and one of its metrics. Raises ValueError saying what is wrong.
+    Empty `text`: the first set's default_mode(heads) and nDCG@10 (its first mode / metric when it has not those)."""
     from m3jax import evaluate as ev
 
     text = str(text).strip()
@@ -49,8 +72,14 @@ def parse_metric(text: str, specs: Sequence = (), *, extra_modes: Sequence[str] 
         if not specs:
             raise ValueError("no eval set to take a metric from")
         s = specs[0]
-        return MetricExpression(f"{s.name}/{s.modes[0]}/{s.metrics[0]}", ((1.0, f"{s.name}/{s.modes[0]}/"
-                                                                                 f"{s.metrics[0]}"),))
+        wanted = f"{default_mode(heads)}/{DEFAULT_METRIC}"
+        mode = default_mode(heads) if default_mode(heads) in s.modes else s.modes[0]
+        metric = DEFAULT_METRIC if DEFAULT_METRIC in s.metrics else s.metrics[0]
+        name = f"{s.name}/{mode}/{metric}"
+        why = f"the default for the trained heads {', '.join(heads)}"
+        if f"{mode}/{metric}" != wanted:
+            why += f"; eval set {s.name!r} has no {wanted}, so its first mode / metric"
+        return MetricExpression(name, ((1.0, name),), why=why)
     terms, pos = [], 0
     while pos < len(text):
         match = _TERM.match(text, pos)
@@ -86,7 +115,7 @@ def parse_metric(text: str, specs: Sequence = (), *, extra_modes: Sequence[str] 
         terms.append((weight, name))
     if not terms:
         raise ValueError("empty")
-    return MetricExpression(text, tuple(terms))
+    return MetricExpression(text, tuple(terms), why="given")
 
 
 def flat_metrics(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
@@ -104,6 +133,9 @@ class BestTracker:
         self.expression, self.greater = expression, bool(greater_is_better)
         self.history: list[dict] = []
         self.base: dict | None = None
+        logger.info("the best checkpoint is chosen by %s (%s; %s is better)", expression.text,
+                    "metric_for_best_model" if expression.why == "given" else expression.why or "metric_for_best_model",
+                    "greater" if self.greater else "lower")
 
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.greater else a < b
@@ -149,10 +181,14 @@ class BestTracker:
         entry = {"step": int(step), "value": value, "metrics": dict(metrics)}
         if step == 0:
             self.base = entry
+            logger.info("eval at step 0 (the base model): %s = %.5g", self.expression.text, value)
             return False
         previous = self.best
         self.history = [e for e in self.history if e["step"] != step] + [entry]
-        return previous is None or self._better(value, previous["value"])
+        improved = previous is None or self._better(value, previous["value"])
+        logger.info("eval at step %d: %s = %.5g (%s)", step, self.expression.text, value,
+                    "the best so far" if improved else f"the best is step {previous['step']}: {previous['value']:.5g}")
+        return improved
 
     def record(self) -> dict:
         best = self.best

@@ -45,7 +45,8 @@ def train(config) -> dict:
 
     # --- model config: from the latest checkpoint when resuming, else from the pretrained directory -----------
     eval_specs = config_lib.eval_set_specs(config) if config.eval_steps > 0 or config.eval_on_start else []
-    best = selection.BestTracker(output_dir, selection.parse_metric(config.metric_for_best_model, eval_specs),
+    best = selection.BestTracker(output_dir, selection.parse_metric(config.metric_for_best_model, eval_specs,
+                                                                    heads=config_lib.trained_heads(config)),
                                  config.greater_is_better) if eval_specs else None
     # the newest step that verifies; damaged, partial and unfinished newer steps are named and discarded first
     resume_step = None if config.overwrite_output_dir else ckpt_lib.prepare_resume(output_dir)
@@ -56,6 +57,7 @@ def train(config) -> dict:
     source = (loading.find_model(output_dir, step=resume_step, verify=False) if resume_step is not None
               else loading.find_model(config.model_name_or_path))
     model_cfg = loading.model_config(source, loading.ModelSettings.from_run_config(config))
+    config_lib.validate_against_model(config, model_cfg)  # max lengths vs positions: before any data is read
     if model_cfg.attention_implementation not in ("xla", "cudnn") and model_cfg.attention_probs_dropout_prob > 0:
         logger.warning("%s fused attention has no dropout: attention_probs_dropout_prob=%g is not applied "
                        "(set --config.model.attention_implementation=xla to apply it, at a speed and memory cost)",

@@ -380,6 +380,66 @@ def test_no_in_batch_neg_directory(tmp_path, tokenizer):
         assert bool(b["no_in_batch_neg"]) == texts(tokenizer, b)[0][0].startswith("d0")
 
 
+def _file_data(tmp_path):
+    """train_data mixing FlagEmbedding 1.4.2's file paths and a directory: a.jsonl (12 examples), d/ (b.jsonl, 8),
+    c_no_in_batch_neg.json (JSON lines, 16, batch_size 4) and small.jsonl (3, below small_threshold 4)."""
+    a = write(tmp_path / "a.jsonl", records("d0", 12))
+    d = os.path.dirname(write(tmp_path / "d" / "b.jsonl", records("d1", 8)))
+    c = write(tmp_path / "c_no_in_batch_neg.json", records("d2", 16, batch_size=4))
+    small = write(tmp_path / "small.jsonl", records("d3", 3))
+    return [a, d, c, small]
+
+
+def test_json_and_jsonl_files_as_train_data(tmp_path, tokenizer, caplog):
+    """Issue 27: a .json/.jsonl file given as train_data is one dataset, as FlagEmbedding 1.4.2 takes it: never
+    merged with small files (skipped below small_threshold), no_in_batch_neg from its name."""
+    paths = _file_data(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        data = build_train_data(config(",".join(paths), small_threshold=4), tokenizer, num_batch_shards=1)
+    assert [(os.path.basename(d.name), d.num_examples, d.batch_size, d.no_in_batch_neg) for d in data.datasets] == [
+        ("a.jsonl", 12, 2, False), ("b.jsonl", 8, 2, False), ("c_no_in_batch_neg.json", 16, 4, True)]
+    assert "small.jsonl with 3 examples (a train_data file below small_threshold 4 is skipped" in caplog.text
+    seen = set()
+    for b in epoch_batches(data):
+        qs = texts(tokenizer, b)[0]
+        assert bool(b["no_in_batch_neg"]) == qs[0].startswith("d2")
+        seen.update(qs)
+    assert len(seen) == 12 + 8 + 16
+    json_array = tmp_path / "arr" / "e.json"
+    json_array.parent.mkdir()
+    json_array.write_text(json.dumps(records("d4", 4)))  # a JSON array file too
+    assert build_train_data(config(str(json_array)), tokenizer, num_batch_shards=1).datasets[0].num_examples == 4
+
+
+@pytest.mark.needs_flagembedding
+def test_train_data_files_are_flagembeddings_datasets(tmp_path, tokenizer):
+    """The same train_data (files and a directory) in FlagEmbedding 1.4.2's AbsEmbedderSameDatasetTrainDataset:
+    the same datasets, batch sizes, no_in_batch_neg flags and batches, epoch after epoch."""
+    from FlagEmbedding.abc.finetune.embedder import AbsDataset as fe
+
+    paths = _file_data(tmp_path)
+    data = build_train_data(config(",".join(paths), small_threshold=4), tokenizer, num_batch_shards=2)
+
+    class Args:  # the AbsEmbedderDataArguments fields the dataset reads
+        train_data, cache_path, max_example_num_per_dataset = paths, str(tmp_path / "hf"), 10 ** 8
+        knowledge_distillation, shuffle_ratio, small_threshold, drop_threshold = False, 0.0, 4, 0
+        train_group_size, query_instruction_for_retrieval, query_instruction_format = 4, None, "{}{}"
+        passage_instruction_for_retrieval, passage_instruction_format = None, "{}{}"
+
+    ref = fe.AbsEmbedderSameDatasetTrainDataset(Args(), default_batch_size=2, seed=SEED, tokenizer=tokenizer,
+                                                process_index=0, num_processes=2)
+    assert [d.batch_size for d in data.datasets] == list(ref.batch_size_idxs) == [2, 2, 4]
+    assert [d.no_in_batch_neg for d in data.datasets] == list(ref.no_in_batch_neg_flags) == [False, False, True]
+    assert [d.num_examples for d in data.datasets] == [len(i) for i in ref.each_data_idxs]
+    planner = data._pipeline.plan.planner()
+    for epoch in range(3):
+        if epoch:
+            ref.refresh_epoch()
+        ours = [(data.datasets[d].no_in_batch_neg, ids.tolist()) for d, ids in planner.epoch(epoch)]
+        theirs = [(flag, list(map(int, ids))) for ids, flag in ref.batch_datas]
+        assert ours == theirs
+
+
 def test_last_short_batch_research_rule(tmp_path, tokenizer):
     # per-device 3, W=2: global batches of 6; a short last batch stays if it has >= 2*W=4 examples, cut to 2k.
     write(tmp_path / "a" / "a.jsonl", records("d0", 11))  # 6, then 5 -> kept as 4
@@ -755,8 +815,8 @@ def test_parallel_scan_matches_and_reports_errors(tmp_path):
 
 
 def test_bad_paths(tmp_path, tokenizer):
-    path = write(tmp_path / "d" / "a.jsonl", [GOOD] * 4)
-    with pytest.raises(DataError, match=re.escape(path) + r"' is a file; expected a directory"):
+    path = write(tmp_path / "d" / "a.txt", [GOOD] * 4)
+    with pytest.raises(DataError, match=re.escape(path) + r"' is a file but not \.json/\.jsonl; expected a directory"):
         build_train_data(config(path), tokenizer, num_batch_shards=1)
     with pytest.raises(DataError, match=r"missing' does not exist; expected a directory of \.json/\.jsonl files"):
         build_train_data(config(tmp_path / "missing"), tokenizer, num_batch_shards=1)
@@ -837,3 +897,72 @@ def test_split_data_by_length(tmp_path, tokenizer):
                             num_batch_shards=1)
     assert {os.path.basename(d[0]): d[2] for d in data.datasets} == {
         f"train_len-{lo_mid}.jsonl": 3, f"train_len-{mid_hi}.jsonl": 2, f"train_len-{bounds[2]}-inf.jsonl": 1}
+
+
+# ---- issue 27: long texts cut before tokenisation, the same tokens ------------------------------------------------
+
+_PIECES = ["ab", "xyz", "Qq", "7", " ", " ", " ", "  ", "   ", "\t", "\n", "\r\n", "\u3000", "\u00a0", "\u0301",
+           "\u200d", "\u200c", "\u200b", "\u00e9", "e\u0301", "\u4e2d\u6587", "\ufb01", "<mask>", "<s>", " <mask> ",
+           "\u0e33", "\u0e01", "\u0d4e", "\u0600", "\U0001F642", "\U0001F3FB", "\u03a9", "\u0661", ".", ",", "-",
+           "\u00a8", "\uff9e", "\x00", "\u1100\u1161", "\U000111C2", "\u2474", "\ufe70", "word", "words", "dog"]
+
+
+def _random_texts(n, seed):
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(_PIECES, size=int(rng.integers(20, 300)))) for _ in range(n)]
+
+
+def test_cut_before_tokenisation_gives_the_tokens_of_the_whole_text(tokenizer):
+    from m3jax.data_files import cut_is_exact, cut_point, encode_truncated, make_backend_tokenizer
+
+    tokenizer_json = tokenizer.backend_tokenizer.to_str()
+    assert cut_is_exact(tokenizer_json)
+    prose = " ".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(60))
+    texts = _random_texts(300, 0) + [prose, prose.replace(" ", "  "), prose.replace(" ", "\u3000"),
+                                     "\u4e2d\u6587" * 500, " " * 1000 + prose, prose + " " * 1000,
+                                     "x " * 1000, "\u0301 " * 1000, "ab \u0301" * 500, "<mask> " * 500]
+    cut_total = 0
+    for max_len in (4, 16, 64):
+        tok = make_backend_tokenizer(tokenizer_json, max_len)
+        whole = tok.encode_batch(texts)
+        for cut_chars in (2 * max_len, 16 * max_len):  # far below the default bound: many cuts
+            ours = encode_truncated(tok, texts, max_len, cut_chars)
+            for text, a, b in zip(texts, ours, whole):
+                assert a.ids == b.ids and a.attention_mask == b.attention_mask, (max_len, cut_chars, text[:80])
+            cut_total += sum(cut_point(t, cut_chars) is not None for t in texts)
+    assert cut_total > 500  # the cut really was taken (and checked) often
+    assert cut_point("\u4e2d\u6587" * 3000, 64) is None and cut_point("short", 64) is None
+    assert cut_point("ab " * 100, 64) == 62
+
+
+def test_the_cut_is_only_for_tokenizer_pipelines_it_is_proven_for(tokenizer):
+    from m3jax.data_files import cut_is_exact
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    for change in (lambda s: s.update(pre_tokenizer={"type": "ByteLevel"}),
+                   lambda s: s["normalizer"]["normalizers"].append({"type": "Lowercase"}),
+                   lambda s: s["model"].update(type="BPE"),
+                   lambda s: s["added_tokens"].append({"content": "a b", "id": 9999}),
+                   lambda s: s["pre_tokenizer"].update(split=False)):
+        changed = json.loads(json.dumps(spec))
+        change(changed)
+        assert not cut_is_exact(json.dumps(changed))
+
+
+def test_long_texts_are_cut_counted_and_give_the_same_batches(tmp_path, tokenizer, caplog, monkeypatch):
+    from m3jax import data as data_lib
+
+    recs = records("d0", 8)
+    recs[3]["pos"] = ["long passage " + "lorem ipsum dolor sit amet " * 8000] * 2  # 200 KB each
+    recs[5]["query"] = "long query " + "what is this " * 100
+    write(tmp_path / "d" / "a.jsonl", recs)
+    with caplog.at_level(logging.INFO, logger="m3jax"):
+        data = build_train_data(config(tmp_path / "d"), tokenizer, num_batch_shards=1)
+    assert ("1 queries longer than 256 characters and 2 passages longer than 512 in the training files (16 "
+            "characters per token x max length): each is cut at a space before tokenisation") in caplog.text
+    cut = epoch_batches(data)
+    monkeypatch.setattr(data_lib, "cut_is_exact", lambda tokenizer_json: False)
+    whole = epoch_batches(build_train_data(config(tmp_path / "d"), tokenizer, num_batch_shards=1))
+    for a, b in zip(cut, whole):
+        assert_batches_equal(a, b)
+    assert any("long passage lorem" in p for b in cut for p in sum(texts(tokenizer, b)[1], []))

@@ -385,7 +385,10 @@ def test_output_dir_rules_and_atomicity(run, tmp_path, monkeypatch):
 def test_cli_export_and_errors(run, tmp_path, capsys):
     out = str(tmp_path / "cli_out")
     assert cli.main(["export", "--checkpoint", run["work"], "--output", out, "--step", "3"]) == 0
-    assert capsys.readouterr().out.strip() == out
+    printed = capsys.readouterr()
+    assert printed.out.strip() == out
+    step_dir = os.path.join(run["work"], "checkpoints", "3")
+    assert printed.err.strip() == f"m3jax export: wrote step 3 of {step_dir} to {out}"  # issue 27: which step
     _, params, _ = loading.load_model(out)
     _assert_trees_equal(params, run["params"][3])
 

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -85,8 +86,22 @@ def test_heads_from_the_command_line_and_unified_finetuning():
 
 def test_model_dependent_bounds_are_checked_when_the_step_is_built():
     cfg = m3model.ModelConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=128, max_position_embeddings=40, colbert_dim=96)
+                              intermediate_size=128, max_position_embeddings=130, colbert_dim=96)
     config_lib.validate_against_model(_valid_config(freeze_layers_below=2, mrl_dims=(64, 32)), cfg)
+    # issue 27: the max lengths against the positions (130 - 2 for XLM-R's padding offset), eval sets' too
+    with pytest.raises(config_lib.ConfigError, match=re.escape(
+            "config.passage_max_len=129: expected at most 128, the model's position limit (max_position_embeddings "
+            "130 - 2 for XLM-R's padding offset)")):
+        config_lib.validate_against_model(_valid_config(passage_max_len=129), cfg)
+    with pytest.raises(config_lib.ConfigError, match=r"config.query_max_len=512: expected at most 128"):
+        config_lib.validate_against_model(_valid_config(query_max_len=512), cfg)
+    with pytest.raises(config_lib.ConfigError, match=r"config.eval_sets.general.passage_max_len=256: expected at "
+                                                      r"most 128"):
+        config_lib.validate_against_model(_valid_config(eval_sets={"general": dict(
+            corpus="c", queries="q", qrels="r", passage_max_len=256)}), cfg)
+    with pytest.raises(config_lib.ConfigError, match=r"config.eval.query_max_len=200: expected at most 128"):
+        config_lib.validate_against_model(_valid_config(**{"eval.corpus": "c", "eval.queries": "q", "eval.qrels": "r",
+                                                           "eval.query_max_len": 200}), cfg)
     with pytest.raises(config_lib.ConfigError, match=r"config.freeze_layers_below=3: expected at most the model's 2"):
         config_lib.validate_against_model(_valid_config(freeze_layers_below=3), cfg)
     with pytest.raises(config_lib.ConfigError, match=r"config.mrl_dims=\(96, 32\): expected sizes of at most the "

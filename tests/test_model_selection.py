@@ -4,6 +4,7 @@ the model card; and the eval shared out over processes.
 One short toy run (module fixture) with two eval sets, eval at step 0, save_total_limit=1 serves the training
 tests; the merge tests use the tiny checkpoint and a perturbed copy of it."""
 import json
+import logging
 import os
 import re
 import shutil
@@ -167,13 +168,54 @@ def test_metric_for_best_model_syntax_and_errors():
     e = selection.parse_metric("0.7*domain/dense+sparse/ndcg@10+0.3*general/dense/ndcg@10", specs)
     assert e.terms == ((0.7, "domain/dense+sparse/ndcg@10"), (0.3, "general/dense/ndcg@10"))
     assert e.value({"domain/dense+sparse/ndcg@10": 0.5, "general/dense/ndcg@10": 1.0}) == pytest.approx(0.65)
-    assert selection.parse_metric("", specs).terms == ((1.0, "domain/dense/ndcg@10"),)
+    # issue 27: empty is the first set's mode for the trained heads (default all three: all) and its nDCG@10
+    assert selection.parse_metric("", specs).terms == ((1.0, "domain/all/ndcg@10"),)
+    for heads, expected in ((("dense", "sparse"), "domain/dense+sparse/ndcg@10"), (("dense",), "domain/dense/ndcg@10"),
+                            (("dense", "colbert"), "domain/dense/ndcg@10"),
+                            (("sparse",), "domain/dense/ndcg@10")):  # no sparse mode in the set: its first mode
+        assert selection.parse_metric("", specs, heads=heads).terms == ((1.0, expected),), heads
+    assert "has no sparse/ndcg@10" in selection.parse_metric("", specs, heads=("sparse",)).why
+    assert selection.parse_metric("", specs[1:]).terms == ((1.0, "general/dense/ndcg@10"),)
     assert selection.parse_metric("domain/all/mrr@10", specs).terms == ((1.0, "domain/all/mrr@10"),)
     for bad, message in (("domain/all/ndcg@5", "no metric 'ndcg@5'"), ("other/dense/ndcg@10", "no eval set 'other'"),
                          ("general/all/ndcg@10", "no mode 'all'"), ("domain/all/ndcg@10 +", "missing after"),
                          ("0*domain/all/ndcg@10", "non-zero"), ("domain/ndcg@10", "cannot read")):
         with pytest.raises(ValueError, match=re.escape(message)):
             selection.parse_metric(bad, specs)
+
+
+def test_the_choosing_metric_and_its_values_are_logged(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="m3jax")
+    specs = [config_lib.EvalSetSpec("eval", "c", "q", "r", 8, 8, 8, ("dense", "all"), (1, 1, 1), ("ndcg@10",))]
+    tracker = selection.BestTracker(str(tmp_path), selection.parse_metric("", specs))
+    assert tracker.update(0, {"eval/all/ndcg@10": 0.25, "eval/dense/ndcg@10": 0.5}) is False
+    assert tracker.update(2, {"eval/all/ndcg@10": 0.5, "eval/dense/ndcg@10": 0.1}) is True
+    assert tracker.update(4, {"eval/all/ndcg@10": 0.375, "eval/dense/ndcg@10": 0.9}) is False
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "the best checkpoint is chosen by eval/all/ndcg@10 (the default for the trained heads dense, sparse, colbert; "
+        "greater is better)",
+        "eval at step 0 (the base model): eval/all/ndcg@10 = 0.25",
+        "eval at step 2: eval/all/ndcg@10 = 0.5 (the best so far)",
+        "eval at step 4: eval/all/ndcg@10 = 0.375 (the best is step 2: 0.5)"]
+    assert tracker.summary().startswith("best checkpoint: step 2, eval/all/ndcg@10 = 0.5 ")
+
+
+def test_a_run_training_all_heads_picks_by_all_ndcg_by_default(tiny_ckpt, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="m3jax")
+    out = tmp_path / "run"
+    config = toy_config(tiny_ckpt, out, max_steps=2, save_steps=1000, eval_steps=2, seq_len_buckets=(128,))
+    assert config.metric_for_best_model == "" and config_lib.trained_heads(config) == ("dense", "sparse", "colbert")
+    summary = trainer.train(config)
+    assert summary["best"]["metric_for_best_model"] == "eval/all/ndcg@10"
+    with open(out / "best.json") as f:
+        best = json.load(f)
+    assert best["metric_for_best_model"] == "eval/all/ndcg@10"
+    assert best["value"] == best["metrics"]["eval/all/ndcg@10"]
+    text = caplog.text
+    assert "the best checkpoint is chosen by eval/all/ndcg@10 (the default for the trained heads" in text
+    assert f"eval at step 2: eval/all/ndcg@10 = {best['value']:.5g} (the best so far)" in text
+    assert f"best checkpoint: step 2, eval/all/ndcg@10 = {best['value']:.5g}" in text
 
 
 @pytest.mark.parametrize("change, message", [
@@ -379,7 +421,10 @@ def test_merge_grid_chooses_the_weight_on_eval_sets(tuned, tiny_ckpt, tmp_path, 
     values = [p["metrics"]["domain/sparse/ndcg@10"] + p["metrics"]["general/dense/ndcg@10"] for p in points]
     assert [p["value"] for p in points] == pytest.approx(values, abs=1e-12)
     chosen = points[int(np.argmax(values))]["weight"]
-    assert grid["chosen_weight"] == chosen and printed.count("W=") == 3
+    assert grid["chosen_weight"] == chosen and printed.count("W=") == 4
+    chosen_value = points[int(np.argmax(values))]["value"]
+    assert printed.splitlines()[-2] == (f"chosen: W={chosen:g} by domain/sparse/ndcg@10 + general/dense/ndcg@10 = "
+                                        f"{chosen_value:.4f} (greater is better)")  # issue 27: the choice is shown
     w = chosen
     expected = merge_lib.merge_params([loading.load_model(tuned[0]).params, _base_params(tiny_ckpt)], [w, 1 - w])
     jax.tree.map(np.testing.assert_array_equal, loading.load_model(out).params, expected)
