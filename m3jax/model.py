@@ -179,8 +179,10 @@ class Embeddings(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids, deterministic: bool):
+    def __call__(self, input_ids, deterministic: bool, position_ids=None):
         cfg = self.cfg
+        if position_ids is None:
+            position_ids = xlmr_position_ids(input_ids, cfg.pad_token_id)
 
         def table(n, axes, name):
             init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
@@ -188,8 +190,7 @@ class Embeddings(nn.Module):
                             name=name)
 
         words = table(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
-        positions = table(cfg.max_position_embeddings, ("positions", "embed"), "position_embeddings")(
-            xlmr_position_ids(input_ids, cfg.pad_token_id))
+        positions = table(cfg.max_position_embeddings, ("positions", "embed"), "position_embeddings")(position_ids)
         token_types = table(cfg.type_vocab_size, ("types", "embed"), "token_type_embeddings")(
             jnp.zeros_like(input_ids))
         x = _layer_norm(cfg, "LayerNorm")(words + positions + token_types)
@@ -242,9 +243,10 @@ class Layer(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool = True
+    max_segments: int | None = None  # packed rows: the bound on segments per row (m3jax.attention)
 
     @nn.compact
-    def __call__(self, x, lengths):
+    def __call__(self, x, lengths, segment_ids=None):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         shapes = projections(cfg)
 
@@ -263,7 +265,8 @@ class Layer(nn.Module):
         if cfg.attention_probs_dropout_prob > 0 and not self.deterministic:
             module = nn.Dropout(cfg.attention_probs_dropout_prob, name="attention_dropout")
             dropout = lambda probs: module(probs, deterministic=False)
-        attn = attention.attention(q, k, v, lengths, implementation=cfg.attention_implementation, dropout=dropout)
+        attn = attention.attention(q, k, v, lengths, implementation=cfg.attention_implementation, dropout=dropout,
+                                   segment_ids=segment_ids, max_segments=self.max_segments)
         attn = linear("attention_output", attn)
         attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=self.deterministic)
         x = _layer_norm(cfg, "attention_LayerNorm")(attn + x)
@@ -277,14 +280,19 @@ class Layer(nn.Module):
 
 
 class Encoder(nn.Module):
-    """XLMRobertaModel without pooler: input ids [B, L] (right-padded) -> last hidden state [B, L, H]."""
+    """XLMRobertaModel without pooler: input ids [B, L] (right-padded) -> last hidden state [B, L, H].
+
+    Packed rows (m3jax.packing) pass `packed=(segment_ids [B, L], position_ids [B, L], max_segments)`: several
+    texts per row, attention confined to each, positions restarting per text; attention_mask is then
+    segment_ids != 0."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True, packed=None):
         cfg = self.cfg
-        x = Embeddings(cfg, name="embeddings")(input_ids, deterministic).astype(cfg.compute_dtype)
+        segment_ids, position_ids, max_segments = packed if packed is not None else (None, None, None)
+        x = Embeddings(cfg, name="embeddings")(input_ids, deterministic, position_ids).astype(cfg.compute_dtype)
         x = sharding.rows_over_batch_axes(x)  # rows over the batch axes, not hidden like the embedding table
         lengths = attention_mask.astype(jnp.int32).sum(axis=-1)
         layer = Layer
@@ -293,7 +301,10 @@ class Encoder(nn.Module):
         layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                          in_axes=nn.broadcast, length=cfg.num_hidden_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = layers(cfg, deterministic, name="layers")(x, lengths)
+        if segment_ids is None:
+            x, _ = layers(cfg, deterministic, name="layers")(x, lengths)
+        else:
+            x, _ = layers(cfg, deterministic, max_segments, name="layers")(x, lengths, segment_ids)
         return x
 
 
@@ -324,6 +335,32 @@ class BGEM3(nn.Module):
         dense = scores.pool(hidden.astype(jnp.float32), mask, cfg.sentence_pooling_method)
         sparse_weights = jax.nn.relu(self.sparse_linear(hidden.astype(jnp.float32)))[..., 0]
         colbert = self.colbert_linear(hidden[:, 1:].astype(jnp.float32)) * mask[:, 1:, None]
+        if cfg.normalize_embeddings:
+            dense = scores.l2_normalize(dense)
+            colbert = scores.l2_normalize(colbert)
+        return dict(dense=dense, sparse_weights=sparse_weights, colbert=colbert.astype(cfg.compute_dtype))
+
+    def packed(self, input_ids, segment_ids, position_ids, starts):
+        """The heads over packed rows (m3jax.packing): input_ids / segment_ids / position_ids [R, L], starts [R, S]
+        (each segment's first token; a row's unused slots any index). Returns, per segment, dense [R, S, H] (its
+        first token's state, or the mean over its tokens), and per token sparse_weights [R, L] and colbert
+        [R, L, D] (every token, the <s> of each text included: m3jax.packing.unpack cuts each text's own)."""
+        cfg = self.cfg
+        real = segment_ids != 0
+        hidden = self.encoder(input_ids, real.astype(jnp.int32), True,
+                              packed=(segment_ids, position_ids, starts.shape[1]))
+        hidden = jnp.where(real[..., None], hidden.astype(jnp.float32), 0.0)  # padding: zeros (never NaN)
+        if cfg.sentence_pooling_method == "cls":
+            dense = jnp.take_along_axis(hidden, starts[..., None], axis=1)
+        elif cfg.sentence_pooling_method == "mean":
+            member = (segment_ids[:, None, :] == jnp.arange(1, starts.shape[1] + 1)[None, :, None])
+            member = member.astype(jnp.float32)  # [R, S, L]
+            total = jnp.einsum("rsl,rlh->rsh", member, hidden, precision=jax.lax.Precision.HIGHEST)
+            dense = total / jnp.maximum(member.sum(-1), 1.0)[..., None]
+        else:
+            raise ValueError(f"sentence_pooling_method={cfg.sentence_pooling_method!r}: expected 'cls' or 'mean'")
+        sparse_weights = jax.nn.relu(self.sparse_linear(hidden))[..., 0]
+        colbert = self.colbert_linear(hidden) * real[..., None]
         if cfg.normalize_embeddings:
             dense = scores.l2_normalize(dense)
             colbert = scores.l2_normalize(colbert)
