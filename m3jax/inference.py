@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -130,14 +131,15 @@ class BGEM3FlagModel:
         *,
         step: int | None = None,
         base_model: str | None = None,
-        packing: bool = True,
+        packing: bool | None = None,
         _loaded: tuple | None = None,
         **kwargs: Any,
     ):
         """FlagEmbedding's arguments; `model_name_or_path` may also be an m3jax run / checkpoint directory (its latest
         step, or `step`; `base_model` overrides its base_model/ directory). pooling_method / normalize_embeddings
         None take the model's own (an m3jax export's or run's). packing=False pads each text to the length ladder
-        instead of packing texts into rows (m3jax.packing)."""
+        instead of packing texts into rows (m3jax.packing); None: on unless the environment sets M3JAX_PACKING=0
+        (the switch for `m3jax eval`, `mine`, `score` and the periodic eval of training)."""
         self.devices = _select_devices(devices)
         platform = self.devices[0].platform
         dtype = "bfloat16" if (use_fp16 or use_bf16) and platform != "cpu" else "float32"
@@ -162,7 +164,7 @@ class BGEM3FlagModel:
         self.return_dense, self.return_sparse = return_dense, return_sparse
         self.return_colbert_vecs = return_colbert_vecs
         self.truncate_dim = truncate_dim
-        self.packing = packing
+        self.packing = packing if packing is not None else os.environ.get("M3JAX_PACKING", "1") != "0"
         self._unused_ids = {tokenizer.convert_tokens_to_ids(tokenizer.special_tokens_map[t])
                             for t in ("cls_token", "eos_token", "pad_token", "unk_token")
                             if t in tokenizer.special_tokens_map}

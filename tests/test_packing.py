@@ -151,3 +151,11 @@ def test_packed_encode_sharded_over_devices(tiny_ckpt, both):
     _, padded = both
     kw = dict(max_length=MAX_LENGTH, return_dense=True, return_sparse=True, return_colbert_vecs=True)
     _assert_same(sharded.encode(TEXTS, **kw), padded.encode(TEXTS, **kw))
+
+
+def test_packing_switch(tiny_ckpt, monkeypatch):
+    kw = dict(use_fp16=False, devices="cpu")
+    assert BGEM3FlagModel(tiny_ckpt, **kw).packing
+    monkeypatch.setenv("M3JAX_PACKING", "0")  # the switch of m3jax eval / mine / score
+    assert not BGEM3FlagModel(tiny_ckpt, **kw).packing
+    assert BGEM3FlagModel(tiny_ckpt, packing=True, **kw).packing
