@@ -8,7 +8,8 @@ Same constructor arguments, same `encode` / `encode_queries` / `encode_corpus` /
 Texts are packed several to a row (m3jax.packing: segment ids, positions restarting per text, attention confined
 to each text) in rows of a small ladder of lengths, row counts and segment slots, so a large encode job computes
 little padding and compiles a handful of shapes; `packing=False` encodes as before packing: texts sorted by length
-in batches padded to the ladder (the same outputs within float rounding, tests/test_packing.py). On CPU the model
+in batches padded to the ladder (the same outputs within float rounding, tests/test_packing.py; the default on GPU,
+until cuDNN's packed layout is checked there). On CPU the model
 runs in float32 whatever use_fp16 says (FlagEmbedding does the same); on accelerators use_fp16 / use_bf16 select
 bfloat16 compute.
 
@@ -138,8 +139,9 @@ class BGEM3FlagModel:
         """FlagEmbedding's arguments; `model_name_or_path` may also be an m3jax run / checkpoint directory (its latest
         step, or `step`; `base_model` overrides its base_model/ directory). pooling_method / normalize_embeddings
         None take the model's own (an m3jax export's or run's). packing=False pads each text to the length ladder
-        instead of packing texts into rows (m3jax.packing); None: on unless the environment sets M3JAX_PACKING=0
-        (the switch for `m3jax eval`, `mine`, `score` and the periodic eval of training)."""
+        instead of packing texts into rows (m3jax.packing); None: M3JAX_PACKING=1 / 0 in the environment (the switch
+        for `m3jax eval`, `mine`, `score` and the periodic eval of training), else on, except with cuDNN attention
+        (GPU), whose packed layout has not yet been checked on a GPU (benchmarks/packing_device.py does)."""
         self.devices = _select_devices(devices)
         platform = self.devices[0].platform
         dtype = "bfloat16" if (use_fp16 or use_bf16) and platform != "cpu" else "float32"
@@ -164,7 +166,10 @@ class BGEM3FlagModel:
         self.return_dense, self.return_sparse = return_dense, return_sparse
         self.return_colbert_vecs = return_colbert_vecs
         self.truncate_dim = truncate_dim
-        self.packing = packing if packing is not None else os.environ.get("M3JAX_PACKING", "1") != "0"
+        if packing is None:
+            env = os.environ.get("M3JAX_PACKING")
+            packing = env != "0" if env is not None else cfg.attention_implementation != "cudnn"
+        self.packing = packing
         self._unused_ids = {tokenizer.convert_tokens_to_ids(tokenizer.special_tokens_map[t])
                             for t in ("cls_token", "eos_token", "pad_token", "unk_token")
                             if t in tokenizer.special_tokens_map}

@@ -7,9 +7,9 @@ padding) and its position within its text (XLM-R positions: pad_token_id + 1 + i
 each segment (m3jax.attention), and the heads are read per segment (BGEM3.packed).
 
 The plan is deterministic (the same lengths give the same rows) and compiles a bounded set of shapes:
-  row length  a length of the ladder: the smallest >= max(text, `row_length`) -- short texts share rows of
-              `row_length` tokens (256 by default, or the max length when lower), a longer text gets a row of its
-              own ladder length, whose tail shorter texts fill
+  row length  a length of the ladder: the smallest >= max(text, base) -- short texts share rows of a base length
+              chosen from the data (`base_row_length`: room for 8 texts of the mean length, at most `row_length`,
+              256 by default), a longer text gets a row of its own ladder length, whose tail shorter texts fill
   rows        batch_size, then powers of two for what remains (`batch_row_counts`), a multiple of the devices
   segments    a power of two >= 4, at most row length // 4 texts per row (cuDNN's packed layout sizes its
               statistics by it)
@@ -42,6 +42,16 @@ def segment_slots(count: int) -> int:
     return slots
 
 
+def base_row_length(lengths: Sequence[int], ladder: Sequence[int], row_length: int = ROW_LENGTH) -> int:
+    """The row length short texts share, chosen from the data: the smallest ladder length that holds 8 texts of
+    the mean length (and the longest text), at most row_length (and the ladder's top). Short texts alone (queries)
+    get short rows: attention over a row costs in proportion to its length."""
+    lengths = np.asarray(lengths, np.int64)
+    want = max(8 * float(lengths.mean()), int(lengths.max())) if len(lengths) else 0
+    fits = [b for b in ladder if b >= want]
+    return min(row_length, ladder[-1], fits[0] if fits else ladder[-1])
+
+
 @dataclasses.dataclass
 class Row:
     length: int
@@ -52,12 +62,12 @@ class Row:
 def pack_rows(lengths: Sequence[int], ladder: Sequence[int], row_length: int = ROW_LENGTH) -> list[Row]:
     """Rows holding every text (by index into `lengths`), best fit, longest text first; in the order opened.
 
-    A row's length is the smallest ladder length >= max(its first text, min(row_length, ladder[-1])); it holds at
-    most max_segments_per_row(length) texts."""
+    A row's length is the smallest ladder length >= max(its first text, base_row_length(...)); it holds at most
+    max_segments_per_row(length) texts."""
     if not len(lengths):
         return []
     lengths = np.asarray(lengths, np.int64)
-    base = min(row_length, ladder[-1])
+    base = base_row_length(lengths, ladder, row_length)
     top = ladder[-1]
     order = np.argsort(-lengths, kind="stable")
     rows: list[Row] = []

@@ -159,3 +159,5 @@ def test_packing_switch(tiny_ckpt, monkeypatch):
     monkeypatch.setenv("M3JAX_PACKING", "0")  # the switch of m3jax eval / mine / score
     assert not BGEM3FlagModel(tiny_ckpt, **kw).packing
     assert BGEM3FlagModel(tiny_ckpt, packing=True, **kw).packing
+    monkeypatch.setenv("M3JAX_PACKING", "1")
+    assert BGEM3FlagModel(tiny_ckpt, **kw).packing
