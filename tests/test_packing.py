@@ -161,3 +161,23 @@ def test_packing_switch(tiny_ckpt, monkeypatch):
     assert BGEM3FlagModel(tiny_ckpt, packing=True, **kw).packing
     monkeypatch.setenv("M3JAX_PACKING", "1")
     assert BGEM3FlagModel(tiny_ckpt, **kw).packing
+
+
+def test_length_sets_reach_the_packing_target():
+    """benchmarks/length_sets.py (BENCHMARKS.md, "Real tokens"): seeded, and packing computes >= 95% real tokens
+    on every set, where the ladder computes 31-74%."""
+    from benchmarks import length_sets
+
+    for name, (lengths, max_length, batch_size) in length_sets.sets(0).items():
+        rec = length_sets.report(name, lengths, max_length, batch_size, packing.ROW_LENGTH)
+        assert rec["packed_real_share"] >= 0.95, rec
+        assert rec["ladder_real_share"] < 0.75, rec
+    assert np.array_equal(length_sets.msmarco_queries(100, 3), length_sets.msmarco_queries(100, 3))
+
+
+def test_base_row_length_from_the_data():
+    ladder = length_buckets(512)
+    assert packing.base_row_length([10] * 50 + [42], ladder) == 128  # queries: 8 x mean 10 -> 128
+    assert packing.base_row_length([80] * 50, ladder) == 256  # passages: capped at ROW_LENGTH
+    assert packing.base_row_length([300], ladder) == 256
+    assert packing.base_row_length([5, 20], length_buckets(64)) == 64  # at most the max length
