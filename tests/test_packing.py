@@ -86,7 +86,7 @@ def test_batch_row_counts():
     assert packing.batch_row_counts(3, 256) == [3]
 
 
-@pytest.mark.parametrize("implementation", ["xla", "splash-interpret"])
+@pytest.mark.parametrize("implementation", ["xla", "xla-dropout", "splash-interpret"])
 def test_segment_attention_equals_each_text_alone(implementation):
     rng = np.random.default_rng(0)
     length, n, d = 128, 2, 8
@@ -97,7 +97,11 @@ def test_segment_attention_equals_each_text_alone(implementation):
     for s, size in enumerate(sizes):
         segments[0, at:at + size] = s + 1
         at += size
-    out = attention.attention(q, k, v, None, implementation=implementation, segment_ids=jnp.asarray(segments))
+    dropout = None
+    if implementation == "xla-dropout":  # the training path (probabilities materialised), an identity "dropout"
+        implementation, dropout = "xla", lambda probs: probs
+    out = attention.attention(q, k, v, None, implementation=implementation, segment_ids=jnp.asarray(segments),
+                              dropout=dropout)
     assert np.isfinite(np.asarray(out)).all()
     at = 0
     for size in sizes:
