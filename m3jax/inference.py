@@ -5,9 +5,13 @@ Same constructor arguments, same `encode` / `encode_queries` / `encode_corpus` /
   lexical_weights  list of {token-id string: weight}, max weight per id, special ids and zero weights dropped
   colbert_vecs     list of [tokens - 1, D] arrays (no cls vector, padding removed)
 
-Texts are sorted by length and encoded in batches padded to a small ladder of lengths and batch sizes, so a large
-encode job compiles a handful of shapes. On CPU the model runs in float32 whatever use_fp16 says (FlagEmbedding does
-the same); on accelerators use_fp16 / use_bf16 select bfloat16 compute.
+Texts are packed several to a row (m3jax.packing: segment ids, positions restarting per text, attention confined
+to each text) in rows of a small ladder of lengths, row counts and segment slots, so a large encode job computes
+little padding and compiles a handful of shapes; `packing=False` encodes as before packing: texts sorted by length
+in batches padded to the ladder (the same outputs within float rounding, tests/test_packing.py; the default on GPU,
+until cuDNN's packed layout is checked there). On CPU the model
+runs in float32 whatever use_fp16 says (FlagEmbedding does the same); on accelerators use_fp16 / use_bf16 select
+bfloat16 compute.
 
 `FlagReranker` does the same for FlagEmbedding's cross-encoder reranker (bge-reranker-v2-m3's layout): compute_score
 of (query, passage) pairs with FlagEmbedding's tokenisation, on m3jax.model.Reranker.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from m3jax import loading, scores
+from m3jax import loading, packing, scores
 from m3jax import model as m3model
 from m3jax import sharding as shard_lib
 from m3jax.padding import length_buckets, pad_length, round_up
@@ -89,6 +94,18 @@ def _jitted_apply(cfg: m3model.ModelConfig, mesh: Mesh):
     return jax.jit(apply)
 
 
+@functools.cache
+def _jitted_packed(cfg: m3model.ModelConfig, mesh: Mesh):
+    """The packed forward (BGEM3.packed), one per model config and mesh."""
+    model = m3model.BGEM3(cfg)
+
+    def apply(variables, ids, segment_ids, position_ids, starts):
+        with shard_lib.tracing_context(mesh, _INFERENCE_RULES):
+            return model.apply(variables, ids, segment_ids, position_ids, starts, method=m3model.BGEM3.packed)
+
+    return jax.jit(apply)
+
+
 class BGEM3FlagModel:
     """Drop-in for `FlagEmbedding.BGEM3FlagModel` (M3Embedder)."""
 
@@ -115,12 +132,16 @@ class BGEM3FlagModel:
         *,
         step: int | None = None,
         base_model: str | None = None,
+        packing: bool | None = None,
         _loaded: tuple | None = None,
         **kwargs: Any,
     ):
         """FlagEmbedding's arguments; `model_name_or_path` may also be an m3jax run / checkpoint directory (its latest
         step, or `step`; `base_model` overrides its base_model/ directory). pooling_method / normalize_embeddings
-        None take the model's own (an m3jax export's or run's)."""
+        None take the model's own (an m3jax export's or run's). packing=False pads each text to the length ladder
+        instead of packing texts into rows (m3jax.packing); None: M3JAX_PACKING=1 / 0 in the environment (the switch
+        for `m3jax eval`, `mine`, `score` and the periodic eval of training), else on, except with cuDNN attention
+        (GPU), whose packed layout has not yet been checked on a GPU (benchmarks/packing_device.py does)."""
         self.devices = _select_devices(devices)
         platform = self.devices[0].platform
         dtype = "bfloat16" if (use_fp16 or use_bf16) and platform != "cpu" else "float32"
@@ -145,6 +166,10 @@ class BGEM3FlagModel:
         self.return_dense, self.return_sparse = return_dense, return_sparse
         self.return_colbert_vecs = return_colbert_vecs
         self.truncate_dim = truncate_dim
+        if packing is None:
+            env = os.environ.get("M3JAX_PACKING")
+            packing = env != "0" if env is not None else cfg.attention_implementation != "cudnn"
+        self.packing = packing
         self._unused_ids = {tokenizer.convert_tokens_to_ids(tokenizer.special_tokens_map[t])
                             for t in ("cls_token", "eos_token", "pad_token", "unk_token")
                             if t in tokenizer.special_tokens_map}
@@ -154,6 +179,7 @@ class BGEM3FlagModel:
         self.params = jax.device_put(params, replicated)
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
         self._apply = _jitted_apply(cfg, self.mesh)
+        self._apply_packed = _jitted_packed(cfg, self.mesh)
 
     @classmethod
     def from_params(cls, cfg: m3model.ModelConfig, params, tokenizer, **kwargs) -> BGEM3FlagModel:
@@ -164,16 +190,40 @@ class BGEM3FlagModel:
 
     # ---- encoding ------------------------------------------------------------------------------------------
 
-    def _batches(self, texts: list[str], max_length: int, batch_size: int) -> Iterator[tuple[np.ndarray, dict, list]]:
-        """Yield (text indices, device outputs, unpadded token ids) per length-sorted, bucket-padded batch."""
+    def _batches(self, texts: list[str], max_length: int, batch_size: int, *, dense: bool = True,
+                 sparse: bool = True, colbert: bool = True, truncate_dim: int | None = None) -> Iterator[tuple]:
+        """Per batch, (text indices, token ids, dense [n, H], sparse weights, colbert vectors) of its n texts: dense
+        (truncated) rows, per text its sparse weights [tokens] and colbert vectors [tokens - 1, D] (truncated);
+        None for the outputs not asked for. Packed rows (m3jax.packing) or, with packing off, length-sorted batches
+        padded to the ladder."""
         if max_length < 2:
             raise ValueError(f"max_length={max_length}: expected at least 2 (room for <s> and </s>)")
         token_ids = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        for idx, ids, mask in bucketed_batches(token_ids, batch_size, length_buckets(max_length), len(self.devices),
-                                               self.cfg.pad_token_id, self.tokenizer):
-            out = self._apply({"params": self.params}, jax.device_put(ids, self._batch_sharding),
-                              jax.device_put(mask, self._batch_sharding))
-            yield idx, out, [token_ids[i] for i in idx]
+        ladder, n_dev = length_buckets(max_length), len(self.devices)
+        put = lambda a: jax.device_put(a, self._batch_sharding)
+        if not self.packing:
+            for idx, ids, mask in bucketed_batches(token_ids, batch_size, ladder, n_dev, self.cfg.pad_token_id,
+                                                   self.tokenizer):
+                out = self._apply({"params": self.params}, put(ids), put(mask))
+                toks = [token_ids[i] for i in idx]
+                d = self._truncate(out["dense"], truncate_dim)[:len(idx)] if dense else None
+                w = np.asarray(out["sparse_weights"], np.float32) if sparse else None
+                c = self._truncate(out["colbert"], truncate_dim) if colbert else None
+                yield (idx, toks, d, [w[r, :len(t)] for r, t in enumerate(toks)] if sparse else None,
+                       [c[r, :len(t) - 1] for r, t in enumerate(toks)] if colbert else None)
+            return
+        for batch in packing.packed_batches(token_ids, batch_size, ladder, n_dev, self.cfg.pad_token_id):
+            out = self._apply_packed({"params": self.params}, put(batch.input_ids), put(batch.segment_ids),
+                                     put(batch.position_ids), put(batch.starts))
+            idx = np.array([i for i, *_ in batch.texts], np.int64)
+            toks = [token_ids[i] for i in idx]
+            rows = np.array([r for _, r, _, _ in batch.texts], np.int64)
+            slots = np.array([(batch.segment_ids[r, at] - 1) for _, r, at, _ in batch.texts], np.int64)
+            d = self._truncate(np.asarray(out["dense"])[rows, slots], truncate_dim) if dense else None
+            w = np.asarray(out["sparse_weights"], np.float32) if sparse else None
+            c = self._truncate(out["colbert"], truncate_dim) if colbert else None
+            yield (idx, toks, d, [w[r, at:at + n] for _, r, at, n in batch.texts] if sparse else None,
+                   [c[r, at + 1:at + n] for _, r, at, n in batch.texts] if colbert else None)
 
     def _truncate(self, vecs, truncate_dim: int | None) -> np.ndarray:
         """Matryoshka truncation as FlagEmbedding does it: cut, then L2-normalise the cut vectors."""
@@ -206,17 +256,16 @@ class BGEM3FlagModel:
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
         dense, lexical, colbert = [None] * len(texts), [None] * len(texts), [None] * len(texts)
-        for idx, out, rows in self._batches(texts, max_length, batch_size):
-            d = self._truncate(out["dense"], truncate_dim) if return_dense else None
-            w = np.asarray(out["sparse_weights"], np.float32) if return_sparse else None
-            c = self._truncate(out["colbert"], truncate_dim) if return_colbert_vecs else None
+        for idx, rows, d, w, c in self._batches(texts, max_length, batch_size, dense=return_dense,
+                                                sparse=return_sparse, colbert=return_colbert_vecs,
+                                                truncate_dim=truncate_dim):
             for r, (i, toks) in enumerate(zip(idx, rows)):
                 if return_dense:
                     dense[i] = d[r]
                 if return_sparse:
-                    lexical[i] = self._lexical(w[r, :len(toks)], toks)
+                    lexical[i] = self._lexical(w[r], toks)
                 if return_colbert_vecs:
-                    colbert[i] = c[r, :len(toks) - 1]
+                    colbert[i] = c[r]
         width = truncate_dim or self.cfg.hidden_size
         result = {
             "dense_vecs": (np.stack(dense) if texts else np.zeros((0, width), np.float32)) if return_dense else None,

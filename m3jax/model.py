@@ -185,8 +185,10 @@ class Embeddings(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids, deterministic: bool):
+    def __call__(self, input_ids, deterministic: bool, position_ids=None):
         cfg = self.cfg
+        if position_ids is None:
+            position_ids = xlmr_position_ids(input_ids, cfg.pad_token_id)
 
         def table(n, axes, name):
             init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
@@ -194,8 +196,7 @@ class Embeddings(nn.Module):
                             name=name)
 
         words = table(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
-        positions = table(cfg.max_position_embeddings, ("positions", "embed"), "position_embeddings")(
-            xlmr_position_ids(input_ids, cfg.pad_token_id))
+        positions = table(cfg.max_position_embeddings, ("positions", "embed"), "position_embeddings")(position_ids)
         token_types = table(cfg.type_vocab_size, ("types", "embed"), "token_type_embeddings")(
             jnp.zeros_like(input_ids))
         x = _layer_norm(cfg, "LayerNorm")(words + positions + token_types)
@@ -248,10 +249,11 @@ class Layer(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool = True
+    max_segments: int | None = None  # packed rows: the bound on segments per row (m3jax.attention)
     layer_index: int = 0  # static: the cuDNN dropout seed's offset (layers unrolled); 0 under the layer scan
 
     @nn.compact
-    def __call__(self, x, lengths):
+    def __call__(self, x, lengths, segment_ids=None):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         shapes = projections(cfg)
 
@@ -272,7 +274,8 @@ class Layer(nn.Module):
             dropout = lambda probs: module(probs, deterministic=False)
         rate = 0.0 if self.deterministic else cfg.attention_probs_dropout_prob
         attn = attention.attention(q, k, v, lengths, implementation=cfg.attention_implementation, dropout=dropout,
-                                   dropout_rate=rate, dropout_seed=cfg.dropout_seed + self.layer_index)
+                                   dropout_rate=rate, dropout_seed=cfg.dropout_seed + self.layer_index,
+                                   segment_ids=segment_ids, max_segments=self.max_segments)
         attn = linear("attention_output", attn)
         attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=self.deterministic)
         x = _layer_norm(cfg, "attention_LayerNorm")(attn + x)
@@ -303,15 +306,18 @@ def cudnn_dropout(cfg: ModelConfig) -> bool:
 class Encoder(nn.Module):
     """XLMRobertaModel without pooler: input ids [B, L] (right-padded) -> last hidden state [B, L, H].
 
-    `dropout_stream` (a static int) separates the cuDNN dropout seeds of different encodes in one step (queries 0,
-    passages 1); the layer scan's dropout keys already differ by call."""
+    Packed rows (m3jax.packing) pass `packed=(segment_ids [B, L], position_ids [B, L], max_segments)`: several
+    texts per row, attention confined to each, positions restarting per text; attention_mask is then
+    segment_ids != 0. `dropout_stream` (a static int) separates the cuDNN dropout seeds of different encodes in one
+    step (queries 0, passages 1); the layer scan's dropout keys already differ by call."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, deterministic: bool = True, dropout_stream: int = 0):
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True, packed=None, dropout_stream: int = 0):
         cfg = self.cfg
-        x = Embeddings(cfg, name="embeddings")(input_ids, deterministic).astype(cfg.compute_dtype)
+        segment_ids, position_ids, max_segments = packed if packed is not None else (None, None, None)
+        x = Embeddings(cfg, name="embeddings")(input_ids, deterministic, position_ids).astype(cfg.compute_dtype)
         x = sharding.rows_over_batch_axes(x)  # rows over the batch axes, not hidden like the embedding table
         lengths = attention_mask.astype(jnp.int32).sum(axis=-1)
         layer = Layer
@@ -319,18 +325,21 @@ class Encoder(nn.Module):
             layer = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
         layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                          in_axes=nn.broadcast, length=cfg.num_hidden_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})(cfg, deterministic, name="layers")
+                         metadata_params={nn.PARTITION_NAME: "layers"})(cfg, deterministic, max_segments,
+                                                                        name="layers")
+        extra = () if segment_ids is None else (segment_ids,)
         if self.is_initializing() or not unrolls_layers(cfg, deterministic):
-            x, _ = layers(x, lengths)
+            x, _ = layers(x, lengths, *extra)
             return x
         # The same stacked parameters as the scan's ("layers", leading axis = layer), one layer at a time.
         stacked = nn.unbox(self.variables["params"]["layers"])
         rng = self.make_rng("dropout")
         for i in range(cfg.num_hidden_layers):
-            module = Layer(cfg, deterministic, layer_index=dropout_stream * cfg.num_hidden_layers + i, parent=None)
+            module = Layer(cfg, deterministic, max_segments=max_segments,
+                           layer_index=dropout_stream * cfg.num_hidden_layers + i, parent=None)
 
             def run(p, x, key, module=module):
-                return module.apply({"params": p}, x, lengths, rngs={"dropout": key})[0]
+                return module.apply({"params": p}, x, lengths, *extra, rngs={"dropout": key})[0]
 
             if cfg.remat_policy != "none":
                 run = jax.checkpoint(run, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
@@ -353,7 +362,7 @@ class BGEM3(nn.Module):
 
     def __call__(self, input_ids, attention_mask, deterministic: bool = True, train_encoder: bool = True,
                  dropout_stream: int = 0):
-        hidden = self.encoder(input_ids, attention_mask, deterministic, dropout_stream)
+        hidden = self.encoder(input_ids, attention_mask, deterministic, dropout_stream=dropout_stream)
         if not train_encoder:  # fix_encoder: no backward pass through the encoder at all
             hidden = jax.lax.stop_gradient(hidden)
         if self.is_initializing() and self.cfg.has_pooler:
@@ -366,6 +375,32 @@ class BGEM3(nn.Module):
         dense = scores.pool(hidden.astype(jnp.float32), mask, cfg.sentence_pooling_method)
         sparse_weights = jax.nn.relu(self.sparse_linear(hidden.astype(jnp.float32)))[..., 0]
         colbert = self.colbert_linear(hidden[:, 1:].astype(jnp.float32)) * mask[:, 1:, None]
+        if cfg.normalize_embeddings:
+            dense = scores.l2_normalize(dense)
+            colbert = scores.l2_normalize(colbert)
+        return dict(dense=dense, sparse_weights=sparse_weights, colbert=colbert.astype(cfg.compute_dtype))
+
+    def packed(self, input_ids, segment_ids, position_ids, starts):
+        """The heads over packed rows (m3jax.packing): input_ids / segment_ids / position_ids [R, L], starts [R, S]
+        (each segment's first token; a row's unused slots any index). Returns, per segment, dense [R, S, H] (its
+        first token's state, or the mean over its tokens), and per token sparse_weights [R, L] and colbert
+        [R, L, D] (every token, the <s> of each text included: m3jax.packing.unpack cuts each text's own)."""
+        cfg = self.cfg
+        real = segment_ids != 0
+        hidden = self.encoder(input_ids, real.astype(jnp.int32), True,
+                              packed=(segment_ids, position_ids, starts.shape[1]))
+        hidden = jnp.where(real[..., None], hidden.astype(jnp.float32), 0.0)  # padding: zeros (never NaN)
+        if cfg.sentence_pooling_method == "cls":
+            dense = jnp.take_along_axis(hidden, starts[..., None], axis=1)
+        elif cfg.sentence_pooling_method == "mean":
+            member = (segment_ids[:, None, :] == jnp.arange(1, starts.shape[1] + 1)[None, :, None])
+            member = member.astype(jnp.float32)  # [R, S, L]
+            total = jnp.einsum("rsl,rlh->rsh", member, hidden, precision=jax.lax.Precision.HIGHEST)
+            dense = total / jnp.maximum(member.sum(-1), 1.0)[..., None]
+        else:
+            raise ValueError(f"sentence_pooling_method={cfg.sentence_pooling_method!r}: expected 'cls' or 'mean'")
+        sparse_weights = jax.nn.relu(self.sparse_linear(hidden))[..., 0]
+        colbert = self.colbert_linear(hidden) * real[..., None]
         if cfg.normalize_embeddings:
             dense = scores.l2_normalize(dense)
             colbert = scores.l2_normalize(colbert)
