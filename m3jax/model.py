@@ -298,11 +298,6 @@ def unrolls_layers(cfg: ModelConfig, deterministic: bool) -> bool:
     return not cfg.scan_layers and not deterministic
 
 
-def cudnn_dropout(cfg: ModelConfig) -> bool:
-    """Whether training applies attention dropout inside cuDNN's fused kernel (which needs the layer loop)."""
-    return cfg.attention_implementation == "cudnn" and cfg.attention_probs_dropout_prob > 0
-
-
 class Encoder(nn.Module):
     """XLMRobertaModel without pooler: input ids [B, L] (right-padded) -> last hidden state [B, L, H].
 
