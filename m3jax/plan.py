@@ -146,31 +146,42 @@ def tpu_target(name: str, *, memory_gib: float | None = None) -> Target:
 # system CUDA toolkit's).
 
 
+# Hopper's execution units per SM as the driver reports them (XLA's cost model reads them): XLA primitive type ->
+# (clock GHz, units per SM, ops per clock); scalar units, then tensor cores. Read from an H200 (jax 0.11.2).
+_HOPPER_SCALAR = {4: (1.98, 64, 1), 8: (1.98, 64, 1), 10: (1.98, 128, 2), 11: (1.98, 128, 1), 12: (1.98, 64, 1),
+                  16: (1.98, 128, 2)}
+_HOPPER_MATRIX = {2: 1024, 6: 1024, 10: 512, 11: 256, 12: 32, 16: 512, 19: 1024, 20: 1024, 23: 1024, 24: 1024,
+                  25: 1024, 28: 1024, 29: 1024, 33: 1024, 35: 1024, 36: 1024}  # ops per clock, 4 per SM
+
+
 @dataclasses.dataclass(frozen=True)
 class GpuSpec:
-    """The fields of XLA's GpuTargetConfigProto that its GPU compiler reads (NVIDIA's published figures; name as
-    jax's device_kind reports it on that GPU)."""
+    """The fields of XLA's GpuTargetConfigProto that its GPU compiler reads, as the driver reports them on that
+    GPU (what `xla_client.get_topology_for_devices(jax.devices()).target_config` prints there); name as jax's
+    device_kind."""
     name: str
-    compute_capability: tuple[int, int]
-    memory_bytes: int  # device memory (what the driver reports as total)
-    sm_count: int
-    clock_ghz: float  # boost clock
+    memory_bytes: int  # device memory the driver reports (a little under nvidia-smi's total)
     memory_bandwidth: int  # bytes / s
     l2_bytes: int
-    shared_memory_per_sm: int = 233472  # Hopper: 228 KiB per SM
-    shared_memory_per_block_optin: int = 232448  # 227 KiB
-    dnn_version: tuple[int, int, int] = (9, 10, 0)  # cuDNN the config claims (jax 0.10-0.12 wheels: 9.x)
+    compute_capability: tuple[int, int] = (9, 0)  # sm_90a: Hopper's accelerated features (wgmma, TMA)
+    sm_count: int = 132
+    clock_ghz: float = 1.98  # boost clock
+    dnn_version: tuple[int, int, int] = (9, 19, 0)  # cuDNN (what jax 0.11.2's wheels load on the H200)
     cuda_version: str = "13.0.0"  # driver and runtime (CUDA graph features, e.g. conditional nodes, depend on it)
 
     def target_config(self) -> str:
         major, minor = self.compute_capability
         dnn = self.dnn_version
+        rates = lambda table: [
+            f"    rate_infos {{ key: {key} value {{ clock_rate_ghz: {clock} units_per_core: {n} ops_per_clock: {ops} "
+            f"}} }}" for key, (clock, n, ops) in table.items()]
+        matrix = {k: (1.98 if k == 12 else 1.82952011, 4, ops) for k, ops in _HOPPER_MATRIX.items()}
         return "\n".join([
             "gpu_device_info {",
             "  threads_per_block_limit: 1024",
             "  threads_per_warp: 32",
             "  shared_memory_per_block: 49152",
-            f"  shared_memory_per_core: {self.shared_memory_per_sm}",
+            "  shared_memory_per_core: 233472",
             "  threads_per_core_limit: 2048",
             f"  core_count: {self.sm_count}",
             "  fpus_per_core: 128",
@@ -181,13 +192,24 @@ class GpuSpec:
             f"  l2_cache_size: {self.l2_bytes}",
             f"  clock_rate_ghz: {self.clock_ghz}",
             f"  device_memory_size: {self.memory_bytes}",
-            f"  shared_memory_per_block_optin: {self.shared_memory_per_block_optin}",
-            f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
+            "  shared_memory_per_block_optin: 232448",
+            f"  cuda_compute_capability {{ major: {major} minor: {minor} feature_extension: ACCELERATED_FEATURES }}",
             "  registers_per_core_limit: 65536",
             "  registers_per_block_limit: 65536",
+            "  scalar_unit_description {", *rates(_HOPPER_SCALAR), "  }",
+            "  matrix_unit_description {", *rates(matrix), "  }",
+            "  thread_dim_limit_x: 1024",
+            "  thread_dim_limit_y: 1024",
+            "  thread_dim_limit_z: 64",
             f'  driver_version: "{self.cuda_version}"',
             f'  runtime_version: "{self.cuda_version}"',
             f'  compile_time_toolkit_version: "{self.cuda_version}"',
+            f'  dnn_version: "{dnn[0]}.{dnn[1]}.{dnn[2]}"',
+            '  device_vendor: "NVIDIA Corporation"',
+            f'  platform_version: "Compute Capability {major}.{minor}a"',
+            f'  name: "{self.name}"',
+            "  device_address_bits: 64",
+            "  ecc_enabled: true",
             "}",
             'platform_name: "CUDA"',
             f"dnn_version_info {{ major: {dnn[0]} minor: {dnn[1]} patch: {dnn[2]} }}",
@@ -195,13 +217,14 @@ class GpuSpec:
             ""])
 
 
-_HOPPER = dict(compute_capability=(9, 0), sm_count=132, clock_ghz=1.98, l2_bytes=50 * 2 ** 20)
 GPU_TARGETS = {
-    # H100 SXM5 80 GB: 81559 MiB reported, 3.35 TB/s HBM3.
-    "h100": GpuSpec("NVIDIA H100 80GB HBM3", memory_bytes=81559 * 2 ** 20, memory_bandwidth=3_350_000_000_000,
-                    **_HOPPER),
-    # H200: the H100's chip (compute capability 9.0, 132 SMs) with 141 GB of HBM3e (143771 MiB reported), 4.8 TB/s.
-    "h200": GpuSpec("NVIDIA H200", memory_bytes=143771 * 2 ** 20, memory_bandwidth=4_800_000_000_000, **_HOPPER),
+    # H100 SXM5 80 GB HBM3 (nvidia-smi: 81559 MiB), 3.35 TB/s, 50 MiB L2.
+    "h100": GpuSpec("NVIDIA H100 80GB HBM3", memory_bytes=84942979072, memory_bandwidth=3352320000000,
+                    l2_bytes=50 * 2 ** 20),
+    # H200: the H100's chip (compute capability 9.0, 132 SMs) with 141 GB of HBM3e (nvidia-smi: 143771 MiB),
+    # 4.8 TB/s, 60 MiB L2: the driver's figures on the project's H200 (2026-12-04).
+    "h200": GpuSpec("NVIDIA H200", memory_bytes=150109880320, memory_bandwidth=4814304000000,
+                    l2_bytes=60 * 2 ** 20),
 }
 # The PJRT plugins that can compile for a GPU target, newest CUDA first (jax-cuda13-pjrt / jax-cuda12-pjrt).
 CUDA_PLUGINS = ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12")
