@@ -485,6 +485,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after timing, trace --profile-steps more steps with jax.profiler into DIR/<shape>_<remat> and "
                         "reduce the trace to a table (benchmarks/profile_trace.py): profile.json, profile.md")
     p.add_argument("--profile-steps", type=int, default=3, help="steps in the --profile trace (default 3)")
+    p.add_argument("--topology", default=None,
+                   help="compile for devices this host lacks, by m3jax plan's names: a TPU slice (v4-8, v5p-64, ...; "
+                        "needs libtpu) or NVIDIA GPUs (h100, h200, 8xh100; XLA's deviceless GPU compile, needs "
+                        "pip install 'm3jax[cuda-aot]'); with --analyze, or --find-max-batch with --memory-budget-gib")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="also append the JSON lines to this file")
     p.add_argument("--env", action="store_true", help="print versions and devices (one JSON line) and exit")
@@ -512,6 +516,15 @@ def _validate(args) -> None:
             raise BenchError("--remat auto chooses per shape; --find-max-batch needs one policy")
     parse_mesh(args.mesh)
     parse_overrides(args.set)
+    if args.topology is not None:
+        from m3jax import plan
+
+        if not plan.is_known_topology(args.topology):
+            raise BenchError(f"--topology {args.topology!r}: unknown; known: {plan.known_topologies()}")
+        budget = args.memory_budget_gib not in (None, "auto")
+        if not (args.analyze or (args.find_max_batch and budget)) or args.verify:
+            raise BenchError("--topology compiles for devices this host lacks: use it with --analyze, or with "
+                             "--find-max-batch and a --memory-budget-gib (no --verify)")
 
 
 def remat_list(args) -> list[str]:
@@ -530,6 +543,18 @@ def run(args, emit: Callable[[dict], None] | None = None) -> list[dict]:
         (emit or (lambda r: print(json.dumps(r), flush=True)))(rec)
         return [rec]
     _validate(args)
+    devices = None
+    if args.topology is not None:  # compile-only devices of a TPU slice or of NVIDIA GPUs (m3jax plan's targets)
+        from m3jax import plan
+
+        if args.topology in plan.TOPOLOGIES:
+            plan.prepare_tpu_environment()
+        else:
+            plan.prepare_gpu_environment()
+        try:
+            devices = plan.compile_only_target(args.topology).devices
+        except plan.PlanError as e:
+            raise BenchError(str(e)) from None
     records: list[dict] = []
     sink = open(args.output, "a", encoding="utf-8") if args.output else None  # noqa: SIM115 (closed below)
 
@@ -544,9 +569,10 @@ def run(args, emit: Callable[[dict], None] | None = None) -> list[dict]:
     try:
         if args.find_max_batch:
             shape = Shape.parse(args.find_max_batch)
-            by_analysis = args.memory_budget_gib is not None or jax.default_backend() == "cpu"
+            by_analysis = (args.memory_budget_gib is not None or jax.default_backend() == "cpu"
+                           or devices is not None)
             for remat in remat_list(args):
-                bench = Bench(args, remat=remat, for_run=not by_analysis)
+                bench = Bench(args, remat=remat, for_run=not by_analysis, devices=devices)
                 out(_find_max_batch(bench, shape, args, by_analysis))
                 if args.verify and records[-1].get("max_batch"):
                     bench_run = bench if not by_analysis else Bench(args, remat=remat, for_run=True)
@@ -557,9 +583,9 @@ def run(args, emit: Callable[[dict], None] | None = None) -> list[dict]:
         for remat in remat_list(args):
             if remat == "auto":
                 for shape in shapes:
-                    out(_run_remat_auto(args, shape))
+                    out(_run_remat_auto(args, shape, devices))
                 continue
-            bench = Bench(args, remat=remat, for_run=not args.analyze)
+            bench = Bench(args, remat=remat, for_run=not args.analyze, devices=devices)
             for shape in shapes:
                 logger.info("%s %s remat=%s", "analyzing" if args.analyze else "timing", shape, remat)
                 out(bench.analyze(shape) if args.analyze else bench.run(shape, steps=args.steps, warmup=args.warmup))
@@ -571,12 +597,12 @@ def run(args, emit: Callable[[dict], None] | None = None) -> list[dict]:
     return records
 
 
-def _run_remat_auto(args, shape: Shape) -> dict:
+def _run_remat_auto(args, shape: Shape, devices=None) -> dict:
     """--remat auto: the trainer's choice for this shape (m3jax.plan.choose_remat: the least recomputation whose
     compiled step fits --memory-budget-gib, else the device's limit), then that step timed (or analysed)."""
     from m3jax import plan
 
-    probe = Bench(args, remat="full", for_run=False)
+    probe = Bench(args, remat="full", for_run=False, devices=devices)
     budget = None if args.memory_budget_gib in (None, "auto") else float(args.memory_budget_gib)
     with probe.config.unlocked():
         probe.config.auto_batch_memory_gib = budget if budget else -1.0
@@ -584,7 +610,7 @@ def _run_remat_auto(args, shape: Shape) -> dict:
     logger.info("%s", plan.describe_remat_choice(choice))
     del probe
     gc.collect()
-    bench = Bench(args, remat=choice["policy"], for_run=not args.analyze)
+    bench = Bench(args, remat=choice["policy"], for_run=not args.analyze, devices=devices)
     rec = bench.analyze(shape) if args.analyze else bench.run(shape, steps=args.steps, warmup=args.warmup)
     return dict(rec, remat_auto=choice)
 

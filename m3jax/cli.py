@@ -589,16 +589,19 @@ def _add_plan(subparsers) -> None:
         "plan", help="compile a run's train step for a TPU slice (or this host's device) and report memory, fit, "
                      "FLOPs and the largest batch that fits",
         description="Ahead-of-time compile of the run's real train step (no weights loaded) for a TPU topology "
-                    "from any machine (needs libtpu: pip install 'm3jax[tpu]'), or for this host's accelerator "
-                    "without --topology. Per step shape: per-chip peak memory against the chip's HBM, fits or not, "
-                    "trip-weighted matmul FLOPs per step and the largest per-chip batch that fits (searched by "
+                    "from any machine (needs libtpu: pip install 'm3jax[tpu]'), for NVIDIA GPUs by name (h100, "
+                    "h200, 8xh100; XLA's deviceless GPU compile: pip install 'm3jax[cuda-aot]'), or for this host's "
+                    "accelerator without --topology. Per step shape: per-chip peak memory against the chip's "
+                    "HBM, fits or not, trip-weighted matmul FLOPs per step, the kernels, loops, copies and host "
+                    "transfers of the optimised HLO, and the largest per-chip batch that fits (searched by "
                     "compiling); then the mesh it recommends. Any --config.<field>=<value> override applies.")
     p.add_argument("--config", required=True, help="a configs/*.py file")
     p.add_argument("--config.FIELD", metavar="VALUE", dest="_override", help="override any config field, e.g. "
                    "--config.sub_batch_size=4 --config.mesh.fsdp=-1 --config.mesh.data=1 (repeatable; default: the "
                    "config file's values)")
     p.add_argument("--topology", default=None,
-                   help="a TPU slice by its accelerator type: v4-8, v4-32, v5p-8, v5p-64, v5litepod-8, v6e-8, ... "
+                   help="a TPU slice by its accelerator type: v4-8, v4-32, v5p-8, v5p-64, v5litepod-8, v6e-8, ...; or "
+                        "NVIDIA GPUs: h100, h200, 8xh100 (compile-only, needs pip install 'm3jax[cuda-aot]') "
                         "(default: this host's devices)")
     p.add_argument("--shapes", default=None,
                    help="BATCHxGROUP:QLEN:PLEN[,...] per chip, e.g. 8x8:512:2048 (default: the shapes of the run's "
@@ -637,11 +640,14 @@ def _run_plan(args) -> int:
         raise UsageError(f"--memory-gib={args.memory_gib}: a positive number")
     shapes = plan.parse_shapes(args.shapes) if args.shapes is not None else None
     if args.topology is not None:
-        if args.topology not in plan.TOPOLOGIES:  # before jax starts
-            raise UsageError(f"--topology {args.topology!r}: unknown; known: {', '.join(plan.TOPOLOGIES)}")
-        plan.prepare_tpu_environment()
+        if not plan.is_known_topology(args.topology):  # before jax starts
+            raise UsageError(f"--topology {args.topology!r}: unknown; known: {plan.known_topologies()}")
+        if args.topology in plan.TOPOLOGIES:
+            plan.prepare_tpu_environment()
+        else:
+            plan.prepare_gpu_environment()
     config = config_lib.config_from_argv(args.config_argv, "m3jax plan")
-    target = (plan.tpu_target(args.topology, memory_gib=args.memory_gib) if args.topology
+    target = (plan.compile_only_target(args.topology, memory_gib=args.memory_gib) if args.topology
               else plan.local_target(memory_gib=args.memory_gib))
     result = plan.plan(config, target, shapes=shapes, model_config=args.model_config, search=args.search,
                        granularity=args.granularity, limit=args.search_limit,

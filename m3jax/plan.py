@@ -35,7 +35,18 @@ from typing import Any
 
 from m3jax import storage
 from m3jax.errors import M3JaxError
-from m3jax.xla_stats import GIB, BenchError, Shape, hlo_stats, is_oom, memory_record, search_max_batch, short
+from m3jax.xla_stats import (
+    GIB,
+    BenchError,
+    Shape,
+    hlo_stats,
+    hlo_structure,
+    is_oom,
+    memory_record,
+    search_max_batch,
+    short,
+    thunk_structure,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +137,216 @@ def tpu_target(name: str, *, memory_gib: float | None = None) -> Target:
                   None if memory_gib is None else int(memory_gib * GIB))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# GPU targets without a GPU: XLA's deviceless (ahead-of-time) GPU compilation through jax's CUDA PJRT plugin.
+# The plugin describes a topology of compile-only GPUs from a GpuTargetConfigProto (text format) instead of a
+# device query; the compile runs XLA's whole GPU pipeline (fusion, layouts, scheduling, buffer assignment, LLVM ->
+# PTX, ptxas) as it would for an attached GPU, except autotuning (no device to time kernels on: GEMM fusions get
+# XLA's default tilings). It needs ptxas and libdevice (the `cuda-aot` extra installs both from PyPI, or the
+# system CUDA toolkit's).
+
+
+# Hopper's execution units per SM as the driver reports them (XLA's cost model reads them): XLA primitive type ->
+# (clock GHz, units per SM, ops per clock); scalar units, then tensor cores. Read from an H200 (jax 0.11.2).
+_HOPPER_SCALAR = {4: (1.98, 64, 1), 8: (1.98, 64, 1), 10: (1.98, 128, 2), 11: (1.98, 128, 1), 12: (1.98, 64, 1),
+                  16: (1.98, 128, 2)}
+_HOPPER_MATRIX = {2: 1024, 6: 1024, 10: 512, 11: 256, 12: 32, 16: 512, 19: 1024, 20: 1024, 23: 1024, 24: 1024,
+                  25: 1024, 28: 1024, 29: 1024, 33: 1024, 35: 1024, 36: 1024}  # ops per clock, 4 per SM
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    """The fields of XLA's GpuTargetConfigProto that its GPU compiler reads, as the driver reports them on that
+    GPU (what `xla_client.get_topology_for_devices(jax.devices()).target_config` prints there); name as jax's
+    device_kind."""
+    name: str
+    memory_bytes: int  # device memory the driver reports (a little under nvidia-smi's total)
+    memory_bandwidth: int  # bytes / s
+    l2_bytes: int
+    compute_capability: tuple[int, int] = (9, 0)  # sm_90a: Hopper's accelerated features (wgmma, TMA)
+    sm_count: int = 132
+    clock_ghz: float = 1.98  # boost clock
+    dnn_version: tuple[int, int, int] = (9, 19, 0)  # cuDNN (what jax 0.11.2's wheels load on the H200)
+    cuda_version: str = "13.0.0"  # driver and runtime (CUDA graph features, e.g. conditional nodes, depend on it)
+
+    def target_config(self) -> str:
+        major, minor = self.compute_capability
+        dnn = self.dnn_version
+        rates = lambda table: [
+            f"    rate_infos {{ key: {key} value {{ clock_rate_ghz: {clock} units_per_core: {n} ops_per_clock: {ops} "
+            f"}} }}" for key, (clock, n, ops) in table.items()]
+        matrix = {k: (1.98 if k == 12 else 1.82952011, 4, ops) for k, ops in _HOPPER_MATRIX.items()}
+        return "\n".join([
+            "gpu_device_info {",
+            "  threads_per_block_limit: 1024",
+            "  threads_per_warp: 32",
+            "  shared_memory_per_block: 49152",
+            "  shared_memory_per_core: 233472",
+            "  threads_per_core_limit: 2048",
+            f"  core_count: {self.sm_count}",
+            "  fpus_per_core: 128",
+            "  block_dim_limit_x: 2147483647",
+            "  block_dim_limit_y: 65535",
+            "  block_dim_limit_z: 65535",
+            f"  memory_bandwidth: {self.memory_bandwidth}",
+            f"  l2_cache_size: {self.l2_bytes}",
+            f"  clock_rate_ghz: {self.clock_ghz}",
+            f"  device_memory_size: {self.memory_bytes}",
+            "  shared_memory_per_block_optin: 232448",
+            f"  cuda_compute_capability {{ major: {major} minor: {minor} feature_extension: ACCELERATED_FEATURES }}",
+            "  registers_per_core_limit: 65536",
+            "  registers_per_block_limit: 65536",
+            "  scalar_unit_description {", *rates(_HOPPER_SCALAR), "  }",
+            "  matrix_unit_description {", *rates(matrix), "  }",
+            "  thread_dim_limit_x: 1024",
+            "  thread_dim_limit_y: 1024",
+            "  thread_dim_limit_z: 64",
+            f'  driver_version: "{self.cuda_version}"',
+            f'  runtime_version: "{self.cuda_version}"',
+            f'  compile_time_toolkit_version: "{self.cuda_version}"',
+            f'  dnn_version: "{dnn[0]}.{dnn[1]}.{dnn[2]}"',
+            '  device_vendor: "NVIDIA Corporation"',
+            f'  platform_version: "Compute Capability {major}.{minor}a"',
+            f'  name: "{self.name}"',
+            "  device_address_bits: 64",
+            "  ecc_enabled: true",
+            "}",
+            'platform_name: "CUDA"',
+            f"dnn_version_info {{ major: {dnn[0]} minor: {dnn[1]} patch: {dnn[2]} }}",
+            f'device_description_str: "{self.name}"',
+            ""])
+
+
+GPU_TARGETS = {
+    # H100 SXM5 80 GB HBM3 (nvidia-smi: 81559 MiB), 3.35 TB/s, 50 MiB L2.
+    "h100": GpuSpec("NVIDIA H100 80GB HBM3", memory_bytes=84942979072, memory_bandwidth=3352320000000,
+                    l2_bytes=50 * 2 ** 20),
+    # H200: the H100's chip (compute capability 9.0, 132 SMs) with 141 GB of HBM3e (nvidia-smi: 143771 MiB),
+    # 4.8 TB/s, 60 MiB L2: the driver's figures on the project's H200 (2026-12-04).
+    "h200": GpuSpec("NVIDIA H200", memory_bytes=150109880320, memory_bandwidth=4814304000000,
+                    l2_bytes=60 * 2 ** 20),
+}
+# The PJRT plugins that can compile for a GPU target, newest CUDA first (jax-cuda13-pjrt / jax-cuda12-pjrt).
+CUDA_PLUGINS = ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12")
+CUDA_AOT_INSTALL = "pip install 'm3jax[cuda-aot]'"
+# A device's allocator takes this share of its memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (jax's
+# default): the budget a step must fit in on the real GPU.
+DEFAULT_MEM_FRACTION = 0.75
+
+
+def parse_gpu_topology(name: str) -> tuple[str, int] | None:
+    """("h100", 8) for "8xh100" (or "h100x8"), ("h200", 1) for "h200"; None when `name` is no GPU target."""
+    m = re.fullmatch(r"(?:(\d+)x)?([a-z0-9]+?)(?:x(\d+))?", name.strip().lower())
+    if not m or m.group(2) not in GPU_TARGETS or (m.group(1) and m.group(3)):
+        return None
+    n = int(m.group(1) or m.group(3) or 1)
+    return (m.group(2), n) if n >= 1 else None
+
+
+def is_known_topology(name: str) -> bool:
+    return name in TOPOLOGIES or parse_gpu_topology(name) is not None
+
+
+def known_topologies() -> str:
+    return ", ".join([*TOPOLOGIES, *GPU_TARGETS, *(f"8x{g}" for g in GPU_TARGETS)])
+
+
+def cuda_plugin() -> str | None:
+    """The module of an installed CUDA PJRT plugin, or None."""
+    import importlib.util
+
+    for module in CUDA_PLUGINS:
+        try:
+            if importlib.util.find_spec(module) is not None:
+                return module
+        except (ImportError, ValueError):
+            continue
+    return None
+
+
+def prepare_gpu_environment() -> None:
+    """Environment for compile-only GPU devices on a host without GPUs; call before jax initialises a backend.
+    JAX_PLATFORMS=cpu keeps the plugin from probing for a GPU (and its CUDA libraries) at start: its topology
+    factory is registered all the same."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import sys
+
+    if "jax" in sys.modules:  # jax read the variable when it was imported; its backends may still be unset
+        sys.modules["jax"].config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+
+
+def gpu_target(name: str, *, memory_gib: float | None = None) -> Target:
+    """Compile-only NVIDIA GPUs by name: h100, h200, or NxNAME (e.g. 8xh100, one host of N GPUs), through the
+    CUDA PJRT plugin's deviceless compilation. fits = peak <= memory_gib, else the GPU's memory x
+    XLA_PYTHON_CLIENT_MEM_FRACTION (jax's default 0.75: the allocator's limit a run has by default). A probe
+    compile checks ptxas and libdevice first, so a host without them fails here and says what is missing."""
+    parsed = parse_gpu_topology(name)
+    if parsed is None:
+        raise PlanError(f"--topology {name!r}: unknown; known: {known_topologies()}")
+    gpu, count = parsed
+    if cuda_plugin() is None:
+        raise PlanError(f"--topology {name}: compiling for a GPU without one needs jax's CUDA plugin (the version of "
+                        f"jax) with ptxas and libdevice: {CUDA_AOT_INSTALL}")
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+
+    spec = GPU_TARGETS[gpu]
+    try:
+        devices = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
+                                               target_config=spec.target_config()).devices
+    except Exception as e:  # noqa: BLE001 -- the plugin's errors are plain runtime errors
+        raise PlanError(f"--topology {name}: the CUDA plugin cannot describe {count} x {spec.name}: {short(e)}"
+                        ) from e
+    try:  # tanh: a kernel that links libdevice, and any kernel goes through ptxas
+        sharding = jax.sharding.SingleDeviceSharding(devices[0])
+        jax.jit(jnp.tanh, in_shardings=sharding).lower(
+            jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sharding)).compile()
+    except Exception as e:  # noqa: BLE001
+        raise PlanError(f"--topology {name}: a GPU compile needs ptxas and libdevice ({CUDA_AOT_INSTALL}, or a CUDA "
+                        f"toolkit in /usr/local/cuda): {short(e)}") from e
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION") or DEFAULT_MEM_FRACTION)
+    budget = int(memory_gib * GIB) if memory_gib else int(spec.memory_bytes * fraction)
+    return Target(name, list(devices), "gpu", devices[0].device_kind, spec.memory_bytes, budget)
+
+
+def compile_only_target(name: str, *, memory_gib: float | None = None) -> Target:
+    """A TPU slice (tpu_target) or GPUs (gpu_target) by name."""
+    return tpu_target(name, memory_gib=memory_gib) if name in TOPOLOGIES else gpu_target(name, memory_gib=memory_gib)
+
+
+def cudnn_loadable() -> bool:
+    """Whether jax can load cuDNN on this host: its fused attention is traced against cuDNN's version (a host
+    without cuDNN cannot even lower it; with it, XLA compiles the fused attention without a GPU)."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+
+        check_cudnn_version()
+    except Exception:  # noqa: BLE001 -- RuntimeError("cuDNN not found."), or a jax without that module
+        return False
+    return True
+
+
+def xla_dump_dir() -> str | None:
+    """XLA's dump directory from XLA_FLAGS (--xla_dump_to=DIR), if any."""
+    m = re.search(r"--xla_dump_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    return m.group(1) if m and m.group(1) not in ("sponge", "-") else None
+
+
+def dumped_thunks(dump_dir: str, module: str = "jit_step_fn") -> dict | None:
+    """thunk_structure of the latest `module` XLA GPU dumped into dump_dir (None: no thunk sequence there)."""
+    try:
+        names = os.listdir(dump_dir)
+    except OSError:
+        return None
+    pattern = re.compile(r"module_(\d+)\." + re.escape(module) + r"\.thunk_sequence_after_thunk_passes\.txt$")
+    found = sorted((int(m.group(1)), n) for n in names if (m := pattern.match(n)))
+    if not found:
+        return None
+    with open(os.path.join(dump_dir, found[-1][1]), encoding="utf-8") as f:
+        return thunk_structure(f.read())
+
+
 def local_target(*, memory_gib: float | None = None, devices=None) -> Target:
     """This host's devices: fits = peak <= the device's memory limit (GPU: memory_stats' bytes_limit), or
     memory_gib when given; a device that reports no limit (CPU) needs memory_gib."""
@@ -203,6 +424,9 @@ class ShapeResult:
     # From a TPU RESOURCE_EXHAUSTED message: what the step's temporaries need, and the HBM the compiler allows.
     needed_bytes: int | None = None
     limit_bytes: int | None = None
+    # xla_stats.hlo_structure of the compiled step (kernels, loops, copies, host traffic), plus "thunks" (GPU
+    # command buffers, xla_stats.thunk_structure) when XLA dumped its thunk sequence (Planner.dump_dir).
+    structure: dict | None = None
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -238,6 +462,7 @@ class Planner:
         self.num_shards = shard_lib.num_batch_shards(self.mesh, config.sharding_rules)
         self.has_teacher = bool(config.knowledge_distillation) if has_teacher is None else has_teacher
         self.compiles = 0
+        self.dump_dir = xla_dump_dir()  # where XLA dumps what it compiles (XLA_FLAGS=--xla_dump_to=DIR), if set
 
     def compile(self, shape: Shape, *, no_in_batch_neg: bool = False):
         fn = self.stepper.step(shape.group, no_in_batch_neg, self.has_teacher)
@@ -264,10 +489,19 @@ class Planner:
         # the arguments out) what the step needs at once: arguments + outputs - aliased + temp + code.
         peak = (mem.get("xla_peak_bytes") if self.target.platform == "tpu" else None) or mem.get("total_bytes")
         fits = self.target.budget_bytes is None or (peak is not None and peak <= self.target.budget_bytes)
-        stats = hlo_stats(compiled.as_text(), vocab_size=self.model_cfg.vocab_size) if flops else {}
+        structure = None
+        if flops:
+            text = compiled.as_text()
+            stats = hlo_stats(text, vocab_size=self.model_cfg.vocab_size)
+            structure = hlo_structure(text)
+            thunks = dumped_thunks(self.dump_dir) if self.dump_dir else None
+            if thunks is not None:
+                structure["thunks"] = thunks
+        else:
+            stats = {}
         error = None if fits else (f"peak {peak / GIB:.2f} GiB > budget {self.target.budget_bytes / GIB:.2f} GiB")
         return ShapeResult(shape, fits, peak, mem, stats.get("matmul_flops"), error,
-                           round(time.perf_counter() - t0, 1))
+                           round(time.perf_counter() - t0, 1), structure=structure)
 
     def max_batch(self, shape: Shape, *, granularity: int = 1, limit: int = 1024,
                   known: dict[int, bool] | None = None, predict: bool = True, flops: bool = False
@@ -431,6 +665,13 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
     config_lib.validate(config, for_training=False)
     hf, where, pooler = hf_config_for(config, model_config)
     model_cfg = model_config_for(config, hf, target.platform, has_pooler=pooler)
+    attention_note = None
+    if target.platform == "gpu" and model_cfg.attention_implementation == "cudnn" and not cudnn_loadable():
+        # A GPU target without a GPU (gpu_target) on a host without cuDNN: XLA's attention instead, said so.
+        model_cfg = dataclasses.replace(model_cfg, attention_implementation="xla")
+        attention_note = ("attention cudnn -> xla: cuDNN is not installed on this host, and jax needs it to lower "
+                          "the fused attention (pip install nvidia-cudnn-cu13 to compile that too); the memory "
+                          "and FLOPs below are those of XLA's attention")
     planner = Planner(config, model_cfg, target)
     if shapes is None:
         shapes = data_shapes(config, planner.num_shards) if config_lib.train_data_dirs(config) else \
@@ -442,6 +683,8 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
     emit(f"model {where}: {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, vocab "
          f"{model_cfg.vocab_size}; dtype {model_cfg.dtype}, attention {model_cfg.attention_implementation}, remat "
          f"{model_cfg.remat_policy}, sub_batch_size {config.sub_batch_size}" + _cache_words(config))
+    if attention_note:
+        emit(attention_note)
     emit(f"mesh {dict(planner.mesh.shape)}; batch split over {planner.num_shards} chips; params + optimizer state "
          f"{planner.state_gib()} GiB per chip")
     if config.model.remat_policy == "auto":  # the trainer's choice per shape; the table below compiles with "full"
@@ -472,6 +715,8 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
         emit(f"{bucket:<16} {str(shape):<18} {peak:>9} {'yes' if r.fits else 'NO':>5} {flops:>13} {max_b:>10}")
         if r.error:
             emit(f"    {r.error}")
+        if r.structure:
+            emit("    " + structure_line(r.structure))
         if search and row["max_batch"]:
             first = dict(batch=shape.batch, peak_gib=row["peak_gib"],
                          needed_gib=None if r.needed_bytes is None else round(r.needed_bytes / GIB, 4))
@@ -488,6 +733,22 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
     return dict(target=dict(name=target.name, devices=len(target.devices), device_kind=target.device_kind,
                             platform=target.platform, hbm_gib=None if hbm is None else round(hbm / GIB, 2)),
                 model=where, mesh=mesh, shapes=rows, compiles=planner.compiles)
+
+
+def structure_line(st: dict) -> str:
+    """One line of xla_stats.hlo_structure (+ thunks): kernels per step, loops, copies, host traffic."""
+    per = st.get("per_step", {})
+    loops = ", ".join(f"{lp['trip_count'] or '?'}x{lp['kernels_per_iteration']}" for lp in st.get("while_loops", []))
+    kinds = ", ".join(f"{k} {v}" for k, v in list(st.get("fusion_kinds", {}).items())[:4])
+    line = (f"kernels per step {per.get('kernels', 0)} ({st.get('static', {}).get('fusions', 0)} fusions: {kinds}); "
+            f"while loops (trips x kernels) {loops or 'none'}; copies {per.get('copies', 0)} "
+            f"({st.get('copy_gib_per_step', 0)} GiB); custom calls {sum(st.get('custom_calls', {}).values())}; "
+            f"collectives {per.get('collectives', 0)}; host transfers {per.get('host_transfers', 0)}")
+    th = st.get("thunks")
+    if th:
+        line += (f"; command buffers {th['command_buffers']} holding {th['thunks_in_command_buffers']} thunks, "
+                 f"{th['thunks_outside']} thunks outside them")
+    return line
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,10 +4,13 @@
     memory_record(compiled)       per-device bytes: arguments, outputs, aliased, temp, code, total
     cost_flops(compiled)          XLA's own cost analysis (counts a while body once)
     hlo_stats(compiled.as_text()) matmul FLOPs of the optimised HLO, each weighted by how often it runs
+    hlo_structure(compiled.as_text())  kernels, loops and trip counts, copies, host traffic per step
+    thunk_structure(dumped text)  a GPU step's command buffers (CUDA graphs), from XLA's thunk-sequence dump
     target_device(mesh)           the platform and kind of the devices a step is compiled for
 
 A step can be compiled for devices this host does not have (jax.experimental.topologies: compile-only TPU devices
-on a CPU host); everything here reads the compiled step and the mesh, never the host's backend.
+on a CPU host, or NVIDIA GPUs through the CUDA plugin's deviceless compile: m3jax.plan.gpu_target); everything
+here reads the compiled step and the mesh, never the host's backend.
 
 Shapes are written BATCHxGROUP:QLEN:PLEN (BATCH queries per device, GROUP passages per query, QLEN / PLEN tokens);
 `forward_flops` is the model-FLOP formula used for throughput figures: the encoder's forward matmul FLOPs,
@@ -129,8 +132,10 @@ def analysis_record(compiled, model_cfg, shape: Shape, *, hlo: bool = True) -> d
     rec.update(model_forward_flops=float(fwd), xla_cost_flops=xla,
                xla_cost_ratio=None if xla is None else round(xla / fwd, 3))
     if hlo:
-        stats = hlo_stats(compiled.as_text(), vocab_size=model_cfg.vocab_size)
+        text = compiled.as_text()
+        stats = hlo_stats(text, vocab_size=model_cfg.vocab_size)
         rec.update(stats)
+        rec["structure"] = hlo_structure(text)
         if stats:
             rec["matmul_ratio"] = round(stats["matmul_flops"] / fwd, 3)
             rec["encoder_matmul_ratio"] = round(stats["matmul_flops_by_part"].get("encoder", 0.0) / fwd, 3)
@@ -458,6 +463,195 @@ def hlo_stats(hlo_text: str, *, vocab_size: int | None = None, top: int = 8) -> 
         largest_buffers=[dict(shape=f"{dt}[{','.join(map(str, dims))}]", gib=round(n / GIB, 3))
                          for (dt, dims), n in biggest],
         largest_vocab_array_elements=largest_vocab)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The optimised HLO's structure: kernels, loops, copies, host traffic
+
+# Ops that launch no kernel of their own (bookkeeping, aliases, control flow whose bodies are counted instead).
+_NO_KERNEL = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
+              "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain",
+              "copy-done", "send-done", "recv-done", "async-done", "all-reduce-done", "all-gather-done",
+              "collective-permute-done"}
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+                "collective-broadcast", "ragged-all-to-all")
+_HOST_OPS = ("send", "recv", "infeed", "outfeed")
+_HOST_TARGETS = ("callback", "host", "movetohost", "movetodevice")
+
+
+def _call_multiplicities(computations, order, entry) -> tuple[dict[str, float], set[str], list[dict]]:
+    """(computation -> how often it runs per call of the entry, fusion bodies, the while loops: name, trip count
+    (None if unread), how often the loop itself runs, its body)."""
+    mult: dict[str, float] = collections.defaultdict(float)
+    mult[entry] = 1.0
+    fusion_bodies: set[str] = set()
+    loops = []
+    for name in reversed(order):
+        m_here = mult.get(name, 0.0)
+        by_name = {i.name: i for i in computations[name]}
+        for ins in computations[name]:
+            if ins.op == "while":
+                n = _trip_count(ins, by_name, computations)
+                body = re.search(r"body=%([\w.\-]+)", ins.attrs)
+                loops.append(dict(name=ins.name, trip_count=n, runs=m_here, body=body.group(1) if body else None))
+                for key, factor in (("body", 1 if n is None else n), ("condition", (1 if n is None else n) + 1)):
+                    callee = re.search(key + r"=%([\w.\-]+)", ins.attrs)
+                    if callee:
+                        mult[callee.group(1)] += m_here * factor
+                continue
+            for callee in re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)",
+                                     ins.attrs):
+                mult[callee] += m_here
+                if ins.op == "fusion":
+                    fusion_bodies.add(callee)
+            branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+            if branches:
+                for callee in re.findall(r"%([\w.\-]+)", branches.group(1)):
+                    mult[callee] += m_here
+    return mult, fusion_bodies, loops
+
+
+def _fusion_kind(ins: _Instr) -> str:
+    """kLoop / kInput / kOutput, or a custom fusion's backend kind (__triton_gemm, __cudnn$fusion, ...)."""
+    kind = re.search(r"kind=(k\w+)", ins.attrs)
+    kind = kind.group(1) if kind else "?"
+    if kind == "kCustom":
+        named = re.search(r'"custom_fusion_config":\{"name":"([^"]+)"', ins.attrs)  # e.g. dynamic_slice_fusion
+        custom = named or re.search(r'"fusion_backend_config":\{"kind":"([^"]+)"', ins.attrs)
+        return custom.group(1) if custom else kind
+    return kind
+
+
+def hlo_structure(hlo_text: str) -> dict:
+    """What an optimised HLO module (`compiled.as_text()`) runs, per step: kernels (fusions by kind, custom calls
+    by target, unfused copies and transposes) as written (`static`) and as launched (`per_step`: weighted by how
+    often their computation runs, while bodies by trip count), the while loops with their trip counts and the
+    kernels of one iteration, the bytes unfused copies move, collectives, and host traffic (send / recv / infeed /
+    outfeed, host-memory-space copies, host callbacks). A GPU's command buffers (CUDA graphs) are formed after the
+    HLO, on XLA's thunk sequence: `thunk_structure` reads those."""
+    computations, order, entry = parse_hlo(hlo_text)
+    if entry is None:
+        return {}
+    mult, _, loops = _call_multiplicities(computations, order, entry)
+    # The computations whose instructions are launched: the entry and, through control flow, loop bodies and
+    # conditions, called and branch computations, async wrappers; not fusion bodies nor reducers (to_apply).
+    launched, todo = set(), [entry]
+    while todo:
+        name = todo.pop()
+        if name in launched or name not in computations:
+            continue
+        launched.add(name)
+        for ins in computations[name]:
+            keys = {"while": ("body", "condition"), "call": ("to_apply",),
+                    "conditional": ("true_computation", "false_computation")}.get(ins.op, ())
+            if ins.op.endswith("-start") and ins.op.split("-start")[0] not in _COLLECTIVES:
+                keys = ("calls",)
+            for key in keys:
+                todo += re.findall(key + r"=%([\w.\-]+)", ins.attrs)
+            branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs) if ins.op == "conditional" else None
+            if branches:
+                todo += re.findall(r"%([\w.\-]+)", branches.group(1))
+    static, per_step = collections.Counter(), collections.Counter()
+    fusion_kinds, custom_calls = collections.Counter(), collections.Counter()
+    copy_bytes = 0.0
+    kernels_in: dict[str, float] = collections.defaultdict(float)  # computation -> kernels per call of it
+    for name in order:
+        if name not in launched:
+            continue
+        m_here = mult.get(name, 0.0)
+        for ins in computations[name]:
+            op = ins.op
+            if op in _NO_KERNEL:
+                continue
+            kinds = []
+            if op == "fusion":
+                kind = _fusion_kind(ins)
+                fusion_kinds[kind] += 1
+                kinds.append("fusions")
+            elif op == "custom-call":
+                target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
+                target = target.group(1) if target else "?"
+                custom_calls[target] += 1
+                kinds.append("custom_calls")
+                if any(t in target.lower() for t in _HOST_TARGETS):
+                    kinds.append("host_transfers")
+            elif op in ("copy", "copy-start"):
+                kinds.append("copies")
+                copy_bytes += m_here * sum(math.prod(d) * _BYTES[dt] for dt, d in _dims(ins.type)[:1])
+                if op == "copy-start" and "S(5)" in ins.type:  # to or from host memory (memory space 5)
+                    kinds.append("host_transfers")
+            elif op == "transpose":
+                kinds.append("transposes")
+            elif op.split("-start")[0] in _COLLECTIVES:
+                kinds.append("collectives")
+            elif op in _HOST_OPS:
+                kinds.append("host_transfers")
+            else:
+                kinds.append("other_ops")
+            for k in kinds:
+                static[k] += 1
+                per_step[k] += m_here
+            if op not in _HOST_OPS:  # send / recv / infeed / outfeed: host traffic, no kernel
+                per_step["kernels"] += m_here
+                static["kernels"] += 1
+                kernels_in[name] += 1
+    # Kernels of one iteration of a loop: its body and what the body calls (nested loops by their trip counts).
+    def per_call(name: str, depth: int = 0) -> float:
+        if depth > 32:
+            return 0.0
+        total = kernels_in.get(name, 0.0)
+        for ins in computations.get(name, []):
+            if ins.op == "while":
+                n = next((lp["trip_count"] for lp in loops if lp["name"] == ins.name), None) or 1
+                body = re.search(r"body=%([\w.\-]+)", ins.attrs)
+                total += n * per_call(body.group(1), depth + 1) if body else 0
+            elif ins.op in ("call", "conditional"):
+                for callee in re.findall(r"(?:to_apply|calls|true_computation|false_computation)=%([\w.\-]+)",
+                                         ins.attrs):
+                    total += per_call(callee, depth + 1)
+        return total
+
+    return dict(
+        static={k: int(v) for k, v in sorted(static.items())},
+        per_step={k: round(v) for k, v in sorted(per_step.items())},
+        fusion_kinds=dict(fusion_kinds.most_common()),
+        custom_calls=dict(custom_calls.most_common()),
+        copy_gib_per_step=round(copy_bytes / GIB, 3),
+        while_loops=[dict(name=lp["name"], trip_count=lp["trip_count"], runs_per_step=round(lp["runs"]),
+                          kernels_per_iteration=round(per_call(lp["body"])) if lp["body"] else None)
+                     for lp in reversed(loops)])
+
+
+_THUNK = re.compile(r"^(\s*)\d+:\s+(k\w+)")
+
+
+def thunk_structure(thunk_text: str) -> dict:
+    """XLA GPU's thunk sequence after its thunk passes (the dump's *thunk_sequence_after_thunk_passes.txt, written
+    with XLA_FLAGS=--xla_dump_to=DIR), as written (loop bodies once): the command buffers (CUDA graphs, each
+    launched by the host as one), the thunks inside them, and the thunks outside any (each issued by the host on
+    its own: kernels, copies, while loops -- whose bodies the host drives iteration by iteration), by kind.
+    Nesting is read from the indentation."""
+    outside, inside = collections.Counter(), collections.Counter()
+    regions = 0
+    region_indent = None
+    for line in thunk_text.splitlines():
+        m = _THUNK.match(line)
+        if not m:
+            continue
+        indent, kind = len(m.group(1)), m.group(2)
+        if region_indent is not None and indent <= region_indent:
+            region_indent = None
+        if region_indent is None:
+            outside[kind] += 1
+            if kind == "kCommandBuffer":
+                regions += 1
+                region_indent = indent
+        else:
+            inside[kind] += 1
+    outside.pop("kCommandBuffer", None)
+    return dict(command_buffers=regions, thunks_in_command_buffers=sum(inside.values()),
+                thunks_outside=sum(outside.values()), outside=dict(outside.most_common()),
+                inside=dict(inside.most_common()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
