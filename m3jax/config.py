@@ -173,7 +173,11 @@ def default_config() -> ml_collections.ConfigDict:
     # ---- JAX: numerics, kernels, memory -------------------------------------------------------------------
     c.model = ml_collections.ConfigDict(dict(
         dtype="bfloat16",  # compute dtype: bfloat16 | float32 (params and optimizer state stay float32)
-        attention_implementation="auto",  # auto (cudnn on GPU, splash on TPU, xla elsewhere) | xla | cudnn | splash
+        # auto: cudnn on GPU, flash-dropout on TPU, xla elsewhere. flash-dropout: the Pallas TPU flash kernel with
+        # attention-probability dropout (bge-m3's 0.1; m3jax.flash_dropout). splash: the fused TPU kernel WITHOUT
+        # attention dropout (the old default; the last bit of speed, a slightly different model). cudnn (GPU) has no
+        # attention dropout either; xla applies it on materialised probabilities (same mask as flash-dropout).
+        attention_implementation="auto",  # auto | xla | cudnn | flash-dropout | splash
         remat_policy="full",  # none | full | dots | dots_no_batch
         # None: take the checkpoint's config.json values (bge-m3: 0.1 / 0.1), as FlagEmbedding trains with.
         hidden_dropout_prob=ml_collections.config_dict.placeholder(float),
@@ -452,8 +456,9 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
              "gradient_cache_chunk_size)", c.sub_batch_size)
     _require(c.num_data_workers >= 0, "num_data_workers", "an int >= 0", c.num_data_workers)
     _require(c.model.dtype in ("bfloat16", "float32"), "model.dtype", "'bfloat16' or 'float32'", c.model.dtype)
-    _require(c.model.attention_implementation in ("auto", "xla", "cudnn", "splash"), "model.attention_implementation",
-             "'auto', 'xla', 'cudnn' or 'splash'", c.model.attention_implementation)
+    _require(c.model.attention_implementation in ("auto", "xla", "cudnn", "flash-dropout", "splash"),
+             "model.attention_implementation", "'auto', 'xla', 'cudnn', 'flash-dropout' or 'splash'",
+             c.model.attention_implementation)
     _require(c.model.remat_policy in ("none", "full", "dots", "dots_no_batch"), "model.remat_policy",
              "'none', 'full', 'dots' or 'dots_no_batch'", c.model.remat_policy)
     for axis in ("data", "fsdp", "tensor"):

@@ -9,9 +9,9 @@ import logging
 
 import jax
 
+from m3jax import attention, distributed, evaluate, loading, selection, storage
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import distributed, evaluate, loading, selection, storage
 from m3jax import sharding as shard_lib
 from m3jax.metrics import MetricsLogger, NonFiniteLossError
 from m3jax.step import Stepper, TrainState
@@ -54,10 +54,13 @@ def train(config) -> dict:
     source = (loading.find_model(output_dir, step=resume_step) if resume_step is not None
               else loading.find_model(config.model_name_or_path))
     model_cfg = loading.model_config(source, loading.ModelSettings.from_run_config(config))
-    if model_cfg.attention_implementation != "xla" and model_cfg.attention_probs_dropout_prob > 0:
-        logger.warning("%s fused attention has no dropout: attention_probs_dropout_prob=%g is not applied "
-                       "(set --config.model.attention_implementation=xla to apply it, at a speed and memory cost)",
-                       model_cfg.attention_implementation, model_cfg.attention_probs_dropout_prob)
+    if (model_cfg.attention_implementation in attention.FUSED_WITHOUT_DROPOUT
+            and model_cfg.attention_probs_dropout_prob > 0):
+        fix = ("--config.model.attention_implementation=flash-dropout (or auto) to apply it"
+               if model_cfg.attention_implementation.startswith("splash") else
+               "--config.model.attention_implementation=xla to apply it, at a speed and memory cost")
+        logger.warning("%s fused attention has no dropout: attention_probs_dropout_prob=%g is not applied (set %s)",
+                       model_cfg.attention_implementation, model_cfg.attention_probs_dropout_prob, fix)
 
     if config.batch_size_by_length == "auto":
         config = _auto_batch_sizes(config, model_cfg, mesh, output_dir, resuming=resume_step is not None)
