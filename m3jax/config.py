@@ -180,7 +180,12 @@ def default_config() -> ml_collections.ConfigDict:
     # ---- JAX: numerics, kernels, memory -------------------------------------------------------------------
     c.model = ml_collections.ConfigDict(dict(
         dtype="bfloat16",  # compute dtype: bfloat16 | float32 (params and optimizer state stay float32)
-        attention_implementation="auto",  # auto (cudnn on GPU, splash on TPU, xla elsewhere) | xla | cudnn | splash
+        # auto: cudnn on GPU, flash-dropout on TPU, xla elsewhere. flash-dropout: the Pallas TPU flash kernel with
+        # attention-probability dropout (bge-m3's 0.1; m3jax.flash_dropout). splash: the fused TPU kernel WITHOUT
+        # attention dropout (the old default; the last bit of speed, a slightly different model). cudnn (GPU)
+        # applies attention dropout inside cuDNN's kernel (with the layer loop, scan_layers); xla applies it on
+        # materialised probabilities (same mask as flash-dropout).
+        attention_implementation="auto",  # auto | xla | cudnn | flash-dropout | splash
         # auto | none | full | dots | dots_no_batch. auto: per compiled step shape, the policy with the least
         # recomputation whose compiled step fits the device's memory (auto_batch_memory_gib where set), judged by
         # XLA's memory analysis and logged at start with every candidate's memory; none where no limit is known.
@@ -550,8 +555,9 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
              "gradient_cache_chunk_size)", c.sub_batch_size)
     _require(c.num_data_workers >= 0, "num_data_workers", "an int >= 0", c.num_data_workers)
     _require(c.model.dtype in ("bfloat16", "float32"), "model.dtype", "'bfloat16' or 'float32'", c.model.dtype)
-    _require(c.model.attention_implementation in ("auto", "xla", "cudnn", "splash"), "model.attention_implementation",
-             "'auto', 'xla', 'cudnn' or 'splash'", c.model.attention_implementation)
+    _require(c.model.attention_implementation in ("auto", "xla", "cudnn", "flash-dropout", "splash"),
+             "model.attention_implementation", "'auto', 'xla', 'cudnn', 'flash-dropout' or 'splash'",
+             c.model.attention_implementation)
     _require(isinstance(c.model.gpu_command_buffers, bool), "model.gpu_command_buffers", "True or False",
              c.model.gpu_command_buffers)
     _require(c.model.remat_policy in ("auto", "none", "full", "dots", "dots_no_batch"), "model.remat_policy",

@@ -39,7 +39,7 @@ from m3jax.model import LoRAConfig, ModelConfig, init_head_params, params_from_h
 logger = logging.getLogger(__name__)
 
 EXPORT_INFO_NAME = "m3jax_export.json"  # written next to an export: source step and head settings
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "flash-dropout", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ class ModelSettings:
     normalize_embeddings: bool | None = None
     colbert_dim: int = -1  # -1: the saved head's size (hidden size for fresh heads); > 0 must match a saved head
     dtype: str = "float32"  # compute dtype; params stay float32
-    attention_implementation: str = "auto"  # auto | xla | cudnn | splash (resolve_attention)
+    attention_implementation: str = "auto"  # auto | xla | cudnn | flash-dropout | splash (resolve_attention)
     remat_policy: str = "none"
     scan_layers: bool | None = None  # None: the layer loop (False) in training on GPU, the scan elsewhere
     hidden_dropout_prob: float | None = None  # None: config.json's
@@ -98,16 +98,20 @@ def platform_of(platform: str | None) -> str:
 
 def resolve_attention(implementation: str, platform: str | None = None) -> str:
     """The attention kernel for `platform` (the devices the step runs or is compiled for; default: jax's default
-    backend): 'auto' is cuDNN's fused attention on GPU, Pallas splash attention on TPU and XLA's elsewhere;
-    'splash' off TPU runs the same kernel interpreted ('splash-interpret': numerics tests, slow)."""
-    if implementation not in ATTENTION_IMPLEMENTATIONS + ("splash-interpret",):
+    backend): 'auto' is cuDNN's fused attention on GPU, the Pallas flash kernel with attention dropout on TPU
+    ('flash-dropout': m3jax.flash_dropout; splash where no dropout applies, in inference) and XLA's elsewhere.
+    'splash' is the fused TPU kernel without attention dropout (the last bit of speed; bge-m3's attention dropout
+    is then not applied). The Pallas kernels off TPU run interpreted ('flash-dropout-interpret',
+    'splash-interpret': numerics tests, slow)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS + ("splash-interpret", "flash-dropout-interpret"):
         raise ValueError(f"attention_implementation={implementation!r}: expected one of "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
     platform = platform_of(platform)
     if implementation == "auto":
-        return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
-    if implementation.startswith("splash"):
-        return "splash" if platform == "tpu" else "splash-interpret"
+        return {"gpu": "cudnn", "tpu": "flash-dropout"}.get(platform, "xla")
+    for pallas in ("splash", "flash-dropout"):
+        if implementation.startswith(pallas):
+            return pallas if platform == "tpu" else pallas + "-interpret"
     return implementation
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m3jax import attention, scores, sharding
+from m3jax import attention, flash_dropout, scores, sharding
 from m3jax.config import LORA_TARGETS  # the layer's linear modules LoRA can adapt, in the layer's order
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class ModelConfig:
     unused_token_ids: tuple[int, ...] = XLMR_UNUSED_TOKEN_IDS
     # numerics / kernels
     dtype: str = "float32"  # compute dtype; params are always float32
-    attention_implementation: str = "xla"  # xla | cudnn | splash | splash-interpret
+    attention_implementation: str = "xla"  # xla | cudnn | flash-dropout[-interpret] | splash[-interpret]
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
     # Training runs the layers as nn.scan (one compiled layer, small programs, fast compiles) or, when False, as a
     # Python loop over the same stacked parameters (one call site per layer: no per-layer copies of weights and
@@ -269,13 +269,12 @@ class Layer(nn.Module):
 
         q, k, v = linear("query", x), linear("key", x), linear("value", x)
         dropout = None
-        if cfg.attention_probs_dropout_prob > 0 and not self.deterministic:
-            module = nn.Dropout(cfg.attention_probs_dropout_prob, name="attention_dropout")
-            dropout = lambda probs: module(probs, deterministic=False)
-        rate = 0.0 if self.deterministic else cfg.attention_probs_dropout_prob
+        if cfg.attention_probs_dropout_prob > 0 and not self.deterministic:  # the hash rule's seed: this layer's rng
+            seed = flash_dropout.seed_words(self.make_rng("dropout"))
+            dropout = attention.Dropout(cfg.attention_probs_dropout_prob, seed)
         attn = attention.attention(q, k, v, lengths, implementation=cfg.attention_implementation, dropout=dropout,
-                                   dropout_rate=rate, dropout_seed=cfg.dropout_seed + self.layer_index,
-                                   segment_ids=segment_ids, max_segments=self.max_segments)
+                                   cudnn_seed=cfg.dropout_seed + self.layer_index, segment_ids=segment_ids,
+                                   max_segments=self.max_segments)
         attn = linear("attention_output", attn)
         attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=self.deterministic)
         x = _layer_norm(cfg, "attention_LayerNorm")(attn + x)

@@ -418,7 +418,7 @@ class ShapeResult:
     fits: bool
     peak_bytes: int | None  # per chip: XLA's peak on TPU, else arguments + outputs - aliased + temp + code
     memory: dict  # xla_stats.memory_record
-    matmul_flops: float | None  # trip-weighted, per chip; not the attention inside Pallas kernels (splash)
+    matmul_flops: float | None  # trip-weighted, per chip; not the attention inside the Pallas attention kernels
     error: str | None  # the RESOURCE_EXHAUSTED message
     compile_s: float
     # From a TPU RESOURCE_EXHAUSTED message: what the step's temporaries need, and the HBM the compiler allows.

@@ -78,7 +78,7 @@ _TRACING_RULES: contextvars.ContextVar[tuple] = contextvars.ContextVar("m3jax_sh
 @contextlib.contextmanager
 def tracing_context(mesh: Mesh, rules):
     """While a sharded computation is traced: the abstract mesh and the logical rules, which model code reads (with
-    `current_rules`) to run Pallas kernels per shard (m3jax.model's splash attention)."""
+    `current_rules`) to run Pallas kernels per shard (m3jax.attention's flash-dropout and splash)."""
     token = _TRACING_RULES.set(tuple(tuple(r) for r in rules))
     try:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

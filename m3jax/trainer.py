@@ -9,9 +9,9 @@ import logging
 
 import jax
 
+from m3jax import attention, distributed, evaluate, loading, plan, selection, storage
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import distributed, evaluate, loading, plan, selection, storage
 from m3jax import sharding as shard_lib
 from m3jax.metrics import MetricsLogger, NonFiniteLossError
 from m3jax.step import Stepper, TrainState
@@ -58,10 +58,11 @@ def train(config) -> dict:
               else loading.find_model(config.model_name_or_path))
     model_cfg = loading.model_config(source, loading.ModelSettings.from_run_config(config))
     config_lib.validate_against_model(config, model_cfg)  # max lengths vs positions: before any data is read
-    if model_cfg.attention_implementation not in ("xla", "cudnn") and model_cfg.attention_probs_dropout_prob > 0:
-        logger.warning("%s fused attention has no dropout: attention_probs_dropout_prob=%g is not applied "
-                       "(set --config.model.attention_implementation=xla to apply it, at a speed and memory cost)",
-                       model_cfg.attention_implementation, model_cfg.attention_probs_dropout_prob)
+    if (model_cfg.attention_implementation in attention.FUSED_WITHOUT_DROPOUT
+            and model_cfg.attention_probs_dropout_prob > 0):
+        fix = "--config.model.attention_implementation=flash-dropout (or auto) to apply it"
+        logger.warning("%s fused attention has no dropout: attention_probs_dropout_prob=%g is not applied (set %s)",
+                       model_cfg.attention_implementation, model_cfg.attention_probs_dropout_prob, fix)
 
     if config.batch_size_by_length == "auto":
         config = _auto_batch_sizes(config, model_cfg, mesh, output_dir, resuming=resume_step is not None)

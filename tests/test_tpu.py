@@ -130,7 +130,7 @@ def test_tiny_train_step_compiles_for_tpu_v4_and_plan_reports_fit_memory_flops_a
            "--config.model.attention_implementation=auto", "--config.model.dtype=bfloat16"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "attention splash" in proc.stdout and "4 x TPU v4" in proc.stdout, proc.stdout
+    assert "attention flash-dropout" in proc.stdout and "4 x TPU v4" in proc.stdout, proc.stdout
     result = json.loads(out.read_text())
     assert result["target"] == dict(name="v4-8", devices=4, device_kind="TPU v4", platform="tpu", hbm_gib=32.0)
     small, huge = result["shapes"]
