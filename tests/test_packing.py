@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3jax import BGEM3FlagModel, attention, packing
+from m3jax import BGEM3FlagModel, attention, flash_dropout, packing
 from m3jax.padding import length_buckets
 
 WORDS = ["the", "water", "of", "rivers", "flows", "to", "the", "sea", "while", "mountains", "stand", "in", "the",
@@ -98,8 +98,10 @@ def test_segment_attention_equals_each_text_alone(implementation):
         segments[0, at:at + size] = s + 1
         at += size
     dropout = None
-    if implementation == "xla-dropout":  # the training path (probabilities materialised), an identity "dropout"
-        implementation, dropout = "xla", lambda probs: probs
+    if implementation == "xla-dropout":  # the training path (probabilities materialised), dropping nothing
+        implementation = "xla"
+        dropout = attention.Dropout(1e-12, flash_dropout.seed_words(jax.random.key(0)))
+        assert flash_dropout.drop_threshold(dropout.rate) == 0  # keep iff the hash's top bits >= 0: always
     out = attention.attention(q, k, v, None, implementation=implementation, segment_ids=jnp.asarray(segments),
                               dropout=dropout)
     assert np.isfinite(np.asarray(out)).all()
