@@ -11,7 +11,8 @@ import jax
 
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import distributed, evaluate, loading, selection, storage
+from m3jax import data as data_lib
+from m3jax import distributed, evaluate, loading, plan, selection, storage
 from m3jax import sharding as shard_lib
 from m3jax.metrics import MetricsLogger, NonFiniteLossError
 from m3jax.step import Stepper, TrainState
@@ -27,8 +28,6 @@ def train(config) -> dict:
     A run whose output_dir holds checkpoints resumes from the latest one (unless overwrite_output_dir): the model
     config then comes from that checkpoint and its base_model/ files, and no pretrained weight is read.
     """
-    from m3jax import data as data_lib
-
     # --- config and processes ---------------------------------------------------------------------------------
     config_lib.validate(config)
     distributed.initialize(config.distributed)
@@ -160,8 +159,6 @@ def train(config) -> dict:
 def _auto_batch_sizes(config, model_cfg, mesh, output_dir: str, *, resuming: bool):
     """config with batch_size_by_length="auto" resolved (m3jax.plan.auto_batch_sizes), the table logged and saved
     as <output_dir>/auto_batch_sizes.json; a resumed run reads that file back (its data plan must not change)."""
-    from m3jax import plan
-
     path = storage.join(output_dir, plan.AUTO_BATCH_FILE)
     if resuming and storage.isfile(path):
         chosen = json.loads(storage.read_bytes(path))
