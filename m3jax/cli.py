@@ -22,13 +22,24 @@ parsed args and returning an exit status, then append it to SUBCOMMANDS.
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import logging
 import os
 import sys
+import types
 
-from m3jax import storage
+from m3jax import config as config_lib
+from m3jax import distributed, loading, plan, storage, trainer
+from m3jax import evaluate as ev
+from m3jax import merge as merge_lib
+from m3jax.checkpoint import CheckpointError
 from m3jax.errors import M3JaxError
+from m3jax.export import export_checkpoint
+from m3jax.inference import BGEM3FlagModel, FlagReranker
+from m3jax.mine import MineOptions, mine, parse_range, read_input
+from m3jax.selection import resolve_step
+from m3jax.storage import atomic_file
+from m3jax.teacher_scores import M3Teacher, RerankerTeacher, score_file
 
 logger = logging.getLogger("m3jax")
 
@@ -53,8 +64,6 @@ def _add_train(subparsers) -> None:
 
 
 def _run_train(args) -> int:
-    from m3jax import trainer
-
     return trainer.main(args.train_argv)
 
 
@@ -93,16 +102,15 @@ def _add_export(subparsers) -> None:
     p.set_defaults(func=_run_export)
 
 
-def _parsed_by(module: str, name: str):
-    """An argparse type: m3jax.<module>.<name> (imported when used), its ValueError shown as a usage message."""
+def _parsed_by(fn):
+    """An argparse type: `fn`, its ValueError shown as a usage message."""
     def parse(value: str):
-        fn = getattr(importlib.import_module(f"m3jax.{module}"), name)
         try:
             return fn(value)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    parse.__name__ = name
+    parse.__name__ = fn.__name__
     return parse
 
 
@@ -116,8 +124,6 @@ def _step_arg(value: str):
 
 
 def _run_export(args) -> int:
-    from m3jax.export import export_checkpoint
-
     out = export_checkpoint(args.checkpoint, args.output, step=args.step, base_model=args.base_model,
                             pytorch_bin=args.pytorch_bin, heads_dtype=args.heads_dtype, overwrite=args.overwrite,
                             lora_adapters=args.lora_adapters, merge_with=args.merge_with,
@@ -171,9 +177,6 @@ def _add_merge(subparsers) -> None:
 
 
 def _eval_set_arg(value: str, args):
-    from m3jax import config as config_lib
-    from m3jax import evaluate as ev
-
     name, sep, where = value.partition("=")
     if not sep or not name or not where:
         raise UsageError(f"--eval-set {value!r}: expected NAME=DIR or NAME=CORPUS,QUERIES,QRELS")
@@ -188,14 +191,12 @@ def _eval_set_arg(value: str, args):
     else:
         raise UsageError(f"--eval-set {value!r}: expected NAME=DIR or NAME=CORPUS,QUERIES,QRELS")
     modes = args.modes or ev.MODES
-    return config_lib.EvalSetSpec(name=name, corpus=corpus, queries=queries, qrels=qrels, batch_size=args.batch_size,
-                                  query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
-                                  modes=modes, weights=ev.DEFAULT_WEIGHTS, metrics=args.metrics)
+    return ev.EvalSetSpec(name=name, corpus=corpus, queries=queries, qrels=qrels, batch_size=args.batch_size,
+                          query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
+                          modes=modes, weights=ev.DEFAULT_WEIGHTS, metrics=args.metrics)
 
 
 def _run_merge(args) -> int:
-    from m3jax import merge as merge_lib
-
     if args.grid is None:
         if args.eval_set or args.metric or args.lower_is_better:
             raise UsageError("--eval-set, --metric and --lower-is-better go with --grid")
@@ -222,10 +223,10 @@ def _run_merge(args) -> int:
 # eval
 
 
-_modes_arg = _parsed_by("evaluate", "parse_modes")
+_modes_arg = _parsed_by(ev.parse_modes)
 
 
-_metrics_arg = _parsed_by("evaluate", "parse_metrics")
+_metrics_arg = _parsed_by(ev.parse_metrics)
 
 
 def _add_eval(subparsers) -> None:
@@ -265,9 +266,6 @@ def _add_eval(subparsers) -> None:
 def _load_model(args, **overrides):
     """BGEM3FlagModel from the shared model flags (--model, --step, --base-model, --pooling-method, --devices, --fp32,
     --batch-size, --query-max-len, --passage-max-len, --query-instruction[-format]); `overrides` replace them."""
-    from m3jax.checkpoint import CheckpointError
-    from m3jax.inference import BGEM3FlagModel
-
     hf_dir = storage.isfile(storage.join(args.model, "config.json"))
     if hf_dir and (args.step is not None or args.base_model is not None):
         raise UsageError("--step and --base-model apply to an m3jax run directory, not to an HF directory")
@@ -289,22 +287,14 @@ def _load_model(args, **overrides):
 
 
 def _trained_matryoshka_modes(args, cfg) -> tuple[str, ...]:
-    from m3jax import loading
-    from m3jax.evaluate import matryoshka_modes
-
     hf_dir = storage.isfile(storage.join(args.model, "config.json"))
     defaults = loading.find_model(args.model, step=None if hf_dir else args.step,
                                   base_model=None if hf_dir else args.base_model).defaults
-    return matryoshka_modes(defaults.get("mrl_dims") or (), dense_size=cfg.hidden_size,
-                            colbert_size=cfg.colbert_out_dim if defaults.get("mrl_colbert") else None)
+    return ev.matryoshka_modes(defaults.get("mrl_dims") or (), dense_size=cfg.hidden_size,
+                               colbert_size=cfg.colbert_out_dim if defaults.get("mrl_colbert") else None)
 
 
 def _run_eval(args) -> int:
-    import json
-
-    from m3jax import evaluate as ev
-    from m3jax.storage import atomic_file
-
     for name in ("batch_size", "query_max_len", "passage_max_len"):
         if getattr(args, name) < (1 if name == "batch_size" else 2):
             raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} is too small")
@@ -314,8 +304,6 @@ def _run_eval(args) -> int:
         raise UsageError(f"--weights: {e}") from None
     eval_set = ev.load_eval_set(args.corpus, args.queries, args.qrels)  # file errors before loading the model
     if args.step == "best":
-        from m3jax.selection import resolve_step
-
         args.step = resolve_step(args.model, args.step)
     _start_processes()  # a multi-process job (M3JAX_* variables, SLURM, TPU pod): the corpus is shared out
     import jax
@@ -370,15 +358,11 @@ def _model_info(args) -> dict:
 
 
 def _start_processes() -> None:
-    import types
-
-    from m3jax import distributed
-
     distributed.initialize(types.SimpleNamespace(initialize="auto", coordinator_address=None, num_processes=None,
                                                  process_id=None))
 
 
-_range_arg = _parsed_by("mine", "parse_range")
+_range_arg = _parsed_by(parse_range)
 
 
 def _add_mine(subparsers) -> None:
@@ -424,8 +408,6 @@ def _add_mine(subparsers) -> None:
 
 
 def _run_mine(args) -> int:
-    from m3jax.mine import MineOptions, mine, read_input
-
     options = MineOptions(
         mode=args.mode, weights=tuple(args.weights), range_for_sampling=args.range_for_sampling,
         negative_number=args.negative_number, max_score=args.max_score, absolute_margin=args.absolute_margin,
@@ -485,10 +467,6 @@ def _add_score(subparsers) -> None:
 
 
 def _run_score(args) -> int:
-    from m3jax import loading
-    from m3jax.mine import read_input
-    from m3jax.teacher_scores import M3Teacher, RerankerTeacher, score_file
-
     teacher_kind = args.teacher
     if teacher_kind == "auto":
         teacher_kind = "reranker" if loading.is_reranker(args.model) else "m3"
@@ -501,8 +479,6 @@ def _run_score(args) -> int:
     records = read_input(args.input)  # file errors before loading the model
     _start_processes()
     if teacher_kind == "reranker":
-        from m3jax.inference import FlagReranker
-
         if args.step is not None or args.base_model is not None or args.pooling_method is not None:
             raise UsageError("--step, --base-model and --pooling-method apply to a bge-m3 teacher, not a reranker")
         if not storage.isfile(storage.join(args.model, "config.json")):
@@ -574,12 +550,6 @@ def _add_plan(subparsers) -> None:
 
 
 def _run_plan(args) -> int:
-    import json
-
-    from m3jax import config as config_lib
-    from m3jax import plan
-    from m3jax.storage import atomic_file
-
     for name in ("granularity", "search_limit"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)}: a positive int")
@@ -620,10 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Before parsing: some flag types import modules (e.g. orbax through m3jax.loading) that install a root
-    # handler of their own, after which basicConfig would do nothing and the INFO lines would be lost.
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # INFO lines on stderr unless the program configured logging itself. absl (logging at import time in orbax and
+    # grain, imported with this module) runs a bare logging.basicConfig() when it first logs: that default handler,
+    # which would keep the root at WARNING and lose the INFO lines, is replaced.
+    if all(type(h) is logging.StreamHandler and getattr(h.formatter, "_fmt", None) == logging.BASIC_FORMAT
+           for h in logging.getLogger().handlers):
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                            force=True)
         for noisy in ("absl", "jax"):  # Orbax logs every handler it creates, jax every backend it probes
             logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = build_parser()
