@@ -20,7 +20,7 @@ from m3jax import selection, storage
 from m3jax.errors import M3JaxError
 from m3jax.evaluate import LEGACY_EVAL_SET, EvalSetSpec
 from m3jax.loading import config_names as _names
-from m3jax.loading import lora_targets  # noqa: F401 -- a derived view of the run config, as before
+from m3jax.loading import lora_targets  # noqa: F401 -- still config.lora_targets to its callers
 from m3jax.model import LORA_TARGETS
 
 # Per-device batch size by token-length range of the dataset file (FlagEmbedding research/BGE_M3 recipe, 80 GB

@@ -33,8 +33,7 @@ import os
 from typing import Any
 
 from m3jax import config as config_lib
-from m3jax import hf_io, loading, model_card, selection, storage
-from m3jax import merge_core as merge_lib
+from m3jax import hf_io, loading, merge_core, model_card, selection, storage
 from m3jax import model as m3model
 from m3jax import sharding as shard_lib
 from m3jax.errors import M3JaxError
@@ -171,9 +170,9 @@ def export_checkpoint(checkpoint, output_dir, *, step: int | str | None = None, 
     card = model_card.card_info_from_run(source.location.work_dir, run, source.location.step)
     lora = cfg.lora
     if merge_with is not None:
-        params, lora = merge_lib.merge_params([m3model.merge_lora(params, cfg), merge_lib.load_for_merge(
+        params, lora = merge_core.merge_params([m3model.merge_lora(params, cfg), merge_core.load_for_merge(
             merge_with, like=(source.location.step_dir, dataclasses.replace(cfg, lora=None)))[1]],
-            merge_lib.check_weights([merge_weight, 1.0 - merge_weight], 2, exact_pair=True)), None
+            merge_core.check_weights([merge_weight, 1.0 - merge_weight], 2, exact_pair=True)), None
         info["merge"] = card["merge"] = {"models": [source.location.step_dir, storage.resolve(merge_with)],
                                          "weights": [float(merge_weight), 1.0 - float(merge_weight)]}
     return export_params(params, source.hf_config, output_dir, tokenizer_dir=source.tokenizer_dir,

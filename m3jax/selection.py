@@ -42,7 +42,7 @@ class MetricExpression:
 
 
 def parse_metric(text: str, specs: Sequence = (), *, extra_modes: Sequence[str] = ()) -> MetricExpression:
-    """Parse `metric_for_best_model`; with `specs` (config.EvalSetSpec list) check each term names a set, one of its
+    """Parse `metric_for_best_model`; with `specs` (evaluate.EvalSetSpec list) check each term names a set, one of its
     modes (or a Matryoshka mode in `extra_modes`) and one of its metrics. Raises ValueError saying what is wrong."""
     text = str(text).strip()
     if not text:
