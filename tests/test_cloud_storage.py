@@ -218,6 +218,7 @@ def test_toy_run_on_the_bucket_resumes_exactly_after_sigkill(gcs, tiny_ckpt, tmp
     assert len(events) == 2 and all(e.startswith("events.out.tfevents") for e in events)  # one per start
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_processes_write_one_checkpoint_to_the_bucket_then_export_and_eval_from_it(gcs, tiny_ckpt, tmp_path,
                                                                                              capsys):

@@ -226,6 +226,7 @@ def _eval_cmd(tiny_ckpt, output, extra_env, devices):
                             stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_process_eval_equals_one_process_to_the_last_digit(tiny_ckpt, tmp_path):
     """79 passages in chunks of 64 (8 blocks of 8): process 0 searches chunk 0, process 1 chunk 1; merged top-k."""
