@@ -212,7 +212,6 @@ def test_analyze_bge_m3_step_memory_and_flops():
 TINY_TORCH = ["--layers", "1", "--hidden", "32", "--heads", "2", "--ffn", "64", "--vocab", "100", "--device", "cpu"]
 
 
-@pytest.mark.stack_sensitive
 def test_torch_reference_runs_a_tiny_model_and_prints_the_fields():
     result = subprocess.run([sys.executable, os.path.join("benchmarks", "torch_reference.py"), "--configs",
                              "2x2:8:16,2x3:8:12", "--sub_batch", "2", "--steps", "2", "--warmup", "1", *TINY_TORCH],
@@ -235,7 +234,6 @@ def test_torch_reference_runs_a_tiny_model_and_prints_the_fields():
     assert bad.returncode == 2 and "BATCHxGROUP:QLEN:PLEN" in bad.stderr
 
 
-@pytest.mark.stack_sensitive
 def test_torch_reference_loss_equals_m3jax_on_the_same_weights():
     """One step of each on the tiny model's weights (the reference's random init, read into m3jax), the same inputs,
     float32, no dropout, passages in sub-batches of 2, gradient checkpointing on both: the same unified loss with

@@ -164,7 +164,6 @@ def _bucket_inputs(gcs, tiny_ckpt):
     return model, data, evals
 
 
-@pytest.mark.stack_sensitive
 def test_toy_run_on_the_bucket_resumes_exactly_after_sigkill(gcs, tiny_ckpt, tmp_path):
     """Model, data, eval files and output_dir on gs://; killed mid-way, resumed from the bucket: bitwise the
     uninterrupted local run."""
