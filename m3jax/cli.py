@@ -22,13 +22,25 @@ parsed args and returning an exit status, then append it to SUBCOMMANDS.
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import logging
 import os
 import sys
+import types
 
-from m3jax import storage
+import m3jax
+from m3jax import config as config_lib
+from m3jax import distributed, loading, plan, storage, trainer
+from m3jax import evaluate as ev
+from m3jax import merge as merge_lib
+from m3jax.checkpoint import CheckpointError
 from m3jax.errors import M3JaxError
+from m3jax.export import export_checkpoint
+from m3jax.inference import BGEM3FlagModel, FlagReranker
+from m3jax.mine import MineOptions, mine, parse_range, read_input
+from m3jax.selection import resolve_step
+from m3jax.storage import atomic_file
+from m3jax.teacher_scores import M3Teacher, RerankerTeacher, score_file
 
 logger = logging.getLogger("m3jax")
 
@@ -54,11 +66,7 @@ def _add_train(subparsers) -> None:
 
 
 def _run_train(args) -> int:
-    from m3jax import config as config_lib
-
-    config_lib.check_override_flags(args.train_argv)  # a FlagEmbedding flag or a mistyped field: before jax starts
-    from m3jax import trainer
-
+    config_lib.check_override_flags(args.train_argv)  # a FlagEmbedding flag or a mistyped field: before training
     return trainer.main(args.train_argv)
 
 
@@ -98,16 +106,15 @@ def _add_export(subparsers) -> None:
     p.set_defaults(func=_run_export)
 
 
-def _parsed_by(module: str, name: str):
-    """An argparse type: m3jax.<module>.<name> (imported when used), its ValueError shown as a usage message."""
+def _parsed_by(fn):
+    """An argparse type: `fn`, its ValueError shown as a usage message."""
     def parse(value: str):
-        fn = getattr(importlib.import_module(f"m3jax.{module}"), name)
         try:
             return fn(value)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    parse.__name__ = name
+    parse.__name__ = fn.__name__
     return parse
 
 
@@ -121,8 +128,6 @@ def _step_arg(value: str):
 
 
 def _run_export(args) -> int:
-    from m3jax.export import export_checkpoint
-
     out = export_checkpoint(args.checkpoint, args.output, step=args.step, base_model=args.base_model,
                             pytorch_bin=args.pytorch_bin, heads_dtype=args.heads_dtype, overwrite=args.overwrite,
                             lora_adapters=args.lora_adapters, merge_with=args.merge_with,
@@ -188,9 +193,6 @@ def _add_merge(subparsers) -> None:
 
 
 def _eval_set_arg(value: str, args):
-    from m3jax import config as config_lib
-    from m3jax import evaluate as ev
-
     name, sep, where = value.partition("=")
     if not sep or not name or not where:
         raise UsageError(f"--eval-set {value!r}: expected NAME=DIR or NAME=CORPUS,QUERIES,QRELS")
@@ -205,14 +207,12 @@ def _eval_set_arg(value: str, args):
     else:
         raise UsageError(f"--eval-set {value!r}: expected NAME=DIR or NAME=CORPUS,QUERIES,QRELS")
     modes = args.modes or ev.MODES
-    return config_lib.EvalSetSpec(name=name, corpus=corpus, queries=queries, qrels=qrels, batch_size=args.batch_size,
-                                  query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
-                                  modes=modes, weights=ev.DEFAULT_WEIGHTS, metrics=args.metrics)
+    return ev.EvalSetSpec(name=name, corpus=corpus, queries=queries, qrels=qrels, batch_size=args.batch_size,
+                          query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
+                          modes=modes, weights=ev.DEFAULT_WEIGHTS, metrics=args.metrics)
 
 
 def _run_merge(args) -> int:
-    from m3jax import merge as merge_lib
-
     if args.grid is None:
         if args.eval_set or args.metric or args.lower_is_better:
             raise UsageError("--eval-set, --metric and --lower-is-better go with --grid")
@@ -245,10 +245,10 @@ def _run_merge(args) -> int:
 # eval
 
 
-_modes_arg = _parsed_by("evaluate", "parse_modes")
+_modes_arg = _parsed_by(ev.parse_modes)
 
 
-_metrics_arg = _parsed_by("evaluate", "parse_metrics")
+_metrics_arg = _parsed_by(ev.parse_metrics)
 
 
 def _add_eval(subparsers) -> None:
@@ -293,9 +293,6 @@ def _add_eval(subparsers) -> None:
 def _load_model(args, **overrides):
     """BGEM3FlagModel from the shared model flags (--model, --step, --base-model, --pooling-method, --devices, --fp32,
     --batch-size, --query-max-len, --passage-max-len, --query-instruction[-format]); `overrides` replace them."""
-    from m3jax.checkpoint import CheckpointError
-    from m3jax.inference import BGEM3FlagModel
-
     hf_dir = storage.isfile(storage.join(args.model, "config.json"))
     if hf_dir and (args.step is not None or args.base_model is not None):
         raise UsageError("--step and --base-model apply to an m3jax run directory, not to an HF directory")
@@ -320,8 +317,6 @@ def _load_model(args, **overrides):
 
 def _check_max_lengths(args, model_cfg) -> None:
     """--query-max-len / --passage-max-len against the model's positions (config.max_tokens), before any work."""
-    from m3jax import config as config_lib
-
     limit = config_lib.max_tokens(model_cfg)
     for name in ("query_max_len", "passage_max_len"):
         value = getattr(args, name, None)
@@ -332,22 +327,14 @@ def _check_max_lengths(args, model_cfg) -> None:
 
 
 def _trained_matryoshka_modes(args, cfg) -> tuple[str, ...]:
-    from m3jax import loading
-    from m3jax.evaluate import matryoshka_modes
-
     hf_dir = storage.isfile(storage.join(args.model, "config.json"))
     defaults = loading.find_model(args.model, step=None if hf_dir else args.step,
                                   base_model=None if hf_dir else args.base_model).defaults
-    return matryoshka_modes(defaults.get("mrl_dims") or (), dense_size=cfg.hidden_size,
-                            colbert_size=cfg.colbert_out_dim if defaults.get("mrl_colbert") else None)
+    return ev.matryoshka_modes(defaults.get("mrl_dims") or (), dense_size=cfg.hidden_size,
+                               colbert_size=cfg.colbert_out_dim if defaults.get("mrl_colbert") else None)
 
 
 def _run_eval(args) -> int:
-    import json
-
-    from m3jax import evaluate as ev
-    from m3jax.storage import atomic_file
-
     for name in ("batch_size", "query_max_len", "passage_max_len"):
         if getattr(args, name) < (1 if name == "batch_size" else 2):
             raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} is too small")
@@ -357,8 +344,6 @@ def _run_eval(args) -> int:
         raise UsageError(f"--weights: {e}") from None
     eval_set = ev.load_eval_set(args.corpus, args.queries, args.qrels)  # file errors before loading the model
     if args.step == "best":
-        from m3jax.selection import resolve_step
-
         args.step = resolve_step(args.model, args.step)
     _start_processes()  # a multi-process job (M3JAX_* variables, SLURM, TPU pod): the corpus is shared out
     import jax
@@ -418,15 +403,11 @@ def _model_info(args) -> dict:
 
 
 def _start_processes() -> None:
-    import types
-
-    from m3jax import distributed
-
     distributed.initialize(types.SimpleNamespace(initialize="auto", coordinator_address=None, num_processes=None,
                                                  process_id=None))
 
 
-_range_arg = _parsed_by("mine", "parse_range")
+_range_arg = _parsed_by(parse_range)
 
 
 def _add_mine(subparsers) -> None:
@@ -473,8 +454,6 @@ def _add_mine(subparsers) -> None:
 
 
 def _run_mine(args) -> int:
-    from m3jax.mine import MineOptions, mine, read_input
-
     options = MineOptions(
         mode=args.mode, weights=tuple(args.weights), range_for_sampling=args.range_for_sampling,
         negative_number=args.negative_number, max_score=args.max_score, absolute_margin=args.absolute_margin,
@@ -534,10 +513,6 @@ def _add_score(subparsers) -> None:
 
 
 def _run_score(args) -> int:
-    from m3jax import loading
-    from m3jax.mine import read_input
-    from m3jax.teacher_scores import M3Teacher, RerankerTeacher, score_file
-
     teacher_kind = args.teacher
     if teacher_kind == "auto":
         teacher_kind = "reranker" if loading.is_reranker(args.model) else "m3"
@@ -550,8 +525,6 @@ def _run_score(args) -> int:
     records = read_input(args.input)  # file errors before loading the model
     _start_processes()
     if teacher_kind == "reranker":
-        from m3jax.inference import FlagReranker
-
         if args.step is not None or args.base_model is not None or args.pooling_method is not None:
             raise UsageError("--step, --base-model and --pooling-method apply to a bge-m3 teacher, not a reranker")
         if not storage.isfile(storage.join(args.model, "config.json")):
@@ -627,12 +600,6 @@ def _add_plan(subparsers) -> None:
 
 
 def _run_plan(args) -> int:
-    import json
-
-    from m3jax import config as config_lib
-    from m3jax import plan
-    from m3jax.storage import atomic_file
-
     for name in ("granularity", "search_limit"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)}: a positive int")
@@ -684,9 +651,7 @@ def version() -> str:
     try:
         return metadata.version("m3jax")
     except metadata.PackageNotFoundError:
-        from m3jax import __version__
-
-        return __version__
+        return m3jax.__version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -706,17 +671,19 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # e.g. 2026-05-0
 
 
 def configure_logging() -> None:
-    """Timestamped log lines on stderr (unless the root logger already has a handler, e.g. pytest's)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    """Timestamped INFO lines on stderr unless the program configured logging itself (e.g. pytest's handlers).
+    absl (logging at import time in orbax and grain, imported with this module) runs a bare logging.basicConfig()
+    when it first logs: that default handler, which would keep the root at WARNING and lose the INFO lines, is
+    replaced."""
+    if all(type(h) is logging.StreamHandler and getattr(h.formatter, "_fmt", None) == logging.BASIC_FORMAT
+           for h in logging.getLogger().handlers):
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True)
         for noisy in ("absl", "jax"):  # Orbax logs every handler it creates, jax every backend it probes
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Before parsing: some flag types import modules (e.g. orbax through m3jax.loading) that install a root
-    # handler of their own, after which basicConfig would do nothing and the INFO lines would be lost.
     configure_logging()
     parser = build_parser()
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
@@ -727,8 +694,6 @@ def main(argv=None) -> int:
         args, rest = parser.parse_known_args(argv)
         unknown = [a for a in rest if not a.startswith("--config.")]
         if unknown:
-            from m3jax import config as config_lib
-
             try:  # a FlagEmbedding flag: its m3jax spelling
                 config_lib.check_foreign_flags(unknown)
             except M3JaxError as e:

@@ -9,7 +9,6 @@ field (in a config file or as `--config.<field>=...`) fails at once instead of b
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -17,8 +16,13 @@ from typing import Any
 
 import ml_collections
 
-from m3jax import storage
+from m3jax import evaluate as ev
+from m3jax import selection, storage
 from m3jax.errors import M3JaxError
+from m3jax.evaluate import LEGACY_EVAL_SET, EvalSetSpec
+from m3jax.loading import config_names as _names
+from m3jax.loading import lora_targets  # noqa: F401 -- still config.lora_targets to its callers
+from m3jax.model import LORA_TARGETS
 
 # Per-device batch size by token-length range of the dataset file (FlagEmbedding research/BGE_M3 recipe, 80 GB
 # GPUs). Keys are the `len-LO-HI` tags written by scripts/split_data_by_length.py; datasets without a tag use
@@ -350,14 +354,6 @@ def train_data_dirs(config: ml_collections.ConfigDict) -> list[str]:
 
 
 HEADS = ("dense", "sparse", "colbert")  # the M3 heads, in the order the loss and the ensemble sum them
-# The linear modules of an encoder layer LoRA can adapt (m3jax.model.Layer's names), in the layer's order.
-LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
-
-
-def _names(value) -> tuple[str, ...]:
-    """Names from a config value: ("a", "b"), "a,b", or ("a,b",) (what `--config.<field>=a,b` gives a tuple)."""
-    items = [value] if isinstance(value, str) else list(value)
-    return tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
 
 
 def _patterns(value) -> tuple[str, ...]:
@@ -381,15 +377,6 @@ def trainable_patterns(config) -> tuple[str, ...]:
 
 def frozen_patterns(config) -> tuple[str, ...]:
     return _patterns(config.frozen)
-
-
-def lora_targets(config) -> tuple[str, ...]:
-    """LoRA target modules in the encoder layer's order (empty when LoRA is off). `config`: a run config or its
-    saved JSON dict."""
-    if config["lora"]["rank"] <= 0:
-        return ()
-    chosen = _names(config["lora"]["targets"])
-    return tuple(t for t in LORA_TARGETS if t in chosen)
 
 
 def mrl_dims(config) -> tuple[int, ...]:
@@ -534,8 +521,6 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
     _require(isinstance(c.greater_is_better, bool), "greater_is_better", "True or False", c.greater_is_better)
     _require(isinstance(c.eval_on_start, bool), "eval_on_start", "True or False", c.eval_on_start)
     if c.metric_for_best_model:
-        from m3jax import selection
-
         _require(bool(specs), "metric_for_best_model", "empty unless eval sets are configured (eval_sets or "
                  "eval.corpus)", c.metric_for_best_model)
 
@@ -597,29 +582,6 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
 
 EVAL_SET_FIELDS = ("corpus", "queries", "qrels", "batch_size", "query_max_len", "passage_max_len", "modes", "weights",
                    "metrics")
-LEGACY_EVAL_SET = "eval"  # config.eval as a set: logged as eval/<mode>/<metric>, as before eval_sets existed
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSetSpec:
-    """One eval set of a run, every field resolved (max lengths -1 = the training ones)."""
-
-    name: str
-    corpus: str
-    queries: str
-    qrels: str
-    batch_size: int
-    query_max_len: int
-    passage_max_len: int
-    modes: tuple[str, ...]
-    weights: tuple[float, float, float]
-    metrics: tuple[str, ...]
-
-    @property
-    def log_prefix(self) -> str:
-        """The TensorBoard / metrics.jsonl prefix: eval/<set> (the legacy set: eval)."""
-        return "eval" if self.name == LEGACY_EVAL_SET else f"eval/{self.name}"
-
 
 def _get(d, key, default):
     try:
@@ -632,8 +594,6 @@ def _get(d, key, default):
 def eval_set_specs(config) -> list[EvalSetSpec]:
     """The run's eval sets: config.eval as "eval" when its corpus is set, then config.eval_sets in order. Checks
     every field (ConfigError naming config.eval_sets.<name>.<field>). `config`: a run config or its saved JSON."""
-    from m3jax import evaluate as ev
-
     base = config["eval"]
     raw = []
     if _get(base, "corpus", ""):

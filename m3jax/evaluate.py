@@ -53,7 +53,7 @@ import numpy as np
 from m3jax import scores, storage
 from m3jax import sharding as shard_lib
 from m3jax.errors import M3JaxError
-from m3jax.inference import pack_outputs
+from m3jax.inference import BGEM3FlagModel, pack_outputs
 from m3jax.padding import round_up
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,31 @@ _BLOCK_BYTES = 256 * 2**20  # budget for the largest intermediate of one (query 
 
 class EvalDataError(M3JaxError, ValueError):
     """An eval file is missing or malformed; the message names the file and line."""
+
+
+LEGACY_EVAL_SET = "eval"  # config.eval as a set: logged as eval/<mode>/<metric>, as before eval_sets existed
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSetSpec:
+    """One eval set of a run, every field resolved (max lengths -1 = the training ones); m3jax.config's
+    eval_set_specs reads them from a run config."""
+
+    name: str
+    corpus: str
+    queries: str
+    qrels: str
+    batch_size: int
+    query_max_len: int
+    passage_max_len: int
+    modes: tuple[str, ...]
+    weights: tuple[float, float, float]
+    metrics: tuple[str, ...]
+
+    @property
+    def log_prefix(self) -> str:
+        """The TensorBoard / metrics.jsonl prefix: eval/<set> (the legacy set: eval)."""
+        return "eval" if self.name == LEGACY_EVAL_SET else f"eval/{self.name}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -659,15 +684,13 @@ def evaluate_from_config(config, model_cfg, params, tokenizer, *, devices=None) 
     Reads config.eval.{corpus, queries, qrels, batch_size, query_max_len, passage_max_len} (a max_len of -1 takes
     the training one) and config.eval.{modes, weights, metrics}; see `evaluate_sets_from_config`.
     """
-    from m3jax import config as config_lib
-
     ev = config.eval
     for field in ("corpus", "queries", "qrels"):
         if not ev[field]:
             raise EvalDataError(f"config.eval.{field} is empty; set corpus, queries and qrels to evaluate")
     get = lambda name, default: ev[name] if name in ev and ev[name] is not None else default
-    spec = config_lib.EvalSetSpec(
-        name=config_lib.LEGACY_EVAL_SET, corpus=ev.corpus, queries=ev.queries, qrels=ev.qrels,
+    spec = EvalSetSpec(
+        name=LEGACY_EVAL_SET, corpus=ev.corpus, queries=ev.queries, qrels=ev.qrels,
         batch_size=ev.batch_size, query_max_len=ev.query_max_len if ev.query_max_len > 0 else config.query_max_len,
         passage_max_len=ev.passage_max_len if ev.passage_max_len > 0 else config.passage_max_len,
         modes=parse_modes(tuple(get("modes", MODES))), weights=tuple(get("weights", DEFAULT_WEIGHTS)),
@@ -685,10 +708,10 @@ def load_eval_sets(specs) -> dict[str, EvalSet]:
     return out
 
 
-def evaluate_sets_from_config(config, model_cfg, params, tokenizer, *, specs=None, eval_sets=None,
+def evaluate_sets_from_config(config, model_cfg, params, tokenizer, *, specs, eval_sets=None,
                               devices=None) -> dict[str, dict[str, dict[str, float]]]:
-    """The periodic eval of a training run: {set: {mode: {metric: value}}} for each of `specs` (default
-    config.eval_set_specs(config): config.eval as "eval", then config.eval_sets).
+    """The periodic eval of a training run: {set: {mode: {metric: value}}} for each of `specs` (the run's:
+    m3jax.config.eval_set_specs(config), config.eval as "eval", then config.eval_sets).
 
     Every set reports its modes plus dense@K (and colbert@K with mrl_colbert) for each Matryoshka size K of
     config.mrl_dims; the query / passage instructions of the training config are applied. `eval_sets`: the
@@ -697,10 +720,7 @@ def evaluate_sets_from_config(config, model_cfg, params, tokenizer, *, specs=Non
     the top-k lists merged (`search`), and every process gets the same numbers.
     `devices`: as BGEM3FlagModel's (default: every local device encodes a slice of each batch).
     """
-    from m3jax import config as config_lib
-    from m3jax.inference import BGEM3FlagModel
-
-    specs = config_lib.eval_set_specs(config) if specs is None else list(specs)
+    specs = list(specs)
     if eval_sets is None:
         eval_sets = load_eval_sets(specs)
     if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params)):

@@ -33,7 +33,7 @@ import os
 from typing import Any
 
 from m3jax import config as config_lib
-from m3jax import hf_io, loading, model_card, storage
+from m3jax import hf_io, loading, merge_core, model_card, selection, storage
 from m3jax import model as m3model
 from m3jax import sharding as shard_lib
 from m3jax.errors import M3JaxError
@@ -142,10 +142,7 @@ def export_checkpoint(checkpoint, output_dir, *, step: int | str | None = None, 
     """`m3jax export`: read a training checkpoint and write it as a bge-m3 directory (LoRA adapters merged; with
     `lora_adapters` also alone in lora_adapters/), with a model card. `step`: a step number, "best" (the run's
     best.json) or None (the latest). `merge_with` (a bge-m3 directory, e.g. the base model) and `merge_weight` W:
-    write W * fine-tuned + (1 - W) * that model, every tensor (m3jax.merge). Returns the output path."""
-    from m3jax import merge as merge_lib
-    from m3jax import selection
-
+    write W * fine-tuned + (1 - W) * that model, every tensor (m3jax.merge_core). Returns the output path."""
     _check_options(output_dir, heads_dtype, overwrite)  # before the (possibly long) restore
     if (merge_with is None) != (merge_weight is None):
         raise ExportError("--merge-with and --merge-weight go together (merged = W * fine-tuned + (1 - W) * "
@@ -173,9 +170,9 @@ def export_checkpoint(checkpoint, output_dir, *, step: int | str | None = None, 
     card = model_card.card_info_from_run(source.location.work_dir, run, source.location.step)
     lora = cfg.lora
     if merge_with is not None:
-        params, lora = merge_lib.merge_params([m3model.merge_lora(params, cfg), merge_lib.load_for_merge(
+        params, lora = merge_core.merge_params([m3model.merge_lora(params, cfg), merge_core.load_for_merge(
             merge_with, like=(source.location.step_dir, dataclasses.replace(cfg, lora=None)))[1]],
-            merge_lib.check_weights([merge_weight, 1.0 - merge_weight], 2, exact_pair=True)), None
+            merge_core.check_weights([merge_weight, 1.0 - merge_weight], 2, exact_pair=True)), None
         info["merge"] = card["merge"] = {"models": [source.location.step_dir, storage.resolve(merge_with)],
                                          "weights": [float(merge_weight), 1.0 - float(merge_weight)]}
     return export_params(params, source.hf_config, output_dir, tokenizer_dir=source.tokenizer_dir,

@@ -32,9 +32,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from m3jax import checkpoint as ckpt_lib
-from m3jax import config as config_lib
 from m3jax import hf_io, storage
-from m3jax.model import LoRAConfig, ModelConfig, init_head_params, params_from_hf, reranker_params_from_hf
+from m3jax.model import (
+    LORA_TARGETS,
+    LoRAConfig,
+    ModelConfig,
+    abstract_params,
+    init_head_params,
+    params_from_hf,
+    reranker_params_from_hf,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +78,22 @@ class ModelSettings:
                    hidden_dropout_prob=config.model.hidden_dropout_prob,
                    attention_probs_dropout_prob=config.model.attention_probs_dropout_prob,
                    lora=lora_config(config.lora.rank, config.lora.alpha, config.lora.dropout,
-                                    config_lib.lora_targets(config)))
+                                    lora_targets(config)))
+
+
+def config_names(value) -> tuple[str, ...]:
+    """Names from a config value: ("a", "b"), "a,b", or ("a,b",) (what `--config.<field>=a,b` gives a tuple)."""
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
+
+
+def lora_targets(config) -> tuple[str, ...]:
+    """LoRA target modules in the encoder layer's order (empty when LoRA is off). `config`: a run config or its
+    saved JSON dict."""
+    if config["lora"]["rank"] <= 0:
+        return ()
+    chosen = config_names(config["lora"]["targets"])
+    return tuple(t for t in LORA_TARGETS if t in chosen)
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets) -> LoRAConfig:
@@ -84,7 +106,7 @@ def _lora_of_run_config(run_config: dict) -> LoRAConfig | None:
     lora = run_config.get("lora") or {}
     if int(lora.get("rank", 0)) <= 0:
         return None
-    return lora_config(lora["rank"], lora["alpha"], lora["dropout"], config_lib.lora_targets(run_config))
+    return lora_config(lora["rank"], lora["alpha"], lora["dropout"], lora_targets(run_config))
 
 
 def platform_of(platform: str | None) -> str:
@@ -248,8 +270,6 @@ def check_params(params: dict, cfg: ModelConfig, where: str) -> None:
     """Same tree and shapes as BGEM3(cfg) would create; names the first mismatch."""
     import flax.linen as nn
     import jax
-
-    from m3jax.model import abstract_params
 
     expected = nn.unbox(abstract_params(cfg)["params"])
     flat_expected = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}

@@ -59,6 +59,7 @@ from m3jax import data_files
 from m3jax import evaluate as ev
 from m3jax.data_files import DataError
 from m3jax.errors import M3JaxError
+from m3jax.inference import pair_scores
 from m3jax.storage import ResumableOutput, atomic_file
 
 logger = logging.getLogger(__name__)
@@ -219,8 +220,6 @@ class Pool:
 
 def positive_scores(model, queries: Sequence[str], records: Sequence[dict], options: MineOptions) -> np.ndarray:
     """The lowest score of each record's positives under options.mode (m3jax.inference.pair_scores)."""
-    from m3jax.inference import pair_scores
-
     passages = [p for rec in records for p in rec["pos"]]
     query_of = np.repeat(np.arange(len(records)), [len(rec["pos"]) for rec in records])
     base = pair_scores(model, queries, passages, query_of, heads=tuple(ev.heads_of([options.mode])),

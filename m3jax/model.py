@@ -27,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax import attention, flash_dropout, scores, sharding
-from m3jax.config import LORA_TARGETS  # the layer's linear modules LoRA can adapt, in the layer's order
 
 logger = logging.getLogger(__name__)
+
+# The linear modules of an encoder layer LoRA can adapt (Layer's names), in the layer's order.
+LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 
 # XLM-R special ids: cls (<s>), eos (</s>), pad, unk -- zeroed in the sparse (lexical) vector.
 XLMR_UNUSED_TOKEN_IDS = (0, 2, 1, 3)

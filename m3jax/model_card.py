@@ -15,6 +15,7 @@ import logging
 import re
 from typing import Any
 
+from m3jax import config as config_lib
 from m3jax import storage
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,6 @@ def data_dir_sizes(dirs) -> list[dict]:
 
 def config_changes(run_config: dict) -> dict:
     """The run config's fields (dotted names) whose values differ from m3jax.config.default_config()."""
-    from m3jax import config as config_lib
-
     defaults = json.loads(config_lib.default_config().to_json())
 
     def flat(d, prefix=""):

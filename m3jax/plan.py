@@ -33,8 +33,16 @@ import re
 import time
 from typing import Any
 
-from m3jax import storage
+from m3jax import config as config_lib
+from m3jax import data as data_lib
+from m3jax import hf_io, loading, storage
+from m3jax import sharding as shard_lib
+from m3jax.checkpoint import config_to_json
+from m3jax.config import RESEARCH_BATCH_SIZE_BY_LENGTH, train_data_dirs
+from m3jax.data_files import list_dataset_files
 from m3jax.errors import M3JaxError
+from m3jax.padding import length_buckets, pad_length
+from m3jax.step import Stepper
 from m3jax.xla_stats import (
     GIB,
     BenchError,
@@ -111,6 +119,11 @@ def prepare_tpu_environment() -> None:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server: do not wait for it
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process (a run, a plan) may hold libtpu
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend; TPU devices come from the topology
+    import jax
+
+    # jax read JAX_PLATFORMS when it was imported (with this module); its config takes the value until a backend
+    # starts.
+    jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 
 
 def tpu_target(name: str, *, memory_gib: float | None = None) -> Target:
@@ -375,8 +388,6 @@ def hf_config_for(config, model_config: str | None = None) -> tuple[dict, str, b
     """(config.json dict, where it came from, has_pooler) for the run: --model-config (a preset name, a model
     directory or a config.json file), else config.model_name_or_path's config.json, else the bge-m3 preset when
     model_name_or_path is empty."""
-    from m3jax import hf_io
-
     choice = model_config or config.model_name_or_path
     if not choice:
         return dict(BGE_M3), "preset bge-m3 (config.model_name_or_path is empty)", True
@@ -401,8 +412,6 @@ def hf_config_for(config, model_config: str | None = None) -> tuple[dict, str, b
 
 def model_config_for(config, hf_config: dict, platform: str, *, has_pooler: bool = True):
     """The trainer's ModelConfig for these dims (loading.model_config), attention resolved for `platform`."""
-    from m3jax import loading
-
     source = loading.ModelSource(path="(plan: no weights)", hf_config=hf_config, tokenizer_dir=None,
                                  colbert_dim=None, has_pooler=has_pooler)
     return loading.model_config(source, loading.ModelSettings.from_run_config(config), platform=platform)
@@ -451,9 +460,6 @@ class Planner:
     """The run's Stepper on a target's devices; compiles its step for abstract batches of a shape."""
 
     def __init__(self, config, model_cfg, target: Target, *, mesh=None, has_teacher: bool | None = None):
-        from m3jax import sharding as shard_lib
-        from m3jax.step import Stepper
-
         self.config = config
         self.model_cfg = model_cfg
         self.target = target
@@ -583,8 +589,6 @@ def recommend_mesh(planner: Planner, results: list[ShapeResult]) -> dict:
 def bucket_lengths(config, key: str) -> tuple[int, int]:
     """(query length, passage length) a `LO-HI` length bucket pads to at most: passage min(HI, passage_max_len)
     rounded up to the data pipeline's ladder (m3jax/padding.py), query query_max_len."""
-    from m3jax.padding import length_buckets, pad_length
-
     lo, _, hi = str(key).partition("-")
     if not lo.isdigit() or not (hi.isdigit() or hi == "inf"):
         raise PlanError(f"config.batch_size_by_length key {key!r}: expected 'LO-HI' with HI an int or 'inf'")
@@ -596,8 +600,6 @@ def bucket_lengths(config, key: str) -> tuple[int, int]:
 def table_shapes(config) -> dict[str, Shape]:
     """Label -> shape of each bucket of the config's batch-size table (the research table when None), plus
     `untagged`: per_device_train_batch_size at the max lengths."""
-    from m3jax.config import RESEARCH_BATCH_SIZE_BY_LENGTH
-
     table = config.batch_size_by_length
     if table is None or table == "auto":
         table = RESEARCH_BATCH_SIZE_BY_LENGTH.get(config.train_group_size, {})
@@ -613,9 +615,6 @@ def table_shapes(config) -> dict[str, Shape]:
 
 def data_shapes(config, num_shards: int) -> dict[str, Shape]:
     """Label -> the longest shape of each (batch, group) the run's data produces (data.build_train_data)."""
-    from m3jax import data as data_lib
-    from m3jax import loading
-
     source = loading.find_model(config.model_name_or_path)
     tokenizer = loading.load_tokenizer(source)
     if config.batch_size_by_length == "auto":  # plan the research table's batches (a run sizes them itself)
@@ -659,8 +658,6 @@ def _cache_words(config) -> str:
 def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, model_config: str | None = None,
          search: bool = True, granularity: int = 1, limit: int = 1024, predict: bool = True, emit=None) -> dict:
     """Compile the run's step for every shape on `target`; returns (and `emit`s, as a table) the results."""
-    from m3jax import config as config_lib
-
     emit = emit or (lambda line: print(line, flush=True))
     config_lib.validate(config, for_training=False)
     hf, where, pooler = hf_config_for(config, model_config)
@@ -823,8 +820,6 @@ _NOT_STEP_SETTINGS = ("model_name_or_path", "output_dir", "overwrite_output_dir"
 def _cache_key(config, model_cfg, shape: Shape, planner: Planner, budget: int | None, granularity: int) -> str:
     import jax
 
-    from m3jax.checkpoint import config_to_json
-
     step_settings = {k: v for k, v in config_to_json(config).items() if k not in _NOT_STEP_SETTINGS}
     key = dict(model=dataclasses.asdict(model_cfg), shape=str(shape), mesh=dict(planner.mesh.shape),
                device_kind=planner.target.device_kind, platform=planner.target.platform, jax=jax.__version__,
@@ -834,9 +829,6 @@ def _cache_key(config, model_cfg, shape: Shape, planner: Planner, budget: int | 
 
 def data_length_tags(config) -> list[str]:
     """The `LO-HI` tags of the run's data files (len-LO-HI.jsonl names), sorted by LO."""
-    from m3jax.config import train_data_dirs
-    from m3jax.data_files import list_dataset_files
-
     tag = re.compile(r"len-(\d+)-(\d+|inf)\.jsonl?$")
     tags = set()
     for d in train_data_dirs(config):
@@ -862,8 +854,6 @@ def auto_batch_sizes(config, model_cfg, mesh, *, tags: list[str] | None = None) 
     budget_gib = float(config.auto_batch_memory_gib)
     target = local_target(memory_gib=budget_gib if budget_gib > 0 else None, devices=devices)
     planner = Planner(config, model_cfg, target, mesh=mesh)
-    from m3jax.config import RESEARCH_BATCH_SIZE_BY_LENGTH
-
     research = RESEARCH_BATCH_SIZE_BY_LENGTH.get(int(config.train_group_size), {})
     tags = data_length_tags(config) if tags is None else list(tags)
     table, buckets = {}, []

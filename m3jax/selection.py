@@ -24,7 +24,9 @@ import math
 import re
 from collections.abc import Sequence
 
+from m3jax import evaluate as ev
 from m3jax import storage
+from m3jax.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +64,9 @@ def default_mode(heads: Sequence[str]) -> str:
 
 def parse_metric(text: str, specs: Sequence = (), *, extra_modes: Sequence[str] = (),
                  heads: Sequence[str] = ("dense", "sparse", "colbert")) -> MetricExpression:
-    """Parse `metric_for_best_model`; with `specs` (config.EvalSetSpec list) check each term names a set, one of its
+    """Parse `metric_for_best_model`; with `specs` (evaluate.EvalSetSpec list) check each term names a set, one of its
     modes (or a Matryoshka mode in `extra_modes`) and one of its metrics. Raises ValueError saying what is wrong.
     Empty `text`: the first set's default_mode(heads) and nDCG@10 (its first mode / metric when it has not those)."""
-    from m3jax import evaluate as ev
-
     text = str(text).strip()
     if not text:
         if not specs:
@@ -214,8 +214,6 @@ class BestTracker:
 
 def read_best(work_dir: str) -> dict:
     """best.json of a run directory. Raises CheckpointError when there is none."""
-    from m3jax.checkpoint import CheckpointError
-
     path = storage.join(storage.resolve(work_dir), BEST_NAME)
     if not storage.isfile(path):
         raise CheckpointError(f"{path}: no such file; the best step is recorded by runs with eval sets "

@@ -38,6 +38,7 @@ import numpy as np
 from m3jax import data_files
 from m3jax import evaluate as ev
 from m3jax.errors import M3JaxError
+from m3jax.inference import pair_scores
 from m3jax.mine import _barrier, _file_id, open_job, read_input
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,6 @@ class M3Teacher:
                 "query_max_len": self.query_max_len, "passage_max_len": self.passage_max_len}
 
     def score(self, queries: Sequence[str], passages: Sequence[str], query_of: np.ndarray) -> np.ndarray:
-        from m3jax.inference import pair_scores
-
         base = pair_scores(self.model, queries, passages, query_of, heads=tuple(ev.heads_of([self.mode])),
                            batch_size=self.batch_size, query_max_length=self.query_max_len,
                            passage_max_length=self.passage_max_len)

@@ -12,6 +12,7 @@ import jax
 from m3jax import attention, distributed, evaluate, loading, plan, selection, storage
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
+from m3jax import data as data_lib
 from m3jax import sharding as shard_lib
 from m3jax.metrics import MetricsLogger, NonFiniteLossError
 from m3jax.step import Stepper, TrainState
@@ -28,8 +29,6 @@ def train(config) -> dict:
     A run whose output_dir holds checkpoints resumes from the latest one (unless overwrite_output_dir): the model
     config then comes from that checkpoint and its base_model/ files, and no pretrained weight is read.
     """
-    from m3jax import data as data_lib
-
     # --- config and processes ---------------------------------------------------------------------------------
     config_lib.validate(config)
     distributed.initialize(config.distributed)

@@ -65,6 +65,7 @@ def upload(local_dir, url):
     return url
 
 
+@pytest.mark.stack_sensitive
 def test_storage_helpers_on_the_bucket(gcs, tmp_path):
     base = gcs("helpers")
     storage.write_json(storage.join(base, "a.json"), {"x": 1})
@@ -106,6 +107,7 @@ def test_storage_helpers_on_the_bucket(gcs, tmp_path):
         storage.ResumableOutput(storage.join(base, "mined.jsonl"), {})
 
 
+@pytest.mark.stack_sensitive
 def test_output_dir_on_another_object_store_is_a_config_error():
     c = config_lib.default_config()
     c.model_name_or_path, c.train_data = "m", "d"
@@ -117,6 +119,7 @@ def test_output_dir_on_another_object_store_is_a_config_error():
         config_lib.validate(c)
 
 
+@pytest.mark.stack_sensitive
 def test_gs_paths_without_gcsfs_name_the_path_and_the_extra(monkeypatch):
     """gcsfs is the `gcs` extra, not a dependency: without it a gs:// path is a clear error (at config time for a
     run's fields), naming the path and the pip command."""
@@ -133,6 +136,7 @@ def test_gs_paths_without_gcsfs_name_the_path_and_the_extra(monkeypatch):
         config_lib.validate(c)
 
 
+@pytest.mark.stack_sensitive
 def test_checkpoints_on_another_object_store_are_refused_by_name():
     from m3jax.checkpoint import CheckpointError, locate_checkpoint
 
@@ -140,6 +144,7 @@ def test_checkpoints_on_another_object_store_are_refused_by_name():
         locate_checkpoint("s3://b/run/")
 
 
+@pytest.mark.stack_sensitive
 def test_mine_and_score_refuse_an_output_url_before_any_work(tmp_path, capsys):
     from m3jax import cli
 
@@ -212,6 +217,8 @@ def test_toy_run_on_the_bucket_resumes_exactly_after_sigkill(gcs, tiny_ckpt, tmp
     assert len(events) == 2 and all(e.startswith("events.out.tfevents") for e in events)  # one per start
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_write_one_checkpoint_to_the_bucket_then_export_and_eval_from_it(gcs, tiny_ckpt, tmp_path,
                                                                                              capsys):
     from m3jax import cli
@@ -253,6 +260,7 @@ def test_two_processes_write_one_checkpoint_to_the_bucket_then_export_and_eval_f
     assert results["bucket"]["corpus"] == f"{evals}/corpus.jsonl"
 
 
+@pytest.mark.stack_sensitive
 def test_export_errors_name_the_url(gcs):
     from m3jax.checkpoint import CheckpointError
     from m3jax.export import export_checkpoint

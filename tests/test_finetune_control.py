@@ -661,6 +661,7 @@ def test_lora_first_step_equals_full_finetuning(tiny_ckpt, tmp_path):
     assert summary["trained"] < summary["frozen"] / 10
 
 
+@pytest.mark.stack_sensitive
 def test_lora_run_exports_merged_and_peft_adapters(tiny_ckpt, tmp_path, capsys):
     """A LoRA run (every target, dropout on) trained 3 steps: `m3jax export` writes a plain bge-m3 directory with
     the adapters merged; with --lora-adapters also lora_adapters/ (PEFT). transformers, FlagEmbedding,

@@ -616,6 +616,7 @@ def _xdev_jax(ref: Ref, batch: fer.Batch):
     return {n: float(values[i]) for i, n in enumerate(names)}, grads
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(XDEV_FE_CONFIGS))
 def test_cross_device_matches_flagembedding_gloo(xdev, name):
@@ -634,6 +635,7 @@ def test_cross_device_matches_flagembedding_gloo(xdev, name):
             float(per_rank.mean()), g_fe)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(XDEV_ALL_HEADS))
 def test_cross_device_all_heads_is_a_function_of_the_global_batch(xdev, name):

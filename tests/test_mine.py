@@ -400,6 +400,7 @@ def test_existing_output_and_changed_settings(model, data, tmp_path):
     assert len(_records(out)) == 25 and not work.exists()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_processes_give_the_output_of_one(tiny_ckpt, tmp_path):
     """jax.distributed, 2 processes x 4 CPU devices: mine splits the pool chunks and merges the top lists, score

@@ -31,6 +31,7 @@ def _batch(path, texts, max_length=48):
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
 
+@pytest.mark.stack_sensitive
 def test_encoder_matches_transformers_fp32(tiny_ckpt):
     ids, mask = _batch(tiny_ckpt, TEXTS)
     assert len(set(mask.sum(1))) > 3  # a padded batch of varied lengths
@@ -54,6 +55,7 @@ def test_safetensors_and_pytorch_bin_give_identical_params(tiny_ckpt, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, from_safetensors, from_bin)
 
 
+@pytest.mark.stack_sensitive
 def test_hf_flax_mapping_round_trips_bitwise(tiny_ckpt):
     ckpt = hf_io.load_hf_checkpoint(tiny_ckpt)
     cfg, params, _ = loading.load_model(tiny_ckpt)

@@ -268,6 +268,8 @@ def _eval_cmd(tiny_ckpt, output, extra_env, devices):
                             stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_process_eval_equals_one_process_to_the_last_digit(tiny_ckpt, tmp_path):
     """79 passages in chunks of 64 (8 blocks of 8): process 0 searches chunk 0, process 1 chunk 1; merged top-k."""
     with socket.socket() as s:
@@ -367,6 +369,7 @@ def test_export_merge_with_base(run, tiny_ckpt, tmp_path):
 TEXTS = ["why is the sky blue during the day", "git reset --soft HEAD~1", "什么是光合作用？", "a"]
 
 
+@pytest.mark.stack_sensitive
 def test_merged_export_loads_in_transformers_and_sentence_transformers(tuned, tiny_ckpt, tmp_path):
     import torch
     from sentence_transformers import SentenceTransformer

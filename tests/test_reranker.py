@@ -9,6 +9,7 @@ import pytest
 from m3jax import FlagReranker, hf_io, loading
 from m3jax.tiny_checkpoint import make_tiny_reranker
 
+pytestmark = pytest.mark.stack_sensitive  # .ci/run runs this module on the latest stack too
 LONG = ("Large language models are trained on text gathered from many sources, filtered for quality, deduplicated "
         "and tokenised into subword units before training begins on thousands of accelerators. ") * 8
 SHORT = [("what is the capital of France", "Paris is the capital and most populous city of France."),

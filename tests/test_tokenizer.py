@@ -23,6 +23,7 @@ from m3jax.config import default_config
 from m3jax.data_files import make_backend_tokenizer
 from m3jax.tiny_checkpoint import SPM_VOCAB_SIZE
 
+pytestmark = pytest.mark.stack_sensitive  # .ci/run runs this module on the latest stack too
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "data", "tokenizer_ids.json"), encoding="utf-8") as _f:
     CASES = json.load(_f)["cases"]

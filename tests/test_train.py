@@ -174,6 +174,8 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tiny_ckpt, tmp_path
     assert f"step {saved}" in out and ckpt_lib.Checkpointer(out_dir, read_only=True).latest_step() == saved + 2
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tiny_ckpt, tmp_path):
     """Preemption of one host: jax's preemption service agrees on a step, both save it together and exit 0."""
     out_dir = str(tmp_path)
@@ -223,6 +225,8 @@ def _two_processes(args):
                                 "M3JAX_PROCESS_ID": str(i)}) for i in range(2)]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_of_four_devices_match_one_device(tiny_ckpt, tmp_path):
     single = trainer.train(_equivalence_config(tiny_ckpt, tmp_path / "single", (1, 1), 8))["losses"]
     out_dir = str(tmp_path / "multi")
