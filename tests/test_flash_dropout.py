@@ -125,9 +125,9 @@ def test_layers_and_steps_draw_different_seeds(tiny_ckpt, monkeypatch):
     seen = []
     original = m3attention.attention
 
-    def recording(q, k, v, lengths, *, implementation, dropout=None):
+    def recording(q, k, v, lengths, *, implementation, dropout=None, **kw):
         jax.debug.callback(lambda s: seen.append(tuple(np.asarray(s).tolist())), dropout.seed)
-        return original(q, k, v, lengths, implementation=implementation, dropout=dropout)
+        return original(q, k, v, lengths, implementation=implementation, dropout=dropout, **kw)
 
     monkeypatch.setattr(m3attention, "attention", recording)
     cfg, params, _ = loading.load_model(tiny_ckpt)

@@ -213,7 +213,7 @@ def test_unrolled_layers_give_each_layer_and_stream_its_own_cudnn_seed(tiny_ckpt
     cfg = m3model.ModelConfig(**{**cfg.__dict__, "dropout_seed": 100, "scan_layers": False})
     seeds = []
     monkeypatch.setattr(m3model.attention, "attention",
-                        lambda q, k, v, lengths, **kw: seeds.append(kw["dropout_seed"]) or q)
+                        lambda q, k, v, lengths, **kw: seeds.append(kw["cudnn_seed"]) or q)
     for stream in (0, 1):
         m3model.BGEM3(cfg).apply({"params": params}, ids, mask, deterministic=False, dropout_stream=stream,
                                  rngs={"dropout": jax.random.key(0)})

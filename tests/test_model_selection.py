@@ -48,8 +48,10 @@ def run(tiny_ckpt, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("selection")
     general = _general_set(tmp)
     out = tmp / "run"
+    # greater_is_better=False: the toy run's metric rises at every eval (0.127, 0.132, 0.133 at steps 2, 4, 6), so
+    # with lower-is-better the best is a step before the last and save_total_limit=1 must keep it beside the latest
     config = toy_config(tiny_ckpt, out, max_steps=6, save_steps=1000, save_total_limit=1, eval_steps=2,
-                        eval_on_start=True, metric_for_best_model=METRIC,
+                        eval_on_start=True, metric_for_best_model=METRIC, greater_is_better=False,
                         seq_len_buckets=(128,), **{"eval.corpus": "", "eval.queries": "", "eval.qrels": ""})
     config.eval_sets = {
         "domain": dict(corpus=os.path.join(TOY, "corpus.jsonl"), queries=os.path.join(TOY, "queries.jsonl"),
@@ -113,7 +115,7 @@ def test_best_checkpoint_survives_save_total_limit(run):
     for step, value in values.items():  # the weighted metric, from the logged numbers
         expected = 0.1 * rows["eval/domain", step]["all/ndcg@10"] + 0.9 * rows["eval/general", step]["dense/ndcg@10"]
         assert value == pytest.approx(expected, abs=1e-12)
-    assert best["step"] == max(values, key=values.get)
+    assert best["step"] == min(values, key=values.get)  # lower is better in this run
     assert best["metric_for_best_model"] == METRIC and best["metrics"]["general/sparse/recall@5"] >= 0
     steps = ckpt_lib.Checkpointer(run["out"], read_only=True).all_steps()
     assert best["step"] != 6, "the toy run's choice: a step before the last, so save_total_limit=1 is tested"
@@ -153,10 +155,10 @@ def test_resume_keeps_the_best(run, tiny_ckpt, tmp_path):
     """A resumed run reads best.json: the best step stays protected while new steps are saved and removed."""
     with open(os.path.join(run["out"], "best.json")) as f:
         best_step = json.load(f)["step"]
-    tracker = selection.BestTracker(run["out"], selection.parse_metric(METRIC))
+    tracker = selection.BestTracker(run["out"], selection.parse_metric(METRIC), greater_is_better=False)
     tracker.resume(6)
     assert tracker.protected() == {best_step}
-    tracker = selection.BestTracker(run["out"], selection.parse_metric(METRIC))
+    tracker = selection.BestTracker(run["out"], selection.parse_metric(METRIC), greater_is_better=False)
     tracker.resume(best_step - 1)  # resuming before the best eval forgets it
     assert best_step not in tracker.protected()
 

@@ -270,7 +270,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, tmp
 @pytest.mark.parametrize("field, value, message", [
     ("kd_loss_type", "kl", "config.kd_loss_type='kl': expected 'kl_div' or 'm3_kd_loss'"),
     ("train_data", "", "config.train_data='': expected one or more data directories"),
-    ("model.remat_policy", "everything", "config.model.remat_policy='everything': expected 'none', 'full'"),
+    ("model.remat_policy", "everything", "config.model.remat_policy='everything': expected 'auto', 'none', 'full'"),
     ("mesh.data", 0, "config.mesh.data=0: expected -1 or a positive int"),
     ("eval_steps", 10, "config.eval.corpus='': expected a file path"),
     ("seq_len_buckets", (64, 32), "config.seq_len_buckets=(64, 32): expected strictly increasing"),
