@@ -377,35 +377,10 @@ def hlo_stats(hlo_text: str, *, vocab_size: int | None = None, top: int = 8) -> 
     if entry is None:
         return {}
 
-    # Call graph multiplicities: computations are printed callees first, so walk them callers first.
-    mult: dict[str, float] = collections.defaultdict(float)
-    mult[entry] = 1.0
-    fusion_bodies: set[str] = set()
-    unknown_trip_counts = 0
-    trip_counts = []
-    for name in reversed(order):
-        m_here = mult.get(name, 0.0)
-        by_name = {i.name: i for i in computations[name]}
-        for ins in computations[name]:
-            if ins.op == "while":
-                n = _trip_count(ins, by_name, computations)
-                unknown_trip_counts += n is None
-                n = 1 if n is None else n
-                trip_counts.append(n)
-                for key, factor in (("body", n), ("condition", n + 1)):
-                    callee = re.search(key + r"=%([\w.\-]+)", ins.attrs)
-                    if callee:
-                        mult[callee.group(1)] += m_here * factor
-                continue
-            for callee in re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)",
-                                     ins.attrs):
-                mult[callee] += m_here
-                if ins.op == "fusion":
-                    fusion_bodies.add(callee)
-            branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
-            if branches:
-                for callee in re.findall(r"%([\w.\-]+)", branches.group(1)):
-                    mult[callee] += m_here
+    # Call graph multiplicities: how often each computation runs (while bodies by their trip counts).
+    mult, fusion_bodies, loops = _call_multiplicities(computations, order, entry)
+    unknown_trip_counts = sum(loop["trip_count"] is None for loop in loops)
+    trip_counts = [1 if loop["trip_count"] is None else loop["trip_count"] for loop in loops]
 
     flops = collections.Counter()
     dots = 0
