@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import traceback
 import zlib
 from typing import Any
 
@@ -517,7 +518,10 @@ class _OrbaxSaveErrorFilter(logging.Filter):
         if record.levelno < logging.ERROR:
             return True
         if record.name == "asyncio":  # "Task exception was never retrieved" for each write of the failed save
-            return f"{os.sep}orbax{os.sep}checkpoint{os.sep}" not in record.getMessage()
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[2] is not None:  # the task's traceback: Orbax's writer's frames
+                text += "".join(traceback.format_tb(record.exc_info[2]))
+            return f"{os.sep}orbax{os.sep}checkpoint{os.sep}" not in text
         return not str(record.msg).startswith("[process=")
 
 
