@@ -18,11 +18,14 @@ import ml_collections
 
 from m3jax import evaluate as ev
 from m3jax import selection, storage
+from m3jax.data_datasets import DataSettings
+from m3jax.data_files import Instructions
 from m3jax.errors import M3JaxError
 from m3jax.evaluate import LEGACY_EVAL_SET, EvalSetSpec
 from m3jax.loading import config_names as _names
 from m3jax.loading import lora_targets  # noqa: F401 -- still config.lora_targets to its callers
 from m3jax.model import LORA_TARGETS
+from m3jax.padding import length_buckets
 
 # Per-device batch size by token-length range of the dataset file (FlagEmbedding research/BGE_M3 recipe, 80 GB
 # GPUs). Keys are the `len-LO-HI` tags written by scripts/split_data_by_length.py; datasets without a tag use
@@ -648,3 +651,30 @@ def _matryoshka_eval_modes(config) -> tuple[str, ...]:
     dims = tuple(config["mrl_dims"]) if "mrl_dims" in config else ()
     out = tuple(f"dense@{d}" for d in dims)
     return out + (tuple(f"colbert@{d}" for d in dims) if config.get("mrl_colbert") else ())
+
+
+# --- data settings (conversion at the edge) ---
+
+def data_settings(config) -> DataSettings:
+    """The training data's settings: train_data split into paths, the pad-length ladders of seq_len_buckets, the
+    instructions, and batch_size_by_length None as the research table for train_group_size ("auto" stays "auto"
+    until the trainer sizes it)."""
+    table = config.batch_size_by_length
+    if table is None:
+        table = RESEARCH_BATCH_SIZE_BY_LENGTH.get(config.train_group_size, {})
+    return DataSettings(
+        train_data=tuple(train_data_dirs(config)), seed=int(config.seed),
+        train_group_size=int(config.train_group_size),
+        query_max_len=int(config.query_max_len), passage_max_len=int(config.passage_max_len),
+        query_buckets=tuple(length_buckets(config.query_max_len, tuple(config.seq_len_buckets))),
+        passage_buckets=tuple(length_buckets(config.passage_max_len, tuple(config.seq_len_buckets))),
+        max_example_num_per_dataset=int(config.max_example_num_per_dataset),
+        instructions=Instructions(config.query_instruction_for_retrieval, config.query_instruction_format,
+                                  config.passage_instruction_for_retrieval, config.passage_instruction_format),
+        knowledge_distillation=bool(config.knowledge_distillation), shuffle_ratio=float(config.shuffle_ratio),
+        same_dataset_within_batch=bool(config.same_dataset_within_batch),
+        small_threshold=int(config.small_threshold), drop_threshold=int(config.drop_threshold),
+        per_device_train_batch_size=int(config.per_device_train_batch_size),
+        batch_size_by_length=table if isinstance(table, str) else tuple(dict(table).items()),
+        skip_bad_examples=bool(config.skip_bad_examples), num_data_workers=int(config.num_data_workers),
+        data_prefetch=int(config.data_prefetch))

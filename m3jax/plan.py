@@ -34,8 +34,7 @@ import time
 from typing import Any
 
 from m3jax import config as config_lib
-from m3jax import data as data_lib
-from m3jax import hf_io, loading, storage
+from m3jax import data_build, hf_io, loading, storage
 from m3jax import sharding as shard_lib
 from m3jax.checkpoint import config_to_json
 from m3jax.config import RESEARCH_BATCH_SIZE_BY_LENGTH, train_data_dirs
@@ -614,13 +613,14 @@ def table_shapes(config) -> dict[str, Shape]:
 
 
 def data_shapes(config, num_shards: int) -> dict[str, Shape]:
-    """Label -> the longest shape of each (batch, group) the run's data produces (data.build_train_data)."""
+    """Label -> the longest shape of each (batch, group) the run's data produces (data_build.build_train_data)."""
     source = loading.find_model(config.model_name_or_path)
     tokenizer = loading.load_tokenizer(source)
     if config.batch_size_by_length == "auto":  # plan the research table's batches (a run sizes them itself)
         config = config.copy_and_resolve_references()
         config.batch_size_by_length = None
-    shapes = data_lib.build_train_data(config, tokenizer, num_batch_shards=num_shards).shapes()
+    shapes = data_build.build_train_data(config_lib.data_settings(config), tokenizer,
+                                         num_batch_shards=num_shards).shapes()
     worst: dict[tuple, Shape] = {}
     for s in shapes:
         key = (s.global_batch // num_shards, s.group_size)

@@ -4,15 +4,15 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
 import jax
 
-from m3jax import attention, distributed, evaluate, loading, plan, selection, storage
+from m3jax import attention, data_build, distributed, evaluate, loading, plan, selection, storage
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import data as data_lib
 from m3jax import sharding as shard_lib
 from m3jax.metrics import MetricsLogger, NonFiniteLossError
 from m3jax.step import Stepper, TrainState
@@ -63,15 +63,17 @@ def train(config) -> dict:
         logger.warning("%s fused attention has no dropout: attention_probs_dropout_prob=%g is not applied (set %s)",
                        model_cfg.attention_implementation, model_cfg.attention_probs_dropout_prob, fix)
 
+    data_settings = config_lib.data_settings(config)
     if config.batch_size_by_length == "auto":
-        config = _auto_batch_sizes(config, model_cfg, mesh, output_dir, resuming=resume_step is not None)
+        data_settings = _auto_batch_sizes(config, data_settings, model_cfg, mesh, output_dir,
+                                          resuming=resume_step is not None)
 
     # --- data -------------------------------------------------------------------------------------------------
     tokenizer = loading.load_tokenizer(source)
     eval_sets = evaluate.load_eval_sets(eval_specs)  # file errors before any training
-    train_data = data_lib.build_train_data(config, tokenizer, num_batch_shards=num_blocks,
-                                           process_index=jax.process_index(), process_count=jax.process_count())
-    data_lib.log_unknown_token_share(tokenizer, train_data)  # a broken or mismatched tokenizer is otherwise silent
+    train_data = data_build.build_train_data(data_settings, tokenizer, num_batch_shards=num_blocks,
+                                             process_index=jax.process_index(), process_count=jax.process_count())
+    data_build.log_unknown_token_share(tokenizer, train_data)  # a broken or mismatched tokenizer is otherwise silent
     total_steps = config.max_steps if config.max_steps > 0 else config.num_train_epochs * train_data.steps_per_epoch
     if resume_step is not None and resume_step >= total_steps:
         logger.info("this run is already finished: step %d of %d is saved in %s. To train it again, pass "
@@ -113,7 +115,7 @@ def train(config) -> dict:
     start_step = int(resume_step or 0)
 
     # --- loop -------------------------------------------------------------------------------------------------
-    config_json = ckpt_lib.config_to_json(config)
+    config_json = _saved_config(config, data_settings)
 
     def last_good() -> str:
         """The newest step that verifies against its manifest, after the running save ends (a NaN state is never
@@ -190,9 +192,10 @@ def train(config) -> dict:
             "best": best.record() if best else None}
 
 
-def _auto_batch_sizes(config, model_cfg, mesh, output_dir: str, *, resuming: bool):
-    """config with batch_size_by_length="auto" resolved (m3jax.plan.auto_batch_sizes), the table logged and saved
-    as <output_dir>/auto_batch_sizes.json; a resumed run reads that file back (its data plan must not change)."""
+def _auto_batch_sizes(config, data_settings: data_build.DataSettings, model_cfg, mesh, output_dir: str, *,
+                      resuming: bool) -> data_build.DataSettings:
+    """data_settings with batch_size_by_length="auto" resolved (m3jax.plan.auto_batch_sizes), the table logged and
+    saved as <output_dir>/auto_batch_sizes.json; a resumed run reads that file back (its data plan must not change)."""
     path = storage.join(output_dir, plan.AUTO_BATCH_FILE)
     if resuming and storage.isfile(path):
         chosen = json.loads(storage.read_bytes(path))
@@ -205,11 +208,17 @@ def _auto_batch_sizes(config, model_cfg, mesh, output_dir: str, *, resuming: boo
         if jax.process_index() == 0:
             with storage.atomic_file(path) as f:
                 json.dump(chosen, f, indent=2, sort_keys=True)
-    config = config.copy_and_resolve_references()
-    with config.unlocked():  # the copy's field holds a str now: replace it rather than assign a dict to it
-        del config["batch_size_by_length"]
-        config.batch_size_by_length = dict(chosen["table"])
-    return config
+    return dataclasses.replace(data_settings, batch_size_by_length=tuple(dict(chosen["table"]).items()))
+
+
+def _saved_config(config, data_settings: data_build.DataSettings) -> dict:
+    """The run config as checkpoints save it: with batch_size_by_length="auto", the table the run chose in its
+    place (moved to the end, where replacing the field always put it)."""
+    saved = ckpt_lib.config_to_json(config)
+    if config.batch_size_by_length == "auto":
+        del saved["batch_size_by_length"]
+        saved["batch_size_by_length"] = dict(data_settings.batch_size_by_length)
+    return saved
 
 
 def main(argv: list[str]) -> int:

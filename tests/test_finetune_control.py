@@ -637,7 +637,7 @@ def test_lora_first_step_equals_full_finetuning(tiny_ckpt, tmp_path):
     full fine-tuning's; only the adapters and heads carry optimizer state."""
     from transformers import AutoTokenizer
 
-    from m3jax import data as data_lib
+    from m3jax import data_build
     from m3jax import sharding as shard_lib
 
     results = {}
@@ -648,7 +648,8 @@ def test_lora_first_step_equals_full_finetuning(tiny_ckpt, tmp_path):
         model_cfg, params, _ = loading.load_model(tiny_ckpt, loading.ModelSettings.from_run_config(config))
         stepper = trainer.Stepper.build(config, model_cfg, mesh, total_steps=10)
         state = stepper.init_state(shard_lib.put_tree(params, stepper.param_shardings))
-        batch = data_lib.build_train_data(config, AutoTokenizer.from_pretrained(tiny_ckpt), num_batch_shards=1).batch(0)
+        batch = data_build.build_train_data(config_lib.data_settings(config), AutoTokenizer.from_pretrained(tiny_ckpt),
+                                            num_batch_shards=1).batch(0)
         arrays = {k: batch[k] for k in ("query_input_ids", "query_attention_mask", "passage_input_ids",
                                         "passage_attention_mask", "teacher_scores")}
         group = arrays["passage_input_ids"].shape[0] // arrays["query_input_ids"].shape[0]

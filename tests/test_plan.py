@@ -58,12 +58,14 @@ def test_auto_batch_sizes_search_by_compiled_memory_and_cache(tmp_path, monkeypa
     # The trainer's use: the table replaces "auto" and is saved with the run; a resumed run reads it back.
     out = tmp_path / "run"
     out.mkdir()
-    resolved = trainer._auto_batch_sizes(config, model_cfg, mesh, str(out), resuming=False)
+    resolved = trainer._auto_batch_sizes(config, config_lib.data_settings(config), model_cfg, mesh, str(out),
+                                         resuming=False)
     saved = json.loads((out / plan.AUTO_BATCH_FILE).read_text())
     assert saved["table"] == {"0-50": 3, "50-inf": 3} and dict(resolved.batch_size_by_length) == saved["table"]
     assert [b["cached"] for b in saved["buckets"]] == [True, True]  # both pad passages to 64: one shape
     (out / plan.AUTO_BATCH_FILE).write_text(json.dumps(dict(first, table={"0-50": 7, "50-inf": 5})))
-    resumed = trainer._auto_batch_sizes(config, model_cfg, mesh, str(out), resuming=True)
+    resumed = trainer._auto_batch_sizes(config, config_lib.data_settings(config), model_cfg, mesh, str(out),
+                                        resuming=True)
     assert dict(resumed.batch_size_by_length) == {"0-50": 7, "50-inf": 5} and config.batch_size_by_length == "auto"
 
 

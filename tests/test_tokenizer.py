@@ -7,7 +7,7 @@ XLM-R tokenizer's pipeline so that U+0085 tokenises differently). To regenerate 
 toy_train_data (the tokenizer is trained on it), run `AutoTokenizer.from_pretrained(<a tiny checkpoint>)(text)` for
 each text on the pinned stack and check the diff.
 
-Also here: m3jax.data.unknown_token_share, the <unk> check the trainer logs at start.
+Also here: m3jax.data_build.unknown_token_share, the <unk> check the trainer logs at start.
 """
 import json
 import logging
@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import tokenizers
 
-from m3jax import data as data_lib
-from m3jax import hf_io
-from m3jax.config import default_config
+from m3jax import data_build, hf_io
+from m3jax.config import data_settings, default_config
 from m3jax.data_files import make_backend_tokenizer
 from m3jax.tiny_checkpoint import SPM_VOCAB_SIZE
 
@@ -98,10 +97,10 @@ def test_unknown_token_share_counts_text_tokens_only(tiny_ckpt):
     tok = hf_io.load_tokenizer(tiny_ckpt)
     # <s> and </s> (and padding) are not text tokens; 2 <unk> among 8 text tokens, then 3 among 10 over two batches.
     a = _batch([[0, 5, UNK, 2]], [[0, 7, 8, 2], [0, 10, UNK, 11, 12, 2]])
-    assert data_lib.unknown_token_share(tok, [a]) == 2 / 8
+    assert data_build.unknown_token_share(tok, [a]) == 2 / 8
     b = _batch([[0, UNK, 6, 2]], [[0, 2]])
-    assert data_lib.unknown_token_share(tok, [a, b]) == 3 / 10
-    assert data_lib.unknown_token_share(tok, [_batch([[0, 2]], [[0, 2]])]) == 0.0
+    assert data_build.unknown_token_share(tok, [a, b]) == 3 / 10
+    assert data_build.unknown_token_share(tok, [_batch([[0, 2]], [[0, 2]])]) == 0.0
 
 
 def _toy_train_data(tok, tmp_path, lines):
@@ -111,23 +110,23 @@ def _toy_train_data(tok, tmp_path, lines):
     c = default_config()
     c.model_name_or_path, c.train_data, c.output_dir = "unused", str(path.parent), str(tmp_path / "out")
     c.train_group_size, c.per_device_train_batch_size, c.num_data_workers = 2, 2, 0
-    return data_lib.build_train_data(c, tok, num_batch_shards=1)
+    return data_build.build_train_data(data_settings(c), tok, num_batch_shards=1)
 
 
 def test_unknown_token_share_is_logged_and_warns_above_the_threshold(tiny_ckpt, tmp_path, caplog):
     tok = hf_io.load_tokenizer(tiny_ckpt)
     words = [{"query": f"what is the capital of France {i}", "pos": ["Paris is the capital of France."],
               "neg": ["The quick brown fox."]} for i in range(4)]
-    with caplog.at_level(logging.INFO, logger="m3jax.data"):
-        share = data_lib.log_unknown_token_share(tok, _toy_train_data(tok, tmp_path / "ok", words))
+    with caplog.at_level(logging.INFO, logger="m3jax.data_build"):
+        share = data_build.log_unknown_token_share(tok, _toy_train_data(tok, tmp_path / "ok", words))
     assert share == 0.0
     assert [(r.levelname, r.getMessage()) for r in caplog.records if "text tokens" in r.getMessage()] == \
         [("INFO", "0.0% of the text tokens of the first 2 batches are <unk>")]
 
     caplog.clear()
     emoji = [{"query": "🦕 🦖 🐙", "pos": ["🦑 🐳 x"], "neg": ["🦀 🦞"]} for _ in range(4)]
-    with caplog.at_level(logging.INFO, logger="m3jax.data"):
-        share = data_lib.log_unknown_token_share(tok, _toy_train_data(tok, tmp_path / "bad", emoji))
+    with caplog.at_level(logging.INFO, logger="m3jax.data_build"):
+        share = data_build.log_unknown_token_share(tok, _toy_train_data(tok, tmp_path / "bad", emoji))
     assert share > 0.3  # each emoji run is '▁' + one <unk>
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "(more than 5%): the tokenizer does not fit the training texts" in warnings[0]

@@ -296,8 +296,8 @@ def test_sub_batch_encoding_gives_the_same_step(tiny_ckpt, tmp_path):
     """sub_batch_size chunks each device's passages (recomputed in backward): same loss and update, less memory."""
     from transformers import AutoTokenizer
 
-    from m3jax import data as data_lib
-    from m3jax import loading
+    from m3jax import config as config_lib
+    from m3jax import data_build, loading
     from m3jax import sharding as shard_lib
 
     results = {}
@@ -309,7 +309,8 @@ def test_sub_batch_encoding_gives_the_same_step(tiny_ckpt, tmp_path):
         model_cfg, params, _ = loading.load_model(tiny_ckpt, loading.ModelSettings.from_run_config(config))
         stepper = trainer.Stepper.build(config, model_cfg, mesh, total_steps=10)
         state = stepper.init_state(shard_lib.put_tree(params, stepper.param_shardings))
-        batch = data_lib.build_train_data(config, AutoTokenizer.from_pretrained(tiny_ckpt), num_batch_shards=2).batch(0)
+        batch = data_build.build_train_data(config_lib.data_settings(config), AutoTokenizer.from_pretrained(tiny_ckpt),
+                                            num_batch_shards=2).batch(0)
         arrays = {k: batch[k] for k in ("query_input_ids", "query_attention_mask", "passage_input_ids",
                                         "passage_attention_mask", "teacher_scores")}
         assert arrays["passage_input_ids"].shape[0] == 2 * 2 * 4  # 2 devices x 2 queries x 4 passages
