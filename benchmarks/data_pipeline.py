@@ -1,4 +1,4 @@
-"""Throughput of the training data pipeline (m3jax.data) on this machine: tokenised tokens per second.
+"""Throughput of the training data pipeline (m3jax.data_build) on this machine: tokenised tokens per second.
 
     python -m benchmarks.data_pipeline                    # synthetic data, 2 grain workers, prints one JSON line
     python -m benchmarks.data_pipeline --tokenizer DIR --train_data DIR --num_workers 4
@@ -91,8 +91,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args(argv)
 
-    from m3jax.config import default_config
-    from m3jax.data import build_train_data
+    from m3jax.config import data_settings, default_config
+    from m3jax.data_build import build_train_data
 
     tmp = tempfile.TemporaryDirectory()
     data_dir = a.train_data or os.path.join(tmp.name, "data")
@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     c.per_device_train_batch_size = a.batch_size
     c.num_data_workers, c.data_prefetch = a.num_workers, a.prefetch
     t0 = time.perf_counter()
-    data = build_train_data(c, tokenizer, num_batch_shards=a.num_batch_shards)
+    data = build_train_data(data_settings(c), tokenizer, num_batch_shards=a.num_batch_shards)
     build_s = time.perf_counter() - t0
     it = data.iterator()
     for _ in range(a.warmup):  # worker start-up (process spawn, imports, tokenizer load)
