@@ -111,10 +111,10 @@ def m3jax_throughput(ckpt: str, texts: list[str], small: bool, repeat: int, dead
     import jax
     import jax.numpy as jnp
 
-    from m3jax import BGEM3FlagModel, hf_io
+    from m3jax import BGEM3FlagModel, hf_read
     from m3jax import model as m3model
 
-    tokenizer = hf_io.load_tokenizer(ckpt)
+    tokenizer = hf_read.load_tokenizer(ckpt)
     cfg = big_config(small, len(tokenizer))
     ids = jnp.zeros((1, 8), jnp.int32)
     params = jax.jit(lambda key: m3model.BGEM3(cfg).init(key, ids, jnp.ones_like(ids))["params"])(jax.random.key(0))
@@ -147,9 +147,9 @@ def torch_reference(ckpt: str, texts: list[str], small: bool, repeat: int, deadl
     import torch
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
-    from m3jax import hf_io
+    from m3jax import hf_read
 
-    tokenizer = hf_io.load_tokenizer(ckpt)
+    tokenizer = hf_read.load_tokenizer(ckpt)
     c = big_config(small, len(tokenizer))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = XLMRobertaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
@@ -228,9 +228,9 @@ def main(argv=None) -> None:
                 emit(fn())
             except Exception as e:  # noqa: BLE001 -- report and go on to the timings
                 emit(dict(part=name, error=f"{type(e).__name__}: {str(e)[:2000]}"))
-        from m3jax import hf_io
+        from m3jax import hf_read
 
-        tok = hf_io.load_tokenizer(ckpt)
+        tok = hf_read.load_tokenizer(ckpt)
         lengths = length_sets.msmarco_passages(a.texts)
         texts = length_sets._words_for(tok, lengths, 0)
         for name, fn in (("m3jax", m3jax_throughput), ("torch", torch_reference)):

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from m3jax import hf_io, storage
+from m3jax import hf_layout, storage
 from m3jax.errors import M3JaxError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ BASE_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "s
                     "sentencepiece.bpe.model")
 
 
-class CheckpointError(hf_io.CheckpointFormatError):
+class CheckpointError(hf_layout.CheckpointFormatError):
     """An m3jax training checkpoint (or its base_model/ files) is missing, incomplete or unusable. A kind of
     CheckpointFormatError, so `except CheckpointFormatError` covers every model path m3jax cannot load."""
 
@@ -607,7 +607,7 @@ def read_base_model(base_dir: str) -> dict:
     if not storage.isdir(base_dir):
         raise CheckpointError(f"{base_dir}: does not exist; the run copies config.json and the tokenizer there when it "
                               f"starts. Pass --base-model <the bge-m3 directory the run started from> instead")
-    config_path = storage.join(base_dir, hf_io.CONFIG_NAME)
+    config_path = storage.join(base_dir, hf_layout.CONFIG_NAME)
     if not storage.isfile(config_path):
         raise CheckpointError(f"{config_path}: missing; pass --base-model <the bge-m3 directory the run started from>")
     if not any(storage.isfile(storage.join(base_dir, n)) for n in ("tokenizer.json", "sentencepiece.bpe.model")):
@@ -622,8 +622,8 @@ def read_base_model(base_dir: str) -> dict:
         raise CheckpointError(f"{config_path}: model_type must be 'xlm-roberta' (a bge-m3 / XLM-RoBERTa encoder), "
                               f"found {found!r}")
     try:
-        hf_io.expected_encoder_shapes(hf_config, config_path)  # checks the dimensions
-    except hf_io.CheckpointFormatError as e:
+        hf_layout.expected_encoder_shapes(hf_config, config_path)  # checks the dimensions
+    except hf_layout.CheckpointFormatError as e:
         raise CheckpointError(str(e)) from e
     return hf_config
 

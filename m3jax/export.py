@@ -7,7 +7,7 @@ What is read: `m3jax.loading` resolves the checkpoint (a run's output_dir, its c
 directory) and restores only the `params` subtree as host numpy arrays, whatever mesh / number of devices or
 processes wrote it (the optimizer state is never read); config.json and the tokenizer come from the run's
 base_model/ (copied there when the run started) or `base_model`.
-What is written (m3jax.hf_io.write_hf_files): config.json, model.safetensors (and pytorch_model.bin on request),
+What is written (m3jax.hf_write.write_hf_files): config.json, model.safetensors (and pytorch_model.bin on request),
 colbert_linear.pt, sparse_linear.pt, tokenizer files, sentence-transformers files matching the run's pooling, plus
 `m3jax_export.json` naming the source step and the head settings. Everything is written through
 `storage.atomic_directory`: an interrupted or failed export never leaves a half-written output directory.
@@ -33,7 +33,7 @@ import os
 from typing import Any
 
 from m3jax import config as config_lib
-from m3jax import hf_io, loading, merge_core, model_card, selection, storage
+from m3jax import hf_layout, hf_write, loading, merge_core, model_card, selection, storage
 from m3jax import model as m3model
 from m3jax import sharding as shard_lib
 from m3jax.errors import M3JaxError
@@ -93,14 +93,14 @@ def export_params(params, hf_config: dict, output_dir, *, tokenizer_dir: str,
     peft = m3model.lora_to_peft(host_params, cfg) if lora_adapters else None
     merged_cfg = dataclasses.replace(cfg, lora=None)
     encoder, colbert, sparse = m3model.params_to_hf(m3model.merge_lora(host_params, cfg), merged_cfg)
-    hf_ckpt = hf_io.HFCheckpoint(config=dict(hf_config), encoder=encoder, colbert=colbert, sparse=sparse)
+    hf_ckpt = hf_layout.HFCheckpoint(config=dict(hf_config), encoder=encoder, colbert=colbert, sparse=sparse)
     try:
-        hf_io.check_hf_checkpoint(hf_ckpt, f"export to {out_dir}", safetensors=safetensors, pytorch_bin=pytorch_bin,
+        hf_write.check_hf_checkpoint(hf_ckpt, f"export to {out_dir}", safetensors=safetensors, pytorch_bin=pytorch_bin,
                                   heads_dtype=heads_dtype)
-    except hf_io.CheckpointFormatError as e:
+    except hf_layout.CheckpointFormatError as e:
         raise ExportError(str(e)) from e
     with atomic_directory(out_dir, overwrite=overwrite, error=ExportError, last=EXPORT_INFO_NAME) as folder:
-        hf_io.write_hf_files(folder, hf_ckpt, tokenizer_dir=tokenizer_dir, safetensors=safetensors,
+        hf_write.write_hf_files(folder, hf_ckpt, tokenizer_dir=tokenizer_dir, safetensors=safetensors,
                              pytorch_bin=pytorch_bin, heads_dtype=heads_dtype,
                              sentence_pooling_method=sentence_pooling_method,
                              normalize_embeddings=normalize_embeddings)

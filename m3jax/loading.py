@@ -6,7 +6,7 @@
     loaded = load_model(path, settings)       # all three: loaded.cfg, loaded.params, loaded.source
 
 `path` (a local path or a URL such as gs://bucket/...) may be
-  - a bge-m3 (Hugging Face) directory: config.json + weights + colbert_linear.pt / sparse_linear.pt (m3jax.hf_io);
+  - a bge-m3 (Hugging Face) directory: config.json + weights + colbert_linear.pt / sparse_linear.pt (m3jax.hf_read);
     an export of m3jax also carries m3jax_export.json, whose pooling / normalisation become the defaults; on a URL
     it is copied to the local cache once per host first (storage.stage);
   - an m3jax run directory, its checkpoints/ directory or one step directory checkpoints/<step> (its latest complete
@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from m3jax import checkpoint as ckpt_lib
-from m3jax import hf_io, storage
+from m3jax import hf_layout, hf_read, storage
 from m3jax.model import (
     LORA_TARGETS,
     LoRAConfig,
@@ -169,18 +169,18 @@ def find_model(path, *, step: int | None = None, base_model: str | None = None, 
     expected. An m3jax checkpoint step is verified against its manifest (checkpoint.locate_checkpoint) unless
     `verify=False` (a resuming run, which has verified it)."""
     path = storage.resolve(path)
-    if storage.isfile(storage.join(path, hf_io.CONFIG_NAME)):
+    if storage.isfile(storage.join(path, hf_layout.CONFIG_NAME)):
         if step is not None or base_model is not None:
-            raise hf_io.CheckpointFormatError(f"{path}: step and base_model apply to an m3jax run directory, not to "
-                                              f"a Hugging Face model directory")
+            raise hf_layout.CheckpointFormatError(f"{path}: step and base_model apply to an m3jax run directory, "
+                                                  f"not to a Hugging Face model directory")
         return _hf_source(storage.stage(path, what="model directory"))
     return _checkpoint_source(path, step, base_model, verify)
 
 
 def _hf_source(path: str) -> ModelSource:
-    hf_config = hf_io.load_hf_config(path)
-    colbert_path = os.path.join(path, hf_io.COLBERT_NAME)
-    colbert_dim = hf_io.colbert_head_dim(path)
+    hf_config = hf_read.load_hf_config(path)
+    colbert_path = os.path.join(path, hf_layout.COLBERT_NAME)
+    colbert_dim = hf_read.colbert_head_dim(path)
     defaults = {}
     info_path = os.path.join(path, EXPORT_INFO_NAME)
     if os.path.isfile(info_path):
@@ -188,11 +188,11 @@ def _hf_source(path: str) -> ModelSource:
             with open(info_path) as f:
                 info = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise hf_io.CheckpointFormatError(f"{info_path}: cannot read: {e}") from e
+            raise hf_layout.CheckpointFormatError(f"{info_path}: cannot read: {e}") from e
         defaults = {k: info[k] for k in ("sentence_pooling_method", "normalize_embeddings", "mrl_dims", "mrl_colbert")
                     if k in info}
     return ModelSource(path=path, hf_config=hf_config, tokenizer_dir=path, colbert_dim=colbert_dim,
-                       has_pooler=hf_io.has_pooler(path), colbert_where=colbert_path, defaults=defaults)
+                       has_pooler=hf_read.has_pooler(path), colbert_where=colbert_path, defaults=defaults)
 
 
 def _checkpoint_source(path: str, step: int | None, base_model: str | None, verify: bool = True) -> ModelSource:
@@ -222,7 +222,7 @@ def model_config(source: ModelSource, settings: ModelSettings = ModelSettings(),
     (default: jax's default backend)."""
     requested = settings.colbert_dim if settings.colbert_dim > 0 else int(source.defaults.get("colbert_dim", -1))
     if source.colbert_dim is not None and requested > 0 and requested != source.colbert_dim:
-        raise hf_io.CheckpointFormatError(
+        raise hf_layout.CheckpointFormatError(
             f"{source.colbert_where}: weight has {source.colbert_dim} output dims but colbert_dim={requested} was "
             f"requested (use colbert_dim=-1 to take the checkpoint's)")
     colbert_dim = source.colbert_dim if source.colbert_dim is not None else requested
@@ -245,7 +245,7 @@ def model_config(source: ModelSource, settings: ModelSettings = ModelSettings(),
     try:
         return ModelConfig.from_hf_config(source.hf_config, **fields)
     except (KeyError, ValueError) as e:
-        raise hf_io.CheckpointFormatError(f"{source.path}: config.json cannot describe an m3jax model: {e}") from e
+        raise hf_layout.CheckpointFormatError(f"{source.path}: config.json cannot describe an m3jax model: {e}") from e
 
 
 def with_settings(cfg: ModelConfig, *, platform: str | None = None, **changes) -> ModelConfig:
@@ -262,7 +262,7 @@ def load_params(source: ModelSource, cfg: ModelConfig, *, seed: int = 0) -> dict
         params = ckpt_lib.restore_params(storage.join(source.location.step_dir, "state"))
         check_params(params, cfg, source.location.step_dir)
         return params
-    ckpt = hf_io.load_hf_checkpoint(source.path)
+    ckpt = hf_read.load_hf_checkpoint(source.path)
     return params_from_hf(ckpt.encoder, ckpt.colbert, ckpt.sparse, cfg, seed=seed)
 
 
@@ -304,30 +304,30 @@ def load_model(path, settings: ModelSettings = ModelSettings(), *, step: int | N
 
 def is_reranker(path) -> bool:
     """Whether `path` is a Hugging Face directory whose config.json describes a sequence-classification model."""
-    config_path = storage.join(os.fspath(path), hf_io.CONFIG_NAME)
-    return storage.isfile(config_path) and hf_io.is_reranker_config(hf_io.load_hf_config(
+    config_path = storage.join(os.fspath(path), hf_layout.CONFIG_NAME)
+    return storage.isfile(config_path) and hf_layout.is_reranker_config(hf_read.load_hf_config(
         storage.stage(os.fspath(path), what="model directory")))
 
 
 def load_reranker(path, *, dtype: str = "float32", attention_implementation: str = "auto",
                   platform: str | None = None) -> tuple[ModelConfig, dict]:
     """A reranker directory -> (ModelConfig, Reranker params as float32 numpy); errors are CheckpointFormatError."""
-    ckpt = hf_io.load_reranker_checkpoint(storage.stage(os.fspath(path), what="model directory"))
+    ckpt = hf_read.load_reranker_checkpoint(storage.stage(os.fspath(path), what="model directory"))
     try:
         cfg = ModelConfig.from_hf_config(
             ckpt.config, has_pooler=False, dtype=dtype, remat_policy="none",
             attention_implementation=resolve_attention(attention_implementation, platform))
     except (KeyError, ValueError) as e:
-        raise hf_io.CheckpointFormatError(f"{path}: config.json cannot describe an m3jax model: {e}") from e
+        raise hf_layout.CheckpointFormatError(f"{path}: config.json cannot describe an m3jax model: {e}") from e
     return cfg, reranker_params_from_hf(ckpt.encoder, ckpt.classifier, cfg)
 
 
 def load_tokenizer(source: ModelSource, **kwargs):
     """The source's Hugging Face tokenizer (the run's base_model/ for an m3jax checkpoint), giving the same ids
-    under transformers 4 and 5 (hf_io.load_tokenizer)."""
+    under transformers 4 and 5 (hf_read.load_tokenizer)."""
     if source.tokenizer_dir is None:
-        raise hf_io.CheckpointFormatError(f"{source.path}: no tokenizer directory known")
-    return hf_io.load_tokenizer(source.tokenizer_dir, **kwargs)
+        raise hf_layout.CheckpointFormatError(f"{source.path}: no tokenizer directory known")
+    return hf_read.load_tokenizer(source.tokenizer_dir, **kwargs)
 
 
 __all__ = ["ModelSettings", "ModelSource", "LoadedModel", "resolve_attention", "find_model", "model_config",

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from m3jax import hf_io, loading, selection, storage
+from m3jax import hf_layout, loading, selection, storage
 from m3jax import model as m3model
 from m3jax.errors import M3JaxError
 
@@ -73,9 +73,10 @@ def load_for_merge(path, *, step=None, like: tuple[str, m3model.ModelConfig] | N
     """(LoadedModel with LoRA merged, params) of a model to merge; `like` = (its name, the config of the model it
     is merged with): the architecture must match. Raises MergeError naming the model."""
     path = os.fspath(path)
-    is_hf = storage.isfile(storage.join(path, hf_io.CONFIG_NAME))
+    is_hf = storage.isfile(storage.join(path, hf_layout.CONFIG_NAME))
     if is_hf:
-        missing = [n for n in (hf_io.COLBERT_NAME, hf_io.SPARSE_NAME) if not storage.isfile(storage.join(path, n))]
+        missing = [n for n in (hf_layout.COLBERT_NAME, hf_layout.SPARSE_NAME)
+                   if not storage.isfile(storage.join(path, n))]
         if missing:
             raise MergeError(f"{path}: no {' or '.join(missing)}; merging needs every tensor of both models (a "
                              f"bge-m3 directory has colbert_linear.pt and sparse_linear.pt)")

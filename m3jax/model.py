@@ -499,7 +499,7 @@ def _encoder_params_from_hf(encoder: dict[str, np.ndarray], cfg: ModelConfig) ->
 
 def reranker_params_from_hf(encoder: dict[str, np.ndarray], classifier: dict[str, np.ndarray],
                             cfg: ModelConfig) -> dict:
-    """A reranker's HF tensors (hf_io.load_reranker_checkpoint) -> `Reranker` params (float32 numpy)."""
+    """A reranker's HF tensors (hf_read.load_reranker_checkpoint) -> `Reranker` params (float32 numpy)."""
     params: dict = {"encoder": _encoder_params_from_hf(encoder, cfg)}
     for hf_name, path in _CLASSIFIER_MAP.items():
         value = np.asarray(classifier[hf_name], dtype=np.float32)

@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 from m3jax import config as config_lib
-from m3jax import data_build, hf_io, loading, storage
+from m3jax import data_build, hf_layout, hf_read, loading, storage
 from m3jax import sharding as shard_lib
 from m3jax.checkpoint import config_to_json
 from m3jax.config import RESEARCH_BATCH_SIZE_BY_LENGTH, train_data_dirs
@@ -395,7 +395,7 @@ def hf_config_for(config, model_config: str | None = None) -> tuple[dict, str, b
     if storage.is_url(choice):  # staged once per host, as the run itself stages it (storage.stage)
         choice = storage.stage(choice, what="model directory" if storage.isdir(choice) else "model config")
     path = choice if os.path.isdir(choice) else os.path.dirname(os.path.abspath(choice))
-    file = os.path.join(path, hf_io.CONFIG_NAME) if os.path.isdir(choice) else choice
+    file = os.path.join(path, hf_layout.CONFIG_NAME) if os.path.isdir(choice) else choice
     if not os.path.isfile(file):
         field = "--model-config" if model_config else "config.model_name_or_path"
         raise PlanError(f"{field}={choice!r}: no config.json there; give --model-config bge-m3 (or tiny) to plan "
@@ -405,7 +405,7 @@ def hf_config_for(config, model_config: str | None = None) -> tuple[dict, str, b
             hf = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise PlanError(f"{file}: cannot read config.json: {e}") from e
-    pooler = os.path.isdir(path) and hf_io.has_pooler(path) if os.path.isdir(choice) else True
+    pooler = os.path.isdir(path) and hf_read.has_pooler(path) if os.path.isdir(choice) else True
     return hf, file, bool(pooler)
 
 

@@ -7,11 +7,11 @@
   exactly like XLM-R's fairseq id layout). The tokenizer files are written with `sentencepiece` and `tokenizers`
   alone, byte for byte what transformers 4.57 writes, whatever transformers is installed;
 - a random XLMRobertaModel with bge-m3's config but tiny dimensions, random colbert/sparse heads, and the
-  sentence-transformers files, all through `m3jax.hf_io.save_hf_checkpoint`.
+  sentence-transformers files, all through `m3jax.hf_write.save_hf_checkpoint`.
 
 `make_tiny_reranker(out_dir)` writes a tiny cross-encoder in bge-reranker-v2-m3's layout (the same tokenizer and
 random encoder weights, under XLMRobertaForSequenceClassification's one-logit head) through
-`m3jax.hf_io.save_reranker_checkpoint`.
+`m3jax.hf_write.save_reranker_checkpoint`.
 
 Same arguments give byte-identical `model.safetensors` and `tokenizer.json` (the .pt/.bin files are torch zip
 archives with a per-save id, so only their tensors are identical).
@@ -27,13 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from m3jax.hf_io import (
-    HFCheckpoint,
-    classifier_shapes,
-    expected_encoder_shapes,
-    save_hf_checkpoint,
-    save_reranker_checkpoint,
-)
+from m3jax.hf_layout import HFCheckpoint, classifier_shapes, expected_encoder_shapes
+from m3jax.hf_write import save_hf_checkpoint, save_reranker_checkpoint
 
 TOY_DATA_DIR = Path(__file__).resolve().parent.parent / "toy_train_data"
 SPM_VOCAB_SIZE = 1500  # sentencepiece pieces; the HF tokenizer adds <pad> and <mask>: 1502 ids in all

@@ -7,7 +7,7 @@ See m3jax/tiny_checkpoint.py for what is written.
 """
 import argparse
 
-from m3jax.hf_io import CheckpointFormatError
+from m3jax.hf_layout import CheckpointFormatError
 from m3jax.tiny_checkpoint import make_tiny_checkpoint, make_tiny_reranker
 
 

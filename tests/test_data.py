@@ -3,7 +3,7 @@ multi-host slices, bad-input messages.
 
 Data is written to tmp dirs; texts are short tagged strings ("d0 pos 3 1") so a decoded batch says where every row
 came from. The tokenizer is the tiny checkpoint's XLM-R-style unigram tokenizer (tests/conftest.py `tiny_ckpt`,
-<s>=0 <pad>=1 </s>=2 <unk>=3), loaded with hf_io.load_tokenizer as the train loop does.
+<s>=0 <pad>=1 </s>=2 <unk>=3), loaded with hf_read.load_tokenizer as the train loop does.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from m3jax import config as config_lib
-from m3jax import data_build, hf_io
+from m3jax import data_build, hf_read
 from m3jax.config import default_config
 from m3jax.data_build import BatchShape, DataError
 from m3jax.padding import length_buckets
@@ -28,7 +28,7 @@ SEED = 7
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_ckpt):
-    tok = hf_io.load_tokenizer(tiny_ckpt)
+    tok = hf_read.load_tokenizer(tiny_ckpt)
     assert (tok.cls_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
     return tok
 

@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from m3jax import checkpoint as ckpt_lib
-from m3jax import cli, hf_io, loading
+from m3jax import cli, hf_layout, hf_read, hf_write, loading
 from m3jax import config as config_lib
 from m3jax import model as m3model
 from m3jax import sharding as shard_lib
@@ -140,7 +140,7 @@ def test_exported_files(exported, run):
         info = json.load(f)
     assert info["step"] == 7 and info["source_checkpoint"] == os.path.join(run["work"], "checkpoints", "7")
     assert (info["heads_dtype"], info["colbert_dim"], info["sentence_pooling_method"]) == ("float32", HIDDEN, "cls")
-    for name in hf_io.TOKENIZER_FILES:  # byte copies of the base model's tokenizer
+    for name in hf_layout.TOKENIZER_FILES:  # byte copies of the base model's tokenizer
         with open(os.path.join(exported, name), "rb") as a, open(os.path.join(run["tiny"], name), "rb") as b:
             assert a.read() == b.read(), name
     parent = os.path.dirname(exported)
@@ -223,7 +223,7 @@ def test_export_options_pytorch_bin_and_fp16_heads(run, tmp_path):
     out = export_checkpoint(run["work"], tmp_path / "out", step=3, pytorch_bin=True, heads_dtype="float16")
     assert "pytorch_model.bin" in os.listdir(out)
     state = torch.load(os.path.join(out, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    safetensors = hf_io._read_safetensors(os.path.join(out, "model.safetensors"))
+    safetensors = hf_read._read_safetensors(os.path.join(out, "model.safetensors"))
     assert sorted(state) == sorted(safetensors)
     for k, v in state.items():
         np.testing.assert_array_equal(v.numpy(), safetensors[k], err_msg=k)
@@ -365,7 +365,7 @@ def test_output_dir_rules_and_atomicity(run, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf_io, "_write_sentence_transformers", boom)
+    monkeypatch.setattr(hf_write, "_write_sentence_transformers", boom)
     with pytest.raises(OSError, match="disk full"):
         export_checkpoint(run["work"], out, overwrite=True)
     assert os.listdir(out) == ["keep.txt"]

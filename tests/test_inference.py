@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from m3jax import BGEM3FlagModel, hf_io
+from m3jax import BGEM3FlagModel, hf_layout
 
 LONG = ("Large language models are trained on text gathered from many sources, filtered for quality, deduplicated "
         "and tokenised into subword units before training begins on thousands of accelerators. ") * 8
@@ -137,7 +137,7 @@ def test_large_encode_compiles_a_bounded_number_of_shapes(ours):
 
 
 def test_missing_model_directory_gives_a_clear_error(tmp_path):
-    with pytest.raises(hf_io.CheckpointFormatError, match="does_not_exist"):
+    with pytest.raises(hf_layout.CheckpointFormatError, match="does_not_exist"):
         BGEM3FlagModel(str(tmp_path / "does_not_exist"), devices="cpu")
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from m3jax import hf_io, loading, losses, scores
+from m3jax import hf_read, hf_write, loading, losses, scores
 from m3jax import model as m3model
 
 pytestmark = pytest.mark.needs_flagembedding  # conftest deselects these where FlagEmbedding does not import
@@ -162,17 +162,17 @@ FLATTEN = 0.1  # see flattened()
 
 
 def flattened(src, dst) -> str:
-    """src with the encoder's linear kernels (attention q/k/v/output, FFN) scaled by FLATTEN, written with hf_io.
+    """src with the encoder's linear kernels (attention q/k/v/output, FFN) scaled by FLATTEN, written with hf_write.
 
     The tiny checkpoint's layer weights are ~N(0, 0.2) so that texts get different CLS vectors; at 0.02 (the
     initializer_range) two layers barely mix tokens, every CLS embedding is the same to four decimals and the dense
     head's gradient is rounding noise. That regime is kept as a switch value. Both sides load the scaled files.
     """
-    ckpt = hf_io.load_hf_checkpoint(src)
+    ckpt = hf_read.load_hf_checkpoint(src)
     for name in ckpt.encoder:
         if name.startswith("encoder.layer.") and name.endswith(".weight") and "LayerNorm" not in name:
             ckpt.encoder[name] = ckpt.encoder[name] * np.float32(FLATTEN)
-    hf_io.save_hf_checkpoint(dst, ckpt, tokenizer_dir=src, heads_dtype="float32")
+    hf_write.save_hf_checkpoint(dst, ckpt, tokenizer_dir=src, heads_dtype="float32")
     return os.fspath(dst)
 
 

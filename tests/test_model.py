@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from m3jax import hf_io, loading
+from m3jax import hf_layout, hf_read, loading
 from m3jax import model as m3model
 
 TEXTS = [
@@ -57,7 +57,7 @@ def test_safetensors_and_pytorch_bin_give_identical_params(tiny_ckpt, tmp_path):
 
 @pytest.mark.stack_sensitive
 def test_hf_flax_mapping_round_trips_bitwise(tiny_ckpt):
-    ckpt = hf_io.load_hf_checkpoint(tiny_ckpt)
+    ckpt = hf_read.load_hf_checkpoint(tiny_ckpt)
     cfg, params, _ = loading.load_model(tiny_ckpt)
     encoder, colbert, sparse = m3model.params_to_hf(params, cfg)
     assert encoder.keys() == ckpt.encoder.keys()
@@ -143,7 +143,7 @@ def test_explicit_colbert_dim_must_match_the_head_file(make_ckpt):
     path = make_ckpt(colbert_dim=16)
     cfg, params, _ = loading.load_model(path)
     assert cfg.colbert_out_dim == 16 and params["colbert_linear"]["kernel"].shape == (32, 16)
-    with pytest.raises(hf_io.CheckpointFormatError, match="colbert_linear.pt.*16 output dims.*colbert_dim=8"):
+    with pytest.raises(hf_layout.CheckpointFormatError, match="colbert_linear.pt.*16 output dims.*colbert_dim=8"):
         loading.load_model(path, loading.ModelSettings(colbert_dim=8))
 
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from m3jax import FlagReranker, hf_io, loading
+from m3jax import FlagReranker, hf_layout, hf_read, hf_write, loading
 from m3jax.tiny_checkpoint import make_tiny_reranker
 
 pytestmark = pytest.mark.stack_sensitive  # .ci/run runs this module on the latest stack too
@@ -115,12 +115,12 @@ def test_instructions_like_flagembedding(tiny_reranker):
 
 
 def test_reranker_layout_round_trip(tiny_reranker, tmp_path):
-    ckpt = hf_io.load_reranker_checkpoint(tiny_reranker)
+    ckpt = hf_read.load_reranker_checkpoint(tiny_reranker)
     assert ckpt.colbert is None and sorted(ckpt.classifier) == ["dense.bias", "dense.weight", "out_proj.bias",
                                                                 "out_proj.weight"]
     assert not any(k.startswith(("roberta.", "pooler.")) for k in ckpt.encoder)
-    hf_io.save_reranker_checkpoint(tmp_path / "copy", ckpt, tokenizer_dir=tiny_reranker)
-    again = hf_io.load_reranker_checkpoint(tmp_path / "copy")
+    hf_write.save_reranker_checkpoint(tmp_path / "copy", ckpt, tokenizer_dir=tiny_reranker)
+    again = hf_read.load_reranker_checkpoint(tmp_path / "copy")
     for k, v in ckpt.encoder.items():
         np.testing.assert_array_equal(v, again.encoder[k])
     for k, v in ckpt.classifier.items():
@@ -131,24 +131,24 @@ def test_reranker_layout_round_trip(tiny_reranker, tmp_path):
 def test_reranker_format_errors(tiny_reranker, tiny_ckpt, tmp_path):
     import shutil
 
-    with pytest.raises(hf_io.CheckpointFormatError, match="not a cross-encoder reranker"):
-        hf_io.load_reranker_checkpoint(tiny_ckpt)
+    with pytest.raises(hf_layout.CheckpointFormatError, match="not a cross-encoder reranker"):
+        hf_read.load_reranker_checkpoint(tiny_ckpt)
     headless = tmp_path / "headless"  # a bge-m3 directory that claims to be a reranker: no classification head
     shutil.copytree(tiny_ckpt, headless)
     config = json.loads((headless / "config.json").read_text())
-    config.update(architectures=[hf_io.RERANKER_ARCHITECTURE], id2label={"0": "LABEL_0"})
+    config.update(architectures=[hf_layout.RERANKER_ARCHITECTURE], id2label={"0": "LABEL_0"})
     (headless / "config.json").write_text(json.dumps(config))
-    with pytest.raises(hf_io.CheckpointFormatError, match=r"missing tensor 'classifier\.dense\.weight'"):
-        hf_io.load_reranker_checkpoint(headless)
+    with pytest.raises(hf_layout.CheckpointFormatError, match=r"missing tensor 'classifier\.dense\.weight'"):
+        hf_read.load_reranker_checkpoint(headless)
     two = tmp_path / "two_labels"
     shutil.copytree(tiny_reranker, two)
     config = json.loads((two / "config.json").read_text())
     config["id2label"] = {"0": "NO", "1": "YES"}
     (two / "config.json").write_text(json.dumps(config))
-    with pytest.raises(hf_io.CheckpointFormatError, match="2 labels"):
-        hf_io.load_reranker_checkpoint(two)
-    ckpt = hf_io.load_reranker_checkpoint(tiny_reranker)
+    with pytest.raises(hf_layout.CheckpointFormatError, match="2 labels"):
+        hf_read.load_reranker_checkpoint(two)
+    ckpt = hf_read.load_reranker_checkpoint(tiny_reranker)
     ckpt.classifier["out_proj.weight"] = ckpt.classifier["out_proj.weight"][:, :-1]
-    with pytest.raises(hf_io.CheckpointFormatError, match=r"out_proj\.weight' has shape \[1, 31\]"):
-        hf_io.save_reranker_checkpoint(tmp_path / "bad", ckpt, tokenizer_dir=tiny_reranker)
+    with pytest.raises(hf_layout.CheckpointFormatError, match=r"out_proj\.weight' has shape \[1, 31\]"):
+        hf_write.save_reranker_checkpoint(tmp_path / "bad", ckpt, tokenizer_dir=tiny_reranker)
     assert not os.path.exists(tmp_path / "bad")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from m3jax import data_build, hf_io
+from m3jax import data_build, hf_layout, hf_read
 from m3jax.config import data_settings, default_config
 from m3jax.data_files import make_backend_tokenizer
 from m3jax.tiny_checkpoint import SPM_VOCAB_SIZE
@@ -49,7 +49,7 @@ def test_tokenizer_json_has_the_full_unigram_vocabulary(tiny_ckpt):
 
 
 def test_tiny_tokenizer_gives_the_pinned_ids(tiny_ckpt):
-    tok = hf_io.load_tokenizer(tiny_ckpt)
+    tok = hf_read.load_tokenizer(tiny_ckpt)
     assert len(tok) == SPM_VOCAB_SIZE + 2
     assert (tok.cls_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id) == \
         (0, 1, 2, UNK, SPM_VOCAB_SIZE + 1)
@@ -64,7 +64,7 @@ def test_tiny_tokenizer_gives_the_pinned_ids(tiny_ckpt):
 
 
 def test_load_tokenizer_runs_the_pipeline_of_tokenizer_json(tiny_ckpt):
-    tok = hf_io.load_tokenizer(tiny_ckpt)
+    tok = hf_read.load_tokenizer(tiny_ckpt)
     loaded = json.loads(tok.backend_tokenizer.to_str())
     with open(os.path.join(tiny_ckpt, "tokenizer.json"), encoding="utf-8") as f:
         written = json.load(f)
@@ -73,8 +73,8 @@ def test_load_tokenizer_runs_the_pipeline_of_tokenizer_json(tiny_ckpt):
 
 
 def test_load_tokenizer_of_a_missing_directory(tmp_path):
-    with pytest.raises(hf_io.CheckpointFormatError, match="nowhere: checkpoint directory does not exist"):
-        hf_io.load_tokenizer(tmp_path / "nowhere")
+    with pytest.raises(hf_layout.CheckpointFormatError, match="nowhere: checkpoint directory does not exist"):
+        hf_read.load_tokenizer(tmp_path / "nowhere")
 
 
 # ---- the <unk> check ---------------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def _batch(query_rows, passage_rows, pad=1):
 
 
 def test_unknown_token_share_counts_text_tokens_only(tiny_ckpt):
-    tok = hf_io.load_tokenizer(tiny_ckpt)
+    tok = hf_read.load_tokenizer(tiny_ckpt)
     # <s> and </s> (and padding) are not text tokens; 2 <unk> among 8 text tokens, then 3 among 10 over two batches.
     a = _batch([[0, 5, UNK, 2]], [[0, 7, 8, 2], [0, 10, UNK, 11, 12, 2]])
     assert data_build.unknown_token_share(tok, [a]) == 2 / 8
@@ -114,7 +114,7 @@ def _toy_train_data(tok, tmp_path, lines):
 
 
 def test_unknown_token_share_is_logged_and_warns_above_the_threshold(tiny_ckpt, tmp_path, caplog):
-    tok = hf_io.load_tokenizer(tiny_ckpt)
+    tok = hf_read.load_tokenizer(tiny_ckpt)
     words = [{"query": f"what is the capital of France {i}", "pos": ["Paris is the capital of France."],
               "neg": ["The quick brown fox."]} for i in range(4)]
     with caplog.at_level(logging.INFO, logger="m3jax.data_build"):

@@ -1,4 +1,4 @@
-"""m3jax.hf_io and m3jax.tiny_checkpoint: the bge-m3 directory layout read and written as numpy arrays.
+"""m3jax.hf_layout, hf_read, hf_write and m3jax.tiny_checkpoint: the bge-m3 directory layout read and written as numpy arrays.
 
 The saved directories must load in transformers, FlagEmbedding and sentence-transformers; every malformed
 checkpoint must fail with a CheckpointFormatError that names the file and the tensor.
@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from m3jax import hf_io
-from m3jax.hf_io import CheckpointFormatError, HFCheckpoint, load_hf_checkpoint, save_hf_checkpoint
+from m3jax import hf_layout, hf_write
+from m3jax.hf_layout import CheckpointFormatError, HFCheckpoint
+from m3jax.hf_read import load_hf_checkpoint
+from m3jax.hf_write import save_hf_checkpoint
 from m3jax.tiny_checkpoint import make_tiny_checkpoint
 
 pytestmark = pytest.mark.stack_sensitive  # .ci/run runs this module on the latest stack too
@@ -108,7 +110,7 @@ def test_round_trip_is_bitwise(tiny_ckpt, tmp_path):
     save_hf_checkpoint(tmp_path / "out", first, tokenizer_dir=tiny_ckpt, heads_dtype="float16")
     _assert_same(first, load_hf_checkpoint(tmp_path / "out"))
     assert _read(tmp_path / "out" / "model.safetensors") == _read(os.path.join(tiny_ckpt, "model.safetensors"))
-    for name in hf_io.TOKENIZER_FILES:
+    for name in hf_layout.TOKENIZER_FILES:
         assert _read(tmp_path / "out" / name) == _read(os.path.join(tiny_ckpt, name))
 
 
@@ -136,7 +138,7 @@ def test_sharded_index_loads(tiny_ckpt, tmp_path, kind):
         else:
             torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, folder / shard)
         weight_map.update(dict.fromkeys(part, shard))
-    index = hf_io.SAFETENSORS_INDEX_NAME if kind == "safetensors" else hf_io.PYTORCH_INDEX_NAME
+    index = hf_layout.SAFETENSORS_INDEX_NAME if kind == "safetensors" else hf_layout.PYTORCH_INDEX_NAME
     with open(folder / index, "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     _assert_same(reference, load_hf_checkpoint(folder))
@@ -155,7 +157,7 @@ def test_roberta_prefix_and_extra_tensors(tiny_ckpt, tmp_path, caplog):
                                    "roberta.embeddings.position_ids": np.arange(514, dtype=np.int64)[None]})
 
     _edit_safetensors(folder, prefix)
-    with caplog.at_level(logging.WARNING, logger="m3jax.hf_io"):
+    with caplog.at_level(logging.WARNING, logger="m3jax.hf_read"):
         loaded = load_hf_checkpoint(folder)
     _assert_same(load_hf_checkpoint(tiny_ckpt), loaded)
     assert "lm_head.dense.weight" in caplog.text
@@ -315,7 +317,7 @@ def test_failed_save_leaves_nothing_half_written(tiny_ckpt, tmp_path, monkeypatc
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf_io, "_write_sentence_transformers", boom)  # fails after the weights are written
+    monkeypatch.setattr(hf_write, "_write_sentence_transformers", boom)  # fails after the weights are written
     with pytest.raises(OSError, match="disk full"):
         save_hf_checkpoint(tmp_path / "out", ckpt, tokenizer_dir=tiny_ckpt)
     assert os.listdir(tmp_path) == []
