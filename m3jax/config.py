@@ -9,6 +9,7 @@ field (in a config file or as `--config.<field>=...`) fails at once instead of b
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -16,16 +17,21 @@ from typing import Any
 
 import ml_collections
 
-from m3jax import evaluate as ev
 from m3jax import selection, storage
 from m3jax.data_datasets import DataSettings
 from m3jax.data_files import Instructions
 from m3jax.errors import M3JaxError
-from m3jax.evaluate import LEGACY_EVAL_SET, EvalSetSpec
+from m3jax.eval_options import check_weights, parse_metrics, parse_modes
+from m3jax.evaluate import LEGACY_EVAL_SET, EvalSetSpec, EvalSettings
 from m3jax.loading import config_names as _names
-from m3jax.loading import lora_targets  # noqa: F401 -- still config.lora_targets to its callers
+from m3jax.loading import (
+    lora_targets,  # noqa: F401 -- still config.lora_targets to its callers
+    max_tokens,
+)
 from m3jax.model import LORA_TARGETS
+from m3jax.model_card import ModelCardSettings
 from m3jax.padding import length_buckets
+from m3jax.selection import SelectionSettings
 
 # Per-device batch size by token-length range of the dataset file (FlagEmbedding research/BGE_M3 recipe, 80 GB
 # GPUs). Keys are the `len-LO-HI` tags written by scripts/split_data_by_length.py; datasets without a tag use
@@ -438,12 +444,6 @@ def _validate_finetune_control(c) -> None:
                  "False unless mrl_dims is set and colbert is a trained head", c.mrl_colbert)
 
 
-def max_tokens(model_cfg) -> int:
-    """The longest text (special tokens included) the model's position table holds: XLM-R numbers positions from
-    pad_token_id + 1, so bge-m3's 8194 positions hold 8192 tokens and a 514-position model 512."""
-    return int(model_cfg.max_position_embeddings) - int(model_cfg.pad_token_id) - 1
-
-
 def validate_against_model(config, model_cfg) -> None:
     """The fields whose bounds depend on the model: the max lengths (training and every eval set's, against the
     position table), freeze_layers_below, mrl_dims, sub_batch_size and model.scan_layers with cuDNN's attention
@@ -453,7 +453,7 @@ def validate_against_model(config, model_cfg) -> None:
            f" - {int(model_cfg.pad_token_id) + 1} for XLM-R's padding offset)")
     for field in ("query_max_len", "passage_max_len"):
         _require(config[field] <= limit, field, why, config[field])
-    for spec in eval_set_specs(config):
+    for spec in _eval_set_specs(config):
         where = "eval" if spec.name == LEGACY_EVAL_SET and config["eval"]["corpus"] else f"eval_sets.{spec.name}"
         for field in ("query_max_len", "passage_max_len"):
             _require(getattr(spec, field) <= limit, f"{where}.{field}", why, getattr(spec, field))
@@ -517,7 +517,7 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
     _require(c.logging_steps >= 1, "logging_steps", "an int >= 1", c.logging_steps)
     _require(c.save_steps >= 1, "save_steps", "an int >= 1", c.save_steps)
     _require(c.eval_steps >= 0, "eval_steps", "0 (off) or a positive int", c.eval_steps)
-    specs = eval_set_specs(c)  # checks every eval set's fields
+    specs = _eval_set_specs(c)  # checks every eval set's fields
     if c.eval_steps > 0 and not specs:
         for f in ("corpus", "queries", "qrels"):
             _require(bool(c.eval[f]), f"eval.{f}", "a file path (eval_steps > 0 turns the periodic eval on)", c.eval[f])
@@ -580,11 +580,11 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
                      "batch_size_by_length", "{'LO-HI': positive int, ...} with HI an int or 'inf'", {k: v})
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Eval sets
+# --- eval settings (conversion at the edge) ---
 
 EVAL_SET_FIELDS = ("corpus", "queries", "qrels", "batch_size", "query_max_len", "passage_max_len", "modes", "weights",
                    "metrics")
+
 
 def _get(d, key, default):
     try:
@@ -594,7 +594,37 @@ def _get(d, key, default):
     return default if value is None else value
 
 
-def eval_set_specs(config) -> list[EvalSetSpec]:
+def _eval_set_spec(config, name: str, where: str, f: dict, *, check_paths: bool = True) -> EvalSetSpec:
+    """An eval set from its fields `f` (those of config.eval), resolved and checked (ConfigError naming
+    config.<where>.<field>); `check_paths`: corpus, queries and qrels must be given (validate's check)."""
+    for key in ("corpus", "queries", "qrels"):
+        _require(isinstance(f.get(key), str) and (bool(f.get(key)) or not check_paths), f"{where}.{key}",
+                 "a file path", f.get(key))
+    _require(isinstance(f["batch_size"], int) and f["batch_size"] >= 1, f"{where}.batch_size", "an int >= 1",
+             f["batch_size"])
+    lengths = {}
+    for key, train_len in (("query_max_len", config["query_max_len"]), ("passage_max_len", config["passage_max_len"])):
+        value = f[key] if f[key] is not None else -1
+        _require(isinstance(value, int) and (value == -1 or value >= 2), f"{where}.{key}",
+                 "-1 (the training one) or an int >= 2", value)
+        lengths[key] = value if value > 0 else train_len
+    try:
+        modes = parse_modes(tuple(f["modes"]) if not isinstance(f["modes"], str) else f["modes"])
+    except ValueError as e:
+        raise ConfigError(f"config.{where}.modes={f['modes']!r}: {e}") from None
+    try:
+        metrics = parse_metrics(tuple(f["metrics"]) if not isinstance(f["metrics"], str) else f["metrics"])
+    except ValueError as e:
+        raise ConfigError(f"config.{where}.metrics={f['metrics']!r}: {e}") from None
+    try:
+        weights = check_weights(tuple(f["weights"]), modes)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.{where}.weights={f['weights']!r}: {e}") from None
+    return EvalSetSpec(name=name, corpus=f["corpus"], queries=f["queries"], qrels=f["qrels"],
+                       batch_size=f["batch_size"], modes=modes, weights=weights, metrics=metrics, **lengths)
+
+
+def _eval_set_specs(config, *, check_paths: bool = True) -> list[EvalSetSpec]:
     """The run's eval sets: config.eval as "eval" when its corpus is set, then config.eval_sets in order. Checks
     every field (ConfigError naming config.eval_sets.<name>.<field>). `config`: a run config or its saved JSON."""
     base = config["eval"]
@@ -614,35 +644,7 @@ def eval_set_specs(config) -> list[EvalSetSpec]:
             raise ConfigError(f"config.{where}.{unknown[0]}: no such eval set field (fields: "
                               f"{', '.join(EVAL_SET_FIELDS)})")
         raw.append((name, where, {k: _get(fields, k, _get(base, k, None)) for k in EVAL_SET_FIELDS}))
-    specs = []
-    for name, where, f in raw:
-        for key in ("corpus", "queries", "qrels"):
-            _require(isinstance(f.get(key), str) and bool(f.get(key)), f"{where}.{key}", "a file path", f.get(key))
-        _require(isinstance(f["batch_size"], int) and f["batch_size"] >= 1, f"{where}.batch_size", "an int >= 1",
-                 f["batch_size"])
-        lengths = {}
-        for key, train_len in (("query_max_len", config["query_max_len"]),
-                               ("passage_max_len", config["passage_max_len"])):
-            value = f[key] if f[key] is not None else -1
-            _require(isinstance(value, int) and (value == -1 or value >= 2), f"{where}.{key}",
-                     "-1 (the training one) or an int >= 2", value)
-            lengths[key] = value if value > 0 else train_len
-        try:
-            modes = ev.parse_modes(tuple(f["modes"]) if not isinstance(f["modes"], str) else f["modes"])
-        except ValueError as e:
-            raise ConfigError(f"config.{where}.modes={f['modes']!r}: {e}") from None
-        try:
-            metrics = ev.parse_metrics(tuple(f["metrics"]) if not isinstance(f["metrics"], str) else f["metrics"])
-        except ValueError as e:
-            raise ConfigError(f"config.{where}.metrics={f['metrics']!r}: {e}") from None
-        try:
-            weights = ev._check_weights(tuple(f["weights"]), modes)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"config.{where}.weights={f['weights']!r}: {e}") from None
-        specs.append(EvalSetSpec(name=name, corpus=f["corpus"], queries=f["queries"], qrels=f["qrels"],
-                                 batch_size=f["batch_size"], modes=modes, weights=weights, metrics=metrics,
-                                 **lengths))
-    return specs
+    return [_eval_set_spec(config, name, where, f, check_paths=check_paths) for name, where, f in raw]
 
 
 def _matryoshka_eval_modes(config) -> tuple[str, ...]:
@@ -678,3 +680,36 @@ def data_settings(config) -> DataSettings:
         batch_size_by_length=table if isinstance(table, str) else tuple(dict(table).items()),
         skip_bad_examples=bool(config.skip_bad_examples), num_data_workers=int(config.num_data_workers),
         data_prefetch=int(config.data_prefetch))
+def eval_settings(config) -> EvalSettings:
+    """The run's eval (m3jax.evaluate.EvalSettings). Its sets are checked as validate() checks them, except that
+    config.eval's corpus, queries and qrels may be empty here (evaluate_legacy_set says so)."""
+    return EvalSettings(
+        eval=_eval_set_spec(config, LEGACY_EVAL_SET, "eval", dict(config.eval), check_paths=False),
+        eval_set_specs=tuple(_eval_set_specs(config, check_paths=False)),
+        eval_steps=int(config.eval_steps), eval_on_start=bool(config.eval_on_start),
+        mrl_dims=tuple(int(d) for d in config.mrl_dims), mrl_colbert=bool(config.mrl_colbert),
+        query_instruction_for_retrieval=config.query_instruction_for_retrieval,
+        query_instruction_format=config.query_instruction_format,
+        passage_instruction_for_retrieval=config.passage_instruction_for_retrieval,
+        passage_instruction_format=config.passage_instruction_format)
+
+
+# --- selection settings (conversion at the edge) ---
+
+
+def selection_settings(config) -> SelectionSettings:
+    """How the run picks its best checkpoint (m3jax.selection.SelectionSettings): metric_for_best_model resolved
+    against the sets the run evaluates and its trained heads (selection.parse_metric); None when it evaluates
+    none."""
+    evals = eval_settings(config)
+    metric = selection.parse_metric(config.metric_for_best_model, evals.eval_set_specs,
+                                    heads=trained_heads(config)) if evals.evaluates and evals.eval_set_specs else None
+    return SelectionSettings(metric_for_best_model=metric, greater_is_better=bool(config.greater_is_better))
+
+
+# --- model card settings (conversion at the edge) ---
+
+
+def model_card_settings() -> ModelCardSettings:
+    """What an export's model card compares the run's saved config with: default_config(), as a run saves it."""
+    return ModelCardSettings(default_config=json.loads(default_config().to_json()))

@@ -32,7 +32,6 @@ import logging
 import os
 from typing import Any
 
-from m3jax import config as config_lib
 from m3jax import hf_layout, hf_write, loading, merge_core, model_card, selection, storage
 from m3jax import model as m3model
 from m3jax import sharding as shard_lib
@@ -137,12 +136,13 @@ def _write_peft(folder: str, tensors: dict, config: dict, *, base_model: str | N
 
 def export_checkpoint(checkpoint, output_dir, *, step: int | str | None = None, base_model: str | None = None,
                       pytorch_bin: bool = False, heads_dtype: str = "float32", overwrite: bool = False,
-                      lora_adapters: bool = False, merge_with: str | None = None,
-                      merge_weight: float | None = None) -> str:
+                      lora_adapters: bool = False, merge_with: str | None = None, merge_weight: float | None = None,
+                      card_settings: model_card.ModelCardSettings | None = None) -> str:
     """`m3jax export`: read a training checkpoint and write it as a bge-m3 directory (LoRA adapters merged; with
-    `lora_adapters` also alone in lora_adapters/), with a model card. `step`: a step number, "best" (the run's
-    best.json) or None (the latest). `merge_with` (a bge-m3 directory, e.g. the base model) and `merge_weight` W:
-    write W * fine-tuned + (1 - W) * that model, every tensor (m3jax.merge_core). Returns the output path."""
+    `lora_adapters` also alone in lora_adapters/), with a model card (listing the config fields that differ from
+    the defaults of `card_settings`, when given). `step`: a step number, "best" (the run's best.json) or None (the
+    latest). `merge_with` (a bge-m3 directory, e.g. the base model) and `merge_weight` W: write W * fine-tuned +
+    (1 - W) * that model, every tensor (m3jax.merge_core). Returns the output path."""
     _check_options(output_dir, heads_dtype, overwrite)  # before the (possibly long) restore
     if (merge_with is None) != (merge_weight is None):
         raise ExportError("--merge-with and --merge-weight go together (merged = W * fine-tuned + (1 - W) * "
@@ -164,19 +164,19 @@ def export_checkpoint(checkpoint, output_dir, *, step: int | str | None = None, 
     info: dict[str, Any] = {"source_checkpoint": source.location.step_dir, "step": source.location.step,
                             "base_model": run.get("model_name_or_path") or None}
     if "heads" in run:
-        info["trained_heads"] = list(config_lib.trained_heads(run))
+        info["trained_heads"] = list(loading.trained_heads_of_run(run))
     if run.get("mrl_dims"):  # `m3jax eval` reports each size
         info["mrl_dims"], info["mrl_colbert"] = list(run["mrl_dims"]), bool(run.get("mrl_colbert"))
-    card = model_card.card_info_from_run(source.location.work_dir, run, source.location.step)
+    card_info = model_card.card_info_from_run(source.location.work_dir, run, source.location.step, card_settings)
     lora = cfg.lora
     if merge_with is not None:
         params, lora = merge_core.merge_params([m3model.merge_lora(params, cfg), merge_core.load_for_merge(
             merge_with, like=(source.location.step_dir, dataclasses.replace(cfg, lora=None)))[1]],
             merge_core.check_weights([merge_weight, 1.0 - merge_weight], 2, exact_pair=True)), None
-        info["merge"] = card["merge"] = {"models": [source.location.step_dir, storage.resolve(merge_with)],
+        info["merge"] = card_info["merge"] = {"models": [source.location.step_dir, storage.resolve(merge_with)],
                                          "weights": [float(merge_weight), 1.0 - float(merge_weight)]}
     return export_params(params, source.hf_config, output_dir, tokenizer_dir=source.tokenizer_dir,
                          sentence_pooling_method=cfg.sentence_pooling_method,
                          normalize_embeddings=cfg.normalize_embeddings, pytorch_bin=pytorch_bin,
                          heads_dtype=heads_dtype, overwrite=overwrite, export_info=info, lora=lora,
-                         lora_adapters=lora_adapters, card_info=card)
+                         lora_adapters=lora_adapters, card_info=card_info)

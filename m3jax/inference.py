@@ -390,7 +390,7 @@ def pair_scores(model: BGEM3FlagModel, queries: Sequence[str], passages: Sequenc
     compute_score's similarities on each pair's own, unpadded vectors: the same numbers as FlagEmbedding's
     compute_score with batch_size=1 (with larger batches FlagEmbedding pads the colbert vectors of a chunk of
     passages with zero vectors that join the max, which changes a score only when every real similarity of a query
-    token is negative), and the numbers the exact search (m3jax.evaluate) ranks by. Every query is encoded once;
+    token is negative), and the numbers the exact search (m3jax.eval_search) ranks by. Every query is encoded once;
     texts are encoded as given (apply any instruction first).
     """
     heads = tuple(h for h in ("dense", "sparse", "colbert") if h in heads)

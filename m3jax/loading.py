@@ -109,6 +109,21 @@ def _lora_of_run_config(run_config: dict) -> LoRAConfig | None:
     return lora_config(lora["rank"], lora["alpha"], lora["dropout"], lora_targets(run_config))
 
 
+def trained_heads_of_run(run_config: dict) -> tuple[str, ...]:
+    """The heads a run trained (its saved config), in the order dense, sparse, colbert: its `heads`, or ("dense",)
+    when unified_finetuning was False."""
+    if not run_config["unified_finetuning"]:
+        return ("dense",)
+    chosen = config_names(run_config["heads"])
+    return tuple(h for h in ("dense", "sparse", "colbert") if h in chosen)
+
+
+def max_tokens(model_cfg) -> int:
+    """The longest text (special tokens included) the model's position table holds: XLM-R numbers positions from
+    pad_token_id + 1, so bge-m3's 8194 positions hold 8192 tokens and a 514-position model 512."""
+    return int(model_cfg.max_position_embeddings) - int(model_cfg.pad_token_id) - 1
+
+
 def platform_of(platform: str | None) -> str:
     """`platform`, or jax's default backend when None."""
     if platform is None:

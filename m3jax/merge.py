@@ -25,7 +25,6 @@ import logging
 import os
 from collections.abc import Sequence
 
-from m3jax import config as config_lib
 from m3jax import evaluate as ev
 from m3jax import export as export_lib
 from m3jax import loading, model_card, selection, storage
@@ -49,14 +48,15 @@ def load_models(paths: Sequence[str]) -> list[loading.LoadedModel]:
     return models
 
 
-def _write(models, paths, params, output, *, weights, card_info, overwrite, extra_info=None, files=None) -> str:
+def _write(models, paths, params, output, *, weights, card_info, overwrite, card_settings=None, extra_info=None,
+           files=None) -> str:
     first = models[0]
     info = {"merge": {"models": [storage.resolve(p) for p in paths], "weights": list(weights)}, **(extra_info or {})}
     card = dict(card_info or {})
     card.setdefault("merge", info["merge"])
     if first.source.location is not None:  # an m3jax run: its card information
         run_card = model_card.card_info_from_run(first.source.location.work_dir, first.source.run_config,
-                                                 first.source.location.step)
+                                                 first.source.location.step, card_settings)
         card = {**run_card, **card, "evals": {**run_card.get("evals", {}), **card.get("evals", {})}}
     out = export_lib.export_params(params, first.source.hf_config, output, tokenizer_dir=first.source.tokenizer_dir,
                                    sentence_pooling_method=first.cfg.sentence_pooling_method,
@@ -65,19 +65,23 @@ def _write(models, paths, params, output, *, weights, card_info, overwrite, extr
     return out
 
 
-def merge_models(paths: Sequence[str], weights: Sequence[float] | None, output, *, overwrite: bool = False) -> str:
-    """`m3jax merge --models ... --weights ...`: write the weighted merge (default: equal weights)."""
+def merge_models(paths: Sequence[str], weights: Sequence[float] | None, output, *, overwrite: bool = False,
+                 card_settings: model_card.ModelCardSettings | None = None) -> str:
+    """`m3jax merge --models ... --weights ...`: write the weighted merge (default: equal weights). `card_settings`:
+    as export_checkpoint's (an m3jax run's card lists its config changes against these defaults)."""
     if len(paths) < 2:
         raise MergeError("--models: give at least two models to merge")
     weights = check_weights(weights if weights is not None else [1.0 / len(paths)] * len(paths), len(paths))
     models = load_models(paths)
     params = merge_params([m.params for m in models], weights)
-    return _write(models, paths, params, output, weights=weights, card_info={}, overwrite=overwrite)
+    return _write(models, paths, params, output, weights=weights, card_info={}, overwrite=overwrite,
+                  card_settings=card_settings)
 
 
 def merge_grid(paths: Sequence[str], grid: Sequence[float], specs, output, *, metric: str = "",
                greater_is_better: bool = True, eval_sets=None, devices=None, use_fp16: bool = True,
-               overwrite: bool = False) -> tuple[str, list[dict]]:
+               overwrite: bool = False,
+               card_settings: model_card.ModelCardSettings | None = None) -> tuple[str, list[dict]]:
     """Evaluate W * first + (1 - W) * second for each W of `grid` on the eval sets `specs`
     (m3jax.evaluate.EvalSetSpec), write the best merge to `output`; returns (output, points) with points
     [{"weight", "value", "metrics": {"<set>/<mode>/<metric>": v}}]."""
@@ -99,7 +103,7 @@ def merge_grid(paths: Sequence[str], grid: Sequence[float], specs, output, *, me
         eval_sets = ev.load_eval_sets(specs)  # file errors before loading the models
     models = load_models(paths)
     first = models[0]
-    limit = config_lib.max_tokens(first.cfg)
+    limit = loading.max_tokens(first.cfg)
     for s in specs:  # before the first point is evaluated
         for name in ("query_max_len", "passage_max_len"):
             if getattr(s, name) > limit:
@@ -135,7 +139,7 @@ def merge_grid(paths: Sequence[str], grid: Sequence[float], specs, output, *, me
             evals = {"second model (W=0)": p["metrics"], **evals}
     grid_record = {"metric": expression.text, "greater_is_better": greater_is_better, "chosen_weight": w,
                    "models": [storage.resolve(p) for p in paths], "points": points}
-    out = _write(models, paths, params, output, weights=[w, 1.0 - w], overwrite=overwrite,
+    out = _write(models, paths, params, output, weights=[w, 1.0 - w], overwrite=overwrite, card_settings=card_settings,
                  card_info={"grid": points, "grid_metric": expression.text, "evals": evals},
                  extra_info={"merge_grid": {"metric": expression.text, "chosen_weight": w}},
                  files={GRID_NAME: json.dumps(grid_record, indent=2, sort_keys=True) + "\n"})

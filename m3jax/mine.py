@@ -11,7 +11,7 @@ FlagEmbedding's scripts/hn_mine.py, with every retrieval mode of bge-m3 and filt
    whose order is arbitrary; here a passage's pool position is its first occurrence's rank). Texts are compared by
    a 128-bit BLAKE2 hash of their UTF-8 bytes.
 2. Search: each query (with --query-instruction, or the record's own "prompt") against every pool passage, exactly,
-   with m3jax.evaluate.ExactSearch: the top b of range_for_sampling "a-b" by the --mode score (dense, sparse,
+   with m3jax.eval_search.ExactSearch: the top b of range_for_sampling "a-b" by the --mode score (dense, sparse,
    colbert, dense+sparse or all, the combinations weighted like compute_score). Equal scores rank the lower pool
    position first.
 3. Choice: of ranks a..b-1 (0-based, hn_mine's slice), drop the record's positives and the query itself (exact
@@ -56,9 +56,10 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from m3jax import data_files
-from m3jax import evaluate as ev
 from m3jax.data_files import DataError
 from m3jax.errors import M3JaxError
+from m3jax.eval_options import DEFAULT_WEIGHTS, combine, heads_of, scoring_mode
+from m3jax.eval_search import BLOCK_BYTES, ExactSearch, merge_top_k, model_vocab_size
 from m3jax.inference import pair_scores
 from m3jax.storage import ResumableOutput, atomic_file
 
@@ -89,7 +90,7 @@ class MineOptions:
     """What `mine` does; the CLI flags of the same names (m3jax mine --help) document each one."""
 
     mode: str = "dense"
-    weights: tuple[float, float, float] = ev.DEFAULT_WEIGHTS
+    weights: tuple[float, float, float] = DEFAULT_WEIGHTS
     range_for_sampling: tuple[int, int] = (10, 210)  # hn_mine's default
     negative_number: int = 15
     max_score: float | None = None
@@ -107,7 +108,7 @@ class MineOptions:
     passages_per_chunk: int | None = None  # passages encoded at a time (the resume granularity); None: 8 blocks
 
     def checked(self) -> MineOptions:
-        mode, weights = ev.scoring_mode(self.mode, self.weights, MineError, "mining ranks")
+        mode, weights = scoring_mode(self.mode, self.weights, MineError, "mining ranks")
         rng = parse_range("-".join(map(str, self.range_for_sampling))) if not isinstance(
             self.range_for_sampling, str) else parse_range(self.range_for_sampling)
         if self.negative_number < 1:
@@ -222,10 +223,10 @@ def positive_scores(model, queries: Sequence[str], records: Sequence[dict], opti
     """The lowest score of each record's positives under options.mode (m3jax.inference.pair_scores)."""
     passages = [p for rec in records for p in rec["pos"]]
     query_of = np.repeat(np.arange(len(records)), [len(rec["pos"]) for rec in records])
-    base = pair_scores(model, queries, passages, query_of, heads=tuple(ev.heads_of([options.mode])),
+    base = pair_scores(model, queries, passages, query_of, heads=tuple(heads_of([options.mode])),
                        batch_size=options.batch_size, query_max_length=options.query_max_len,
                        passage_max_length=options.passage_max_len)
-    found = ev.combine(base, options.mode, options.weights)
+    found = combine(base, options.mode, options.weights)
     starts = np.concatenate([[0], np.cumsum([len(rec["pos"]) for rec in records])[:-1]])
     return np.minimum.reduceat(found, starts)
 
@@ -273,15 +274,15 @@ def choose_negatives(records: Sequence[dict], record_numbers: Sequence[int], top
 
 
 def _default_queries_per_pass(mode: str) -> int:
-    return 16384 if "colbert" in ev.heads_of([mode]) else 131072
+    return 16384 if "colbert" in heads_of([mode]) else 131072
 
 
 def _default_block(mode: str, vocab_size: int) -> int:
-    heads = ev.heads_of([mode])
+    heads = heads_of([mode])
     if "colbert" in heads:
         return 256
     if "sparse" in heads:  # the block's [passages, vocab] lexical matrix within the search's memory budget
-        return int(min(4096, max(64, ev._BLOCK_BYTES // (4 * vocab_size))))
+        return int(min(4096, max(64, BLOCK_BYTES // (4 * vocab_size))))
     return 4096
 
 
@@ -382,7 +383,7 @@ def mine(model, input_path: str, output_path: str, options: MineOptions = MineOp
     pool = Pool(*pool_files)
     n_pool = len(pool)
 
-    vocab_size = ev._vocab_size(model)
+    vocab_size = model_vocab_size(model)
     p_block = options.passages_per_block or _default_block(options.mode, vocab_size)
     chunk = options.passages_per_chunk or 8 * p_block
     per_pass = options.queries_per_pass or _default_queries_per_pass(options.mode)
@@ -400,7 +401,7 @@ def mine(model, input_path: str, output_path: str, options: MineOptions = MineOp
         numbers = range(p * per_pass, min((p + 1) * per_pass, n_records))
         records = [records_index.record(i) for i in numbers]
         queries = [data_files.query_text(rec, ins) for rec in records]
-        searcher = ev.ExactSearch(model, queries, modes=(options.mode,), weights=options.weights, top_k=k,
+        searcher = ExactSearch(model, queries, modes=(options.mode,), weights=options.weights, top_k=k,
                                   batch_size=options.batch_size, query_max_len=options.query_max_len,
                                   passage_max_len=options.passage_max_len, passages_per_block=p_block)
         state_path = job.path(f"search-{p:08d}-{rank}.npz")
@@ -426,7 +427,7 @@ def mine(model, input_path: str, output_path: str, options: MineOptions = MineOp
                 last_save = time.monotonic()
         bar.close()
         top, index = searcher.state()
-        top, index = ev.merge_top_k(list(zip(_allgather(top[0]), _allgather(index[0]))), k)
+        top, index = merge_top_k(list(zip(_allgather(top[0]), _allgather(index[0]))), k)
         del searcher
         if rank == 0:
             pos = None

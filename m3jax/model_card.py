@@ -6,16 +6,17 @@ the config fields that differ from m3jax's defaults, the eval table (per set, mo
 step 0, the exported step and a merge when they were measured) and usage snippets for FlagEmbedding,
 sentence-transformers and m3jax.
 
-`card_info_from_run(work_dir, run_config, step)` gathers what a run directory knows; `render(info)` writes the text.
+`card_info_from_run(work_dir, run_config, step, settings)` gathers what a run directory knows; `render(info)` writes
+the text.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
 from typing import Any
 
-from m3jax import config as config_lib
 from m3jax import storage
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,13 @@ logger = logging.getLogger(__name__)
 TAGS = ("sentence-transformers", "feature-extraction", "sentence-similarity", "bge-m3", "dense", "sparse", "colbert",
         "m3jax")
 _COUNT_LINES_BELOW = 2 * 2**30  # bytes of a data directory up to which its examples are counted
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCardSettings:
+    """What a card compares a run's saved config with (m3jax.config.model_card_settings)."""
+
+    default_config: dict  # m3jax's defaults as a run saves its config (JSON)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,9 +90,8 @@ def data_dir_sizes(dirs) -> list[dict]:
     return out
 
 
-def config_changes(run_config: dict) -> dict:
-    """The run config's fields (dotted names) whose values differ from m3jax.config.default_config()."""
-    defaults = json.loads(config_lib.default_config().to_json())
+def config_changes(run_config: dict, defaults: dict) -> dict:
+    """The run config's fields (dotted names) whose values differ from `defaults` (m3jax's, ModelCardSettings)."""
 
     def flat(d, prefix=""):
         out = {}
@@ -121,8 +128,10 @@ def eval_rows(work_dir: str) -> dict[int, dict[str, float]]:
     return out
 
 
-def card_info_from_run(work_dir: str | None, run_config: dict | None, step: int | None) -> dict:
-    """What the card of an export of `step` shows, from the run's directory and saved config."""
+def card_info_from_run(work_dir: str | None, run_config: dict | None, step: int | None,
+                       settings: ModelCardSettings | None = None) -> dict:
+    """What the card of an export of `step` shows, from the run's directory and saved config; the config fields
+    that differ from m3jax's defaults when `settings` gives those."""
     run_config = run_config or {}
     info: dict[str, Any] = {"step": step}
     base_path = run_config.get("model_name_or_path") or None
@@ -135,7 +144,7 @@ def card_info_from_run(work_dir: str | None, run_config: dict | None, step: int 
     train_data = run_config.get("train_data") or ""
     dirs = [p.strip() for p in train_data.split(",") if p.strip()] if isinstance(train_data, str) else list(train_data)
     info["train_data"] = data_dir_sizes(dirs)
-    info["config_changes"] = config_changes(run_config) if run_config else {}
+    info["config_changes"] = config_changes(run_config, settings.default_config) if run_config and settings else {}
     columns = {}
     if work_dir:
         rows = eval_rows(work_dir)

@@ -24,9 +24,9 @@ import math
 import re
 from collections.abc import Sequence
 
-from m3jax import evaluate as ev
 from m3jax import storage
 from m3jax.checkpoint import CheckpointError
+from m3jax.eval_options import parse_metrics, parse_modes
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,14 @@ class MetricExpression:
 
     def value(self, metrics: dict[str, float]) -> float:
         return float(sum(w * metrics[name] for w, name in self.terms))
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionSettings:
+    """How a run picks its best checkpoint (m3jax.config.selection_settings)."""
+
+    metric_for_best_model: MetricExpression | None  # resolved (parse_metric); None when the run evaluates nothing
+    greater_is_better: bool
 
 
 DEFAULT_METRIC = "ndcg@10"
@@ -97,8 +105,8 @@ def parse_metric(text: str, specs: Sequence = (), *, extra_modes: Sequence[str] 
         if not math.isfinite(weight) or weight == 0:
             raise ValueError(f"weight {match.group('weight')!r} must be a finite non-zero number")
         try:
-            mode = ev.parse_modes(match.group("mode"))[0]
-            metric = ev.parse_metrics(match.group("metric"))[0]
+            mode = parse_modes(match.group("mode"))[0]
+            metric = parse_metrics(match.group("metric"))[0]
         except ValueError as e:
             raise ValueError(str(e)) from None
         name = f"{match.group('set')}/{mode}/{metric}"

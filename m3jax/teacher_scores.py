@@ -36,8 +36,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from m3jax import data_files
-from m3jax import evaluate as ev
 from m3jax.errors import M3JaxError
+from m3jax.eval_options import DEFAULT_WEIGHTS, combine, heads_of, scoring_mode
 from m3jax.inference import pair_scores
 from m3jax.mine import _barrier, _file_id, open_job, read_input
 
@@ -75,23 +75,23 @@ class M3Teacher:
 
     model: object
     mode: str = "all"
-    weights: tuple[float, float, float] = ev.DEFAULT_WEIGHTS
+    weights: tuple[float, float, float] = DEFAULT_WEIGHTS
     batch_size: int = 256
     query_max_len: int = 512
     passage_max_len: int = 512
 
     def __post_init__(self):
-        self.mode, self.weights = ev.scoring_mode(self.mode, self.weights, ScoreError, "a teacher scores")
+        self.mode, self.weights = scoring_mode(self.mode, self.weights, ScoreError, "a teacher scores")
 
     def settings(self) -> dict:
         return {"teacher": "m3", "mode": self.mode, "weights": list(self.weights), "batch_size": self.batch_size,
                 "query_max_len": self.query_max_len, "passage_max_len": self.passage_max_len}
 
     def score(self, queries: Sequence[str], passages: Sequence[str], query_of: np.ndarray) -> np.ndarray:
-        base = pair_scores(self.model, queries, passages, query_of, heads=tuple(ev.heads_of([self.mode])),
+        base = pair_scores(self.model, queries, passages, query_of, heads=tuple(heads_of([self.mode])),
                            batch_size=self.batch_size, query_max_length=self.query_max_len,
                            passage_max_length=self.passage_max_len)
-        return np.asarray(ev.combine(base, self.mode, self.weights), np.float64)
+        return np.asarray(combine(base, self.mode, self.weights), np.float64)
 
 
 def add_scores(records: Sequence[dict], teacher, ins: data_files.Instructions) -> list[dict]:

@@ -14,6 +14,7 @@ from m3jax import attention, data_build, distributed, evaluate, loading, plan, s
 from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
 from m3jax import sharding as shard_lib
+from m3jax.eval_metrics import flatten_metrics
 from m3jax.metrics import MetricsLogger, NonFiniteLossError
 from m3jax.step import Stepper, TrainState
 from m3jax.xla_stats import Shape
@@ -43,10 +44,11 @@ def train(config) -> dict:
                 dict(mesh.shape), mesh.size, jax.process_count(), num_blocks)
 
     # --- model config: from the latest checkpoint when resuming, else from the pretrained directory -----------
-    eval_specs = config_lib.eval_set_specs(config) if config.eval_steps > 0 or config.eval_on_start else []
-    best = selection.BestTracker(output_dir, selection.parse_metric(config.metric_for_best_model, eval_specs,
-                                                                    heads=config_lib.trained_heads(config)),
-                                 config.greater_is_better) if eval_specs else None
+    eval_settings = config_lib.eval_settings(config)
+    selection_settings = config_lib.selection_settings(config)
+    eval_specs = list(eval_settings.eval_set_specs) if eval_settings.evaluates else []
+    best = selection.BestTracker(output_dir, selection_settings.metric_for_best_model,
+                                 selection_settings.greater_is_better) if eval_specs else None
     # the newest step that verifies; damaged, partial and unfinished newer steps are named and discarded first
     resume_step = None if config.overwrite_output_dir else ckpt_lib.prepare_resume(output_dir)
     checkpointer = ckpt_lib.Checkpointer(output_dir, max_to_keep=config.save_total_limit,
@@ -141,10 +143,10 @@ def train(config) -> dict:
     def run_eval(step: int) -> bool:
         """Evaluate every set, log eval/<set>/<mode>/<metric>; True when this step is the new best."""
         metrics_log.flush()
-        results = evaluate.evaluate_sets_from_config(config, model_cfg, state.params, tokenizer, specs=eval_specs,
-                                                     eval_sets=eval_sets)
+        results = evaluate.evaluate_sets(eval_settings, model_cfg, state.params, tokenizer, specs=eval_specs,
+                                         eval_sets=eval_sets)
         for spec in eval_specs:
-            metrics_log.log(step, evaluate.flatten_metrics(results[spec.name], prefix=""), prefix=spec.log_prefix)
+            metrics_log.log(step, flatten_metrics(results[spec.name], prefix=""), prefix=spec.log_prefix)
         improved = best.update(step, selection.flat_metrics(results))
         if jax.process_index() == 0:
             best.write()
@@ -153,7 +155,7 @@ def train(config) -> dict:
     step = start_step
     preemption = distributed.Preemption()
     try:
-        if config.eval_on_start and eval_specs and start_step == 0:
+        if eval_settings.eval_on_start and eval_specs and start_step == 0:
             run_eval(0)  # the base model: the reference the summary and the model card compare with
         with preemption:
             while step < total_steps:
@@ -177,8 +179,8 @@ def train(config) -> dict:
                     break
                 # eval before save: a new best step gets a checkpoint even off save_steps, and the clean-up of
                 # that save already knows which step to protect
-                improved = config.eval_steps > 0 and (step % config.eval_steps == 0 or step == total_steps) \
-                    and run_eval(step)
+                improved = eval_settings.eval_steps > 0 and (step % eval_settings.eval_steps == 0
+                                                             or step == total_steps) and run_eval(step)
                 if step % config.save_steps == 0 or step == total_steps or improved:
                     save(step)
     finally:

@@ -17,10 +17,13 @@ import numpy as np
 import pytest
 
 from m3jax import checkpoint as ckpt_lib
-from m3jax import cli, loading
+from m3jax import cli, cli_common, eval_metrics, eval_options, eval_search, loading
 from m3jax import config as config_lib
 from m3jax import evaluate as ev
-from m3jax.evaluate import EvalDataError, compute_metrics, evaluate, load_corpus, load_eval_set, load_qrels, search
+from m3jax.eval_data import EvalDataError, load_corpus, load_eval_set, load_qrels
+from m3jax.eval_metrics import compute_metrics, runs_from_search
+from m3jax.eval_search import search
+from m3jax.evaluate import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = {name: os.path.join(REPO, "toy_eval_data", f) for name, f in
@@ -88,16 +91,16 @@ def test_metrics_match_pytrec_eval_on_the_fixture():
 
 
 def test_metric_and_mode_names():
-    assert ev.parse_metrics("NDCG@10, Recall@100,mrr@10,ndcg@10") == ("ndcg@10", "recall@100", "mrr@10")
-    assert ev.parse_modes("sparse+dense,colbert+sparse+dense,lexical") == ("dense+sparse", "all", "sparse")
+    assert eval_options.parse_metrics("NDCG@10, Recall@100,mrr@10,ndcg@10") == ("ndcg@10", "recall@100", "mrr@10")
+    assert eval_options.parse_modes("sparse+dense,colbert+sparse+dense,lexical") == ("dense+sparse", "all", "sparse")
     for bad in ("map@10", "ndcg", "ndcg@0"):
         with pytest.raises(ValueError, match="unknown metric"):
-            ev.parse_metrics(bad)
+            eval_options.parse_metrics(bad)
     with pytest.raises(ValueError, match="unknown mode 'bm25'"):
-        ev.parse_modes("dense,bm25")
-    assert ev.top_k_for(["ndcg@10", "recall@1000"]) == 1000 and ev.top_k_for(["mrr@10"]) == 100
+        eval_options.parse_modes("dense,bm25")
+    assert eval_options.top_k_for(["ndcg@10", "recall@1000"]) == 1000 and eval_options.top_k_for(["mrr@10"]) == 100
     with pytest.raises(ValueError, match="weights of mode 'dense\\+sparse' sum to 0"):
-        ev._check_weights([0, 0, 1], ["dense+sparse"])
+        eval_options.check_weights([0, 0, 1], ["dense+sparse"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,7 +115,7 @@ def test_loading_beir_files(tmp_path, caplog):
                                             {"_id": "q3", "text": "c"}])
     qrels = _write(tmp_path / "qrels.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t2", "q1\t2\t0", "q2\td3\t1",
                                             "q9\td1\t1", "q2\tmissing\t1", ""])
-    with caplog.at_level(logging.WARNING, logger="m3jax.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="m3jax.eval_data"):
         s = load_eval_set(corpus, queries, qrels)
     assert (s.query_ids, s.query_texts) == (["q1", "q2"], ["a", "b"])  # q3 has no qrels: not evaluated
     assert s.qrels == {"q1": {"d1": 2, "2": 0}, "q2": {"d3": 1, "missing": 1}}
@@ -228,12 +231,12 @@ def test_reference_scores_by_hand():
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.4, 0.2, 0.4)])
 def test_search_is_exact_over_blocks(monkeypatch, weights):
-    monkeypatch.setattr(ev, "_BLOCK_BYTES", 1)  # one query per block: 3 query blocks x 3 passage blocks
+    monkeypatch.setattr(eval_search, "BLOCK_BYTES", 1)  # one query per block: 3 query blocks x 3 passage blocks
     model = StubModel()
     found = search(model, QUERIES, PASSAGES, weights=weights, top_k=3, batch_size=2, query_max_len=7,
                    passage_max_len=9)
     ref = _reference_scores(weights)
-    for mode in ev.MODES:
+    for mode in eval_options.MODES:
         scores, index = found[mode]
         assert scores.shape == index.shape == (3, 3)
         expected = -np.sort(-ref[mode], axis=1)[:, :3]
@@ -315,12 +318,12 @@ def test_device_search_matches_brute_force(toy):
 def test_metrics_match_pytrec_eval_on_the_toy_set(toy):
     s = toy.eval_set
     for mode, found in toy.found.items():
-        run = ev.runs_from_search(found, s.query_ids, s.corpus_ids)
+        run = runs_from_search(found, s.query_ids, s.corpus_ids)
         means, each = compute_metrics(s.qrels, run, per_query=True)
         reference = _pytrec(s.qrels, run)
         for q in s.qrels:
             assert each[q] == pytest.approx(reference[q], abs=1e-12), (mode, q)
-        for metric in ev.DEFAULT_METRICS:
+        for metric in eval_options.DEFAULT_METRICS:
             assert means[metric] == pytest.approx(np.mean([reference[q][metric] for q in s.qrels]), abs=1e-12)
         assert means["recall@100"] == 1.0 and 0 < means["ndcg@10"] < 1
 
@@ -328,8 +331,8 @@ def test_metrics_match_pytrec_eval_on_the_toy_set(toy):
 def test_evaluate_and_evaluate_from_config_agree(toy, tiny_ckpt):
     from transformers import AutoTokenizer
 
-    expected = {mode: compute_metrics(toy.eval_set.qrels, ev.runs_from_search(f, toy.eval_set.query_ids,
-                                                                              toy.eval_set.corpus_ids))
+    expected = {mode: compute_metrics(toy.eval_set.qrels, runs_from_search(f, toy.eval_set.query_ids,
+                                                                           toy.eval_set.corpus_ids))
                 for mode, f in toy.found.items()}
     assert evaluate(toy.model, TOY["corpus"], TOY["queries"], TOY["qrels"], batch_size=BATCH, query_max_len=QLEN,
                     passage_max_len=PLEN) == expected
@@ -341,16 +344,16 @@ def test_evaluate_and_evaluate_from_config_agree(toy, tiny_ckpt):
         config.eval.modes = ("dense", "sparse")  # optional fields: all modes / default weights when absent
     model_cfg, params, _ = loading.load_model(tiny_ckpt)
     sharded = jax.device_put(params, jax.devices()[0])  # device arrays, as the trainer holds them
-    results = ev.evaluate_from_config(config, model_cfg, sharded, AutoTokenizer.from_pretrained(tiny_ckpt),
-                                      devices="cpu")
+    results = ev.evaluate_legacy_set(config_lib.eval_settings(config), model_cfg, sharded,
+                                     AutoTokenizer.from_pretrained(tiny_ckpt), devices="cpu")
     assert list(results) == ["dense", "sparse"]
     for mode in results:
         assert results[mode] == pytest.approx(expected[mode], abs=1e-9), mode  # same params, same numbers
-    assert ev.flatten_metrics(results)["eval/sparse/ndcg@10"] == results["sparse"]["ndcg@10"]
+    assert eval_metrics.flatten_metrics(results)["eval/sparse/ndcg@10"] == results["sparse"]["ndcg@10"]
     with config.unlocked():
         config.eval.qrels = ""
     with pytest.raises(EvalDataError, match="config.eval.qrels is empty"):
-        ev.evaluate_from_config(config, model_cfg, sharded, None)
+        ev.evaluate_legacy_set(config_lib.eval_settings(config), model_cfg, sharded, None)
 
 
 def test_cli_eval_on_a_run_directory(toy, tiny_ckpt, tmp_path, capsys):
@@ -367,7 +370,7 @@ def test_cli_eval_on_a_run_directory(toy, tiny_ckpt, tmp_path, capsys):
     checkpointer.close()
 
     s = toy.eval_set
-    expected = {mode: compute_metrics(s.qrels, ev.runs_from_search(toy.found[mode], s.query_ids, s.corpus_ids))
+    expected = {mode: compute_metrics(s.qrels, runs_from_search(toy.found[mode], s.query_ids, s.corpus_ids))
                 for mode in ("dense", "colbert")}
     out = tmp_path / "results" / "run.json"
     assert cli.main(["eval", "--model", work, "--corpus", TOY["corpus"], "--queries", TOY["queries"], "--qrels",
@@ -377,7 +380,7 @@ def test_cli_eval_on_a_run_directory(toy, tiny_ckpt, tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert [line.split() for line in table] == [
         ["mode", "ndcg@10", "recall@100", "mrr@10"],
-        *[[mode] + [f"{expected[mode][m]:.4f}" for m in ev.DEFAULT_METRICS] for mode in ("dense", "colbert")]]
+        *[[mode] + [f"{expected[mode][m]:.4f}" for m in eval_options.DEFAULT_METRICS] for mode in ("dense", "colbert")]]
     with open(out) as f:
         payload = json.load(f)
     for mode in ("dense", "colbert"):
@@ -390,15 +393,15 @@ def test_cli_loads_hf_directories(tiny_ckpt, tmp_path):
     """--model with config.json: m3jax's BGEM3FlagModel, pooling from m3jax_export.json when there is one."""
     args = cli.build_parser().parse_args(["eval", "--model", tiny_ckpt, "--corpus", "c", "--queries", "q", "--qrels",
                                           "r", "--devices", "cpu", "--batch-size", "8"])
-    model = cli._load_model(args)
+    model = cli_common.load_model(args)
     assert (model.cfg.sentence_pooling_method, model.batch_size, model.passage_max_length) == ("cls", 8, 512)
     mean = shutil.copytree(tiny_ckpt, tmp_path / "mean")
     (mean / "m3jax_export.json").write_text(json.dumps({"sentence_pooling_method": "mean"}))
     args.model = str(mean)
-    assert cli._load_model(args).cfg.sentence_pooling_method == "mean"
+    assert cli_common.load_model(args).cfg.sentence_pooling_method == "mean"
     args.step = 3
-    with pytest.raises(cli.UsageError, match="--step and --base-model apply to an m3jax run directory"):
-        cli._load_model(args)
+    with pytest.raises(cli_common.UsageError, match="--step and --base-model apply to an m3jax run directory"):
+        cli_common.load_model(args)
 
 
 def test_cli_eval_errors(tmp_path, capsys):

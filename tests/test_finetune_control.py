@@ -515,21 +515,22 @@ def test_heads_subset_freezing_and_matryoshka_train_and_export(tiny_ckpt, tmp_pa
 
 def test_matryoshka_eval_modes_equal_truncate_dim(tiny_ckpt):
     """dense@K / colbert@K (cut + re-normalise inside the search) rank and score like a model with truncate_dim=K."""
-    from m3jax import evaluate as ev
+    from m3jax.eval_options import parse_modes
+    from m3jax.eval_search import search
     from m3jax.inference import BGEM3FlagModel
 
     corpus = [t + suffix for t in TEXTS for suffix in ("", " again", " and more text")]
     full = BGEM3FlagModel(tiny_ckpt, use_fp16=False, devices="cpu")
     cut = BGEM3FlagModel(tiny_ckpt, use_fp16=False, devices="cpu", truncate_dim=16)
     kw = dict(top_k=10, batch_size=4, query_max_len=32, passage_max_len=64)
-    ours = ev.search(full, TEXTS, corpus, modes=("dense@16", "colbert@16"), **kw)
-    truncated = ev.search(cut, TEXTS, corpus, modes=("dense", "colbert"), **kw)
+    ours = search(full, TEXTS, corpus, modes=("dense@16", "colbert@16"), **kw)
+    truncated = search(cut, TEXTS, corpus, modes=("dense", "colbert"), **kw)
     for mode, plain in (("dense@16", "dense"), ("colbert@16", "colbert")):
         np.testing.assert_allclose(ours[mode][0], truncated[plain][0], atol=1e-6, rtol=0)
         np.testing.assert_array_equal(ours[mode][1], truncated[plain][1])
-    assert ev.parse_modes("dense@16,all") == ("dense@16", "all")
+    assert parse_modes("dense@16,all") == ("dense@16", "all")
     with pytest.raises(ValueError, match="unknown mode 'sparse@16'"):
-        ev.parse_modes("sparse@16")
+        parse_modes("sparse@16")
 
 
 # ---------------------------------------------------------------------------------------------------------------

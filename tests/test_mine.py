@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from test_train import kill_when
 
-from m3jax import cli
-from m3jax import evaluate as ev
+from m3jax import cli, eval_options
 from m3jax import mine as mine_lib
+from m3jax.eval_search import ExactSearch
 from m3jax.inference import BGEM3FlagModel
 from m3jax.mine import MineOptions
 
@@ -84,8 +84,8 @@ def brute(model, data):
                        for a in q["lexical_weights"]], np.float64)
     colbert = np.array([[(a.astype(np.float64) @ b.astype(np.float64).T).max(axis=1).sum() / len(a)
                          for b in p["colbert_vecs"]] for a in q["colbert_vecs"]])
-    return {mode: ev.combine({"dense": dense, "sparse": sparse, "colbert": colbert}, mode, (1.0, 1.0, 1.0))
-            for mode in ev.MODES}
+    return {mode: eval_options.combine({"dense": dense, "sparse": sparse, "colbert": colbert}, mode, (1.0, 1.0, 1.0))
+            for mode in eval_options.MODES}
 
 
 def _mine(model, input_path, out, pool_path=None, **options):
@@ -116,7 +116,7 @@ def _assert_same_ranking(found, expected, scores_of, where):
 # ranking
 
 
-@pytest.mark.parametrize("mode", ev.MODES)
+@pytest.mark.parametrize("mode", eval_options.MODES)
 def test_ranking_equals_brute_force(model8, data, brute, mode, tmp_path):
     path, records, pool = data
     out = _mine(model8, path, tmp_path / "out.jsonl", mode=mode, range_for_sampling=(0, len(pool)),
@@ -131,13 +131,13 @@ def test_ranking_equals_brute_force(model8, data, brute, mode, tmp_path):
 
 def test_search_blocks_are_spread_over_devices(model8, data):
     _, records, pool = data
-    searcher = ev.ExactSearch(model8, [r["query"] for r in records], modes=("dense",), top_k=10, batch_size=BATCH,
-                              query_max_len=QLEN, passage_max_len=PLEN, passages_per_block=8)
+    searcher = ExactSearch(model8, [r["query"] for r in records], modes=("dense",), top_k=10, batch_size=BATCH,
+                           query_max_len=QLEN, passage_max_len=PLEN, passages_per_block=8)
     assert len(set(searcher.block_device)) == 7  # 25 queries: 7 blocks of 4 (at most 4 = 25/8 per device)
     searcher.add(pool[:50])
     top, index = searcher.state()
-    fresh = ev.ExactSearch(model8, [r["query"] for r in records], modes=("dense",), top_k=10, batch_size=BATCH,
-                           query_max_len=QLEN, passage_max_len=PLEN, passages_per_block=8)
+    fresh = ExactSearch(model8, [r["query"] for r in records], modes=("dense",), top_k=10, batch_size=BATCH,
+                        query_max_len=QLEN, passage_max_len=PLEN, passages_per_block=8)
     fresh.load_state(top, index)  # what a resumed pass does
     for s in (searcher, fresh):
         s.add(pool[50:], positions=np.arange(50, len(pool)))
@@ -246,7 +246,7 @@ def test_margin_to_the_positive_score(model, data, brute, tmp_path, kind):
 
 def test_positive_scores_match_brute_force(model, data, brute):
     _, records, pool = data
-    for mode in ev.MODES:
+    for mode in eval_options.MODES:
         found = mine_lib.positive_scores(model, [r["query"] for r in records], records,
                                          MineOptions(**{**BASE, "mode": mode}).checked())
         expected = [min(brute[mode][r][pool.index(p)] for p in rec["pos"]) for r, rec in enumerate(records)]

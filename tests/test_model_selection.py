@@ -22,6 +22,7 @@ from m3jax import checkpoint as ckpt_lib
 from m3jax import cli, loading, selection, trainer
 from m3jax import config as config_lib
 from m3jax import merge as merge_lib
+from m3jax.evaluate import EvalSetSpec
 from m3jax.export import ExportError, export_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,9 +165,9 @@ def test_resume_keeps_the_best(run, tiny_ckpt, tmp_path):
 
 
 def test_metric_for_best_model_syntax_and_errors():
-    specs = [config_lib.EvalSetSpec("domain", "c", "q", "r", 8, 8, 8, ("dense", "dense+sparse", "all"), (1, 1, 1),
-                                    ("ndcg@10", "mrr@10")),
-             config_lib.EvalSetSpec("general", "c", "q", "r", 8, 8, 8, ("dense",), (1, 1, 1), ("ndcg@10",))]
+    specs = [EvalSetSpec("domain", "c", "q", "r", 8, 8, 8, ("dense", "dense+sparse", "all"), (1, 1, 1),
+                         ("ndcg@10", "mrr@10")),
+             EvalSetSpec("general", "c", "q", "r", 8, 8, 8, ("dense",), (1, 1, 1), ("ndcg@10",))]
     e = selection.parse_metric("0.7*domain/dense+sparse/ndcg@10+0.3*general/dense/ndcg@10", specs)
     assert e.terms == ((0.7, "domain/dense+sparse/ndcg@10"), (0.3, "general/dense/ndcg@10"))
     assert e.value({"domain/dense+sparse/ndcg@10": 0.5, "general/dense/ndcg@10": 1.0}) == pytest.approx(0.65)
@@ -188,7 +189,7 @@ def test_metric_for_best_model_syntax_and_errors():
 
 def test_the_choosing_metric_and_its_values_are_logged(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="m3jax")
-    specs = [config_lib.EvalSetSpec("eval", "c", "q", "r", 8, 8, 8, ("dense", "all"), (1, 1, 1), ("ndcg@10",))]
+    specs = [EvalSetSpec("eval", "c", "q", "r", 8, 8, 8, ("dense", "all"), (1, 1, 1), ("ndcg@10",))]
     tracker = selection.BestTracker(str(tmp_path), selection.parse_metric("", specs))
     assert tracker.update(0, {"eval/all/ndcg@10": 0.25, "eval/dense/ndcg@10": 0.5}) is False
     assert tracker.update(2, {"eval/all/ndcg@10": 0.5, "eval/dense/ndcg@10": 0.1}) is True
@@ -249,7 +250,7 @@ def test_legacy_eval_is_a_set_named_eval():
     c = config_lib.default_config()
     c.eval.update(corpus="c", queries="q", qrels="r")
     c.eval_sets = {"general": dict(corpus="c2", queries="q2", qrels="r2", query_max_len=16)}
-    specs = config_lib.eval_set_specs(c)
+    specs = config_lib.eval_settings(c).eval_set_specs
     assert [(s.name, s.log_prefix) for s in specs] == [("eval", "eval"), ("general", "eval/general")]
     assert specs[1].query_max_len == 16 and specs[1].passage_max_len == c.passage_max_len
     assert specs[1].modes == specs[0].modes and specs[1].metrics == ("ndcg@10", "recall@100", "mrr@10")

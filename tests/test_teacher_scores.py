@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from m3jax import cli
-from m3jax import evaluate as ev
+from m3jax import cli, eval_options
 from m3jax.inference import BGEM3FlagModel
 from m3jax.teacher_scores import M3Teacher, score_file
 from m3jax.tiny_checkpoint import make_tiny_reranker
@@ -97,7 +96,7 @@ def test_m3_teacher_equals_compute_score(m3_models, tmp_path, weights):
                                       weights_for_different_modes=list(weights))
     batched = theirs.compute_score(pairs, batch_size=BATCH, max_query_length=QLEN, max_passage_length=PLEN,
                                    weights_for_different_modes=list(weights))
-    modes = ev.MODES if weights == (1.0, 1.0, 1.0) else ("dense+sparse", "all")
+    modes = eval_options.MODES if weights == (1.0, 1.0, 1.0) else ("dense+sparse", "all")
     for mode in modes:
         out = tmp_path / f"{mode}.jsonl"
         teacher = M3Teacher(ours, mode=mode, weights=weights, batch_size=BATCH, query_max_len=QLEN,
