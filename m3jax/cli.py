@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sys
-import types
 
 import m3jax
 from m3jax import config as config_lib
@@ -403,8 +402,8 @@ def _model_info(args) -> dict:
 
 
 def _start_processes() -> None:
-    distributed.initialize(types.SimpleNamespace(initialize="auto", coordinator_address=None, num_processes=None,
-                                                 process_id=None))
+    distributed.initialize(distributed.DistributedSettings(initialize="auto", coordinator_address=None,
+                                                           num_processes=None, process_id=None))
 
 
 _range_arg = _parsed_by(parse_range)

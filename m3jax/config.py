@@ -9,6 +9,7 @@ field (in a config file or as `--config.<field>=...`) fails at once instead of b
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -18,11 +19,16 @@ import ml_collections
 
 from m3jax import evaluate as ev
 from m3jax import selection, storage
-from m3jax.errors import M3JaxError
+from m3jax.distributed import DistributedSettings
+from m3jax.errors import ConfigError
 from m3jax.evaluate import LEGACY_EVAL_SET, EvalSetSpec
+from m3jax.loading import ModelSettings, lora_config, lora_targets
 from m3jax.loading import config_names as _names
-from m3jax.loading import lora_targets  # noqa: F401 -- still config.lora_targets to its callers
+from m3jax.losses import HEADS, LossConfig
 from m3jax.model import LORA_TARGETS
+from m3jax.optimizer import OptimizerSettings
+from m3jax.sharding import MeshSettings
+from m3jax.step import StepSettings
 
 # Per-device batch size by token-length range of the dataset file (FlagEmbedding research/BGE_M3 recipe, 80 GB
 # GPUs). Keys are the `len-LO-HI` tags written by scripts/split_data_by_length.py; datasets without a tag use
@@ -234,10 +240,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(M3JaxError, ValueError):
-    """A config field has a value m3jax cannot run with; the message names the field."""
-
-
 def _require(ok: bool, field: str, expected: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"config.{field}={value!r}: expected {expected}")
@@ -351,9 +353,6 @@ def train_data_dirs(config: ml_collections.ConfigDict) -> list[str]:
     if isinstance(value, str):
         return [p.strip() for p in value.split(",") if p.strip()]
     return [str(p) for p in value]
-
-
-HEADS = ("dense", "sparse", "colbert")  # the M3 heads, in the order the loss and the ensemble sum them
 
 
 def _patterns(value) -> tuple[str, ...]:
@@ -648,3 +647,72 @@ def _matryoshka_eval_modes(config) -> tuple[str, ...]:
     dims = tuple(config["mrl_dims"]) if "mrl_dims" in config else ()
     out = tuple(f"dense@{d}" for d in dims)
     return out + (tuple(f"colbert@{d}" for d in dims) if config.get("mrl_colbert") else ())
+
+
+# --- training settings (conversion at the edge) ---
+# The run config -> the frozen settings of the training parts: the mesh, processes, the model's choices, the loss,
+# the optimizer and the step (m3jax.trainer, m3jax.plan and the benchmarks call these; nothing below them sees the
+# ConfigDict).
+
+
+def config_to_json(config) -> dict:
+    """ConfigDict -> plain JSON-able dict (tuples become lists): the run config saved with every checkpoint."""
+    return json.loads(config.to_json())
+
+
+def mesh_settings(config) -> MeshSettings:
+    mesh = config.mesh
+    return MeshSettings(data=mesh.data, fsdp=mesh.fsdp, tensor=mesh.tensor,
+                        sharding_rules=tuple(tuple(r) for r in config.sharding_rules))
+
+
+def distributed_settings(config) -> DistributedSettings:
+    d = config.distributed
+    return DistributedSettings(initialize=d.initialize, coordinator_address=d.coordinator_address,
+                               num_processes=d.num_processes, process_id=d.process_id)
+
+
+def model_settings(config) -> ModelSettings:
+    """The model fields of a run config, on top of the checkpoint's architecture (loading.model_config)."""
+    return ModelSettings(sentence_pooling_method=config.sentence_pooling_method,
+                         normalize_embeddings=config.normalize_embeddings, colbert_dim=int(config.colbert_dim),
+                         dtype=config.model.dtype, attention_implementation=config.model.attention_implementation,
+                         # "auto" is chosen per compiled shape by the trainer (m3jax.plan.choose_remat); the
+                         # model's own default is the policy that always fits best
+                         remat_policy="full" if config.model.remat_policy == "auto" else config.model.remat_policy,
+                         scan_layers=config.model.get("scan_layers"),
+                         hidden_dropout_prob=config.model.hidden_dropout_prob,
+                         attention_probs_dropout_prob=config.model.attention_probs_dropout_prob,
+                         lora=lora_config(config.lora.rank, config.lora.alpha, config.lora.dropout,
+                                          lora_targets(config)))
+
+
+def loss_settings(config) -> LossConfig:
+    """The run config's loss fields; the model's (vocabulary, normalisation) and the mesh's (num_blocks) are
+    filled in when the step is built (step.loss_config_from)."""
+    return LossConfig(
+        temperature=float(config.temperature), unified_finetuning=config.unified_finetuning,
+        use_self_distill=config.use_self_distill, self_distill_start_step=config.self_distill_start_step,
+        kd_loss_type=config.kd_loss_type, negatives_cross_device=config.negatives_cross_device,
+        cross_device_all_heads=config.cross_device_all_heads, heads=trained_heads(config),
+        mrl_dims=mrl_dims(config), mrl_weights=mrl_weights(config), mrl_colbert=bool(config.mrl_colbert))
+
+
+def optimizer_settings(config) -> OptimizerSettings:
+    return OptimizerSettings(
+        learning_rate=config.learning_rate, weight_decay=config.weight_decay, adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
+        warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler_type, trainable=trainable_patterns(config),
+        frozen=frozen_patterns(config), trained_heads=trained_heads(config), fix_encoder=bool(config.fix_encoder),
+        fix_position_embedding=bool(config.fix_position_embedding), freeze_layers_below=config.freeze_layers_below)
+
+
+def step_settings(config) -> StepSettings:
+    return StepSettings(
+        seed=config.seed, sub_batch_size=config.sub_batch_size, fix_encoder=bool(config.fix_encoder),
+        gradient_cache=bool(config.gradient_cache), gradient_cache_chunk_size=config.gradient_cache_chunk_size,
+        gradient_cache_chunk_tokens=config.gradient_cache_chunk_tokens,
+        sharding_rules=mesh_settings(config).sharding_rules,
+        gpu_command_buffers=bool(config.model.gpu_command_buffers), loss=loss_settings(config),
+        optimizer=optimizer_settings(config))
