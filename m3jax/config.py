@@ -1,4 +1,5 @@
-"""The one schema of every m3jax run: defaults, documentation and validation.
+"""The one schema of every m3jax run: defaults, documentation and validation, and the conversion of a run config
+into the frozen settings each part takes (`<part>_settings(config)`, at the end: only the commands call them).
 
 Field names follow FlagEmbedding's training arguments wherever a FlagEmbedding user would look for them
 (`train_group_size`, `query_max_len`, `temperature`, `use_self_distill`, ...). Settings FlagEmbedding does not

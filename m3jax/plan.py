@@ -4,12 +4,12 @@ read what the compiler says -- per-chip memory, fits or not, matmul FLOPs, the l
     m3jax plan --topology v5p-64 --config configs/bge_m3_unified.py [--config.<field>=...] [--shapes 8x8:512:2048]
 
 How: with `libtpu` installed (`pip install 'm3jax[tpu]'`), `jax.experimental.topologies` builds compile-only TPU
-devices on any host; the step the trainer would run (`Stepper.build` on the run config, the same mesh and sharding
-rules, attention resolved for TPU) is lowered on abstract state and batches (`jax.eval_shape`: no weights are
-loaded or allocated) and compiled by the real TPU compiler. A step that does not fit fails to compile with
-RESOURCE_EXHAUSTED; one that fits reports its memory (`compiled.memory_analysis()`). MaxText's train_compile.py
-works the same way. Without --topology the target is this host's devices (a GPU: fits = peak <= the device's
-memory limit; a CPU: against --memory-gib).
+devices on any host; the step the trainer would run (`Stepper.build` on the run config's step settings, the same
+mesh and sharding rules, attention resolved for TPU) is lowered on abstract state and batches (`jax.eval_shape`: no
+weights are loaded or allocated) and compiled by the real TPU compiler. A step that does not fit fails to compile
+with RESOURCE_EXHAUSTED; one that fits reports its memory (`compiled.memory_analysis()`). MaxText's
+train_compile.py works the same way. Without --topology the target is this host's devices (a GPU: fits = peak <= the
+device's memory limit; a CPU: against --memory-gib).
 
 Step shapes come from --shapes (BATCHxGROUP:QLEN:PLEN, per batch shard), else from the run's data when
 config.train_data is set (every (batch, group) the data produces, at its longest padded lengths: the most memory),
