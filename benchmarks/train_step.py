@@ -215,7 +215,7 @@ class Bench:
         self.args = args
         self.config = build_config(args, remat=remat, for_run=for_run)
         config_lib.validate(self.config, for_training=False)
-        self.mesh = shard_lib.make_mesh(self.config.mesh, devices)
+        self.mesh = shard_lib.make_mesh(config_lib.mesh_settings(self.config), devices)
         self.target = target_device(self.mesh)
         self.model_cfg = self._model_config(TINY if args.tiny else BGE_M3)
         self.num_shards = shard_lib.num_batch_shards(self.mesh, self.config.sharding_rules)
@@ -235,17 +235,20 @@ class Bench:
 
     def _model_config(self, hf_config: dict):
         """The run's ModelConfig for random weights of this shape; attention 'auto' resolved for the target."""
+        from m3jax import config as config_lib
         from m3jax import loading
 
         source = loading.ModelSource(path="random weights", hf_config=hf_config, tokenizer_dir=None,
                                      colbert_dim=None, has_pooler=False)
-        return loading.model_config(source, loading.ModelSettings.from_run_config(self.config),
+        return loading.model_config(source, config_lib.model_settings(self.config),
                                     platform=self.target["backend"])
 
     def _build_stepper(self):
+        from m3jax import config as config_lib
         from m3jax.step import Stepper
 
-        return Stepper.build(self.config, self.model_cfg, self.mesh, self.config.max_steps)
+        config_lib.validate_against_model(self.config, self.model_cfg)
+        return Stepper.build(config_lib.step_settings(self.config), self.model_cfg, self.mesh, self.config.max_steps)
 
     # -- step and inputs ------------------------------------------------------------------------------------------
 
@@ -600,13 +603,16 @@ def run(args, emit: Callable[[dict], None] | None = None) -> list[dict]:
 def _run_remat_auto(args, shape: Shape, devices=None) -> dict:
     """--remat auto: the trainer's choice for this shape (m3jax.plan.choose_remat: the least recomputation whose
     compiled step fits --memory-budget-gib, else the device's limit), then that step timed (or analysed)."""
+    from m3jax import config as config_lib
     from m3jax import plan
 
     probe = Bench(args, remat="full", for_run=False, devices=devices)
     budget = None if args.memory_budget_gib in (None, "auto") else float(args.memory_budget_gib)
     with probe.config.unlocked():
         probe.config.auto_batch_memory_gib = budget if budget else -1.0
-    (choice,) = plan.choose_remat(probe.config, probe.model_cfg, probe.mesh, [(shape, False, False)])
+    (choice,) = plan.choose_remat(config_lib.step_settings(probe.config), probe.model_cfg, probe.mesh,
+                                  [(shape, False, False)],
+                                  target=plan.memory_target(probe.config.auto_batch_memory_gib, probe.mesh))
     logger.info("%s", plan.describe_remat_choice(choice))
     del probe
     gc.collect()

@@ -178,11 +178,6 @@ class Checkpointer:
         self.manager.close()
 
 
-def config_to_json(config) -> dict:
-    """ConfigDict -> plain JSON-able dict (tuples become lists)."""
-    return json.loads(config.to_json())
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Reading one step from outside the run
 

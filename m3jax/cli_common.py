@@ -3,7 +3,6 @@ name, and starting a multi-process job."""
 from __future__ import annotations
 
 import argparse
-import types
 
 from m3jax import distributed, loading, storage
 from m3jax.checkpoint import CheckpointError
@@ -112,8 +111,8 @@ def model_info(args) -> dict:
 
 def start_processes() -> None:
     """Join a multi-process job when the launcher's environment asks for one (M3JAX_* variables, SLURM, TPU pod)."""
-    distributed.initialize(types.SimpleNamespace(initialize="auto", coordinator_address=None, num_processes=None,
-                                                 process_id=None))
+    distributed.initialize(distributed.DistributedSettings(initialize="auto", coordinator_address=None,
+                                                           num_processes=None, process_id=None))
 
 
 def local_job_files(args, command: str) -> None:

@@ -1,4 +1,5 @@
-"""The one schema of every m3jax run: defaults, documentation and validation.
+"""The one schema of every m3jax run: defaults, documentation and validation, and the conversion of a run config
+into the frozen settings each part takes (`<part>_settings(config)`, at the end: only the commands call them).
 
 Field names follow FlagEmbedding's training arguments wherever a FlagEmbedding user would look for them
 (`train_group_size`, `query_max_len`, `temperature`, `use_self_distill`, ...). Settings FlagEmbedding does not
@@ -20,18 +21,25 @@ import ml_collections
 from m3jax import selection, storage
 from m3jax.data_datasets import DataSettings
 from m3jax.data_files import Instructions
-from m3jax.errors import M3JaxError
+from m3jax.distributed import DistributedSettings
+from m3jax.errors import ConfigError
 from m3jax.eval_options import check_weights, parse_metrics, parse_modes
 from m3jax.evaluate import LEGACY_EVAL_SET, EvalSetSpec, EvalSettings
-from m3jax.loading import config_names as _names
 from m3jax.loading import (
+    ModelSettings,
+    lora_config,
     lora_targets,  # noqa: F401 -- still config.lora_targets to its callers
     max_tokens,
 )
+from m3jax.loading import config_names as _names
+from m3jax.losses import HEADS, LossConfig
 from m3jax.model import LORA_TARGETS
 from m3jax.model_card import ModelCardSettings
+from m3jax.optimizer import OptimizerSettings
 from m3jax.padding import length_buckets
 from m3jax.selection import SelectionSettings
+from m3jax.sharding import MeshSettings
+from m3jax.step import StepSettings
 
 # Per-device batch size by token-length range of the dataset file (FlagEmbedding research/BGE_M3 recipe, 80 GB
 # GPUs). Keys are the `len-LO-HI` tags written by scripts/split_data_by_length.py; datasets without a tag use
@@ -243,10 +251,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(M3JaxError, ValueError):
-    """A config field has a value m3jax cannot run with; the message names the field."""
-
-
 def _require(ok: bool, field: str, expected: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"config.{field}={value!r}: expected {expected}")
@@ -360,9 +364,6 @@ def train_data_dirs(config: ml_collections.ConfigDict) -> list[str]:
     if isinstance(value, str):
         return [p.strip() for p in value.split(",") if p.strip()]
     return [str(p) for p in value]
-
-
-HEADS = ("dense", "sparse", "colbert")  # the M3 heads, in the order the loss and the ensemble sum them
 
 
 def _patterns(value) -> tuple[str, ...]:
@@ -580,6 +581,34 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
                      "batch_size_by_length", "{'LO-HI': positive int, ...} with HI an int or 'inf'", {k: v})
 
 
+# --- data settings (conversion at the edge) ---
+
+
+def data_settings(config) -> DataSettings:
+    """The training data's settings: train_data split into paths, the pad-length ladders of seq_len_buckets, the
+    instructions, and batch_size_by_length None as the research table for train_group_size ("auto" stays "auto"
+    until the trainer sizes it)."""
+    table = config.batch_size_by_length
+    if table is None:
+        table = RESEARCH_BATCH_SIZE_BY_LENGTH.get(config.train_group_size, {})
+    return DataSettings(
+        train_data=tuple(train_data_dirs(config)), seed=int(config.seed),
+        train_group_size=int(config.train_group_size),
+        query_max_len=int(config.query_max_len), passage_max_len=int(config.passage_max_len),
+        query_buckets=tuple(length_buckets(config.query_max_len, tuple(config.seq_len_buckets))),
+        passage_buckets=tuple(length_buckets(config.passage_max_len, tuple(config.seq_len_buckets))),
+        max_example_num_per_dataset=int(config.max_example_num_per_dataset),
+        instructions=Instructions(config.query_instruction_for_retrieval, config.query_instruction_format,
+                                  config.passage_instruction_for_retrieval, config.passage_instruction_format),
+        knowledge_distillation=bool(config.knowledge_distillation), shuffle_ratio=float(config.shuffle_ratio),
+        same_dataset_within_batch=bool(config.same_dataset_within_batch),
+        small_threshold=int(config.small_threshold), drop_threshold=int(config.drop_threshold),
+        per_device_train_batch_size=int(config.per_device_train_batch_size),
+        batch_size_by_length=table if isinstance(table, str) else tuple(dict(table).items()),
+        skip_bad_examples=bool(config.skip_bad_examples), num_data_workers=int(config.num_data_workers),
+        data_prefetch=int(config.data_prefetch))
+
+
 # --- eval settings (conversion at the edge) ---
 
 EVAL_SET_FIELDS = ("corpus", "queries", "qrels", "batch_size", "query_max_len", "passage_max_len", "modes", "weights",
@@ -655,31 +684,6 @@ def _matryoshka_eval_modes(config) -> tuple[str, ...]:
     return out + (tuple(f"colbert@{d}" for d in dims) if config.get("mrl_colbert") else ())
 
 
-# --- data settings (conversion at the edge) ---
-
-def data_settings(config) -> DataSettings:
-    """The training data's settings: train_data split into paths, the pad-length ladders of seq_len_buckets, the
-    instructions, and batch_size_by_length None as the research table for train_group_size ("auto" stays "auto"
-    until the trainer sizes it)."""
-    table = config.batch_size_by_length
-    if table is None:
-        table = RESEARCH_BATCH_SIZE_BY_LENGTH.get(config.train_group_size, {})
-    return DataSettings(
-        train_data=tuple(train_data_dirs(config)), seed=int(config.seed),
-        train_group_size=int(config.train_group_size),
-        query_max_len=int(config.query_max_len), passage_max_len=int(config.passage_max_len),
-        query_buckets=tuple(length_buckets(config.query_max_len, tuple(config.seq_len_buckets))),
-        passage_buckets=tuple(length_buckets(config.passage_max_len, tuple(config.seq_len_buckets))),
-        max_example_num_per_dataset=int(config.max_example_num_per_dataset),
-        instructions=Instructions(config.query_instruction_for_retrieval, config.query_instruction_format,
-                                  config.passage_instruction_for_retrieval, config.passage_instruction_format),
-        knowledge_distillation=bool(config.knowledge_distillation), shuffle_ratio=float(config.shuffle_ratio),
-        same_dataset_within_batch=bool(config.same_dataset_within_batch),
-        small_threshold=int(config.small_threshold), drop_threshold=int(config.drop_threshold),
-        per_device_train_batch_size=int(config.per_device_train_batch_size),
-        batch_size_by_length=table if isinstance(table, str) else tuple(dict(table).items()),
-        skip_bad_examples=bool(config.skip_bad_examples), num_data_workers=int(config.num_data_workers),
-        data_prefetch=int(config.data_prefetch))
 def eval_settings(config) -> EvalSettings:
     """The run's eval (m3jax.evaluate.EvalSettings). Its sets are checked as validate() checks them, except that
     config.eval's corpus, queries and qrels may be empty here (evaluate_legacy_set says so)."""
@@ -713,3 +717,72 @@ def selection_settings(config) -> SelectionSettings:
 def model_card_settings() -> ModelCardSettings:
     """What an export's model card compares the run's saved config with: default_config(), as a run saves it."""
     return ModelCardSettings(default_config=json.loads(default_config().to_json()))
+
+
+# --- training settings (conversion at the edge) ---
+# The run config -> the frozen settings of the training parts: the mesh, processes, the model's choices, the loss,
+# the optimizer and the step (m3jax.trainer, m3jax.plan and the benchmarks call these; nothing below them sees the
+# ConfigDict).
+
+
+def config_to_json(config) -> dict:
+    """ConfigDict -> plain JSON-able dict (tuples become lists): the run config saved with every checkpoint."""
+    return json.loads(config.to_json())
+
+
+def mesh_settings(config) -> MeshSettings:
+    mesh = config.mesh
+    return MeshSettings(data=mesh.data, fsdp=mesh.fsdp, tensor=mesh.tensor,
+                        sharding_rules=tuple(tuple(r) for r in config.sharding_rules))
+
+
+def distributed_settings(config) -> DistributedSettings:
+    d = config.distributed
+    return DistributedSettings(initialize=d.initialize, coordinator_address=d.coordinator_address,
+                               num_processes=d.num_processes, process_id=d.process_id)
+
+
+def model_settings(config) -> ModelSettings:
+    """The model fields of a run config, on top of the checkpoint's architecture (loading.model_config)."""
+    return ModelSettings(sentence_pooling_method=config.sentence_pooling_method,
+                         normalize_embeddings=config.normalize_embeddings, colbert_dim=int(config.colbert_dim),
+                         dtype=config.model.dtype, attention_implementation=config.model.attention_implementation,
+                         # "auto" is chosen per compiled shape by the trainer (m3jax.plan.choose_remat); the
+                         # model's own default is the policy that always fits best
+                         remat_policy="full" if config.model.remat_policy == "auto" else config.model.remat_policy,
+                         scan_layers=config.model.get("scan_layers"),
+                         hidden_dropout_prob=config.model.hidden_dropout_prob,
+                         attention_probs_dropout_prob=config.model.attention_probs_dropout_prob,
+                         lora=lora_config(config.lora.rank, config.lora.alpha, config.lora.dropout,
+                                          lora_targets(config)))
+
+
+def loss_settings(config) -> LossConfig:
+    """The run config's loss fields; the model's (vocabulary, normalisation) and the mesh's (num_blocks) are
+    filled in when the step is built (step.loss_config_from)."""
+    return LossConfig(
+        temperature=float(config.temperature), unified_finetuning=config.unified_finetuning,
+        use_self_distill=config.use_self_distill, self_distill_start_step=config.self_distill_start_step,
+        kd_loss_type=config.kd_loss_type, negatives_cross_device=config.negatives_cross_device,
+        cross_device_all_heads=config.cross_device_all_heads, heads=trained_heads(config),
+        mrl_dims=mrl_dims(config), mrl_weights=mrl_weights(config), mrl_colbert=bool(config.mrl_colbert))
+
+
+def optimizer_settings(config) -> OptimizerSettings:
+    return OptimizerSettings(
+        learning_rate=config.learning_rate, weight_decay=config.weight_decay, adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
+        warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler_type, trainable=trainable_patterns(config),
+        frozen=frozen_patterns(config), trained_heads=trained_heads(config), fix_encoder=bool(config.fix_encoder),
+        fix_position_embedding=bool(config.fix_position_embedding), freeze_layers_below=config.freeze_layers_below)
+
+
+def step_settings(config) -> StepSettings:
+    return StepSettings(
+        seed=config.seed, sub_batch_size=config.sub_batch_size, fix_encoder=bool(config.fix_encoder),
+        gradient_cache=bool(config.gradient_cache), gradient_cache_chunk_size=config.gradient_cache_chunk_size,
+        gradient_cache_chunk_tokens=config.gradient_cache_chunk_tokens,
+        sharding_rules=mesh_settings(config).sharding_rules,
+        gpu_command_buffers=bool(config.model.gpu_command_buffers), loss=loss_settings(config),
+        optimizer=optimizer_settings(config))

@@ -7,6 +7,7 @@ any host and names the same sync step on all of them. `Preemption.reached(step)`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -26,23 +27,33 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", cache_dir("xla"))
 
 
-def initialize(dist_config) -> None:
-    """jax.distributed.initialize when the config or the launcher's environment asks for it.
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings:
+    """config.distributed (m3jax.config.distributed_settings); documented in m3jax.config.default_config."""
+
+    initialize: str  # auto | always | never
+    coordinator_address: str | None
+    num_processes: int | None
+    process_id: int | None
+
+
+def initialize(settings: DistributedSettings) -> None:
+    """jax.distributed.initialize when the settings or the launcher's environment ask for it.
 
     Explicit settings come from config.distributed.{coordinator_address,num_processes,process_id} or the env vars
     M3JAX_COORDINATOR_ADDRESS / M3JAX_NUM_PROCESSES / M3JAX_PROCESS_ID; with none of them, 'auto' initialises only
     under a multi-task SLURM job or a multi-host TPU slice (jax detects both itself).
     """
-    if dist_config.initialize == "never" or jax.distributed.is_initialized():
+    if settings.initialize == "never" or jax.distributed.is_initialized():
         return
-    address = dist_config.coordinator_address or os.environ.get("M3JAX_COORDINATOR_ADDRESS")
-    num = dist_config.num_processes or (int(os.environ["M3JAX_NUM_PROCESSES"])
+    address = settings.coordinator_address or os.environ.get("M3JAX_COORDINATOR_ADDRESS")
+    num = settings.num_processes or (int(os.environ["M3JAX_NUM_PROCESSES"])
                                         if "M3JAX_NUM_PROCESSES" in os.environ else None)
-    pid = dist_config.process_id if dist_config.process_id is not None else (
+    pid = settings.process_id if settings.process_id is not None else (
         int(os.environ["M3JAX_PROCESS_ID"]) if "M3JAX_PROCESS_ID" in os.environ else None)
     explicit = address is not None or num is not None or pid is not None
     launcher = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if dist_config.initialize == "auto" and not (explicit or launcher):
+    if settings.initialize == "auto" and not (explicit or launcher):
         return
     with contextlib.suppress(AttributeError, ValueError):  # CPU collectives across processes; accelerators ignore it
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class M3JaxError(Exception):
     """Something the user can fix (input, paths, config values); the message says what and where."""
+
+
+class ConfigError(M3JaxError, ValueError):
+    """A config field has a value m3jax cannot run with; the message names the field (`config.<field>=...`)."""

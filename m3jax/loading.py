@@ -65,21 +65,6 @@ class ModelSettings:
     # LoRA adapters: None = the source's (a run's config; an HF directory has none); LoRAConfig(rank=0) = none.
     lora: LoRAConfig | None = None
 
-    @classmethod
-    def from_run_config(cls, config) -> ModelSettings:
-        """The model fields of a run config (m3jax.config)."""
-        return cls(sentence_pooling_method=config.sentence_pooling_method,
-                   normalize_embeddings=config.normalize_embeddings, colbert_dim=int(config.colbert_dim),
-                   dtype=config.model.dtype, attention_implementation=config.model.attention_implementation,
-                   # "auto" is chosen per compiled shape by the trainer (m3jax.plan.choose_remat); the model's
-                   # own default is the policy that always fits best
-                   remat_policy="full" if config.model.remat_policy == "auto" else config.model.remat_policy,
-                   scan_layers=config.model.get("scan_layers"),
-                   hidden_dropout_prob=config.model.hidden_dropout_prob,
-                   attention_probs_dropout_prob=config.model.attention_probs_dropout_prob,
-                   lora=lora_config(config.lora.rank, config.lora.alpha, config.lora.dropout,
-                                    lora_targets(config)))
-
 
 def config_names(value) -> tuple[str, ...]:
     """Names from a config value: ("a", "b"), "a,b", or ("a,b",) (what `--config.<field>=a,b` gives a tuple)."""

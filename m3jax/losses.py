@@ -58,7 +58,8 @@ import jax
 import jax.numpy as jnp
 
 from m3jax import scores
-from m3jax.config import HEADS
+
+HEADS = ("dense", "sparse", "colbert")  # the M3 heads, in the order the loss and the ensemble sum them
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ included, are zeroed after it: the rows stay bitwise unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -27,19 +28,42 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from m3jax import config as config_lib
+from m3jax.errors import ConfigError
 from m3jax.model import HEAD_PARAMS, is_lora_param, param_names, path_names
 
 
-def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """The run config's optimisation and fine-tuning control fields (m3jax.config.optimizer_settings); defaults and
+    documentation: m3jax.config.default_config."""
+
+    learning_rate: float
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_epsilon: float
+    max_grad_norm: float
+    warmup_ratio: float
+    warmup_steps: int
+    lr_scheduler_type: str  # linear | constant | cosine
+    trainable: tuple[str, ...]  # regexes (config.trainable as a tuple)
+    frozen: tuple[str, ...]
+    trained_heads: tuple[str, ...]  # config.trained_heads: heads, or ("dense",) without unified_finetuning
+    fix_encoder: bool
+    fix_position_embedding: bool
+    freeze_layers_below: int
+
+
+def learning_rate_schedule(settings: OptimizerSettings, total_steps: int) -> optax.Schedule:
     """HF get_{linear,cosine,constant}_schedule_with_warmup, evaluated at the update's 0-based step."""
-    warmup = config.warmup_steps if config.warmup_steps > 0 else int(-(-config.warmup_ratio * total_steps // 1))
+    s = settings
+    warmup = s.warmup_steps if s.warmup_steps > 0 else int(-(-s.warmup_ratio * total_steps // 1))
     warmup = min(warmup, total_steps)
-    lr = config.learning_rate
+    lr = s.learning_rate
     decay_steps = max(total_steps - warmup, 1)
-    if config.lr_scheduler_type == "constant":
+    if s.lr_scheduler_type == "constant":
         after = optax.constant_schedule(lr)
-    elif config.lr_scheduler_type == "cosine":
+    elif s.lr_scheduler_type == "cosine":
         after = optax.cosine_decay_schedule(lr, decay_steps)
     else:
         after = optax.linear_schedule(lr, 0.0, decay_steps)
@@ -48,26 +72,25 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def _compiled(config, field: str, names: list[str]) -> list[re.Pattern]:
-    patterns = getattr(config_lib, f"{field}_patterns")(config)
+def _compiled(patterns: tuple[str, ...], field: str, names: list[str]) -> list[re.Pattern]:
     compiled = []
     for pattern in patterns:
         regex = re.compile(pattern)
         if not any(regex.search(n) for n in names):
             examples = ", ".join(next(n for n in names if part in n) for part in (
                 "/embeddings/", "/layers/", "colbert_linear/", "sparse_linear/") if any(part in n for n in names))
-            raise config_lib.ConfigError(f"config.{field}: {pattern!r} matches no parameter (names look like "
-                                         f"{examples})")
+            raise ConfigError(f"config.{field}: {pattern!r} matches no parameter (names look like {examples})")
         compiled.append(regex)
     return compiled
 
 
-def trainable_mask(params, config) -> object:
+def trainable_mask(params, settings: OptimizerSettings) -> object:
     """Per parameter, a numpy bool array saying what trains (module docstring): shape () for the whole parameter,
     or [layers, 1, ..., 1] for the rows of a stacked layer array under freeze_layers_below."""
     names = param_names(params)
-    trainable, frozen = _compiled(config, "trainable", names), _compiled(config, "frozen", names)
-    heads = config_lib.trained_heads(config)
+    trainable = _compiled(settings.trainable, "trainable", names)
+    frozen = _compiled(settings.frozen, "frozen", names)
+    heads = settings.trained_heads
     lora = any(is_lora_param(n.split("/")) for n in names)
 
     def trains(parts: list[str]) -> bool:
@@ -77,9 +100,9 @@ def trainable_mask(params, config) -> object:
         if parts[0] in HEAD_PARAMS:
             if HEAD_PARAMS[parts[0]] not in heads:
                 return False
-        elif config.fix_encoder:
+        elif settings.fix_encoder:
             return False
-        if (config.fix_position_embedding and "position_embeddings" in parts) or any(r.search(name) for r in frozen):
+        if (settings.fix_position_embedding and "position_embeddings" in parts) or any(r.search(name) for r in frozen):
             return False
         if trainable:
             return any(r.search(name) for r in trainable)
@@ -89,7 +112,7 @@ def trainable_mask(params, config) -> object:
         parts = path_names(path)
         if not trains(parts):
             return np.asarray(False)
-        below = config.freeze_layers_below
+        below = settings.freeze_layers_below
         if parts[:2] == ["encoder", "layers"] and below > 0:
             layers = leaf.shape[0]
             if below >= layers:
@@ -99,14 +122,14 @@ def trainable_mask(params, config) -> object:
 
     out = jax.tree_util.tree_map_with_path(mask, params)
     if not any(m.any() for m in jax.tree.leaves(out)):
-        raise config_lib.ConfigError("no parameter trains with these settings (heads, trainable, frozen, "
-                                     "freeze_layers_below, fix_encoder, lora): nothing to fine-tune")
+        raise ConfigError("no parameter trains with these settings (heads, trainable, frozen, "
+                          "freeze_layers_below, fix_encoder, lora): nothing to fine-tune")
     return out
 
 
-def trainable_labels(params, config) -> object:
+def trainable_labels(params, settings: OptimizerSettings) -> object:
     """'train' or 'frozen' per parameter leaf ('train' when any row of it trains)."""
-    return labels_of(trainable_mask(params, config))
+    return labels_of(trainable_mask(params, settings))
 
 
 def labels_of(mask) -> object:
@@ -160,13 +183,15 @@ def mask_and_clip(trainable, max_grad_norm: float) -> optax.GradientTransformati
     return optax.chain(*steps)
 
 
-def make_optimizer(config, params, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = learning_rate_schedule(config, total_steps)
-    mask = trainable_mask(params, config)
+def make_optimizer(settings: OptimizerSettings, params, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    s = settings
+    schedule = learning_rate_schedule(s, total_steps)
+    mask = trainable_mask(params, s)
     labels = labels_of(mask)
-    adamw = optax.adamw(schedule, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
-                        weight_decay=config.weight_decay, mask=weight_decay_mask(params))
-    steps = [mask_and_clip(mask, config.max_grad_norm),
+    adamw = optax.adamw(schedule, b1=s.adam_beta1, b2=s.adam_beta2, eps=s.adam_epsilon,
+                        weight_decay=s.weight_decay, mask=weight_decay_mask(params))
+    steps = [mask_and_clip(mask, s.max_grad_norm),
              optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)]  # no moments for frozen
     if _has_frozen_rows(mask):  # frozen rows: no update, no weight decay
         steps.append(_zero_frozen_rows(mask))

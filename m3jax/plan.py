@@ -4,12 +4,12 @@ read what the compiler says -- per-chip memory, fits or not, matmul FLOPs, the l
     m3jax plan --topology v5p-64 --config configs/bge_m3_unified.py [--config.<field>=...] [--shapes 8x8:512:2048]
 
 How: with `libtpu` installed (`pip install 'm3jax[tpu]'`), `jax.experimental.topologies` builds compile-only TPU
-devices on any host; the step the trainer would run (`Stepper.build` on the run config, the same mesh and sharding
-rules, attention resolved for TPU) is lowered on abstract state and batches (`jax.eval_shape`: no weights are
-loaded or allocated) and compiled by the real TPU compiler. A step that does not fit fails to compile with
-RESOURCE_EXHAUSTED; one that fits reports its memory (`compiled.memory_analysis()`). MaxText's train_compile.py
-works the same way. Without --topology the target is this host's devices (a GPU: fits = peak <= the device's
-memory limit; a CPU: against --memory-gib).
+devices on any host; the step the trainer would run (`Stepper.build` on the run config's step settings, the same
+mesh and sharding rules, attention resolved for TPU) is lowered on abstract state and batches (`jax.eval_shape`: no
+weights are loaded or allocated) and compiled by the real TPU compiler. A step that does not fit fails to compile
+with RESOURCE_EXHAUSTED; one that fits reports its memory (`compiled.memory_analysis()`). MaxText's
+train_compile.py works the same way. Without --topology the target is this host's devices (a GPU: fits = peak <= the
+device's memory limit; a CPU: against --memory-gib).
 
 Step shapes come from --shapes (BATCHxGROUP:QLEN:PLEN, per batch shard), else from the run's data when
 config.train_data is set (every (batch, group) the data produces, at its longest padded lengths: the most memory),
@@ -36,12 +36,11 @@ from typing import Any
 from m3jax import config as config_lib
 from m3jax import data_build, hf_layout, hf_read, loading, storage
 from m3jax import sharding as shard_lib
-from m3jax.checkpoint import config_to_json
 from m3jax.config import RESEARCH_BATCH_SIZE_BY_LENGTH, train_data_dirs
 from m3jax.data_files import list_dataset_files
 from m3jax.errors import M3JaxError
 from m3jax.padding import length_buckets, pad_length
-from m3jax.step import Stepper
+from m3jax.step import Stepper, StepSettings
 from m3jax.xla_stats import (
     GIB,
     BenchError,
@@ -409,11 +408,11 @@ def hf_config_for(config, model_config: str | None = None) -> tuple[dict, str, b
     return hf, file, bool(pooler)
 
 
-def model_config_for(config, hf_config: dict, platform: str, *, has_pooler: bool = True):
+def model_config_for(settings: loading.ModelSettings, hf_config: dict, platform: str, *, has_pooler: bool = True):
     """The trainer's ModelConfig for these dims (loading.model_config), attention resolved for `platform`."""
     source = loading.ModelSource(path="(plan: no weights)", hf_config=hf_config, tokenizer_dir=None,
                                  colbert_dim=None, has_pooler=has_pooler)
-    return loading.model_config(source, loading.ModelSettings.from_run_config(config), platform=platform)
+    return loading.model_config(source, settings, platform=platform)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -456,16 +455,16 @@ def oom_figures(message: str) -> tuple[int | None, int | None]:
 
 
 class Planner:
-    """The run's Stepper on a target's devices; compiles its step for abstract batches of a shape."""
+    """The run's Stepper on a mesh of a target's devices; compiles its step for abstract batches of a shape.
+    has_teacher: whether the batches carry teacher scores (config.knowledge_distillation)."""
 
-    def __init__(self, config, model_cfg, target: Target, *, mesh=None, has_teacher: bool | None = None):
-        self.config = config
+    def __init__(self, step: StepSettings, model_cfg, target: Target, *, mesh, has_teacher: bool):
         self.model_cfg = model_cfg
         self.target = target
-        self.mesh = shard_lib.make_mesh(config.mesh, target.devices) if mesh is None else mesh
-        self.stepper = Stepper.build(config, model_cfg, self.mesh, total_steps=1000)
-        self.num_shards = shard_lib.num_batch_shards(self.mesh, config.sharding_rules)
-        self.has_teacher = bool(config.knowledge_distillation) if has_teacher is None else has_teacher
+        self.mesh = mesh
+        self.stepper = Stepper.build(step, model_cfg, self.mesh, total_steps=1000)
+        self.num_shards = shard_lib.num_batch_shards(self.mesh, step.sharding_rules)
+        self.has_teacher = has_teacher
         self.compiles = 0
         self.dump_dir = xla_dump_dir()  # where XLA dumps what it compiles (XLA_FLAGS=--xla_dump_to=DIR), if set
 
@@ -647,12 +646,12 @@ def parse_shapes(text: str) -> dict[str, Shape]:
 # m3jax plan
 
 
-def _cache_words(config) -> str:
-    if not config.gradient_cache:
+def _cache_words(step: StepSettings) -> str:
+    if not step.gradient_cache:
         return ""
-    if config.gradient_cache_chunk_tokens:
-        return f", gradient cache: chunks of {config.gradient_cache_chunk_tokens} tokens"
-    return f", gradient cache: chunks of {config.gradient_cache_chunk_size} rows"
+    if step.gradient_cache_chunk_tokens:
+        return f", gradient cache: chunks of {step.gradient_cache_chunk_tokens} tokens"
+    return f", gradient cache: chunks of {step.gradient_cache_chunk_size} rows"
 
 
 def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, model_config: str | None = None,
@@ -661,7 +660,7 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
     emit = emit or (lambda line: print(line, flush=True))
     config_lib.validate(config, for_training=False)
     hf, where, pooler = hf_config_for(config, model_config)
-    model_cfg = model_config_for(config, hf, target.platform, has_pooler=pooler)
+    model_cfg = model_config_for(config_lib.model_settings(config), hf, target.platform, has_pooler=pooler)
     attention_note = None
     if target.platform == "gpu" and model_cfg.attention_implementation == "cudnn" and not cudnn_loadable():
         # A GPU target without a GPU (gpu_target) on a host without cuDNN: XLA's attention instead, said so.
@@ -669,7 +668,10 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
         attention_note = ("attention cudnn -> xla: cuDNN is not installed on this host, and jax needs it to lower "
                           "the fused attention (pip install nvidia-cudnn-cu13 to compile that too); the memory "
                           "and FLOPs below are those of XLA's attention")
-    planner = Planner(config, model_cfg, target)
+    step = config_lib.step_settings(config)
+    mesh = shard_lib.make_mesh(config_lib.mesh_settings(config), target.devices)
+    config_lib.validate_against_model(config, model_cfg)
+    planner = Planner(step, model_cfg, target, mesh=mesh, has_teacher=bool(config.knowledge_distillation))
     if shapes is None:
         shapes = data_shapes(config, planner.num_shards) if config_lib.train_data_dirs(config) else \
             table_shapes(config)
@@ -679,13 +681,13 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
          + (f", budget {target.budget_bytes / GIB:.2f} GiB" if target.budget_bytes else ""))
     emit(f"model {where}: {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, vocab "
          f"{model_cfg.vocab_size}; dtype {model_cfg.dtype}, attention {model_cfg.attention_implementation}, remat "
-         f"{model_cfg.remat_policy}, sub_batch_size {config.sub_batch_size}" + _cache_words(config))
+         f"{model_cfg.remat_policy}, sub_batch_size {step.sub_batch_size}" + _cache_words(step))
     if attention_note:
         emit(attention_note)
     emit(f"mesh {dict(planner.mesh.shape)}; batch split over {planner.num_shards} chips; params + optimizer state "
          f"{planner.state_gib()} GiB per chip")
     if config.model.remat_policy == "auto":  # the trainer's choice per shape; the table below compiles with "full"
-        for choice in choose_remat(config, model_cfg, planner.mesh,
+        for choice in choose_remat(step, model_cfg, planner.mesh,
                                    [(shape, planner.has_teacher, False) for shape in shapes.values()], target=target):
             emit(describe_remat_choice(choice))
     header = f"{'bucket':<16} {'per-chip shape':<18} {'peak GiB':>9} {'fits':>5} {'matmul TFLOP':>13} {'max batch':>10}"
@@ -754,24 +756,23 @@ def structure_line(st: dict) -> str:
 REMAT_BY_RECOMPUTE = ("none", "dots", "dots_no_batch", "full")  # least recomputation first
 
 
-def memory_target(config, mesh) -> Target | None:
-    """The target the "auto" choices judge memory by: the mesh's devices with config.auto_batch_memory_gib, else
-    the device's own limit; None where neither exists (CPU without a budget)."""
-    budget_gib = float(config.auto_batch_memory_gib)
+def memory_target(auto_batch_memory_gib: float, mesh) -> Target | None:
+    """The target the "auto" choices judge memory by: the mesh's devices with config.auto_batch_memory_gib (> 0),
+    else the device's own limit; None where neither exists (CPU without a budget)."""
+    budget_gib = float(auto_batch_memory_gib)
     try:
         return local_target(memory_gib=budget_gib if budget_gib > 0 else None, devices=list(mesh.devices.flat))
     except PlanError:
         return None
 
 
-def choose_remat(config, model_cfg, mesh, shapes, *, target: Target | None = None) -> list[dict]:
+def choose_remat(step: StepSettings, model_cfg, mesh, shapes, *, target: Target | None) -> list[dict]:
     """For model.remat_policy="auto": per (Shape per batch shard, has_teacher, no_in_batch_neg) of `shapes`, the
-    policy with the least recomputation (REMAT_BY_RECOMPUTE) whose compiled step fits the memory budget
-    (`memory_target`, or `target`), judged by XLA's memory analysis as `m3jax plan` judges a shape. Returns one
-    dict per shape: shape, policy, candidates (policy, peak_gib, fits; in the order compiled). Compiles stop at the
-    first fitting policy; where none fits, "full" (the step then fails as it would have). Without a budget (CPU
-    and no auto_batch_memory_gib) nothing can be judged: "none", with no candidates."""
-    target = target or memory_target(config, mesh)
+    policy with the least recomputation (REMAT_BY_RECOMPUTE) whose compiled step fits the memory budget of
+    `target` (the trainer's: `memory_target`), judged by XLA's memory analysis as `m3jax plan` judges a shape.
+    Returns one dict per shape: shape, policy, candidates (policy, peak_gib, fits; in the order compiled). Compiles
+    stop at the first fitting policy; where none fits, "full" (the step then fails as it would have). Without a
+    budget (target None: CPU and no auto_batch_memory_gib) nothing can be judged: "none", with no candidates."""
     planners: dict[tuple[str, bool], Planner] = {}
     out = []
     for shape, has_teacher, no_in_batch_neg in shapes:
@@ -782,10 +783,7 @@ def choose_remat(config, model_cfg, mesh, shapes, *, target: Target | None = Non
         for policy in REMAT_BY_RECOMPUTE:
             key = (policy, bool(has_teacher))
             if key not in planners:
-                cfg = config.copy_and_resolve_references()
-                with cfg.unlocked():
-                    cfg.model.remat_policy = policy
-                planners[key] = Planner(cfg, dataclasses.replace(model_cfg, remat_policy=policy), target, mesh=mesh,
+                planners[key] = Planner(step, dataclasses.replace(model_cfg, remat_policy=policy), target, mesh=mesh,
                                         has_teacher=bool(has_teacher))
             r = planners[key].check(shape, flops=False, no_in_batch_neg=bool(no_in_batch_neg))
             candidates.append(dict(policy=policy, peak_gib=r.as_dict()["peak_gib"], fits=r.fits,
@@ -817,10 +815,16 @@ _NOT_STEP_SETTINGS = ("model_name_or_path", "output_dir", "overwrite_output_dir"
                       "drop_threshold", "shuffle_ratio")
 
 
-def _cache_key(config, model_cfg, shape: Shape, planner: Planner, budget: int | None, granularity: int) -> str:
+def _step_settings_json(config) -> dict:
+    """The run config's fields that shape the compiled step (all but _NOT_STEP_SETTINGS), as saved JSON: part of
+    the auto batch cache key."""
+    return {k: v for k, v in config_lib.config_to_json(config).items() if k not in _NOT_STEP_SETTINGS}
+
+
+def _cache_key(step_settings: dict, model_cfg, shape: Shape, planner: Planner, budget: int | None,
+               granularity: int) -> str:
     import jax
 
-    step_settings = {k: v for k, v in config_to_json(config).items() if k not in _NOT_STEP_SETTINGS}
     key = dict(model=dataclasses.asdict(model_cfg), shape=str(shape), mesh=dict(planner.mesh.shape),
                device_kind=planner.target.device_kind, platform=planner.target.platform, jax=jax.__version__,
                budget=budget, granularity=granularity, step=step_settings)
@@ -853,7 +857,10 @@ def auto_batch_sizes(config, model_cfg, mesh, *, tags: list[str] | None = None) 
     devices = list(mesh.devices.flat)
     budget_gib = float(config.auto_batch_memory_gib)
     target = local_target(memory_gib=budget_gib if budget_gib > 0 else None, devices=devices)
-    planner = Planner(config, model_cfg, target, mesh=mesh)
+    config_lib.validate_against_model(config, model_cfg)
+    planner = Planner(config_lib.step_settings(config), model_cfg, target, mesh=mesh,
+                      has_teacher=bool(config.knowledge_distillation))
+    step_settings = _step_settings_json(config)
     research = RESEARCH_BATCH_SIZE_BY_LENGTH.get(int(config.train_group_size), {})
     tags = data_length_tags(config) if tags is None else list(tags)
     table, buckets = {}, []
@@ -862,8 +869,8 @@ def auto_batch_sizes(config, model_cfg, mesh, *, tags: list[str] | None = None) 
         start = int(research.get(tag, config.per_device_train_batch_size))
         shape = Shape(start, int(config.train_group_size), q, p)
         granularity = max(1, start // 8)
-        path = storage.cache_dir("auto_batch", _cache_key(config, model_cfg, shape, planner, target.budget_bytes,
-                                                          granularity) + ".json")
+        path = storage.cache_dir("auto_batch", _cache_key(step_settings, model_cfg, shape, planner,
+                                                          target.budget_bytes, granularity) + ".json")
         cached = None
         if os.path.isfile(path):
             try:

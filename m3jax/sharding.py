@@ -1,6 +1,6 @@
 """Device mesh, logical-axis rules and the shardings of params, optimizer state and batches.
 
-The mesh has three named axes sized from the config (`config.mesh`, -1 = the remaining devices):
+The mesh has three named axes sized from the config (`config.mesh` -> MeshSettings, -1 = the remaining devices):
   data    pure data parallelism (params replicated along it)
   fsdp    data parallelism with params / optimizer state sharded along it (ZeRO-3 style)
   tensor  tensor parallelism over heads / mlp / vocab
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import math
 
@@ -26,27 +27,42 @@ logger = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-    sizes = [int(mesh_config[a]) for a in MESH_AXES]
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    """config.mesh's axis sizes (-1: the remaining devices) and config.sharding_rules (m3jax.config.mesh_settings)."""
+
+    data: int
+    fsdp: int
+    tensor: int
+    sharding_rules: tuple  # (logical axis name, None | mesh axis | tuple of mesh axes) pairs
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        """The axis sizes as config.mesh holds them."""
+        return {a: getattr(self, a) for a in MESH_AXES}
+
+
+def mesh_shape(settings: MeshSettings, num_devices: int) -> tuple[int, ...]:
+    sizes = [int(getattr(settings, a)) for a in MESH_AXES]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"config.mesh={dict(mesh_config)}: {num_devices} devices are not divisible by {known}")
+            raise ValueError(f"config.mesh={settings.mesh}: {num_devices} devices are not divisible by {known}")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"config.mesh={dict(mesh_config)} needs {math.prod(sizes)} devices, there are {num_devices}")
+        raise ValueError(f"config.mesh={settings.mesh} needs {math.prod(sizes)} devices, there are {num_devices}")
     return tuple(sizes)
 
 
-def make_mesh(mesh_config, devices=None) -> Mesh:
+def make_mesh(settings: MeshSettings, devices=None) -> Mesh:
     """The (data, fsdp, tensor) mesh. A single-process run whose axis sizes are all explicit may use fewer devices
     than it has (the first ones); a multi-process mesh must span every device."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [int(mesh_config[a]) for a in MESH_AXES]
+    sizes = [int(getattr(settings, a)) for a in MESH_AXES]
     if -1 not in sizes and math.prod(sizes) < len(devices) and jax.process_count() == 1:
-        logger.warning("config.mesh=%s uses %d of the %d devices", dict(mesh_config), math.prod(sizes), len(devices))
+        logger.warning("config.mesh=%s uses %d of the %d devices", settings.mesh, math.prod(sizes), len(devices))
         devices = devices[:math.prod(sizes)]
-    shape = mesh_shape(mesh_config, len(devices))
+    shape = mesh_shape(settings, len(devices))
     try:  # topology-aware order on TPU / multi-host; process-contiguous batch slices
         grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):

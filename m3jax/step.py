@@ -1,13 +1,14 @@
 """The train step: encode queries and passages, the unified loss, AdamW, as one jitted function per batch kind.
 
-    stepper = Stepper.build(config, model_cfg, mesh, total_steps)    # model, optimizer, shardings
+    stepper = Stepper.build(settings, model_cfg, mesh, total_steps)  # model, optimizer, shardings
     state = stepper.init_state(params)                                # params already placed in their shardings
     state, metrics = stepper.step(group_size, no_in_batch_neg, has_teacher)(state, batch)
 
 The step donates the state and returns device metrics (no host sync). Everything the step depends on is fixed when
 it is built -- the loss settings, the per-device passage chunk (sub_batch_size) or the gradient cache and its chunk
 (`gradient_cache_loss_and_grads`), whether the encoder trains, which parameters train -- and passed to it
-explicitly; the run config is read only in `Stepper.build`. `train.py` and the benchmarks share this class.
+explicitly; `Stepper.build` reads them from `StepSettings` (m3jax.config.step_settings converts the run config).
+`train.py` and the benchmarks share this class.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from m3jax import config as config_lib
 from m3jax import losses
 from m3jax import model as m3model
 from m3jax import optimizer as optim
@@ -39,7 +39,7 @@ GPU_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 def compiler_options(mesh, *, gpu_command_buffers: bool = False) -> dict | None:
     """The jit compiler options for the mesh's devices: GPU_COMPILER_OPTIONS on GPUs unless command buffers are
-    wanted (config.model.gpu_command_buffers), none elsewhere."""
+    wanted (StepSettings.gpu_command_buffers), none elsewhere."""
     gpu = mesh.devices.flat[0].platform == "gpu"
     return dict(GPU_COMPILER_OPTIONS) if gpu and not gpu_command_buffers else None
 
@@ -51,16 +51,29 @@ class TrainState:
     opt_state: Any
 
 
-def loss_config_from(config, model_cfg: m3model.ModelConfig, num_blocks: int) -> losses.LossConfig:
-    return losses.LossConfig(
-        temperature=float(config.temperature), unified_finetuning=config.unified_finetuning,
-        use_self_distill=config.use_self_distill, self_distill_start_step=config.self_distill_start_step,
-        kd_loss_type=config.kd_loss_type, negatives_cross_device=config.negatives_cross_device,
-        cross_device_all_heads=config.cross_device_all_heads, num_blocks=num_blocks,
-        vocab_size=model_cfg.vocab_size, unused_token_ids=model_cfg.unused_token_ids,
-        heads=config_lib.trained_heads(config), mrl_dims=config_lib.mrl_dims(config),
-        mrl_weights=config_lib.mrl_weights(config), mrl_colbert=bool(config.mrl_colbert),
-        normalize_embeddings=model_cfg.normalize_embeddings)
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What the train step is built from (m3jax.config.step_settings); defaults and documentation:
+    m3jax.config.default_config."""
+
+    seed: int  # the dropout seed (and cuDNN's static dropout seeds)
+    sub_batch_size: int
+    fix_encoder: bool
+    gradient_cache: bool
+    gradient_cache_chunk_size: int
+    gradient_cache_chunk_tokens: int
+    sharding_rules: tuple  # config.sharding_rules, each rule a tuple
+    gpu_command_buffers: bool  # config.model.gpu_command_buffers
+    loss: losses.LossConfig  # the run config's loss fields; the model's and the mesh's are filled in by build
+    optimizer: optim.OptimizerSettings
+
+
+def loss_config_from(loss: losses.LossConfig, model_cfg: m3model.ModelConfig, num_blocks: int) -> losses.LossConfig:
+    """The run's loss settings completed by the model's (vocabulary, unused token ids, normalisation) and the
+    mesh's (num_blocks: devices the batch is split over)."""
+    return dataclasses.replace(loss, num_blocks=num_blocks, vocab_size=model_cfg.vocab_size,
+                               unused_token_ids=model_cfg.unused_token_ids,
+                               normalize_embeddings=model_cfg.normalize_embeddings)
 
 
 def _sub_batch_rows(rows_per_block: int, sub_batch_size: int) -> int:
@@ -265,47 +278,45 @@ class Stepper:
     step_fn: Any
     trainable: Any  # optimizer.trainable_mask of the params
     loss_and_grads: Any  # make_loss_and_grads: what the step differentiates (not jitted; tests and benchmarks)
-    _rules: tuple = ()  # config.sharding_rules
-    _gpu_command_buffers: bool = False  # config.model.gpu_command_buffers
+    _rules: tuple = ()  # StepSettings.sharding_rules
+    _gpu_command_buffers: bool = False  # StepSettings.gpu_command_buffers
     _step_fn_for: Any = None  # remat policy -> (loss_and_grads, step_fn): the steps of remat_policy="auto"
     _jitted: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def build(cls, config, model_cfg: m3model.ModelConfig, mesh, total_steps: int) -> Stepper:
-        """Everything from the run config: optimizer and schedule, loss settings, shardings by the logical rules."""
-        config_lib.validate_against_model(config, model_cfg)
+    def build(cls, settings: StepSettings, model_cfg: m3model.ModelConfig, mesh, total_steps: int) -> Stepper:
+        """Everything from the step settings: optimizer and schedule, loss settings, shardings by the logical
+        rules. The caller has checked the run config against the model (m3jax.config.validate_against_model)."""
+        s, rules = settings, settings.sharding_rules
         # cuDNN's attention dropout takes static seeds (m3jax.model.Encoder): the run's seed spaced past a step's
         # 2 x layers call sites
-        model_cfg = dataclasses.replace(model_cfg, dropout_seed=int(config.seed) * 1000)
+        model_cfg = dataclasses.replace(model_cfg, dropout_seed=int(s.seed) * 1000)
         model = m3model.BGEM3(model_cfg)
         abstract_boxed = m3model.abstract_params(model_cfg)["params"]
-        param_shardings = shard_lib.logical_shardings(abstract_boxed, mesh, config.sharding_rules)
+        param_shardings = shard_lib.logical_shardings(abstract_boxed, mesh, rules)
         abstract_params = nn.unbox(abstract_boxed)
-        tx, schedule = optim.make_optimizer(config, abstract_params, total_steps)
+        tx, schedule = optim.make_optimizer(s.optimizer, abstract_params, total_steps)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         opt_shardings = shard_lib.state_shardings_like(abstract_opt, abstract_params, param_shardings, mesh)
         state_shardings = TrainState(step=shard_lib.replicated(mesh), params=param_shardings,
                                      opt_state=opt_shardings)
-        loss_cfg = loss_config_from(config, model_cfg, shard_lib.num_batch_shards(mesh, config.sharding_rules))
-        trainable = optim.trainable_mask(abstract_params, config)
+        loss_cfg = loss_config_from(s.loss, model_cfg, shard_lib.num_batch_shards(mesh, rules))
+        trainable = optim.trainable_mask(abstract_params, s.optimizer)
         def step_fn_for(policy: str):
             """(loss_and_grads, step function) with the encoder under remat `policy` (remat_policy="auto")."""
             m = model if policy == model_cfg.remat_policy else m3model.BGEM3(
                 dataclasses.replace(model_cfg, remat_policy=policy))
             lag = make_loss_and_grads(
-                m, loss_cfg, seed=config.seed, sub_batch_size=config.sub_batch_size,
-                train_encoder=not config.fix_encoder, gradient_cache=bool(config.gradient_cache),
-                gradient_cache_chunk=config.gradient_cache_chunk_size,
-                gradient_cache_tokens=config.gradient_cache_chunk_tokens)
+                m, loss_cfg, seed=s.seed, sub_batch_size=s.sub_batch_size, train_encoder=not s.fix_encoder,
+                gradient_cache=s.gradient_cache, gradient_cache_chunk=s.gradient_cache_chunk_size,
+                gradient_cache_tokens=s.gradient_cache_chunk_tokens)
             return lag, make_train_step(lag, tx, schedule, trainable=trainable,
-                                        tracing_context=functools.partial(shard_lib.tracing_context, mesh,
-                                                                          config.sharding_rules))
+                                        tracing_context=functools.partial(shard_lib.tracing_context, mesh, rules))
 
         loss_and_grads, step_fn = step_fn_for(model_cfg.remat_policy)
-        return cls(model, tx, schedule, mesh, shard_lib.batch_sharding(mesh, config.sharding_rules), param_shardings,
-                   state_shardings, abstract_params, abstract_opt, step_fn, trainable, loss_and_grads,
-                   tuple(tuple(r) for r in config.sharding_rules), bool(config.model.gpu_command_buffers),
-                   step_fn_for)
+        return cls(model, tx, schedule, mesh, shard_lib.batch_sharding(mesh, rules), param_shardings,
+                   state_shardings, abstract_params, abstract_opt, step_fn, trainable, loss_and_grads, rules,
+                   s.gpu_command_buffers, step_fn_for)
 
     def parameter_summary(self) -> dict:
         """How many parameters train and how many do not; the optimizer state's size (all devices together)."""

@@ -32,14 +32,15 @@ def train(config) -> dict:
     """
     # --- config and processes ---------------------------------------------------------------------------------
     config_lib.validate(config)
-    distributed.initialize(config.distributed)
+    mesh_settings, step_settings = config_lib.mesh_settings(config), config_lib.step_settings(config)
+    distributed.initialize(config_lib.distributed_settings(config))
     distributed.enable_compilation_cache()
     output_dir = storage.resolve(config.output_dir)  # a local path or a URL (gs://bucket/run)
     storage.makedirs(output_dir)
 
     # --- mesh -------------------------------------------------------------------------------------------------
-    mesh = shard_lib.make_mesh(config.mesh)
-    num_blocks = shard_lib.num_batch_shards(mesh, config.sharding_rules)
+    mesh = shard_lib.make_mesh(mesh_settings)
+    num_blocks = shard_lib.num_batch_shards(mesh, mesh_settings.sharding_rules)
     logger.info("mesh %s over %d devices (%d processes); batch split over %d devices",
                 dict(mesh.shape), mesh.size, jax.process_count(), num_blocks)
 
@@ -57,7 +58,7 @@ def train(config) -> dict:
         best.resume(resume_step)
     source = (loading.find_model(output_dir, step=resume_step, verify=False) if resume_step is not None
               else loading.find_model(config.model_name_or_path))
-    model_cfg = loading.model_config(source, loading.ModelSettings.from_run_config(config))
+    model_cfg = loading.model_config(source, config_lib.model_settings(config))
     config_lib.validate_against_model(config, model_cfg)  # max lengths vs positions: before any data is read
     if (model_cfg.attention_implementation in attention.FUSED_WITHOUT_DROPOUT
             and model_cfg.attention_probs_dropout_prob > 0):
@@ -90,19 +91,19 @@ def train(config) -> dict:
                 train_data.steps_per_epoch, len(shapes), shapes)
 
     # --- the step, and the state: restored, or the pretrained params put straight into their shardings --------
-    stepper = Stepper.build(config, model_cfg, mesh, total_steps)
+    stepper = Stepper.build(step_settings, model_cfg, mesh, total_steps)
     remat_of = {}  # BatchShape -> remat policy, for remat_policy="auto"
     if config.model.remat_policy == "auto":
-        choices = plan.choose_remat(config, model_cfg, mesh, [
+        choices = plan.choose_remat(step_settings, model_cfg, mesh, [
             (Shape(s.global_batch // num_blocks, s.group_size, s.query_len, s.passage_len), s.has_teacher,
-             s.no_in_batch_neg) for s in shapes])
+             s.no_in_batch_neg) for s in shapes], target=plan.memory_target(config.auto_batch_memory_gib, mesh))
         for s, choice in zip(shapes, choices):
             logger.info("%s", plan.describe_remat_choice(choice))
             remat_of[(s.global_batch, s.group_size, s.query_len, s.passage_len, s.has_teacher,
                       s.no_in_batch_neg)] = choice["policy"]
     counts = stepper.parameter_summary()
     logger.info("parameters: %s train, %s frozen (heads trained: %s%s); optimizer state %.1f MiB",
-                f"{counts['trained']:,}", f"{counts['frozen']:,}", ", ".join(config_lib.trained_heads(config)),
+                f"{counts['trained']:,}", f"{counts['frozen']:,}", ", ".join(step_settings.optimizer.trained_heads),
                 f"; LoRA rank {model_cfg.lora.rank} on {', '.join(model_cfg.lora.targets)}" if model_cfg.lora else "",
                 counts["optimizer_state_bytes"] / 2**20)
     data_iter = train_data.iterator()
@@ -216,7 +217,7 @@ def _auto_batch_sizes(config, data_settings: data_build.DataSettings, model_cfg,
 def _saved_config(config, data_settings: data_build.DataSettings) -> dict:
     """The run config as checkpoints save it: with batch_size_by_length="auto", the table the run chose in its
     place (moved to the end, where replacing the field always put it)."""
-    saved = ckpt_lib.config_to_json(config)
+    saved = config_lib.config_to_json(config)
     if config.batch_size_by_length == "auto":
         del saved["batch_size_by_length"]
         saved["batch_size_by_length"] = dict(data_settings.batch_size_by_length)

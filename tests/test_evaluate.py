@@ -365,7 +365,7 @@ def test_cli_eval_on_a_run_directory(toy, tiny_ckpt, tmp_path, capsys):
     from m3jax.trainer import TrainState
     checkpointer = ckpt_lib.Checkpointer(work)
     checkpointer.save(1, TrainState(step=jnp.int32(1), params=params, opt_state={}), None,
-                      ckpt_lib.config_to_json(config_lib.default_config()))
+                      config_lib.config_to_json(config_lib.default_config()))
     checkpointer.wait()
     checkpointer.close()
 

@@ -54,13 +54,13 @@ def _save_step(work, step, params, model_cfg, *, devices, mesh_axes, config_chan
             config.mesh[axis] = size
         for k, v in (config_changes or {}).items():
             config[k] = v
-    mesh = shard_lib.make_mesh(config.mesh, devices)
+    mesh = shard_lib.make_mesh(config_lib.mesh_settings(config), devices)
     shardings = shard_lib.logical_shardings(m3model.abstract_params(model_cfg)["params"], mesh,
                                             config.sharding_rules)
     sharded = shard_lib.put_tree(params, shardings)
     state = TrainState(step=jnp.int32(step), params=sharded, opt_state=optax.adamw(1e-3).init(sharded))
     checkpointer = ckpt_lib.Checkpointer(work)
-    checkpointer.save(step, state, None, ckpt_lib.config_to_json(config))
+    checkpointer.save(step, state, None, config_lib.config_to_json(config))
     checkpointer.wait()
     checkpointer.close()
     return sharded

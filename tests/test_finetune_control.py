@@ -304,7 +304,7 @@ def _params(rng, lora=False):
 
 
 def _training(params, **changes) -> set[str]:
-    mask = optim.trainable_mask(params, _valid_config(**changes))
+    mask = optim.trainable_mask(params, config_lib.optimizer_settings(_valid_config(**changes)))
     names = m3model.param_names(params)
     return {n for n, m in zip(names, jax.tree.leaves(mask)) if m.any()}
 
@@ -356,8 +356,8 @@ def test_frozen_layer_rows_bitwise_unchanged_zero_moments_outside_the_clip():
     their bits and their Adam moments stay exactly 0; their (huge) gradients change nothing else; row 2 trains."""
     rng = np.random.default_rng(1)
     params = _params(rng, lora=True)
-    config = _valid_config(freeze_layers_below=2, learning_rate=1e-1, weight_decay=0.5, max_grad_norm=1.0,
-                           trainable=(".",))
+    config = config_lib.optimizer_settings(_valid_config(freeze_layers_below=2, learning_rate=1e-1, weight_decay=0.5,
+                                                         max_grad_norm=1.0, trainable=(".",)))
     tx, _ = optim.make_optimizer(config, params, total_steps=10)
     rng = np.random.default_rng(2)
     steps = [jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), params) for _ in range(3)]
@@ -398,7 +398,7 @@ def test_optimizer_state_only_for_what_trains(lora, changes):
     """Adam moments (mu, nu) exist for the trained parameters alone: the adapters and the trained heads with LoRA;
     nothing for an untrained head's linear or a frozen parameter."""
     params = _params(np.random.default_rng(3), lora)
-    config = _valid_config(**changes)
+    config = config_lib.optimizer_settings(_valid_config(**changes))
     tx, _ = optim.make_optimizer(config, params, total_steps=10)
     moments = sum(x.size for x in jax.tree.leaves(tx.init(params)) if getattr(x, "ndim", 0) > 0)
     trained, _ = optim.count_parameters(params, optim.trainable_mask(params, config))
@@ -645,9 +645,10 @@ def test_lora_first_step_equals_full_finetuning(tiny_ckpt, tmp_path):
     for name, lora in (("full", {}), ("lora", {"lora.rank": 4, "lora.dropout": 0.1,
                                                "lora.targets": m3model.LORA_TARGETS})):
         config = toy_config(tiny_ckpt, tmp_path / name, **lora)
-        mesh = shard_lib.make_mesh(config.mesh)
-        model_cfg, params, _ = loading.load_model(tiny_ckpt, loading.ModelSettings.from_run_config(config))
-        stepper = trainer.Stepper.build(config, model_cfg, mesh, total_steps=10)
+        mesh = shard_lib.make_mesh(config_lib.mesh_settings(config))
+        model_cfg, params, _ = loading.load_model(tiny_ckpt, config_lib.model_settings(config))
+        config_lib.validate_against_model(config, model_cfg)
+        stepper = trainer.Stepper.build(config_lib.step_settings(config), model_cfg, mesh, total_steps=10)
         state = stepper.init_state(shard_lib.put_tree(params, stepper.param_shardings))
         batch = data_build.build_train_data(config_lib.data_settings(config), AutoTokenizer.from_pretrained(tiny_ckpt),
                                             num_batch_shards=1).batch(0)

@@ -185,7 +185,8 @@ def test_kernel_sharded_over_a_cpu_mesh_draws_the_global_mask():
     q, k, v, lengths = _qkv(b=4, length=130, n=2, lengths=(130, 129, 64, 1))
     dropout = m3attention.Dropout(RATE, SEED)
     rules = default_config().sharding_rules
-    mesh = shard_lib.make_mesh(dict(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    mesh = shard_lib.make_mesh(shard_lib.MeshSettings(data=2, fsdp=2, tensor=2, sharding_rules=rules),
+                               jax.devices()[:8])
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None))
     len_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 

@@ -78,9 +78,10 @@ def _batch(vocab: int, queries: int, group: int, seed: int = 0) -> dict:
 
 def _loss_and_grads(tiny_ckpt, tmp_path, overrides, batch, *, step, group, nibn, teacher):
     config = _config(tiny_ckpt, tmp_path, **overrides)
-    mesh = shard_lib.make_mesh(config.mesh)
-    model_cfg, params, _ = loading.load_model(tiny_ckpt, loading.ModelSettings.from_run_config(config))
-    stepper = trainer.Stepper.build(config, model_cfg, mesh, total_steps=10)
+    mesh = shard_lib.make_mesh(config_lib.mesh_settings(config))
+    model_cfg, params, _ = loading.load_model(tiny_ckpt, config_lib.model_settings(config))
+    config_lib.validate_against_model(config, model_cfg)
+    stepper = trainer.Stepper.build(config_lib.step_settings(config), model_cfg, mesh, total_steps=10)
     fn = jax.jit(lambda p, b, s: stepper.loss_and_grads(p, b, s, group_size=group, no_in_batch_neg=nibn,
                                                         has_teacher=teacher),
                  in_shardings=(stepper.param_shardings, stepper.batch_sharding, shard_lib.replicated(mesh)))
@@ -172,9 +173,10 @@ def test_toy_run_with_gradient_cache_matches_the_uncached_run(tiny_ckpt, tmp_pat
 
 def _temp_bytes(tiny_ckpt, tmp_path, queries: int, group: int, **overrides) -> int:
     config = _config(tiny_ckpt, tmp_path, **overrides)
-    mesh = shard_lib.make_mesh(config.mesh)
-    model_cfg = loading.load_model(tiny_ckpt, loading.ModelSettings.from_run_config(config))[0]
-    stepper = trainer.Stepper.build(config, model_cfg, mesh, total_steps=10)
+    mesh = shard_lib.make_mesh(config_lib.mesh_settings(config))
+    model_cfg = loading.load_model(tiny_ckpt, config_lib.model_settings(config))[0]
+    config_lib.validate_against_model(config, model_cfg)
+    stepper = trainer.Stepper.build(config_lib.step_settings(config), model_cfg, mesh, total_steps=10)
     s = lambda rows, cols, dt: jax.ShapeDtypeStruct((rows, cols), dt, sharding=stepper.batch_sharding)
     batch = dict(query_input_ids=s(queries, QLEN, np.int32), query_attention_mask=s(queries, QLEN, np.int32),
                  passage_input_ids=s(queries * group, PLEN, np.int32),
@@ -188,7 +190,7 @@ def _loss_bytes(config, model_cfg, queries: int, group: int) -> int:
     """Everything the loss alone needs at once: the representations (arguments), their gradient (outputs) and the
     loss's own working memory (temp: lexical vectors [N, V], score matrices, ...), from XLA's memory analysis of
     value_and_grad(m3_loss) with respect to the representations."""
-    loss_cfg = step_lib.loss_config_from(config, model_cfg, 1)
+    loss_cfg = step_lib.loss_config_from(config_lib.loss_settings(config), model_cfg, 1)
     h, d = model_cfg.hidden_size, model_cfg.colbert_out_dim
     f32, i32 = np.float32, np.int32
     reps = lambda n, length: dict(dense=jax.ShapeDtypeStruct((n, h), f32),
@@ -259,7 +261,7 @@ def _bge_m3_loss_bytes(bench, queries: int) -> int:
     """What the loss alone needs at once at bge-m3's dimensions (as `_loss_bytes`, representations in the cache's
     dtypes: dense and sparse weights float32, colbert vectors in the compute dtype)."""
     config, model_cfg = bench.config, bench.model_cfg
-    loss_cfg = step_lib.loss_config_from(config, model_cfg, 1)
+    loss_cfg = step_lib.loss_config_from(config_lib.loss_settings(config), model_cfg, 1)
     h, d, g = model_cfg.hidden_size, model_cfg.colbert_out_dim, BGE_M3_GROUP
     sds = jax.ShapeDtypeStruct
     reps = lambda n, length: dict(dense=sds((n, h), np.float32), sparse_weights=sds((n, length), np.float32),

@@ -12,10 +12,11 @@ from m3jax import optimizer as optim
 
 
 def _config(**overrides):
+    """The optimizer's settings of a run config with these fields changed."""
     c = config_lib.default_config()
     for k, v in overrides.items():
         c[k] = v
-    return c
+    return config_lib.optimizer_settings(c)
 
 
 def _params(rng):

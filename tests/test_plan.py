@@ -39,8 +39,8 @@ def test_auto_batch_sizes_search_by_compiled_memory_and_cache(tmp_path, monkeypa
     config = _config(str(data))
     config_lib.validate(config, for_training=False)
     assert plan.data_length_tags(config) == ["0-50", "50-inf"]
-    model_cfg = plan.model_config_for(config, plan.TINY, "cpu")
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    model_cfg = plan.model_config_for(config_lib.model_settings(config), plan.TINY, "cpu")
+    mesh = sharding.make_mesh(config_lib.mesh_settings(config), jax.devices()[:1])
 
     first = plan.auto_batch_sizes(config, model_cfg, mesh, tags=["0-50"])  # passages padded to 64 tokens
     (bucket,) = first["buckets"]
@@ -74,9 +74,11 @@ def test_largest_batch_from_the_memory_line_of_the_tiny_model():
     more compiles. On this CPU the tiny model's memory grows a little
     faster than linearly (0.088 GiB at 11, 0.102 at 13, 0.272 at 32), so the first guesses land just below."""
     config = _config()
-    model_cfg = plan.model_config_for(config, plan.TINY, "cpu")
+    model_cfg = plan.model_config_for(config_lib.model_settings(config), plan.TINY, "cpu")
     target = plan.local_target(memory_gib=0.1, devices=jax.devices()[:1])
-    planner = plan.Planner(config, model_cfg, target)
+    planner = plan.Planner(config_lib.step_settings(config), model_cfg, target,
+                           mesh=sharding.make_mesh(config_lib.mesh_settings(config), target.devices),
+                           has_teacher=bool(config.knowledge_distillation))
     best, first_fail, tries = planner.max_batch(Shape(32, 4, 32, 64))
     by_batch = {t["batch"]: t for t in tries}
     assert by_batch[best]["fits"] and by_batch[best]["peak_gib"] <= 0.1 < by_batch[first_fail]["peak_gib"]
@@ -92,8 +94,8 @@ def test_largest_batch_from_the_memory_line_of_the_tiny_model():
 
 def test_auto_batch_memory_is_required_where_the_device_has_no_limit():
     config = _config(auto_batch_memory_gib=-1.0)
-    model_cfg = plan.model_config_for(config, plan.TINY, "cpu")
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    model_cfg = plan.model_config_for(config_lib.model_settings(config), plan.TINY, "cpu")
+    mesh = sharding.make_mesh(config_lib.mesh_settings(config), jax.devices()[:1])
     with pytest.raises(plan.PlanError, match="auto_batch_memory_gib"):
         plan.auto_batch_sizes(config, model_cfg, mesh, tags=["0-50"])
     with pytest.raises(config_lib.ConfigError, match="auto_batch_memory_gib"):
@@ -233,11 +235,17 @@ def test_remat_auto_takes_the_least_recompute_that_fits_the_budget(monkeypatch):
     config = _config()
     config.model.remat_policy = "auto"
     config.auto_batch_memory_gib = 100.0
-    model_cfg = plan.model_config_for(config, plan.TINY, "cpu")
+    model_cfg = plan.model_config_for(config_lib.model_settings(config), plan.TINY, "cpu")
     assert model_cfg.remat_policy == "full"  # the model's own default under "auto"
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    mesh = sharding.make_mesh(config_lib.mesh_settings(config), jax.devices()[:1])
     shape = Shape(2, 4, 32, 64)
-    (choice,) = plan.choose_remat(config, model_cfg, mesh, [(shape, False, False)])
+    step = config_lib.step_settings(config)
+
+    def choose_remat(shapes):  # as the trainer calls it
+        return plan.choose_remat(step, model_cfg, mesh, shapes,
+                                 target=plan.memory_target(config.auto_batch_memory_gib, mesh))
+
+    (choice,) = choose_remat([(shape, False, False)])
     assert choice["policy"] == "none" and [c["policy"] for c in choice["candidates"]] == ["none"]
     assert choice["candidates"][0]["fits"] and 0 < choice["candidates"][0]["peak_gib"] < 1 and choice["budget_gib"] == 100
 
@@ -252,7 +260,7 @@ def test_remat_auto_takes_the_least_recompute_that_fits_the_budget(monkeypatch):
 
     monkeypatch.setattr(plan.Planner, "check", check)
     config.auto_batch_memory_gib = 2.0
-    first, second = plan.choose_remat(config, model_cfg, mesh, [(shape, True, False), (shape.with_batch(4), False, True)])
+    first, second = choose_remat([(shape, True, False), (shape.with_batch(4), False, True)])
     assert first["policy"] == second["policy"] == "dots_no_batch"
     assert [c["policy"] for c in first["candidates"]] == ["none", "dots", "dots_no_batch"]  # stops at the first fit
     assert [c["fits"] for c in first["candidates"]] == [False, False, True]
@@ -262,8 +270,8 @@ def test_remat_auto_takes_the_least_recompute_that_fits_the_budget(monkeypatch):
     assert line == ("remat_policy='auto' for 2x4:32:64: dots_no_batch (none 3.0 GiB (does not fit), dots 2.5 GiB "
                     "(does not fit), dots_no_batch 1.5 GiB)")
     config.auto_batch_memory_gib = 0.5  # nothing fits: full, which then fails as it would have
-    (choice,) = plan.choose_remat(config, model_cfg, mesh, [(shape, False, False)])
+    (choice,) = choose_remat([(shape, False, False)])
     assert choice["policy"] == "full" and len(choice["candidates"]) == 4
     config.auto_batch_memory_gib = -1.0  # CPU reports no limit: nothing to judge by
-    (choice,) = plan.choose_remat(config, model_cfg, mesh, [(shape, False, False)])
+    (choice,) = choose_remat([(shape, False, False)])
     assert choice["policy"] == "none" and choice["candidates"] == []

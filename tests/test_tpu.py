@@ -86,7 +86,8 @@ def test_splash_sharded_over_a_cpu_mesh_matches_and_gathers_nothing():
     q, k, v, lengths = _qkv(b=4, length=130, n=2)
     lengths = jnp.asarray([130, 129, 64, 1], jnp.int32)
     rules = default_config().sharding_rules
-    mesh = shard_lib.make_mesh(dict(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    mesh = shard_lib.make_mesh(shard_lib.MeshSettings(data=2, fsdp=2, tensor=2, sharding_rules=rules),
+                               jax.devices()[:8])
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None))
     len_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 

@@ -305,9 +305,10 @@ def test_sub_batch_encoding_gives_the_same_step(tiny_ckpt, tmp_path):
         config = toy_config(tiny_ckpt, tmp_path, sub_batch_size=sub, per_device_train_batch_size=2,
                             **{"mesh.data": 2, "model.hidden_dropout_prob": 0.0,
                                "model.attention_probs_dropout_prob": 0.0})
-        mesh = shard_lib.make_mesh(config.mesh)
-        model_cfg, params, _ = loading.load_model(tiny_ckpt, loading.ModelSettings.from_run_config(config))
-        stepper = trainer.Stepper.build(config, model_cfg, mesh, total_steps=10)
+        mesh = shard_lib.make_mesh(config_lib.mesh_settings(config))
+        model_cfg, params, _ = loading.load_model(tiny_ckpt, config_lib.model_settings(config))
+        config_lib.validate_against_model(config, model_cfg)
+        stepper = trainer.Stepper.build(config_lib.step_settings(config), model_cfg, mesh, total_steps=10)
         state = stepper.init_state(shard_lib.put_tree(params, stepper.param_shardings))
         batch = data_build.build_train_data(config_lib.data_settings(config), AutoTokenizer.from_pretrained(tiny_ckpt),
                                             num_batch_shards=2).batch(0)
