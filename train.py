@@ -8,7 +8,7 @@ Any config field can be overridden as --config.<field>=<value>; unknown fields a
 """
 import sys
 
-from m3jax.cli import main
+from m3jax.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

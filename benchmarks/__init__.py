@@ -5,6 +5,6 @@
     python -m benchmarks.data_pipeline ...     throughput of the training data pipeline
     bash benchmarks/device_bench.sh            the prepared accelerator run of the first two
 
-What a user imports (compiled memory, trip-weighted matmul FLOPs, max-batch search) is in m3jax.xla_stats.
+What a user imports (compiled memory, trip-weighted matmul FLOPs, max-batch search) is in m3jax.core.xla_stats.
 Figures and commands: BENCHMARKS.md.
 """

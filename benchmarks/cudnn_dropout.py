@@ -15,7 +15,7 @@ gradients of q, k and v of the same loss for comparison. One JSON line per case:
   unrolled_same_seed  the same with one seed for every layer: are the masks of the layers the same?
   gradient_cache  pass 1 over chunks by lax.map, pass 2 by a scan with forward and backward per iteration (the
                 order m3jax's gradient cache runs them in), chunks = `layers`.
-Compiled as m3jax compiles its step on GPUs (m3jax.step.GPU_COMPILER_OPTIONS: no command buffers, into which XLA
+Compiled as m3jax compiles its step on GPUs (m3jax.train.step.GPU_COMPILER_OPTIONS: no command buffers, into which XLA
 cannot record cuDNN's dropout). A case's grads are right when max_rel_err (|g - g_ref| / max|g_ref| over q, k, v)
 is at bf16 level (< 3e-2).
 """
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m3jax.step import GPU_COMPILER_OPTIONS  # command buffers off: cuDNN's dropout cannot be recorded in them
+from m3jax.train.step import GPU_COMPILER_OPTIONS  # command buffers off: cuDNN's dropout cannot be recorded in them
 
 L, D, N, B = 64, 64, 4, 4
 LENGTHS = (64, 50, 33, 64)
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         return attend
 
     def gradient_cache(q, k, v, lengths):
-        """m3jax's gradient cache (m3jax.step.gradient_cache_loss_and_grads): pass 1 maps the chunks (here the
+        """m3jax's gradient cache (m3jax.train.step.gradient_cache_loss_and_grads): pass 1 maps the chunks (here the
         `layers` axis) through one call site; pass 2 re-encodes chunk by chunk in the same order, forward and
         backward in one scan iteration, through other call sites."""
         @jax.custom_vjp

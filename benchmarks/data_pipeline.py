@@ -1,4 +1,4 @@
-"""Throughput of the training data pipeline (m3jax.data_build) on this machine: tokenised tokens per second.
+"""Throughput of the training data pipeline (m3jax.data.build) on this machine: tokenised tokens per second.
 
     python -m benchmarks.data_pipeline                    # synthetic data, 2 grain workers, prints one JSON line
     python -m benchmarks.data_pipeline --tokenizer DIR --train_data DIR --num_workers 4
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
 
     from m3jax.config import data_settings, default_config
-    from m3jax.data_build import build_train_data
+    from m3jax.data.build import build_train_data
 
     tmp = tempfile.TemporaryDirectory()
     data_dir = a.train_data or os.path.join(tmp.name, "data")

@@ -12,15 +12,15 @@ text has 2 special tokens plus its pieces), drawn from distributions shaped like
                      per word (zh / ja / th counted per character), max length 512
   mldr-docs          MLDR-shaped documents: lognormal around ~2,500 tokens, cut at 8192 (the cut leaves a spike at
                      8192, as truncating MLDR does)
-For each: real tokens / computed tokens with today's unpacked batches (m3jax.inference.bucketed_batches: length-
-sorted batches padded to the power-of-two ladder of m3jax.padding) and with packing (m3jax.packing), and the
-bge-m3 forward FLOPs of both (m3jax.xla_stats.flops_per_token: attention over the whole row, as the XLA and splash
+For each: real tokens / computed tokens with today's unpacked batches (m3jax.model.inference.bucketed_batches: length-
+sorted batches padded to the power-of-two ladder of m3jax.core.padding) and with packing (m3jax.model.packing), and the
+bge-m3 forward FLOPs of both (m3jax.core.xla_stats.flops_per_token: attention over the whole row, as the XLA and splash
 kernels compute it) against the FLOPs of the real tokens alone (each text's attention over itself only).
 
 --compiled-flops compiles, on this host for abstract params, every batch shape of encoding msmarco-passages and
 msmarco-queries with bge-m3 (packed and padded) and sums the matmul FLOPs of their HLO over the batches
-(m3jax.xla_stats.hlo_stats): real tokens per GFLOP. --encode-timing encodes texts of those lengths with
-BGEM3FlagModel on the tiny random checkpoint (m3jax.tiny_checkpoint), packed and padded: compiled FLOPs likewise
+(m3jax.core.xla_stats.hlo_stats): real tokens per GFLOP. --encode-timing encodes texts of those lengths with
+BGEM3FlagModel on the tiny random checkpoint (m3jax.io.tiny_checkpoint), packed and padded: compiled FLOPs likewise
 and real tokens per second, wall and process CPU time (after a warm-up encode that compiles every shape).
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ import time
 
 import numpy as np
 
-from m3jax import packing
-from m3jax.padding import length_buckets
+from m3jax.core.padding import length_buckets
+from m3jax.model import packing
 
 SPECIAL = 2  # <s> and </s>
 
@@ -99,14 +99,14 @@ def sets(seed: int = 0) -> dict[str, tuple[np.ndarray, int, int]]:
 
 
 def bge_m3_config():
-    from m3jax.model import ModelConfig
+    from m3jax.model.encoder import ModelConfig
 
     return ModelConfig(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                        intermediate_size=4096, max_position_embeddings=8194)
 
 
 def report(name: str, lengths: np.ndarray, max_length: int, batch_size: int, row_length: int) -> dict:
-    from m3jax.xla_stats import flops_per_token
+    from m3jax.core.xla_stats import flops_per_token
 
     cfg = bge_m3_config()
     ladder = length_buckets(max_length)
@@ -117,7 +117,7 @@ def report(name: str, lengths: np.ndarray, max_length: int, batch_size: int, row
     # FLOPs: the real tokens' own (attention over their text), the ladder's and the packed rows' (whole rows)
     real_flops = float(sum(int(n) * flops_per_token(cfg, int(n)) for n in lengths))
     srt = np.sort(lengths)[::-1]
-    from m3jax.padding import pad_length
+    from m3jax.core.padding import pad_length
     ladder_flops = 0.0
     batch_ladder = [b for b in (2 ** k for k in range(20)) if b < batch_size] + [batch_size]
     for start in range(0, len(srt), batch_size):
@@ -151,7 +151,7 @@ def encode_timing(n_passages: int, n_queries: int, seed: int, repeat: int) -> li
     import jax
 
     from m3jax import BGEM3FlagModel
-    from m3jax.tiny_checkpoint import make_tiny_checkpoint
+    from m3jax.io.tiny_checkpoint import make_tiny_checkpoint
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,12 +186,12 @@ def encode_timing(n_passages: int, n_queries: int, seed: int, repeat: int) -> li
 def compiled_encode_flops(cfg, lengths, max_length: int, batch_size: int, packed: bool) -> tuple[float, int]:
     """Matmul FLOPs of every batch an encode of texts of these token counts runs (one device), packed or padded to
     the ladder: each distinct batch shape compiled on this host for abstract params (nothing allocated) and its
-    HLO counted (m3jax.xla_stats.hlo_stats, the scanned layers weighted by their trip count)."""
+    HLO counted (m3jax.core.xla_stats.hlo_stats, the scanned layers weighted by their trip count)."""
     import jax
     import jax.numpy as jnp
 
-    from m3jax import model as m3model
-    from m3jax.xla_stats import hlo_stats
+    from m3jax.core.xla_stats import hlo_stats
+    from m3jax.model import encoder as m3model
 
     ladder = length_buckets(max_length)
     model = m3model.BGEM3(cfg)
@@ -204,7 +204,7 @@ def compiled_encode_flops(cfg, lengths, max_length: int, batch_size: int, packed
                   for n, length, slots, _ in packing.plan_batches(lengths, batch_size, ladder, 1)]
         fn = jax.jit(lambda p, a, b, c, d: model.apply({"params": p}, a, b, c, d, method=m3model.BGEM3.packed))
     else:
-        from m3jax.padding import pad_length
+        from m3jax.core.padding import pad_length
 
         srt = sorted(lengths, reverse=True)
         batch_ladder = [b for b in (2 ** k for k in range(20)) if b < batch_size] + [batch_size]

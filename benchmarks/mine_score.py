@@ -6,9 +6,9 @@
 
 Synthetic data of realistic lengths (queries of 8-24 words, passages of 60-300 words from a Zipf-ish vocabulary):
 --queries records with one positive each and a --pool of passages. Without --model / --reranker it writes the tiny
-random bge-m3 and reranker of m3jax.tiny_checkpoint (hidden 32, 2 layers) to a temporary directory. It then runs the
-library calls the commands run (m3jax.mine.mine with the pool file, m3jax.teacher_scores.score_file with a reranker
-teacher on the mined file), --repeat times each (the first run includes compilation), and prints per run:
+random bge-m3 and reranker of m3jax.io.tiny_checkpoint (hidden 32, 2 layers) to a temporary directory. It then runs the
+library calls the commands run (m3jax.tools.mine.mine with the pool file, m3jax.tools.teacher_scores.score_file with a
+reranker teacher on the mined file), --repeat times each (the first run includes compilation), and prints per run:
 seconds, texts/s (mine: queries + pool passages, each encoded once; score: (query, passage) pairs, each one
 forward pass of the cross-encoder) and the settings.
 """
@@ -61,10 +61,10 @@ def main(argv=None) -> None:
 
     import jax
 
-    from m3jax.inference import BGEM3FlagModel, FlagReranker
-    from m3jax.mine import MineOptions, mine
-    from m3jax.teacher_scores import RerankerTeacher, score_file
-    from m3jax.tiny_checkpoint import make_tiny_checkpoint, make_tiny_reranker
+    from m3jax.io.tiny_checkpoint import make_tiny_checkpoint, make_tiny_reranker
+    from m3jax.model.inference import BGEM3FlagModel, FlagReranker
+    from m3jax.tools.mine import MineOptions, mine
+    from m3jax.tools.teacher_scores import RerankerTeacher, score_file
 
     with tempfile.TemporaryDirectory(prefix="m3jax-bench-") as tmp:
         model_dir = a.model or make_tiny_checkpoint(os.path.join(tmp, "tiny_bge_m3"))

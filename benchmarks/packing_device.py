@@ -4,7 +4,7 @@
     python -m benchmarks.packing_device --out DIR --small         # smoke run (tiny dims, CPU)
 
 Writes JSON lines to DIR/packing_device.jsonl, as each part ends (a deadline, --budget-s, skips what would not fit):
-  1. attention: m3jax.attention with segment ids, cudnn (packed layout) and xla, against each text alone (f32)
+  1. attention: m3jax.model.attention with segment ids, cudnn (packed layout) and xla, against each text alone (f32)
   2. equivalence: BGEM3FlagModel.encode packed vs padded on the tiny random checkpoint, on this backend
   3. throughput: encode of msmarco-passages-shaped texts (benchmarks.length_sets) with a random model of
      bge-m3's shape (24 layers, hidden 1024; --small: tiny), packed and padded to the ladder, bf16 on GPU: real
@@ -39,7 +39,7 @@ def check_attention(small: bool) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from m3jax import attention
+    from m3jax.model import attention
 
     rng = np.random.default_rng(0)
     b, length, n, d = 4, 512, 16, 64
@@ -98,7 +98,7 @@ def check_equivalence(ckpt: str) -> dict:
 
 
 def big_config(small: bool, tiny_vocab: int):
-    from m3jax.model import ModelConfig
+    from m3jax.model.encoder import ModelConfig
 
     if small:
         return ModelConfig(vocab_size=tiny_vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -111,8 +111,9 @@ def m3jax_throughput(ckpt: str, texts: list[str], small: bool, repeat: int, dead
     import jax
     import jax.numpy as jnp
 
-    from m3jax import BGEM3FlagModel, hf_read
-    from m3jax import model as m3model
+    from m3jax import BGEM3FlagModel
+    from m3jax.io import hf_read
+    from m3jax.model import encoder as m3model
 
     tokenizer = hf_read.load_tokenizer(ckpt)
     cfg = big_config(small, len(tokenizer))
@@ -147,7 +148,7 @@ def torch_reference(ckpt: str, texts: list[str], small: bool, repeat: int, deadl
     import torch
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
-    from m3jax import hf_read
+    from m3jax.io import hf_read
 
     tokenizer = hf_read.load_tokenizer(ckpt)
     c = big_config(small, len(tokenizer))
@@ -216,7 +217,7 @@ def main(argv=None) -> None:
     path = os.path.join(a.out, "packing_device.jsonl")
     emit = lambda rec: _emit(path, rec)
     skip = set(filter(None, a.skip.split(",")))
-    from m3jax.tiny_checkpoint import make_tiny_checkpoint
+    from m3jax.io.tiny_checkpoint import make_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_tiny_checkpoint(os.path.join(tmp, "ckpt"))
@@ -228,7 +229,7 @@ def main(argv=None) -> None:
                 emit(fn())
             except Exception as e:  # noqa: BLE001 -- report and go on to the timings
                 emit(dict(part=name, error=f"{type(e).__name__}: {str(e)[:2000]}"))
-        from m3jax import hf_read
+        from m3jax.io import hf_read
 
         tok = hf_read.load_tokenizer(ckpt)
         lengths = length_sets.msmarco_passages(a.texts)

@@ -17,7 +17,7 @@ Modes:
     python -m benchmarks.train_step --analyze [--shapes ...]
         compile only (no params allocated) and print XLA's memory analysis (argument / output / temp / code bytes),
         XLA's cost analysis and the matmul FLOPs of the optimised HLO (while-loop bodies multiplied by their trip
-        counts) against the model-FLOP formula (m3jax.xla_stats)
+        counts) against the model-FLOP formula (m3jax.core.xla_stats)
     python -m benchmarks.train_step --find-max-batch 8x8:512:8192 [--memory-budget-gib 73]
         largest per-device batch that fits: doubling from BATCH then bisection; by running steps until OOM on an
         accelerator, or against a memory budget with the compiled memory analysis (on CPU, or whenever
@@ -55,8 +55,7 @@ import numpy as np
 
 from benchmarks import profile_trace
 from benchmarks.torch_reference import auto_sub_batch  # the reference's --sub_batch auto
-from m3jax.plan import MODEL_PRESETS
-from m3jax.xla_stats import (
+from m3jax.core.xla_stats import (
     GIB,
     BenchError,
     Shape,
@@ -69,6 +68,7 @@ from m3jax.xla_stats import (
     target_device,
     tokens,
 )
+from m3jax.plan import MODEL_PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class Bench:
         import jax
 
         from m3jax import config as config_lib
-        from m3jax import sharding as shard_lib
+        from m3jax.core import sharding as shard_lib
 
         self.jax = jax
         self.shard_lib = shard_lib
@@ -236,7 +236,7 @@ class Bench:
     def _model_config(self, hf_config: dict):
         """The run's ModelConfig for random weights of this shape; attention 'auto' resolved for the target."""
         from m3jax import config as config_lib
-        from m3jax import loading
+        from m3jax.model import loading
 
         source = loading.ModelSource(path="random weights", hf_config=hf_config, tokenizer_dir=None,
                                      colbert_dim=None, has_pooler=False)
@@ -245,7 +245,7 @@ class Bench:
 
     def _build_stepper(self):
         from m3jax import config as config_lib
-        from m3jax.step import Stepper
+        from m3jax.train.step import Stepper
 
         config_lib.validate_against_model(self.config, self.model_cfg)
         return Stepper.build(config_lib.step_settings(self.config), self.model_cfg, self.mesh, self.config.max_steps)

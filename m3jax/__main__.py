@@ -1,7 +1,7 @@
-"""`python -m m3jax <command> ...`: see m3jax/cli.py."""
+"""`python -m m3jax <command> ...`: see m3jax/cli/main.py."""
 import sys
 
-from m3jax.cli import main
+from m3jax.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,28 +18,29 @@ from typing import Any
 
 import ml_collections
 
-from m3jax import selection, storage
-from m3jax.data_datasets import DataSettings
-from m3jax.data_files import Instructions
-from m3jax.distributed import DistributedSettings
-from m3jax.errors import ConfigError
-from m3jax.eval_options import check_weights, parse_metrics, parse_modes
-from m3jax.evaluate import LEGACY_EVAL_SET, EvalSetSpec, EvalSettings
-from m3jax.loading import (
+from m3jax.core import storage
+from m3jax.core.distributed import DistributedSettings
+from m3jax.core.errors import ConfigError
+from m3jax.core.padding import length_buckets
+from m3jax.core.sharding import MeshSettings
+from m3jax.data.datasets import DataSettings
+from m3jax.data.files import Instructions
+from m3jax.evaluation import selection
+from m3jax.evaluation.evaluate import LEGACY_EVAL_SET, EvalSetSpec, EvalSettings
+from m3jax.evaluation.options import check_weights, parse_metrics, parse_modes
+from m3jax.evaluation.selection import SelectionSettings
+from m3jax.model.encoder import LORA_TARGETS
+from m3jax.model.loading import (
     ModelSettings,
     lora_config,
     lora_targets,  # noqa: F401 -- still config.lora_targets to its callers
     max_tokens,
 )
-from m3jax.loading import config_names as _names
-from m3jax.losses import HEADS, LossConfig
-from m3jax.model import LORA_TARGETS
-from m3jax.model_card import ModelCardSettings
-from m3jax.optimizer import OptimizerSettings
-from m3jax.padding import length_buckets
-from m3jax.selection import SelectionSettings
-from m3jax.sharding import MeshSettings
-from m3jax.step import StepSettings
+from m3jax.model.loading import config_names as _names
+from m3jax.tools.model_card import ModelCardSettings
+from m3jax.train.losses import HEADS, LossConfig
+from m3jax.train.optimizer import OptimizerSettings
+from m3jax.train.step import StepSettings
 
 # Per-device batch size by token-length range of the dataset file (FlagEmbedding research/BGE_M3 recipe, 80 GB
 # GPUs). Keys are the `len-LO-HI` tags written by scripts/split_data_by_length.py; datasets without a tag use
@@ -88,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
     # "auto" then takes "none").
     c.auto_batch_memory_gib = -1.0
     # Texts are padded to the smallest of these lengths that fits (capped at the max_len); bounds the number of
-    # compiled step shapes. Empty = powers of two from 32 up (m3jax/padding.py).
+    # compiled step shapes. Empty = powers of two from 32 up (m3jax/core/padding.py).
     c.seq_len_buckets = ()
     c.skip_bad_examples = False  # False: stop at the first malformed example; True: log, count and skip them
     c.num_data_workers = 2  # grain worker processes (tokenisation runs there); 0 = in the main process
@@ -110,7 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     # ---- fine-tuning control (m3jax options; README "Fine-tuning control") ---------------------------------
     # Heads the loss trains: a non-empty subset of dense, sparse, colbert (`--config.heads=dense,sparse`). The
-    # unified loss and its ensemble use only these (formula: m3jax/losses.py); the other heads' linears get no
+    # unified loss and its ensemble use only these (formula: m3jax/train/losses.py); the other heads' linears get no
     # gradient, no update and no optimizer state, and an export still carries them as loaded. One head: its CE
     # alone (weight 1, no ensemble, no self-distillation). unified_finetuning=False is FlagEmbedding's name for
     # heads=("dense",): with it, heads must be left at all three or be ("dense",) (anything else is an error).
@@ -126,7 +127,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.frozen = ()
     # Layers 0..N-1 of the encoder (base weights and LoRA adapters) get no update. The layers are stacked on a
     # leading axis (nn.scan), so this masks rows of those arrays: the frozen rows get no update, no weight decay,
-    # no part in the clip norm, but their Adam moments are allocated (kept exactly zero) -- see m3jax/optimizer.py.
+    # no part in the clip norm, but their Adam moments are allocated (kept exactly zero) -- see
+    # m3jax/train/optimizer.py.
     c.freeze_layers_below = 0
     # LoRA adapters on the encoder's linear layers: y = W x + b + (alpha / rank) * B A dropout(x), A [in, rank]
     # uniform +-1/sqrt(in), B [rank, out] zero. rank 0 = off. With LoRA the encoder's own weights are frozen by
@@ -192,8 +194,8 @@ def default_config() -> ml_collections.ConfigDict:
     # "domain/all/ndcg@10", or a weighted sum "0.7*domain/all/ndcg@10 + 0.3*general/dense/ndcg@10". Empty: the
     # first set's mode for the trained heads and its nDCG@10 -- all/ndcg@10 when all three heads train,
     # dense+sparse/ndcg@10 for heads=dense,sparse, the head's own mode for one head, dense for dense,colbert
-    # (m3jax/selection.py default_mode; the set's first mode / metric when it does not evaluate those). The run logs
-    # the metric at start and its value after every eval. The best step's checkpoint is kept whatever
+    # (m3jax/evaluation/selection.py default_mode; the set's first mode / metric when it does not evaluate those). The
+    # run logs the metric at start and its value after every eval. The best step's checkpoint is kept whatever
     # save_total_limit says, and recorded in output_dir/best.json (`m3jax export --step best`).
     c.metric_for_best_model = ""
     c.greater_is_better = True
@@ -202,7 +204,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         dtype="bfloat16",  # compute dtype: bfloat16 | float32 (params and optimizer state stay float32)
         # auto: cudnn on GPU, flash-dropout on TPU, xla elsewhere. flash-dropout: the Pallas TPU flash kernel with
-        # attention-probability dropout (bge-m3's 0.1; m3jax.flash_dropout). splash: the fused TPU kernel WITHOUT
+        # attention-probability dropout (bge-m3's 0.1; m3jax.model.flash_dropout). splash: the fused TPU kernel WITHOUT
         # attention dropout (the old default; the last bit of speed, a slightly different model). cudnn (GPU)
         # applies attention dropout inside cuDNN's kernel (with the layer loop, scan_layers); xla applies it on
         # materialised probabilities (same mask as flash-dropout).
@@ -685,8 +687,8 @@ def _matryoshka_eval_modes(config) -> tuple[str, ...]:
 
 
 def eval_settings(config) -> EvalSettings:
-    """The run's eval (m3jax.evaluate.EvalSettings). Its sets are checked as validate() checks them, except that
-    config.eval's corpus, queries and qrels may be empty here (evaluate_legacy_set says so)."""
+    """The run's eval (m3jax.evaluation.evaluate.EvalSettings). Its sets are checked as validate() checks them, except
+    that config.eval's corpus, queries and qrels may be empty here (evaluate_legacy_set says so)."""
     return EvalSettings(
         eval=_eval_set_spec(config, LEGACY_EVAL_SET, "eval", dict(config.eval), check_paths=False),
         eval_set_specs=tuple(_eval_set_specs(config, check_paths=False)),
@@ -702,8 +704,8 @@ def eval_settings(config) -> EvalSettings:
 
 
 def selection_settings(config) -> SelectionSettings:
-    """How the run picks its best checkpoint (m3jax.selection.SelectionSettings): metric_for_best_model resolved
-    against the sets the run evaluates and its trained heads (selection.parse_metric); None when it evaluates
+    """How the run picks its best checkpoint (m3jax.evaluation.selection.SelectionSettings): metric_for_best_model
+    resolved against the sets the run evaluates and its trained heads (selection.parse_metric); None when it evaluates
     none."""
     evals = eval_settings(config)
     metric = selection.parse_metric(config.metric_for_best_model, evals.eval_set_specs,

@@ -34,14 +34,12 @@ import time
 from typing import Any
 
 from m3jax import config as config_lib
-from m3jax import data_build, hf_layout, hf_read, loading, storage
-from m3jax import sharding as shard_lib
 from m3jax.config import RESEARCH_BATCH_SIZE_BY_LENGTH, train_data_dirs
-from m3jax.data_files import list_dataset_files
-from m3jax.errors import M3JaxError
-from m3jax.padding import length_buckets, pad_length
-from m3jax.step import Stepper, StepSettings
-from m3jax.xla_stats import (
+from m3jax.core import sharding as shard_lib
+from m3jax.core import storage
+from m3jax.core.errors import M3JaxError
+from m3jax.core.padding import length_buckets, pad_length
+from m3jax.core.xla_stats import (
     GIB,
     BenchError,
     Shape,
@@ -53,6 +51,11 @@ from m3jax.xla_stats import (
     short,
     thunk_structure,
 )
+from m3jax.data import build as data_build
+from m3jax.data.files import list_dataset_files
+from m3jax.io import hf_layout, hf_read
+from m3jax.model import loading
+from m3jax.train.step import Stepper, StepSettings
 
 logger = logging.getLogger(__name__)
 
@@ -586,7 +589,7 @@ def recommend_mesh(planner: Planner, results: list[ShapeResult]) -> dict:
 
 def bucket_lengths(config, key: str) -> tuple[int, int]:
     """(query length, passage length) a `LO-HI` length bucket pads to at most: passage min(HI, passage_max_len)
-    rounded up to the data pipeline's ladder (m3jax/padding.py), query query_max_len."""
+    rounded up to the data pipeline's ladder (m3jax/core/padding.py), query query_max_len."""
     lo, _, hi = str(key).partition("-")
     if not lo.isdigit() or not (hi.isdigit() or hi == "inf"):
         raise PlanError(f"config.batch_size_by_length key {key!r}: expected 'LO-HI' with HI an int or 'inf'")

@@ -10,14 +10,18 @@ import logging
 
 import jax
 
-from m3jax import attention, data_build, distributed, evaluate, loading, plan, selection, storage
-from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import sharding as shard_lib
-from m3jax.eval_metrics import flatten_metrics
-from m3jax.metrics import MetricsLogger, NonFiniteLossError
-from m3jax.step import Stepper, TrainState
-from m3jax.xla_stats import Shape
+from m3jax import plan
+from m3jax.core import distributed, storage
+from m3jax.core import sharding as shard_lib
+from m3jax.core.xla_stats import Shape
+from m3jax.data import build as data_build
+from m3jax.evaluation import evaluate, selection
+from m3jax.evaluation.metrics import flatten_metrics
+from m3jax.io import checkpoint as ckpt_lib
+from m3jax.model import attention, loading
+from m3jax.train.metrics import MetricsLogger, NonFiniteLossError
+from m3jax.train.step import Stepper, TrainState
 
 __all__ = ["train", "NonFiniteLossError", "Stepper", "TrainState"]
 

@@ -5,7 +5,7 @@
 """
 import sys
 
-from m3jax.cli import main
+from m3jax.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["export", *sys.argv[1:]]))

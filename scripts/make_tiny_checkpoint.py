@@ -3,12 +3,12 @@
     python scripts/make_tiny_checkpoint.py tiny_bge_m3 [--seed 0] [--colbert-dim N] [--pytorch-bin] ...
     python scripts/make_tiny_checkpoint.py tiny_reranker --reranker [--seed 0]     (bge-reranker-v2-m3's layout)
 
-See m3jax/tiny_checkpoint.py for what is written.
+See m3jax/io/tiny_checkpoint.py for what is written.
 """
 import argparse
 
-from m3jax.hf_layout import CheckpointFormatError
-from m3jax.tiny_checkpoint import make_tiny_checkpoint, make_tiny_reranker
+from m3jax.io.hf_layout import CheckpointFormatError
+from m3jax.io.tiny_checkpoint import make_tiny_checkpoint, make_tiny_reranker
 
 
 def main(argv=None):

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from m3jax.data_files import DataError, ScanRules, init_split_worker, max_text_lengths, scan_file
+from m3jax.data.files import DataError, ScanRules, init_split_worker, max_text_lengths, scan_file
 
 
 def length_ranges(length_list: list[int]) -> list[tuple[int, float]]:

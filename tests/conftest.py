@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random bge-m3 checkpoints built once per test session (m3jax.tiny_checkpoint).
+"""Shared fixtures: tiny random bge-m3 checkpoints built once per test session (m3jax.io.tiny_checkpoint).
 
 The returned directories are shared between tests: treat them as read-only and copy one before changing it.
 
@@ -70,7 +70,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory):
     """make_ckpt(**make_tiny_checkpoint options) -> path; one build per distinct set of options."""
-    from m3jax.tiny_checkpoint import make_tiny_checkpoint
+    from m3jax.io.tiny_checkpoint import make_tiny_checkpoint
 
     cache = {}
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from benchmarks import torch_reference, train_step
-from m3jax import xla_stats
+from m3jax.core import xla_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The fields of one line of the PyTorch reference (benchmarks/torch_reference.py), success and OOM alike.
@@ -98,7 +98,7 @@ def test_json_schema_matches_the_reference(tiny_run):
 
 
 def test_main_prints_json_lines_and_reports_bad_shapes(capsys):
-    from m3jax import cli
+    from m3jax.cli import main as cli
 
     assert train_step.main(["--shapes", "1x1:64"]) == 2
     assert "benchmarks.train_step: error: shape '1x1:64'" in capsys.readouterr().err
@@ -240,8 +240,8 @@ def test_torch_reference_loss_equals_m3jax_on_the_same_weights():
     self-distillation and the same gradient norm."""
     import torch
 
-    from m3jax import model as model_lib
-    from m3jax import sharding as shard_lib
+    from m3jax.core import sharding as shard_lib
+    from m3jax.model import encoder as model_lib
 
     shape = xla_stats.Shape.parse("3x2:8:16")
     bench = train_step.Bench(_args(["--tiny", "--mesh", "data=1", "--dtype", "float32", "--hidden-dropout", "0",

@@ -15,9 +15,11 @@ import signal
 import pytest
 from test_train import cli_args, read_metrics, run_train_py, toy_config
 
-from m3jax import checkpoint as ckpt_lib
-from m3jax import cli, loading, trainer
-from m3jax.checkpoint import CheckpointError, CheckpointSaveError
+from m3jax import trainer
+from m3jax.cli import main as cli
+from m3jax.io import checkpoint as ckpt_lib
+from m3jax.io.checkpoint import CheckpointError, CheckpointSaveError
+from m3jax.model import loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = dict(max_steps=6, save_steps=2, eval_steps=0, seq_len_buckets=(128,))
@@ -113,7 +115,7 @@ def test_a_damaged_latest_step_is_named_and_every_reader_takes_the_step_before(r
     what = _damage(_step(work, 6), how)
     check = ckpt_lib.verify_step(_step(work, 6))
     assert not check.ok and what in check.problem, check
-    with caplog.at_level(logging.WARNING, logger="m3jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="m3jax.io.checkpoint"):
         source = loading.find_model(work)  # export, eval, mine and score all resolve a run through find_model
     assert source.location.step == 4
     lines = _lines(caplog, "step 6 is")
@@ -145,7 +147,7 @@ def test_a_step_saved_before_manifests_still_loads_with_one_line(run, tmp_path, 
     meta = json.load(open(meta_path))
     meta["custom_metadata"] = {}  # as an m3jax before manifests wrote it
     json.dump(meta, open(meta_path, "w"))
-    with caplog.at_level(logging.WARNING, logger="m3jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="m3jax.io.checkpoint"):
         assert loading.find_model(work).location.step == 6
     assert len(_lines(caplog, "saved by an m3jax before checkpoint manifests")) == 1
 

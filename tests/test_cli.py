@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from m3jax import cli
+from m3jax.cli import main as cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +59,7 @@ def test_version(capsys):
 
 
 def test_log_lines_are_timestamped():
-    code = "from m3jax import cli; cli.configure_logging(); import logging; logging.getLogger('m3jax.x').info('hi')"
+    code = "from m3jax.cli import main as cli; cli.configure_logging(); import logging; logging.getLogger('m3jax.x').info('hi')"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO m3jax\.x: hi\n", out.stderr), out.stderr
 

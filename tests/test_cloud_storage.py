@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from test_train import REPO, _two_processes, cli_args, final_params, kill_when, read_metrics, run_train_py
 
-from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import storage
+from m3jax.core import storage
+from m3jax.io import checkpoint as ckpt_lib
 
 BUCKET = "m3jax-test"
 
@@ -138,7 +138,7 @@ def test_gs_paths_without_gcsfs_name_the_path_and_the_extra(monkeypatch):
 
 @pytest.mark.stack_sensitive
 def test_checkpoints_on_another_object_store_are_refused_by_name():
-    from m3jax.checkpoint import CheckpointError, locate_checkpoint
+    from m3jax.io.checkpoint import CheckpointError, locate_checkpoint
 
     with pytest.raises(CheckpointError, match="^s3://b/run: m3jax checkpoints live on a local .* or gs://"):
         locate_checkpoint("s3://b/run/")
@@ -146,7 +146,7 @@ def test_checkpoints_on_another_object_store_are_refused_by_name():
 
 @pytest.mark.stack_sensitive
 def test_mine_and_score_refuse_an_output_url_before_any_work(tmp_path, capsys):
-    from m3jax import cli
+    from m3jax.cli import main as cli
 
     for command in ("mine", "score"):
         assert cli.main([command, "--model", str(tmp_path / "no_model"), "--input", str(tmp_path / "no_input.jsonl"),
@@ -221,8 +221,8 @@ def test_toy_run_on_the_bucket_resumes_exactly_after_sigkill(gcs, tiny_ckpt, tmp
 @pytest.mark.slow
 def test_two_processes_write_one_checkpoint_to_the_bucket_then_export_and_eval_from_it(gcs, tiny_ckpt, tmp_path,
                                                                                              capsys):
-    from m3jax import cli
-    from m3jax.loading import load_model
+    from m3jax.cli import main as cli
+    from m3jax.model.loading import load_model
 
     out_dir = gcs("multi")
     procs = _two_processes(cli_args(tiny_ckpt, out_dir, max_steps=2, save_steps=1000, eval_steps=0,
@@ -262,8 +262,8 @@ def test_two_processes_write_one_checkpoint_to_the_bucket_then_export_and_eval_f
 
 @pytest.mark.stack_sensitive
 def test_export_errors_name_the_url(gcs):
-    from m3jax.checkpoint import CheckpointError
-    from m3jax.export import export_checkpoint
+    from m3jax.io.checkpoint import CheckpointError
+    from m3jax.tools.export import export_checkpoint
 
     missing = gcs("no_such_run")
     with pytest.raises(CheckpointError, match=f"{missing}: does not exist"):
@@ -283,7 +283,7 @@ def test_checkpoint_manifests_on_the_bucket_catch_flipped_bytes(gcs, caplog):
     object has flipped bytes is named in one line and the step before it is taken; asked for by number, refused."""
     import logging
 
-    from m3jax.checkpoint import CheckpointError
+    from m3jax.io.checkpoint import CheckpointError
 
     run = gcs("verified")
     checkpointer = ckpt_lib.Checkpointer(run)
@@ -301,7 +301,7 @@ def test_checkpoint_manifests_on_the_bucket_catch_flipped_bytes(gcs, caplog):
     data = bytearray(storage.read_bytes(target))
     data[len(data) // 2:len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 64])
     storage.write_bytes(target, bytes(data))
-    with caplog.at_level(logging.WARNING, logger="m3jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="m3jax.io.checkpoint"):
         assert ckpt_lib.locate_checkpoint(run).step == 2
     lines = [r.getMessage() for r in caplog.records if "step 4 is damaged" in r.getMessage()]
     assert len(lines) == 1 and f"state/{rel} has CRC-32" in lines[0] and lines[0].startswith(step4), lines

@@ -1,4 +1,4 @@
-"""m3jax.data_build and the data_* modules below it: FlagEmbedding's sampling rules, determinism, exact resume,
+"""m3jax.data.build and the data_* modules below it: FlagEmbedding's sampling rules, determinism, exact resume,
 multi-host slices, bad-input messages.
 
 Data is written to tmp dirs; texts are short tagged strings ("d0 pos 3 1") so a decoded batch says where every row
@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from m3jax import config as config_lib
-from m3jax import data_build, hf_read
 from m3jax.config import default_config
-from m3jax.data_build import BatchShape, DataError
-from m3jax.padding import length_buckets
+from m3jax.core.padding import length_buckets
+from m3jax.data import build as data_build
+from m3jax.data.build import BatchShape, DataError
+from m3jax.io import hf_read
 
 SEED = 7
 
@@ -493,8 +494,8 @@ def test_every_batch_has_a_listed_shape(tmp_path, tokenizer):
 
 def corpus_of(tmp_path, *files, per_dataset_columns=True):
     """A Corpus of these files (lists of records), examples numbered file after file."""
-    from m3jax.data_files import ScanRules, scan_file
-    from m3jax.data_plan import Corpus
+    from m3jax.data.files import ScanRules, scan_file
+    from m3jax.data.sampling import Corpus
     rules = ScanRules(4, True, per_dataset_columns, False)
     index = [scan_file(write(tmp_path / "c" / f"{k}.jsonl", recs), rules) for k, recs in enumerate(files)]
     file_of = np.concatenate([np.full(len(f), k, np.int32) for k, f in enumerate(index)])
@@ -503,7 +504,7 @@ def corpus_of(tmp_path, *files, per_dataset_columns=True):
 
 
 def settings(**kw):
-    from m3jax.data_files import Instructions
+    from m3jax.data.files import Instructions
     s = dict(seed=SEED, train_group_size=3, query_max_len=16, passage_max_len=32, query_buckets=(8, 16),
              passage_buckets=(8, 16, 32), shuffle_ratio=0.0, knowledge_distillation=False,
              same_dataset_within_batch=True, instructions=Instructions())
@@ -511,7 +512,7 @@ def settings(**kw):
 
 
 def tiny_datasets():
-    from m3jax.data_plan import Dataset
+    from m3jax.data.sampling import Dataset
     return [Dataset("a", [0], 0, 4, 2, no_in_batch_neg=False, has_teacher=False, group_sizes=(3,)),
             Dataset("b", [1], 4, 10, 3, no_in_batch_neg=True, has_teacher=True, group_sizes=(3,))]
 
@@ -519,7 +520,7 @@ def tiny_datasets():
 def test_plan_step_replays_the_epoch_plans_for_any_step():
     import pickle
 
-    from m3jax.data_pipeline import PlanStep
+    from m3jax.data.pipeline import PlanStep
     plan = PlanStep(SEED, tiny_datasets(), 1, True)
     assert plan.steps_per_epoch == 2 + 2  # 4 examples in batches of 2; 6 in batches of 3
     got = [(p.step, p.epoch, p.dataset_index, p.examples.tolist()) for p in map(plan.map, range(8))]
@@ -534,8 +535,8 @@ def test_plan_step_replays_the_epoch_plans_for_any_step():
 
 
 def test_draw_samples_draws_each_example_from_its_own_generator(tmp_path):
-    from m3jax.data_pipeline import DrawSamples
-    from m3jax.data_plan import Plan, draw_sample
+    from m3jax.data.pipeline import DrawSamples
+    from m3jax.data.sampling import Plan, draw_sample
     recs = records("d0", 3, n_pos=2, n_neg=1)  # one negative: G-1 = 2 negatives come from [0] * 2
     corpus = corpus_of(tmp_path, records("d1", 2), recs)  # examples 0-1 in file 0, 2-4 in file 1
     plan = Plan(step=5, epoch=1, dataset_index=1, examples=np.array([4, 2]))
@@ -557,17 +558,17 @@ def test_draw_samples_draws_each_example_from_its_own_generator(tmp_path):
 
 
 def test_local_slice_takes_this_process_part():
-    from m3jax.data_pipeline import LocalSlice
-    from m3jax.data_plan import Plan, Samples
+    from m3jax.data.pipeline import LocalSlice
+    from m3jax.data.sampling import Plan, Samples
     batch = Samples(Plan(0, 0, 0, np.arange(6)), 2, False, False, samples=list("abcdef"))
     assert [LocalSlice(p, 3).map(batch).samples for p in range(3)] == [["a", "b"], ["c", "d"], ["e", "f"]]
     assert LocalSlice(0, 1).map(batch) == batch
 
 
 def test_read_texts_applies_shuffle_teacher_order_and_instructions(tmp_path):
-    from m3jax.data_files import Instructions
-    from m3jax.data_pipeline import ReadTexts
-    from m3jax.data_plan import Plan, Sample, Samples
+    from m3jax.data.files import Instructions
+    from m3jax.data.pipeline import ReadTexts
+    from m3jax.data.sampling import Plan, Sample, Samples
     long_pos = "alpha beta gamma delta " * 6  # 138 characters: chunks of 47
     recs = [{"query": "q0", "pos": ["p0", long_pos], "neg": ["n0", "n1", "n2"], "pos_scores": [1, 2],
              "neg_scores": [0.5, 3, 0.5]},
@@ -589,8 +590,8 @@ def test_read_texts_applies_shuffle_teacher_order_and_instructions(tmp_path):
 
 
 def test_tokenize_and_pad_is_the_collator_padded_to_a_bucket(tokenizer):
-    from m3jax.data_pipeline import Texts, TokenizeAndPad
-    from m3jax.data_plan import Plan, Samples
+    from m3jax.data.pipeline import Texts, TokenizeAndPad
+    from m3jax.data.sampling import Plan, Samples
     s = settings(query_max_len=16, query_buckets=(4, 16), passage_max_len=8, passage_buckets=(4, 8))
     queries, passages = ["a b", "c"], ["one", "two words here", "x " * 20, "y"]
     batch = Samples(Plan(9, 2, 1, np.array([0, 1])), 2, False, True, [])
@@ -613,9 +614,9 @@ def test_tokenize_and_pad_is_the_collator_padded_to_a_bucket(tokenizer):
 
 
 def test_global_pad_lengths_from_the_table_and_reshuffled_positives(tmp_path, tokenizer):
-    from m3jax.data_files import FileLengths
-    from m3jax.data_pipeline import GlobalPadLengths
-    from m3jax.data_plan import Plan, Sample, Samples
+    from m3jax.data.files import FileLengths
+    from m3jax.data.pipeline import GlobalPadLengths
+    from m3jax.data.sampling import Plan, Sample, Samples
     long_pos = "alpha beta gamma delta " * 6
     corpus = corpus_of(tmp_path, [{"query": "q0", "pos": ["p0", long_pos], "neg": ["n0", "n1", "n2"]},
                                   {"query": "q1", "pos": ["p"], "neg": ["m"]}])
@@ -638,7 +639,7 @@ def test_global_pad_lengths_from_the_table_and_reshuffled_positives(tmp_path, to
 def test_stages_pickle_and_fresh_copies_without_their_caches(tmp_path):
     import pickle
 
-    from m3jax.data_pipeline import PlanStep, ReadTexts
+    from m3jax.data.pipeline import PlanStep, ReadTexts
     plan = PlanStep(SEED, tiny_datasets(), 1, True)
     assert "planner" in plan._cache  # built when steps_per_epoch was counted
     assert pickle.loads(pickle.dumps(plan))._cache == {} and plan.fresh()._cache == {} and "planner" in plan._cache
@@ -813,7 +814,7 @@ def test_json_array_files_and_their_errors(tmp_path, tokenizer):
 
 
 def test_parallel_scan_matches_and_reports_errors(tmp_path):
-    from m3jax.data_files import ScanRules, scan_files
+    from m3jax.data.files import ScanRules, scan_files
     paths = [write(tmp_path / "d" / f"{k}.json", records(f"d{k}", 5 + k)) for k in range(3)]  # .json as JSON lines
     rules = ScanRules(4, False, True, False)
     seq = scan_files(paths, rules, num_workers=0)
@@ -926,7 +927,7 @@ def _random_texts(n, seed):
 
 
 def test_cut_before_tokenisation_gives_the_tokens_of_the_whole_text(tokenizer):
-    from m3jax.data_files import cut_is_exact, cut_point, encode_truncated, make_backend_tokenizer
+    from m3jax.data.files import cut_is_exact, cut_point, encode_truncated, make_backend_tokenizer
 
     tokenizer_json = tokenizer.backend_tokenizer.to_str()
     assert cut_is_exact(tokenizer_json)
@@ -949,7 +950,7 @@ def test_cut_before_tokenisation_gives_the_tokens_of_the_whole_text(tokenizer):
 
 
 def test_the_cut_is_only_for_tokenizer_pipelines_it_is_proven_for(tokenizer):
-    from m3jax.data_files import cut_is_exact
+    from m3jax.data.files import cut_is_exact
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     for change in (lambda s: s.update(pre_tokenizer={"type": "ByteLevel"}),
@@ -963,7 +964,7 @@ def test_the_cut_is_only_for_tokenizer_pipelines_it_is_proven_for(tokenizer):
 
 
 def test_long_texts_are_cut_counted_and_give_the_same_batches(tmp_path, tokenizer, caplog, monkeypatch):
-    from m3jax import data_pipeline
+    from m3jax.data import pipeline as data_pipeline
 
     recs = records("d0", 8)
     recs[3]["pos"] = ["long passage " + "lorem ipsum dolor sit amet " * 8000] * 2  # 200 KB each

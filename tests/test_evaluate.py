@@ -1,4 +1,4 @@
-"""m3jax.evaluate and `m3jax eval`: BEIR files, exact search on the device, nDCG / Recall / MRR.
+"""m3jax.evaluation.evaluate and `m3jax eval`: BEIR files, exact search on the device, nDCG / Recall / MRR.
 
 Metrics are checked against hand-computed values on a tiny fixture and against pytrec_eval (trec_eval's C code,
 package pytrec_eval_terrier) on the toy eval set; the device search against brute-force numpy scores computed with
@@ -16,14 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3jax import checkpoint as ckpt_lib
-from m3jax import cli, cli_common, eval_metrics, eval_options, eval_search, loading
 from m3jax import config as config_lib
-from m3jax import evaluate as ev
-from m3jax.eval_data import EvalDataError, load_corpus, load_eval_set, load_qrels
-from m3jax.eval_metrics import compute_metrics, runs_from_search
-from m3jax.eval_search import search
-from m3jax.evaluate import evaluate
+from m3jax.cli import common as cli_common
+from m3jax.cli import main as cli
+from m3jax.evaluation import evaluate as ev
+from m3jax.evaluation import metrics as eval_metrics
+from m3jax.evaluation import options as eval_options
+from m3jax.evaluation import search as eval_search
+from m3jax.evaluation.data import EvalDataError, load_corpus, load_eval_set, load_qrels
+from m3jax.evaluation.evaluate import evaluate
+from m3jax.evaluation.metrics import compute_metrics, runs_from_search
+from m3jax.evaluation.search import search
+from m3jax.io import checkpoint as ckpt_lib
+from m3jax.model import loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = {name: os.path.join(REPO, "toy_eval_data", f) for name, f in
@@ -115,7 +120,7 @@ def test_loading_beir_files(tmp_path, caplog):
                                             {"_id": "q3", "text": "c"}])
     qrels = _write(tmp_path / "qrels.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t2", "q1\t2\t0", "q2\td3\t1",
                                             "q9\td1\t1", "q2\tmissing\t1", ""])
-    with caplog.at_level(logging.WARNING, logger="m3jax.eval_data"):
+    with caplog.at_level(logging.WARNING, logger="m3jax.evaluation.data"):
         s = load_eval_set(corpus, queries, qrels)
     assert (s.query_ids, s.query_texts) == (["q1", "q2"], ["a", "b"])  # q3 has no qrels: not evaluated
     assert s.qrels == {"q1": {"d1": 2, "2": 0}, "q2": {"d3": 1, "missing": 1}}
@@ -210,7 +215,7 @@ class StubModel:
 
 def _reference_scores(weights=(1.0, 1.0, 1.0)):
     """FlagEmbedding's formulas, in plain Python/numpy."""
-    from m3jax.inference import BGEM3FlagModel
+    from m3jax.model.inference import BGEM3FlagModel
 
     d = np.array([[np.dot(STUB[q][0], STUB[p][0]) for p in PASSAGES] for q in QUERIES])
     s = np.array([[BGEM3FlagModel.compute_lexical_matching_score(STUB[q][1], STUB[p][1]) for p in PASSAGES]
@@ -288,7 +293,7 @@ def test_evaluate_end_to_end_hand_computed(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy(tiny_ckpt):
-    from m3jax.inference import BGEM3FlagModel
+    from m3jax.model.inference import BGEM3FlagModel
 
     model = BGEM3FlagModel(tiny_ckpt, use_fp16=False, devices="cpu", batch_size=BATCH)
     eval_set = load_eval_set(TOY["corpus"], TOY["queries"], TOY["qrels"])

@@ -1,6 +1,6 @@
-"""m3jax.export and `m3jax export`: an Orbax training checkpoint -> the bge-m3 directory layout.
+"""m3jax.tools.export and `m3jax export`: an Orbax training checkpoint -> the bge-m3 directory layout.
 
-The checkpoints are written here the way the trainer writes them (m3jax.checkpoint.Checkpointer.save of a
+The checkpoints are written here the way the trainer writes them (m3jax.io.checkpoint.Checkpointer.save of a
 TrainState with params sharded over several simulated devices + an adamw state, base_model/ copied). The exported
 directory must load in transformers, FlagEmbedding and sentence-transformers with outputs equal (1e-5, fp32) to
 m3jax's encode of the checkpoint, and load back into m3jax with bitwise-equal params.
@@ -18,13 +18,15 @@ import numpy as np
 import optax
 import pytest
 
-from m3jax import checkpoint as ckpt_lib
-from m3jax import cli, hf_layout, hf_read, hf_write, loading
 from m3jax import config as config_lib
-from m3jax import model as m3model
-from m3jax import sharding as shard_lib
-from m3jax.checkpoint import CheckpointError, locate_checkpoint
-from m3jax.export import ExportError, export_checkpoint, export_params
+from m3jax.cli import main as cli
+from m3jax.core import sharding as shard_lib
+from m3jax.io import checkpoint as ckpt_lib
+from m3jax.io import hf_layout, hf_read, hf_write
+from m3jax.io.checkpoint import CheckpointError, locate_checkpoint
+from m3jax.model import encoder as m3model
+from m3jax.model import loading
+from m3jax.tools.export import ExportError, export_checkpoint, export_params
 from m3jax.trainer import TrainState
 
 pytestmark = pytest.mark.stack_sensitive  # .ci/run runs this module on the latest stack too
@@ -159,7 +161,7 @@ KW = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True, batch
 @pytest.fixture(scope="module")
 def m3jax_outputs(run):
     """m3jax's encoding of TEXTS with the trained params (m3jax loading the export has bitwise-equal params)."""
-    from m3jax.inference import BGEM3FlagModel
+    from m3jax.model.inference import BGEM3FlagModel
 
     ckpt = loading.load_model(run["work"])
     ours = BGEM3FlagModel.from_params(ckpt.cfg, ckpt.params, loading.load_tokenizer(ckpt.source), use_fp16=False,
@@ -241,7 +243,7 @@ def test_export_options_pytorch_bin_and_fp16_heads(run, tmp_path):
 def test_mean_pooling_run_exports_matching_sentence_transformers(run, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from m3jax.inference import BGEM3FlagModel
+    from m3jax.model.inference import BGEM3FlagModel
 
     work = str(tmp_path / "mean_run")
     ckpt_lib.copy_base_model_files(run["tiny"], work)
@@ -309,7 +311,7 @@ def test_incomplete_steps_are_refused(run, tmp_path):
 def test_latest_skips_an_unfinished_newer_step(run, tmp_path, caplog):
     work = _copy_run(run, tmp_path)
     shutil.copytree(os.path.join(work, "checkpoints", "7"), os.path.join(work, "checkpoints", "9.orbax-checkpoint-tmp"))
-    with caplog.at_level(logging.WARNING, logger="m3jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="m3jax.io.checkpoint"):
         assert loading.load_model(work).source.location.step == 7
     assert "9.orbax-checkpoint-tmp: the save of step 9 never finished; skipped; using step 7" in caplog.text
 

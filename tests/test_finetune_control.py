@@ -1,8 +1,8 @@
 """Fine-tuning control (issue 15): chosen heads, freezing, LoRA, Matryoshka -- each against the formula it states.
 
-  loss      m3jax.losses.m3_loss on synthetic model outputs of a tiny batch against the formulas of its docstring,
+  loss      m3jax.train.losses.m3_loss on synthetic model outputs of a tiny batch against the formulas of its docstring,
             computed here in float64 numpy (scores, cross entropies and self-distillation written out by hand)
-  optimizer m3jax.optimizer's trainable masks on a small param tree with stacked layers: what trains, bitwise
+  optimizer m3jax.train.optimizer's trainable masks on a small param tree with stacked layers: what trains, bitwise
             frozen rows, zero moments, clip norm, optimizer state only for what trains
   training  the trainer on the tiny checkpoint: untrained heads and frozen parameters bitwise unchanged after
             steps; exports load in transformers, FlagEmbedding and sentence-transformers with m3jax's outputs
@@ -26,11 +26,14 @@ import optax
 import pytest
 from test_train import final_params, set_fields, toy_config
 
-from m3jax import cli, loading, losses, trainer
 from m3jax import config as config_lib
-from m3jax import model as m3model
-from m3jax import optimizer as optim
-from m3jax.export import export_checkpoint
+from m3jax import trainer
+from m3jax.cli import main as cli
+from m3jax.model import encoder as m3model
+from m3jax.model import loading
+from m3jax.tools.export import export_checkpoint
+from m3jax.train import losses
+from m3jax.train import optimizer as optim
 
 HEADS = ("dense", "sparse", "colbert")
 SUBSETS = [("dense",), ("sparse",), ("colbert",), ("dense", "sparse"), ("dense", "colbert"), ("sparse", "colbert"),
@@ -424,7 +427,7 @@ def assert_export_matches(run_dir, out, *, peft_base=None):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
 
-    from m3jax.inference import BGEM3FlagModel
+    from m3jax.model.inference import BGEM3FlagModel
 
     ckpt = loading.load_model(run_dir)
     ours = BGEM3FlagModel.from_params(ckpt.cfg, ckpt.params, loading.load_tokenizer(ckpt.source), use_fp16=False,
@@ -515,9 +518,9 @@ def test_heads_subset_freezing_and_matryoshka_train_and_export(tiny_ckpt, tmp_pa
 
 def test_matryoshka_eval_modes_equal_truncate_dim(tiny_ckpt):
     """dense@K / colbert@K (cut + re-normalise inside the search) rank and score like a model with truncate_dim=K."""
-    from m3jax.eval_options import parse_modes
-    from m3jax.eval_search import search
-    from m3jax.inference import BGEM3FlagModel
+    from m3jax.evaluation.options import parse_modes
+    from m3jax.evaluation.search import search
+    from m3jax.model.inference import BGEM3FlagModel
 
     corpus = [t + suffix for t in TEXTS for suffix in ("", " again", " and more text")]
     full = BGEM3FlagModel(tiny_ckpt, use_fp16=False, devices="cpu")
@@ -638,8 +641,8 @@ def test_lora_first_step_equals_full_finetuning(tiny_ckpt, tmp_path):
     full fine-tuning's; only the adapters and heads carry optimizer state."""
     from transformers import AutoTokenizer
 
-    from m3jax import data_build
-    from m3jax import sharding as shard_lib
+    from m3jax.core import sharding as shard_lib
+    from m3jax.data import build as data_build
 
     results = {}
     for name, lora in (("full", {}), ("lora", {"lora.rank": 4, "lora.dropout": 0.1,

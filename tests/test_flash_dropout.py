@@ -1,4 +1,4 @@
-"""Attention dropout inside the flash kernel (issue 28): the Pallas kernel (m3jax.flash_dropout, interpreted on CPU)
+"""Attention dropout inside the flash kernel (issue 28): the Pallas kernel (m3jax.model.flash_dropout, interpreted on CPU)
 against the XLA path with the same hash-drawn mask -- outputs and gradients of q, k, v within 1e-5 in float32 with
 dropout on, on one device and sharded over a CPU mesh; the mask the kernel applies read back bit for bit; keep rates
 within statistical bounds; different rows, heads, layers and steps drawing different masks; rate 0 equal to the
@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3jax import attention as m3attention
-from m3jax import flash_dropout as fd
-from m3jax import loading
-from m3jax import model as m3model
-from m3jax import sharding as shard_lib
 from m3jax.config import default_config
+from m3jax.core import sharding as shard_lib
+from m3jax.model import attention as m3attention
+from m3jax.model import encoder as m3model
+from m3jax.model import flash_dropout as fd
+from m3jax.model import loading
 
 RATE = 0.1
 SEED = jnp.asarray([20260, -7], jnp.int32)

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from m3jax import plan
-from m3jax.xla_stats import hlo_structure, thunk_structure
+from m3jax.core.xla_stats import hlo_structure, thunk_structure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA_PLUGIN = plan.cuda_plugin() is not None
@@ -135,8 +135,8 @@ def test_tiny_train_step_compiles_for_h100_without_a_gpu(tmp_path):
     jax's default 0.75), with its memory analysis and matmul FLOPs; the optimised HLO runs both layers in while
     loops of trip count 2 (forward and backward of the queries' and the passages' encoders), has no host transfer,
     and XLA's thunk sequence puts most kernels into command buffers (CUDA graphs)."""
-    from m3jax import model as m3model
-    from m3jax.xla_stats import Shape, forward_flops
+    from m3jax.core.xla_stats import Shape, forward_flops
+    from m3jax.model import encoder as m3model
 
     out, dump = tmp_path / "plan.json", tmp_path / "xla_dump"
     env = dict(os.environ, JAX_PLATFORMS="cpu",

@@ -1,4 +1,4 @@
-"""The gradient cache (config.gradient_cache, m3jax/step.py gradient_cache_loss_and_grads) against the uncached step.
+"""The gradient cache (config.gradient_cache, m3jax/train/step.py gradient_cache_loss_and_grads) against the uncached step.
 
 Exactness: the loss and every parameter gradient of the cached step equal the uncached step's within 1e-5 relative
 (fp32; per tensor, relative to the tensor's largest uncached gradient floored at 1% of the largest of all tensors,
@@ -26,10 +26,13 @@ import numpy as np
 import pytest
 
 from m3jax import config as config_lib
-from m3jax import loading, losses, trainer, xla_stats
-from m3jax import sharding as shard_lib
-from m3jax import step as step_lib
-from m3jax.xla_stats import memory_record
+from m3jax import trainer
+from m3jax.core import sharding as shard_lib
+from m3jax.core import xla_stats
+from m3jax.core.xla_stats import memory_record
+from m3jax.model import loading
+from m3jax.train import losses
+from m3jax.train import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5

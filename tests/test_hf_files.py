@@ -1,4 +1,4 @@
-"""m3jax.hf_layout, hf_read, hf_write and m3jax.tiny_checkpoint: the bge-m3 directory layout read and written as numpy arrays.
+"""m3jax.io.hf_layout, hf_read, hf_write and m3jax.io.tiny_checkpoint: the bge-m3 directory layout read and written as numpy arrays.
 
 The saved directories must load in transformers, FlagEmbedding and sentence-transformers; every malformed
 checkpoint must fail with a CheckpointFormatError that names the file and the tensor.
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from m3jax import hf_layout, hf_write
-from m3jax.hf_layout import CheckpointFormatError, HFCheckpoint
-from m3jax.hf_read import load_hf_checkpoint
-from m3jax.hf_write import save_hf_checkpoint
-from m3jax.tiny_checkpoint import make_tiny_checkpoint
+from m3jax.io import hf_layout, hf_write
+from m3jax.io.hf_layout import CheckpointFormatError, HFCheckpoint
+from m3jax.io.hf_read import load_hf_checkpoint
+from m3jax.io.hf_write import save_hf_checkpoint
+from m3jax.io.tiny_checkpoint import make_tiny_checkpoint
 
 pytestmark = pytest.mark.stack_sensitive  # .ci/run runs this module on the latest stack too
 HIDDEN = 32  # make_tiny_checkpoint's default
@@ -157,7 +157,7 @@ def test_roberta_prefix_and_extra_tensors(tiny_ckpt, tmp_path, caplog):
                                    "roberta.embeddings.position_ids": np.arange(514, dtype=np.int64)[None]})
 
     _edit_safetensors(folder, prefix)
-    with caplog.at_level(logging.WARNING, logger="m3jax.hf_read"):
+    with caplog.at_level(logging.WARNING, logger="m3jax.io.hf_read"):
         loaded = load_hf_checkpoint(folder)
     _assert_same(load_hf_checkpoint(tiny_ckpt), loaded)
     assert "lm_head.dense.weight" in caplog.text

@@ -14,10 +14,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / PACKAGE
 
 
 def _module_name(path: pathlib.Path) -> str:
-    return PACKAGE if path.stem == "__init__" else f"{PACKAGE}.{path.stem}"
+    """m3jax/core/storage.py -> m3jax.core.storage; a folder's __init__.py -> the folder's name."""
+    parts = (PACKAGE, *path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {_module_name(p): p for p in sorted(ROOT.glob("*.py"))}
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+FOLDERS = sorted({name.rsplit(".", 1)[0] for name in MODULES if name.count(".") > 1})
 
 
 def _targets(node: ast.Import | ast.ImportFrom, importer: str) -> list[str]:
@@ -25,7 +28,7 @@ def _targets(node: ast.Import | ast.ImportFrom, importer: str) -> list[str]:
     if isinstance(node, ast.Import):
         return [a.name for a in node.names if a.name == PACKAGE or a.name.startswith(PACKAGE + ".")]
     if node.level:  # relative: from . import x, from .x import y
-        base = PACKAGE if importer == PACKAGE else importer.rsplit(".", 1)[0]
+        base = importer if MODULES[importer].stem == "__init__" else importer.rsplit(".", 1)[0]
         for _ in range(node.level - 1):
             base = base.rsplit(".", 1)[0]
         source = f"{base}.{node.module}" if node.module else base
@@ -33,8 +36,8 @@ def _targets(node: ast.Import | ast.ImportFrom, importer: str) -> list[str]:
         source = node.module or ""
     if source != PACKAGE and not source.startswith(PACKAGE + "."):
         return []
-    if source == PACKAGE:
-        return [f"{PACKAGE}.{a.name}" if f"{PACKAGE}.{a.name}" in MODULES else PACKAGE for a in node.names]
+    if source == PACKAGE or source in FOLDERS:  # from m3jax import x, from m3jax.core import storage
+        return [f"{source}.{a.name}" if f"{source}.{a.name}" in MODULES else source for a in node.names]
     return [source]
 
 
@@ -105,7 +108,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_graph_reads_the_package():
     graph = import_graph()
     assert len(graph) > 30 and "m3jax.trainer" in graph
-    assert {"m3jax.step", "m3jax.checkpoint", "m3jax.storage"} <= graph["m3jax.trainer"]
+    assert {"m3jax.train.step", "m3jax.io.checkpoint", "m3jax.core.storage"} <= graph["m3jax.trainer"]
 
 
 def test_no_import_cycle():
@@ -121,15 +124,21 @@ def test_no_m3jax_import_inside_a_function():
 
 
 def readme_layers() -> dict[str, tuple[int, int]]:
-    """module -> (floor, step within the floor) from the README's layer table: rows `| N. name | `a`, `b` -> `c` |`."""
+    """module -> (floor, step within the floor) from the README's layer table: rows `| N | `folder/` | `a`, `b` -> `c` |`
+    (a folder's modules by their names in it; `m3jax/` for the package's own top-level modules). A folder's
+    `__init__` (a docstring, no imports) takes the floor of its row."""
     readme = (ROOT.parent / "README.md").read_text()
     table = readme[readme.index("### Layers: imports go one way"):].split("\n\n")[2]
     place = {}
     for row in table.splitlines()[2:]:
-        floor, modules = row.strip("|").split("|")[:2]
+        floor, folder, modules = row.strip("|").split("|")[:3]
+        folder = folder.strip().strip("`").rstrip("/")
+        base = PACKAGE if folder == PACKAGE else f"{PACKAGE}.{folder}"
+        if base != PACKAGE:
+            place[base] = (int(floor), -1)
         for step, group in enumerate(modules.split("->")):
             for name in re.findall(r"`(\w+)`", group):
-                place[PACKAGE if name == "__init__" else f"{PACKAGE}.{name}"] = (int(floor.split(".")[0]), step)
+                place[base if name == "__init__" else f"{base}.{name}"] = (int(floor), step)
     return place
 
 
@@ -140,6 +149,14 @@ def test_readme_layers_match_the_imports():
     wrong = [f"{name} {place[name]} imports {target} {place[target]}" for name in sorted(graph)
              for target in sorted(graph[name]) if place[target] >= place[name]]
     assert not wrong, "README's layer table places a module at or below one it imports:\n" + "\n".join(wrong)
+
+
+def test_folders_are_floors():
+    """Each folder of the package is one floor of the layer table: every module in it sits on its folder's row."""
+    place = readme_layers()
+    for folder in FOLDERS:
+        floors = {place[name][0] for name in MODULES if name == folder or name.startswith(folder + ".")}
+        assert floors == {place[folder][0]}, f"{folder}: its modules sit on floors {sorted(floors)}"
 
 
 def test_cycle_finder():

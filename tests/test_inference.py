@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from m3jax import BGEM3FlagModel, hf_layout
+from m3jax import BGEM3FlagModel
+from m3jax.io import hf_layout
 
 LONG = ("Large language models are trained on text gathered from many sources, filtered for quality, deduplicated "
         "and tokenised into subword units before training begins on thousands of accelerators. ") * 8

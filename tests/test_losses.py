@@ -1,4 +1,4 @@
-"""m3jax.losses.m3_loss (+ the model's heads and encoder) against FlagEmbedding 1.4.2's EncoderOnlyEmbedderM3Model.
+"""m3jax.train.losses.m3_loss (+ the model's heads and encoder) against FlagEmbedding 1.4.2's EncoderOnlyEmbedderM3Model.
 
 Reference: FlagEmbedding in training mode with dropout off (tests/fe_reference.py), on the same checkpoint and the
 same tokenized batch (texts truncated / padded to L tokens, so short texts carry padding and long ones none).
@@ -38,8 +38,11 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from m3jax import hf_read, hf_write, loading, losses, scores
-from m3jax import model as m3model
+from m3jax.core import scores
+from m3jax.io import hf_read, hf_write
+from m3jax.model import encoder as m3model
+from m3jax.model import loading
+from m3jax.train import losses
 
 pytestmark = pytest.mark.needs_flagembedding  # conftest deselects these where FlagEmbedding does not import
 try:
@@ -414,7 +417,7 @@ def test_self_distill_step_is_traced(refs):
 
 # ---------------------------------------------------------------------------------------------------------------
 # FlagEmbedding 1.4.2's no_in_batch_neg bugs, pinned (if one of these fails, FlagEmbedding changed: revisit
-# fe_reference.PatchedM3Model and m3jax/losses.py's note)
+# fe_reference.PatchedM3Model and m3jax/train/losses.py's note)
 
 
 def _record_no_in_batch_calls(fe) -> list:

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from test_train import kill_when
 
-from m3jax import cli, eval_options
-from m3jax import mine as mine_lib
-from m3jax.eval_search import ExactSearch
-from m3jax.inference import BGEM3FlagModel
-from m3jax.mine import MineOptions
+from m3jax.cli import main as cli
+from m3jax.evaluation import options as eval_options
+from m3jax.evaluation.search import ExactSearch
+from m3jax.model.inference import BGEM3FlagModel
+from m3jax.tools import mine as mine_lib
+from m3jax.tools.mine import MineOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "toy_train_data")
@@ -407,7 +408,7 @@ def test_two_processes_give_the_output_of_one(tiny_ckpt, tmp_path):
     splits the record chunks; both outputs equal those of one process with 4 devices, byte for byte."""
     import socket
 
-    from m3jax.tiny_checkpoint import make_tiny_reranker
+    from m3jax.io.tiny_checkpoint import make_tiny_reranker
 
     reranker = make_tiny_reranker(tmp_path / "rr")
     records = [r for name in sorted(os.listdir(TOY)) for r in _records(os.path.join(TOY, name))]

@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from m3jax import hf_layout, hf_read, loading
-from m3jax import model as m3model
+from m3jax.io import hf_layout, hf_read
+from m3jax.model import encoder as m3model
+from m3jax.model import loading
 
 TEXTS = [
     "What is the boiling point of water at sea level?",
@@ -157,7 +158,7 @@ def test_missing_heads_start_fresh_with_a_warning(make_ckpt):
 
 
 def test_colbert_scores_in_passage_blocks_equal_one_block():
-    from m3jax import scores
+    from m3jax.core import scores
 
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((3, 5, 8)), jnp.float32)

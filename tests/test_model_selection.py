@@ -18,12 +18,15 @@ import pytest
 import yaml
 from test_train import toy_config
 
-from m3jax import checkpoint as ckpt_lib
-from m3jax import cli, loading, selection, trainer
 from m3jax import config as config_lib
-from m3jax import merge as merge_lib
-from m3jax.evaluate import EvalSetSpec
-from m3jax.export import ExportError, export_checkpoint
+from m3jax import trainer
+from m3jax.cli import main as cli
+from m3jax.evaluation import selection
+from m3jax.evaluation.evaluate import EvalSetSpec
+from m3jax.io import checkpoint as ckpt_lib
+from m3jax.model import loading
+from m3jax.tools import merge as merge_lib
+from m3jax.tools.export import ExportError, export_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "toy_eval_data")
@@ -297,7 +300,7 @@ def test_two_process_eval_equals_one_process_to_the_last_digit(tiny_ckpt, tmp_pa
 @pytest.fixture(scope="module")
 def tuned(tiny_ckpt, tmp_path_factory):
     """A "fine-tuned" bge-m3 directory: the tiny checkpoint with every tensor perturbed (float32 heads)."""
-    from m3jax.export import export_params
+    from m3jax.tools.export import export_params
 
     cfg, params, _ = loading.load_model(tiny_ckpt)
     rng = np.random.default_rng(0)
@@ -378,7 +381,7 @@ def test_merged_export_loads_in_transformers_and_sentence_transformers(tuned, ti
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
 
-    from m3jax.inference import BGEM3FlagModel
+    from m3jax.model.inference import BGEM3FlagModel
 
     out = merge_lib.merge_models([tuned[0], tiny_ckpt], [0.3, 0.7], tmp_path / "merged")
     ref = BGEM3FlagModel(out, use_fp16=False, devices="cpu").encode(TEXTS, max_length=64, return_sparse=True,
@@ -396,7 +399,7 @@ def test_merged_export_loads_in_transformers_and_sentence_transformers(tuned, ti
 def test_merged_export_loads_in_flagembedding(tuned, tiny_ckpt, tmp_path):
     from FlagEmbedding import BGEM3FlagModel as FlagBGEM3
 
-    from m3jax.inference import BGEM3FlagModel
+    from m3jax.model.inference import BGEM3FlagModel
 
     out = merge_lib.merge_models([tuned[0], tiny_ckpt], [0.3, 0.7], tmp_path / "merged")
     kw = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True, batch_size=4, max_length=64)
@@ -435,8 +438,8 @@ def test_merge_grid_chooses_the_weight_on_eval_sets(tuned, tiny_ckpt, tmp_path, 
     expected = merge_lib.merge_params([loading.load_model(tuned[0]).params, _base_params(tiny_ckpt)], [w, 1 - w])
     jax.tree.map(np.testing.assert_array_equal, loading.load_model(out).params, expected)
     # W=0 is the base model itself: its grid numbers equal `m3jax eval` of the base
-    from m3jax import evaluate as ev
-    from m3jax.inference import BGEM3FlagModel
+    from m3jax.evaluation import evaluate as ev
+    from m3jax.model.inference import BGEM3FlagModel
 
     base_eval = ev.evaluate(BGEM3FlagModel(tiny_ckpt, use_fp16=False, devices="cpu"), f"{TOY}/corpus.jsonl",
                             f"{TOY}/queries.jsonl", f"{TOY}/qrels.tsv", batch_size=32, query_max_len=32,

@@ -8,7 +8,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from m3jax import config as config_lib
-from m3jax import optimizer as optim
+from m3jax.train import optimizer as optim
 
 
 def _config(**overrides):

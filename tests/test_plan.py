@@ -12,8 +12,9 @@ import jax
 import pytest
 
 from m3jax import config as config_lib
-from m3jax import plan, sharding, trainer
-from m3jax.xla_stats import GIB, Shape, predict_boundary, search_max_batch
+from m3jax import plan, trainer
+from m3jax.core import sharding
+from m3jax.core.xla_stats import GIB, Shape, predict_boundary, search_max_batch
 
 
 def _config(train_data="", **changes):
@@ -197,7 +198,7 @@ def test_plan_shapes_from_the_runs_data(tiny_ckpt):
 
 def test_plan_command_on_this_host_against_a_memory_budget(tmp_path, capsys):
     """`m3jax plan` without --topology: this host's device (CPU here, so against --memory-gib)."""
-    from m3jax import cli
+    from m3jax.cli import main as cli
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "plan.json"

@@ -1,13 +1,15 @@
 """The cross-encoder reranker (bge-reranker-v2-m3's layout) against FlagEmbedding's FlagReranker and transformers'
-XLMRobertaForSequenceClassification on a tiny random reranker (m3jax.tiny_checkpoint.make_tiny_reranker)."""
+XLMRobertaForSequenceClassification on a tiny random reranker (m3jax.io.tiny_checkpoint.make_tiny_reranker)."""
 import json
 import os
 
 import numpy as np
 import pytest
 
-from m3jax import FlagReranker, hf_layout, hf_read, hf_write, loading
-from m3jax.tiny_checkpoint import make_tiny_reranker
+from m3jax import FlagReranker
+from m3jax.io import hf_layout, hf_read, hf_write
+from m3jax.io.tiny_checkpoint import make_tiny_reranker
+from m3jax.model import loading
 
 pytestmark = pytest.mark.stack_sensitive  # .ci/run runs this module on the latest stack too
 LONG = ("Large language models are trained on text gathered from many sources, filtered for quality, deduplicated "

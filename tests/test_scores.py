@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3jax import scores
+from m3jax.core import scores
 
 UNUSED = (0, 2, 1, 3)
 

@@ -10,10 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from m3jax import cli, eval_options
-from m3jax.inference import BGEM3FlagModel
-from m3jax.teacher_scores import M3Teacher, score_file
-from m3jax.tiny_checkpoint import make_tiny_reranker
+from m3jax.cli import main as cli
+from m3jax.evaluation import options as eval_options
+from m3jax.io.tiny_checkpoint import make_tiny_reranker
+from m3jax.model.inference import BGEM3FlagModel
+from m3jax.tools.teacher_scores import M3Teacher, score_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "toy_train_data")

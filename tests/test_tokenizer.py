@@ -7,7 +7,7 @@ XLM-R tokenizer's pipeline so that U+0085 tokenises differently). To regenerate 
 toy_train_data (the tokenizer is trained on it), run `AutoTokenizer.from_pretrained(<a tiny checkpoint>)(text)` for
 each text on the pinned stack and check the diff.
 
-Also here: m3jax.data_build.unknown_token_share, the <unk> check the trainer logs at start.
+Also here: m3jax.data.build.unknown_token_share, the <unk> check the trainer logs at start.
 """
 import json
 import logging
@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import tokenizers
 
-from m3jax import data_build, hf_layout, hf_read
 from m3jax.config import data_settings, default_config
-from m3jax.data_files import make_backend_tokenizer
-from m3jax.tiny_checkpoint import SPM_VOCAB_SIZE
+from m3jax.data import build as data_build
+from m3jax.data.files import make_backend_tokenizer
+from m3jax.io import hf_layout, hf_read
+from m3jax.io.tiny_checkpoint import SPM_VOCAB_SIZE
 
 pytestmark = pytest.mark.stack_sensitive  # .ci/run runs this module on the latest stack too
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -117,7 +118,7 @@ def test_unknown_token_share_is_logged_and_warns_above_the_threshold(tiny_ckpt, 
     tok = hf_read.load_tokenizer(tiny_ckpt)
     words = [{"query": f"what is the capital of France {i}", "pos": ["Paris is the capital of France."],
               "neg": ["The quick brown fox."]} for i in range(4)]
-    with caplog.at_level(logging.INFO, logger="m3jax.data_build"):
+    with caplog.at_level(logging.INFO, logger="m3jax.data.build"):
         share = data_build.log_unknown_token_share(tok, _toy_train_data(tok, tmp_path / "ok", words))
     assert share == 0.0
     assert [(r.levelname, r.getMessage()) for r in caplog.records if "text tokens" in r.getMessage()] == \
@@ -125,7 +126,7 @@ def test_unknown_token_share_is_logged_and_warns_above_the_threshold(tiny_ckpt, 
 
     caplog.clear()
     emoji = [{"query": "🦕 🦖 🐙", "pos": ["🦑 🐳 x"], "neg": ["🦀 🦞"]} for _ in range(4)]
-    with caplog.at_level(logging.INFO, logger="m3jax.data_build"):
+    with caplog.at_level(logging.INFO, logger="m3jax.data.build"):
         share = data_build.log_unknown_token_share(tok, _toy_train_data(tok, tmp_path / "bad", emoji))
     assert share > 0.3  # each emoji run is '▁' + one <unk>
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3jax import attention as m3attention
-from m3jax import model as m3model
-from m3jax import sharding as shard_lib
 from m3jax.config import default_config
+from m3jax.core import sharding as shard_lib
+from m3jax.model import attention as m3attention
+from m3jax.model import encoder as m3model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,8 +119,8 @@ def test_tiny_train_step_compiles_for_tpu_v4_and_plan_reports_fit_memory_flops_a
     passages) compiled for a v4-8 slice (4 megacore chips, data-parallel mesh) by `m3jax plan`, in a subprocess:
     a small shape fits with its peak far below 32 GiB and positive matmul FLOPs, twice the batch has more memory
     and twice the FLOPs, and a huge shape is RESOURCE_EXHAUSTED at compile time."""
+    from m3jax.core.xla_stats import Shape, forward_flops
     from m3jax.plan import TINY
-    from m3jax.xla_stats import Shape, forward_flops
 
     out = tmp_path / "plan.json"
     env = dict(os.environ, **TPU_ENV)
@@ -149,7 +149,8 @@ def test_tiny_train_step_compiles_for_tpu_v4_and_plan_reports_fit_memory_flops_a
 
 
 def test_plan_tells_what_is_wrong(monkeypatch):
-    from m3jax import cli, plan
+    from m3jax import plan
+    from m3jax.cli import main as cli
 
     monkeypatch.setitem(sys.modules, "libtpu", None)  # as if not installed
     with pytest.raises(plan.PlanError, match=r"pip install 'm3jax\[tpu\]'"):

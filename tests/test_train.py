@@ -14,10 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from m3jax import checkpoint as ckpt_lib
 from m3jax import config as config_lib
-from m3jax import model as m3model
-from m3jax import storage, trainer
+from m3jax import trainer
+from m3jax.core import storage
+from m3jax.io import checkpoint as ckpt_lib
+from m3jax.model import encoder as m3model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,7 +91,7 @@ def test_one_step_of_the_toy_config(tiny_ckpt, tmp_path):
     events = os.listdir(tmp_path / "tensorboard")
     assert any(e.startswith("events.out.tfevents") for e in events)
     _, params = final_params(str(tmp_path))
-    from m3jax.loading import load_model
+    from m3jax.model.loading import load_model
     _, initial, _ = load_model(tiny_ckpt)
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params, initial)
     assert moved["encoder"]["layers"]["query"]["kernel"] > 0 and moved["colbert_linear"]["kernel"] > 0
@@ -297,8 +298,9 @@ def test_sub_batch_encoding_gives_the_same_step(tiny_ckpt, tmp_path):
     from transformers import AutoTokenizer
 
     from m3jax import config as config_lib
-    from m3jax import data_build, loading
-    from m3jax import sharding as shard_lib
+    from m3jax.core import sharding as shard_lib
+    from m3jax.data import build as data_build
+    from m3jax.model import loading
 
     results = {}
     for sub in (-1, 2):

@@ -1,4 +1,4 @@
-"""m3jax.xla_stats: shapes and the model-FLOP formula, the max-batch search, OOM detection, and the HLO statistics on
+"""m3jax.core.xla_stats: shapes and the model-FLOP formula, the max-batch search, OOM detection, and the HLO statistics on
 GPU/CPU-style HLO (dots, known trip counts) and on real TPU HLO (convolutions, trip counts read from the loop).
 
 tests/data/tpu_v4_scan.hlo is the optimised HLO of this program, compiled for one TPU v4 chip with compile-only
@@ -25,7 +25,7 @@ import types
 import numpy as np
 import pytest
 
-from m3jax import xla_stats
+from m3jax.core import xla_stats
 
 TPU_HLO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tpu_v4_scan.hlo")
 

@@ -1,0 +1,1 @@
+"""The `m3jax` command: one module per command, `main` on top."""

@@ -1,0 +1,1 @@
+"""Foundations: errors, storage (local or gs://), sharding, padding, scores, processes, XLA statistics."""

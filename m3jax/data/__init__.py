@@ -1,0 +1,1 @@
+"""Training data: files, the seeded batch plan, the grain pipeline."""

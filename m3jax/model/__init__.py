@@ -1,0 +1,1 @@
+"""The encoder and its attention kernels; loading a model; encoding and scoring with it."""

@@ -1,0 +1,1 @@
+"""What a trained model is used for: export, merge, mining hard negatives, teacher scores, model cards."""

@@ -1,0 +1,1 @@
+"""The training step: losses, optimizer, step, metrics log, compile-time planning."""
