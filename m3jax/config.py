@@ -22,6 +22,7 @@ from m3jax.core import storage
 from m3jax.core.distributed import DistributedSettings
 from m3jax.core.errors import ConfigError
 from m3jax.core.padding import length_buckets
+from m3jax.core.scores import HEADS
 from m3jax.core.sharding import MeshSettings
 from m3jax.data.datasets import DataSettings
 from m3jax.data.files import Instructions
@@ -35,10 +36,11 @@ from m3jax.model.loading import (
     lora_config,
     lora_targets,  # noqa: F401 -- still config.lora_targets to its callers
     max_tokens,
+    trained_heads,
 )
 from m3jax.model.loading import config_names as _names
 from m3jax.tools.model_card import ModelCardSettings
-from m3jax.train.losses import HEADS, LossConfig
+from m3jax.train.losses import LossConfig
 from m3jax.train.optimizer import OptimizerSettings
 from m3jax.train.step import StepSettings
 
@@ -373,16 +375,6 @@ def _patterns(value) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
 
 
-def trained_heads(config) -> tuple[str, ...]:
-    """The heads the loss trains, in the order dense, sparse, colbert: `heads`, or ("dense",) when
-    unified_finetuning is False (validate() rejects the two contradicting each other). `config`: a run config or
-    its saved JSON dict."""
-    if not config["unified_finetuning"]:
-        return ("dense",)
-    chosen = _names(config["heads"])
-    return tuple(h for h in HEADS if h in chosen)
-
-
 def trainable_patterns(config) -> tuple[str, ...]:
     return _patterns(config.trainable)
 
@@ -708,8 +700,9 @@ def selection_settings(config) -> SelectionSettings:
     resolved against the sets the run evaluates and its trained heads (selection.parse_metric); None when it evaluates
     none."""
     evals = eval_settings(config)
-    metric = selection.parse_metric(config.metric_for_best_model, evals.eval_set_specs,
-                                    heads=trained_heads(config)) if evals.evaluates and evals.eval_set_specs else None
+    metric = selection.parse_metric(config.metric_for_best_model, evals.eval_set_specs, heads=trained_heads(config),
+                                    extra_modes=_matryoshka_eval_modes(config)) \
+        if evals.evaluates and evals.eval_set_specs else None
     return SelectionSettings(metric_for_best_model=metric, greater_is_better=bool(config.greater_is_better))
 
 

@@ -259,6 +259,21 @@ def test_legacy_eval_is_a_set_named_eval():
     assert specs[1].modes == specs[0].modes and specs[1].metrics == ("ndcg@10", "recall@100", "mrr@10")
 
 
+
+def test_a_matryoshka_metric_for_best_model_is_resolved_as_validate_accepts_it():
+    """metric_for_best_model may name a Matryoshka mode (dense@K of mrl_dims, which every set reports): validate()
+    accepts it, and the run's selection resolves it (it once raised from the trainer, outside validate)."""
+    c = config_lib.default_config()
+    c.eval.update(corpus="c", queries="q", qrels="r")
+    c.update(eval_steps=5, mrl_dims=(16, 32), metric_for_best_model="eval/dense@16/ndcg@10")
+    config_lib.validate(c, for_training=False)
+    chosen = config_lib.selection_settings(c).metric_for_best_model
+    assert chosen.terms == ((1.0, "eval/dense@16/ndcg@10"),)
+    assert chosen.value({"eval/dense@16/ndcg@10": 0.25}) == 0.25
+    c.metric_for_best_model = "eval/dense@8/ndcg@10"  # not one of mrl_dims
+    with pytest.raises(config_lib.ConfigError, match="dense@8"):
+        config_lib.validate(c, for_training=False)
+
 # ---------------------------------------------------------------------------------------------------------------
 # the eval shared out over two processes
 

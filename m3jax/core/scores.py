@@ -22,6 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+HEADS = ("dense", "sparse", "colbert")  # the M3 heads, in the order the loss and the ensemble sum them
+
 # torch.nn.functional.normalize's eps: x / max(||x||, eps)
 _NORM_EPS = 1e-12
 

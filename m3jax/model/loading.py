@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from m3jax.core import storage
+from m3jax.core.scores import HEADS
 from m3jax.io import checkpoint as ckpt_lib
 from m3jax.io import hf_layout, hf_read
 from m3jax.model.encoder import (
@@ -95,13 +96,13 @@ def _lora_of_run_config(run_config: dict) -> LoRAConfig | None:
     return lora_config(lora["rank"], lora["alpha"], lora["dropout"], lora_targets(run_config))
 
 
-def trained_heads_of_run(run_config: dict) -> tuple[str, ...]:
-    """The heads a run trained (its saved config), in the order dense, sparse, colbert: its `heads`, or ("dense",)
-    when unified_finetuning was False."""
+def trained_heads(run_config) -> tuple[str, ...]:
+    """The heads a run trains (its config, or the config a checkpoint saved), in the order dense, sparse, colbert: its
+    `heads`, or ("dense",) when unified_finetuning is False (validate() rejects the two contradicting each other)."""
     if not run_config["unified_finetuning"]:
         return ("dense",)
     chosen = config_names(run_config["heads"])
-    return tuple(h for h in ("dense", "sparse", "colbert") if h in chosen)
+    return tuple(h for h in HEADS if h in chosen)
 
 
 def max_tokens(model_cfg) -> int:

@@ -168,7 +168,7 @@ def export_checkpoint(checkpoint, output_dir, *, step: int | str | None = None, 
     info: dict[str, Any] = {"source_checkpoint": source.location.step_dir, "step": source.location.step,
                             "base_model": run.get("model_name_or_path") or None}
     if "heads" in run:
-        info["trained_heads"] = list(loading.trained_heads_of_run(run))
+        info["trained_heads"] = list(loading.trained_heads(run))
     if run.get("mrl_dims"):  # `m3jax eval` reports each size
         info["mrl_dims"], info["mrl_colbert"] = list(run["mrl_dims"]), bool(run.get("mrl_colbert"))
     card_info = model_card.card_info_from_run(source.location.work_dir, run, source.location.step, card_settings)

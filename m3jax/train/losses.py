@@ -59,8 +59,6 @@ import jax.numpy as jnp
 
 from m3jax.core import scores
 
-HEADS = ("dense", "sparse", "colbert")  # the M3 heads, in the order the loss and the ensemble sum them
-
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -85,9 +83,9 @@ class LossConfig:
     normalize_embeddings: bool = True  # Matryoshka cuts are re-normalised when the embeddings are
 
     def __post_init__(self):
-        if not self.heads or any(h not in HEADS for h in self.heads):
-            raise ValueError(f"LossConfig.heads={self.heads!r}: expected a non-empty subset of {HEADS}")
-        if not self.unified_finetuning and set(self.heads) not in (set(HEADS), {"dense"}):
+        if not self.heads or any(h not in scores.HEADS for h in self.heads):
+            raise ValueError(f"LossConfig.heads={self.heads!r}: expected a non-empty subset of {scores.HEADS}")
+        if not self.unified_finetuning and set(self.heads) not in (set(scores.HEADS), {"dense"}):
             raise ValueError(f"LossConfig.heads={self.heads!r} contradicts unified_finetuning=False (dense only)")
         if self.mrl_weights and len(self.mrl_weights) != len(self.mrl_dims):
             raise ValueError("LossConfig.mrl_weights: one weight per mrl_dims entry")
@@ -95,7 +93,7 @@ class LossConfig:
     @property
     def trained_heads(self) -> tuple[str, ...]:
         """The heads the loss reads, in the order dense, sparse, colbert."""
-        return tuple(h for h in HEADS if h in self.heads) if self.unified_finetuning else ("dense",)
+        return tuple(h for h in scores.HEADS if h in self.heads) if self.unified_finetuning else ("dense",)
 
     def matryoshka(self, head: str) -> tuple[tuple[int, float], ...]:
         """(dim, weight) pairs the head's CE averages over; () = the full size only."""
