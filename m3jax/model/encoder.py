@@ -403,6 +403,17 @@ class BGEM3(nn.Module):
             colbert = scores.l2_normalize(colbert)
         return dict(dense=dense, sparse_weights=sparse_weights, colbert=colbert.astype(cfg.compute_dtype))
 
+    def packed_hidden(self, input_ids, segment_ids, position_ids, max_segments: int, deterministic: bool = True,
+                      train_encoder: bool = True, dropout_stream: int = 0):
+        """The encoder's last hidden state [R, L, H] over packed rows (m3jax.core.packing), padding tokens zeroed: what
+        the train step gathers each text's tokens from before `heads` (m3jax.train.step.packed_outputs)."""
+        real = segment_ids != 0
+        hidden = self.encoder(input_ids, real.astype(jnp.int32), deterministic,
+                              packed=(segment_ids, position_ids, max_segments), dropout_stream=dropout_stream)
+        if not train_encoder:  # fix_encoder: no backward pass through the encoder at all
+            hidden = jax.lax.stop_gradient(hidden)
+        return jnp.where(real[..., None], hidden, jnp.zeros((), hidden.dtype))
+
     def encode_hidden(self, input_ids, attention_mask):
         """The encoder's last hidden state alone (parity checks against HF)."""
         return self.encoder(input_ids, attention_mask, True)
