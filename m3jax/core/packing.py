@@ -216,12 +216,13 @@ def train_row_length(longest: int, base: int, ladder: Sequence[int]) -> int:
 
 def pack_blocks(blocks: Sequence[Sequence[Sequence[int]]], row_length: int, pad_id: int) -> PackedBatch:
     """Texts of each device block (token ids) packed into that block's rows, every row `row_length` long: blocks
-    get the same row count (row_count of the fullest block's) and segment slots (segment_slots), so together they
+    get the same row count (row_count of the fullest block's) and segment slots (as many as a row of that length
+    can hold, max_segments_per_row, as a power of two: one slot count per row length), so together they
     are one [blocks * rows, row_length] array whose k-th block of rows holds block k's texts. `texts` gives, for
     each text (numbered through the blocks in order), its (index, row over all blocks, start, length)."""
     plans = [pack_rows([len(t) for t in texts], [row_length], row_length) for texts in blocks]
     n_rows = row_count(max(len(rows) for rows in plans))
-    slots = segment_slots(max((len(r.texts) for rows in plans for r in rows), default=1))
+    slots = segment_slots(max_segments_per_row(row_length))  # a function of the row length: one shape fewer
     total = n_rows * len(blocks)
     ids = np.full((total, row_length), pad_id, np.int32)
     segments = np.zeros((total, row_length), np.int32)

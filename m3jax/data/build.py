@@ -157,9 +157,9 @@ def packed_rows_stage(s: DataSettings, padded: Pipeline, num_blocks: int, pad_id
     rows = max(d.batch_size * (1 + max(d.group_sizes)) for d in padded.plan.datasets)
     logger.info("packing: rows of %d tokens (chosen from the %d texts of the first batches, mean %.1f tokens), or "
                 "of the batch's longest text; packed step shapes: rows per device in packing.row_count's ladder "
-                "up to %d x row length in %s x segment slots in %s", base, len(lengths),
+                "up to %d x row length in %s (segment slots %s)", base, len(lengths),
                 float(np.mean(lengths)) if lengths else 0.0, packing.row_count(rows), row_lengths,
-                f"4..{packing.segment_slots(packing.max_segments_per_row(row_lengths[-1]))} (powers of two)")
+                [packing.segment_slots(packing.max_segments_per_row(n)) for n in row_lengths])
     return PackRows(num_blocks, base, ladder, pad_id)
 
 
