@@ -13,7 +13,7 @@ text has 2 special tokens plus its pieces), drawn from distributions shaped like
   mldr-docs          MLDR-shaped documents: lognormal around ~2,500 tokens, cut at 8192 (the cut leaves a spike at
                      8192, as truncating MLDR does)
 For each: real tokens / computed tokens with today's unpacked batches (m3jax.model.inference.bucketed_batches: length-
-sorted batches padded to the power-of-two ladder of m3jax.core.padding) and with packing (m3jax.model.packing), and the
+sorted batches padded to the power-of-two ladder of m3jax.core.padding) and with packing (m3jax.core.packing), and the
 bge-m3 forward FLOPs of both (m3jax.core.xla_stats.flops_per_token: attention over the whole row, as the XLA and splash
 kernels compute it) against the FLOPs of the real tokens alone (each text's attention over itself only).
 
@@ -34,8 +34,8 @@ import time
 
 import numpy as np
 
+from m3jax.core import packing
 from m3jax.core.padding import length_buckets
-from m3jax.model import packing
 
 SPECIAL = 2  # <s> and </s>
 

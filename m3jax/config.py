@@ -161,6 +161,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_train_epochs = 1
     c.max_steps = -1  # > 0 overrides num_train_epochs
     c.sub_batch_size = -1  # encode passages in chunks of this many (per device) to cap activation memory
+    # Packed sequences (README "Packed training steps"): each device's queries and passages go several to a row
+    # (segment ids instead of right padding, positions restarting per text, attention inside each text), one
+    # encoder pass per step, and the heads read each text's tokens gathered back into the padded layout, so the
+    # loss and gradients are the padded step's (within float rounding) while the encoder computes on few pad
+    # tokens. Rows are one length per batch (chosen from the first batches at start, or the batch's longest
+    # text's ladder length), their count per device a ladder with 16 steps per octave. Not with sub_batch_size
+    # or gradient_cache, and one process only (for now).
+    c.packing = False
     # Gradient cache (README "Gradient cache"): encode queries and passages chunk by chunk without activations,
     # take the loss and its gradient w.r.t. the cached representations over the whole batch, then re-encode each
     # chunk and backpropagate its slice. Same loss and gradients; memory grows with the batch only through the
@@ -536,6 +544,10 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
     _require(not c.gradient_cache or c.sub_batch_size == -1, "sub_batch_size",
              "-1 with gradient_cache=True (the gradient cache chunks queries and passages itself: set "
              "gradient_cache_chunk_size)", c.sub_batch_size)
+    _require(isinstance(c.packing, bool), "packing", "True or False", c.packing)
+    _require(not c.packing or (c.sub_batch_size == -1 and not c.gradient_cache), "packing",
+             "False with sub_batch_size or gradient_cache (a packed step encodes each device's texts in one pass)",
+             c.packing)
     _require(c.num_data_workers >= 0, "num_data_workers", "an int >= 0", c.num_data_workers)
     _require(c.model.dtype in ("bfloat16", "float32"), "model.dtype", "'bfloat16' or 'float32'", c.model.dtype)
     _require(c.model.attention_implementation in ("auto", "xla", "cudnn", "flash-dropout", "splash"),
@@ -600,7 +612,7 @@ def data_settings(config) -> DataSettings:
         per_device_train_batch_size=int(config.per_device_train_batch_size),
         batch_size_by_length=table if isinstance(table, str) else tuple(dict(table).items()),
         skip_bad_examples=bool(config.skip_bad_examples), num_data_workers=int(config.num_data_workers),
-        data_prefetch=int(config.data_prefetch))
+        data_prefetch=int(config.data_prefetch), packing=bool(config.packing))
 
 
 # --- eval settings (conversion at the edge) ---

@@ -21,11 +21,16 @@ from m3jax.evaluation.metrics import flatten_metrics
 from m3jax.io import checkpoint as ckpt_lib
 from m3jax.model import attention, loading
 from m3jax.train.metrics import MetricsLogger, NonFiniteLossError
-from m3jax.train.step import Stepper, TrainState
+from m3jax.train.step import PACKED_KEYS, Stepper, TrainState
 
 __all__ = ["train", "NonFiniteLossError", "Stepper", "TrainState"]
 
 logger = logging.getLogger(__name__)
+
+
+PADDED_BATCH_KEYS = ("query_input_ids", "query_attention_mask", "passage_input_ids", "passage_attention_mask",
+                     "teacher_scores")
+PACKED_BATCH_KEYS = (*PACKED_KEYS, "teacher_scores")
 
 
 def train(config) -> dict:
@@ -167,11 +172,11 @@ def train(config) -> dict:
                 local = next(data_iter)
                 group = local["passage_input_ids"].shape[0] // local["query_input_ids"].shape[0]
                 kind = (int(group), bool(local["no_in_batch_neg"]), bool(local["has_teacher_scores"]))
-                arrays = {k: local[k] for k in ("query_input_ids", "query_attention_mask", "passage_input_ids",
-                                                "passage_attention_mask", "teacher_scores")}
-                tokens = int(arrays["query_attention_mask"].sum() + arrays["passage_attention_mask"].sum())
-                shape = (arrays["query_input_ids"].shape[0] * jax.process_count(), kind[0],
-                         arrays["query_input_ids"].shape[1], arrays["passage_input_ids"].shape[1], kind[2], kind[1])
+                tokens = int(local["query_attention_mask"].sum() + local["passage_attention_mask"].sum())
+                shape = (local["query_input_ids"].shape[0] * jax.process_count(), kind[0],
+                         local["query_input_ids"].shape[1], local["passage_input_ids"].shape[1], kind[2], kind[1])
+                # a packed batch (config.packing) goes to the step in its packed form only
+                arrays = {k: local[k] for k in (PACKED_BATCH_KEYS if data_settings.packing else PADDED_BATCH_KEYS)}
                 state, metrics = stepper.step(*kind, remat=remat_of.get(shape))(state, stepper.global_batch(arrays))
                 metrics_log.add(step, metrics, tokens * jax.process_count())
                 step += 1

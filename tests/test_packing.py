@@ -1,12 +1,13 @@
-"""Packed encoding (m3jax.model.packing): several texts per row, attention confined to each, equal to padded encoding."""
+"""Packed encoding (m3jax.core.packing): several texts per row, attention confined to each, equal to padded encoding."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from m3jax import BGEM3FlagModel
+from m3jax.core import packing
 from m3jax.core.padding import length_buckets
-from m3jax.model import attention, flash_dropout, packing
+from m3jax.model import attention, flash_dropout
 
 WORDS = ["the", "water", "of", "rivers", "flows", "to", "the", "sea", "while", "mountains", "stand", "in", "the",
          "quiet", "morning", "light", "and", "people", "walk", "along", "old", "roads", "between", "villages",

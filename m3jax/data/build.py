@@ -22,12 +22,15 @@ from typing import NamedTuple
 
 import numpy as np
 
+from m3jax.core import packing
+from m3jax.core.errors import ConfigError
 from m3jax.data.datasets import DataSettings, read_datasets
 from m3jax.data.files import DataError, cut_is_exact, token_length_table
 from m3jax.data.pipeline import (
     DrawSamples,
     GlobalPadLengths,
     LocalSlice,
+    PackRows,
     Pipeline,
     PlanStep,
     ReadTexts,
@@ -116,6 +119,12 @@ def build_train_data(settings: DataSettings, tokenizer, *, num_batch_shards: int
         stages.append(GlobalPadLengths(s, corpus, lengths, tokenizer_json))
     stages += [LocalSlice(process_index, process_count), ReadTexts(s, corpus),
                TokenizeAndPad(s, tokenizer_json, int(tokenizer.pad_token_id))]
+    if s.packing:
+        if process_count > 1:
+            raise ConfigError(f"config.packing=True: expected one process (this job has {process_count}); packed "
+                              "batches are planned from the local batch, which is the global one only then")
+        stages.append(packed_rows_stage(s, Pipeline(list(stages)), num_batch_shards // process_count,
+                                        int(tokenizer.pad_token_id)))
     shapes = step_shapes(datasets, num_batch_shards, s.same_dataset_within_batch, s.query_buckets,
                          s.passage_buckets)
     for d in datasets:
@@ -126,6 +135,32 @@ def build_train_data(settings: DataSettings, tokenizer, *, num_batch_shards: int
                 "no_in_batch_neg) in %s x query_len in %s x passage_len in %s", steps, len(shapes), combos,
                 list(s.query_buckets), list(s.passage_buckets))
     return TrainData(Pipeline(stages), shapes, s.num_data_workers, s.data_prefetch, bad_counts)
+
+
+# ---- packing ------------------------------------------------------------------------------------------------------
+
+PACKING_SAMPLE_STEPS = 8  # the first batches, whose texts choose the base row length
+
+
+def packed_rows_stage(s: DataSettings, padded: Pipeline, num_blocks: int, pad_id: int) -> PackRows:
+    """The PackRows stage of a run: the base row length chosen from the texts of the first batches
+    (packing.base_row_length: room for 8 texts of their mean length, at most packing.ROW_LENGTH) -- the same
+    batches whatever the start step, so a resumed run chooses the same -- and the bounded set of packed step
+    shapes, logged."""
+    ladder = tuple(sorted(set(s.query_buckets) | set(s.passage_buckets)))
+    lengths = []
+    for step in range(min(PACKING_SAMPLE_STEPS, padded.plan.steps_per_epoch)):
+        batch = padded.fresh()(step)[1]
+        lengths += [*batch["query_attention_mask"].sum(1), *batch["passage_attention_mask"].sum(1)]
+    base = packing.base_row_length(lengths, ladder)
+    row_lengths = [length for length in ladder if length >= base]
+    rows = max(d.batch_size * (1 + max(d.group_sizes)) for d in padded.plan.datasets)
+    logger.info("packing: rows of %d tokens (chosen from the %d texts of the first batches, mean %.1f tokens), or "
+                "of the batch's longest text; packed step shapes: rows per device in packing.row_count's ladder "
+                "up to %d x row length in %s (segment slots %s)", base, len(lengths),
+                float(np.mean(lengths)) if lengths else 0.0, packing.row_count(rows), row_lengths,
+                [packing.segment_slots(packing.max_segments_per_row(n)) for n in row_lengths])
+    return PackRows(num_blocks, base, ladder, pad_id)
 
 
 # ---- tokenizer check ----------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ class DataSettings:
     skip_bad_examples: bool
     num_data_workers: int
     data_prefetch: int
+    packing: bool = False  # add each batch's packed form (m3jax.data.pipeline.PackRows)
 
 
 def _file_batch_size(f: FileIndex, s: DataSettings) -> int:

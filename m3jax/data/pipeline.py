@@ -56,6 +56,7 @@ import grain
 import numpy as np
 from absl import flags as absl_flags
 
+from m3jax.core import packing
 from m3jax.core.padding import pad_length
 from m3jax.data.datasets import DataSettings
 from m3jax.data.files import (
@@ -69,8 +70,8 @@ from m3jax.data.files import (
 )
 from m3jax.data.sampling import Corpus, Dataset, EpochPlanner, Plan, Sample, Samples, draw_sample
 
-__all__ = ["DrawSamples", "GlobalPadLengths", "LocalSlice", "Pipeline", "PlanStep", "ReadTexts", "Stage", "Texts",
-           "TokenizeAndPad", "TrainIterator"]
+__all__ = ["DrawSamples", "GlobalPadLengths", "LocalSlice", "PackRows", "Pipeline", "PlanStep", "ReadTexts", "Stage",
+           "Texts", "TokenizeAndPad", "TrainIterator", "pack_batch"]
 
 _ENDLESS_EPOCHS = 1_000_000  # the iterator runs epoch after epoch; the train loop decides when to stop
 
@@ -283,9 +284,51 @@ class TokenizeAndPad(Stage):
         }
 
 
+def pack_batch(batch: dict[str, np.ndarray], num_blocks: int, base_row_length: int, ladder: tuple[int, ...],
+               pad_id: int) -> dict[str, np.ndarray]:
+    """A padded local batch (TokenizeAndPad's) with its packed form added (config.packing): each of its num_blocks
+    device blocks (b queries and their b*G passages) packed into rows of one length (m3jax.core.packing.pack_blocks:
+    base_row_length, or the ladder length of the batch's longest text), and each text's tokens located in its
+    block's rows (gather_index, at the padded widths). Added: packed_input_ids, packed_segment_ids,
+    packed_position_ids [blocks * R, L], packed_starts [blocks * R, S], query_index [n, Lq], passage_index [n*G, Lp]
+    (int32). The padded arrays stay (host-side checks and counts); a packed step reads only the packed ones."""
+    q_ids, q_mask = batch["query_input_ids"], batch["query_attention_mask"]
+    p_ids, p_mask = batch["passage_input_ids"], batch["passage_attention_mask"]
+    nq, npass = len(q_ids) // num_blocks, len(p_ids) // num_blocks
+    q_len, p_len = q_mask.sum(1), p_mask.sum(1)
+    blocks = [[q_ids[i, :q_len[i]] for i in range(k * nq, (k + 1) * nq)]
+              + [p_ids[i, :p_len[i]] for i in range(k * npass, (k + 1) * npass)] for k in range(num_blocks)]
+    longest = max(int(q_len.max(initial=0)), int(p_len.max(initial=0)))
+    row_length = packing.train_row_length(longest, base_row_length, ladder)
+    packed = packing.pack_blocks(blocks, row_length, pad_id)
+    n_rows = len(packed.input_ids) // num_blocks
+    per_block = nq + npass
+    queries = [t for t in packed.texts if t[0] % per_block < nq]
+    passages = [t for t in packed.texts if t[0] % per_block >= nq]
+    return dict(batch, packed_input_ids=packed.input_ids, packed_segment_ids=packed.segment_ids,
+                packed_position_ids=packed.position_ids, packed_starts=packed.starts,
+                query_index=packing.gather_index(queries, n_rows, row_length, q_ids.shape[1]),
+                passage_index=packing.gather_index(passages, n_rows, row_length, p_ids.shape[1]))
+
+
+@_stage
+class PackRows(Stage):
+    """(step, local batch) -> the same with its packed form (pack_batch; config.packing): several texts per row,
+    per device block, in rows of base_row_length (chosen from the data at start: build.choose_row_length) or of the
+    batch's longest text. Deterministic: the rows are a function of the batch alone."""
+    num_blocks: int  # device blocks of this process's slice
+    base_row_length: int
+    ladder: tuple[int, ...]  # the row lengths (seq_len_buckets up to the longer max length)
+    pad_id: int
+
+    def map(self, element: tuple[int, dict[str, np.ndarray]]) -> tuple[int, dict[str, np.ndarray]]:
+        step, batch = element
+        return step, pack_batch(batch, self.num_blocks, self.base_row_length, self.ladder, self.pad_id)
+
+
 class Pipeline:
     """The stages of one consumer, in order: PlanStep, DrawSamples, [GlobalPadLengths], LocalSlice, ReadTexts,
-    TokenizeAndPad."""
+    TokenizeAndPad, [PackRows]."""
 
     def __init__(self, stages: list[Stage]):
         assert isinstance(stages[0], PlanStep)

@@ -21,7 +21,7 @@ the flash-dropout kernel apply the same mask. cudnn applies the rate with cuDNN'
 `cudnn_seed` (m3jax.model.encoder's layer loop gives each call site its own); splash has no dropout: it is not applied
 with it (the trainer says so at start).
 
-Packed rows (several texts per row, m3jax.model.packing): `segment_ids` [B, L] int32, 1, 2, ... per text, 0 for padding;
+Packed rows (several texts per row, m3jax.core.packing): `segment_ids` [B, L] int32, 1, 2, ... per text, 0 for padding;
 a query sees the keys of its own segment only (padding queries see nothing and give values nobody reads). `lengths`
 is then ignored. Each implementation honours segments its own way: xla a [B, 1, L, L] boolean mask (same segment
 and nonzero), splash its SegmentIds, cudnn its packed layout (per-row segment offsets and lengths, cuDNN's THD
@@ -131,7 +131,7 @@ def segment_offsets(segment_ids, max_segments: int) -> tuple[jax.Array, jax.Arra
 def cudnn_packed_attention(q, k, v, segment_ids, max_segments: int):
     """cuDNN's fused attention on packed rows (its THD layout: q_offsets / kv_offsets with per-segment lengths).
 
-    Segments are contiguous runs with ids 1..max_segments in order from the row start (m3jax.model.packing); without a
+    Segments are contiguous runs with ids 1..max_segments in order from the row start (m3jax.core.packing); without a
     bound, L // 2 (every text has at least <s> and </s>); at least 2 (cuDNN takes one segment per row as its
     unpacked layout). Tokens outside every segment (padding) get values nobody reads."""
     from jax._src.cudnn.fused_attention_stablehlo import MaskType

@@ -303,7 +303,7 @@ def unrolls_layers(cfg: ModelConfig, deterministic: bool) -> bool:
 class Encoder(nn.Module):
     """XLMRobertaModel without pooler: input ids [B, L] (right-padded) -> last hidden state [B, L, H].
 
-    Packed rows (m3jax.model.packing) pass `packed=(segment_ids [B, L], position_ids [B, L], max_segments)`: several
+    Packed rows (m3jax.core.packing) pass `packed=(segment_ids [B, L], position_ids [B, L], max_segments)`: several
     texts per row, attention confined to each, positions restarting per text; attention_mask is then
     segment_ids != 0. `dropout_stream` (a static int) separates the cuDNN dropout seeds of different encodes in one
     step (queries 0, passages 1); the layer scan's dropout keys already differ by call."""
@@ -378,10 +378,10 @@ class BGEM3(nn.Module):
         return dict(dense=dense, sparse_weights=sparse_weights, colbert=colbert.astype(cfg.compute_dtype))
 
     def packed(self, input_ids, segment_ids, position_ids, starts):
-        """The heads over packed rows (m3jax.model.packing): input_ids / segment_ids / position_ids [R, L], starts [R,
+        """The heads over packed rows (m3jax.core.packing): input_ids / segment_ids / position_ids [R, L], starts [R,
         S] (each segment's first token; a row's unused slots any index). Returns, per segment, dense [R, S, H] (its
         first token's state, or the mean over its tokens), and per token sparse_weights [R, L] and colbert
-        [R, L, D] (every token, the <s> of each text included: m3jax.model.packing.unpack cuts each text's own)."""
+        [R, L, D] (every token, the <s> of each text included: m3jax.core.packing.unpack cuts each text's own)."""
         cfg = self.cfg
         real = segment_ids != 0
         hidden = self.encoder(input_ids, real.astype(jnp.int32), True,
@@ -402,6 +402,17 @@ class BGEM3(nn.Module):
             dense = scores.l2_normalize(dense)
             colbert = scores.l2_normalize(colbert)
         return dict(dense=dense, sparse_weights=sparse_weights, colbert=colbert.astype(cfg.compute_dtype))
+
+    def packed_hidden(self, input_ids, segment_ids, position_ids, max_segments: int, deterministic: bool = True,
+                      train_encoder: bool = True, dropout_stream: int = 0):
+        """The encoder's last hidden state [R, L, H] over packed rows (m3jax.core.packing), padding tokens zeroed: what
+        the train step gathers each text's tokens from before `heads` (m3jax.train.step.packed_outputs)."""
+        real = segment_ids != 0
+        hidden = self.encoder(input_ids, real.astype(jnp.int32), deterministic,
+                              packed=(segment_ids, position_ids, max_segments), dropout_stream=dropout_stream)
+        if not train_encoder:  # fix_encoder: no backward pass through the encoder at all
+            hidden = jax.lax.stop_gradient(hidden)
+        return jnp.where(real[..., None], hidden, jnp.zeros((), hidden.dtype))
 
     def encode_hidden(self, input_ids, attention_mask):
         """The encoder's last hidden state alone (parity checks against HF)."""

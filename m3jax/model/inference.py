@@ -5,7 +5,7 @@ Same constructor arguments, same `encode` / `encode_queries` / `encode_corpus` /
   lexical_weights  list of {token-id string: weight}, max weight per id, special ids and zero weights dropped
   colbert_vecs     list of [tokens - 1, D] arrays (no cls vector, padding removed)
 
-Texts are packed several to a row (m3jax.model.packing: segment ids, positions restarting per text, attention confined
+Texts are packed several to a row (m3jax.core.packing: segment ids, positions restarting per text, attention confined
 to each text) in rows of a small ladder of lengths, row counts and segment slots, so a large encode job computes
 little padding and compiles a handful of shapes; `packing=False` encodes as before packing: texts sorted by length
 in batches padded to the ladder (the same outputs within float rounding, tests/test_packing.py; the default on GPU,
@@ -28,11 +28,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from m3jax.core import scores
+from m3jax.core import packing, scores
 from m3jax.core import sharding as shard_lib
 from m3jax.core.padding import length_buckets, pad_length, round_up
 from m3jax.model import encoder as m3model
-from m3jax.model import loading, packing
+from m3jax.model import loading
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class BGEM3FlagModel:
         """FlagEmbedding's arguments; `model_name_or_path` may also be an m3jax run / checkpoint directory (its latest
         step, or `step`; `base_model` overrides its base_model/ directory). pooling_method / normalize_embeddings
         None take the model's own (an m3jax export's or run's). packing=False pads each text to the length ladder
-        instead of packing texts into rows (m3jax.model.packing); None: M3JAX_PACKING=1 / 0 in the environment (the
+        instead of packing texts into rows (m3jax.core.packing); None: M3JAX_PACKING=1 / 0 in the environment (the
         switch for `m3jax eval`, `mine`, `score` and the periodic eval of training), else on, except with cuDNN
         attention (GPU), whose packed layout has not yet been checked on a GPU (benchmarks/packing_device.py does)."""
         self.devices = _select_devices(devices)
@@ -195,7 +195,7 @@ class BGEM3FlagModel:
                  sparse: bool = True, colbert: bool = True, truncate_dim: int | None = None) -> Iterator[tuple]:
         """Per batch, (text indices, token ids, dense [n, H], sparse weights, colbert vectors) of its n texts: dense
         (truncated) rows, per text its sparse weights [tokens] and colbert vectors [tokens - 1, D] (truncated);
-        None for the outputs not asked for. Packed rows (m3jax.model.packing) or, with packing off, length-sorted
+        None for the outputs not asked for. Packed rows (m3jax.core.packing) or, with packing off, length-sorted
         batches padded to the ladder."""
         if max_length < 2:
             raise ValueError(f"max_length={max_length}: expected at least 2 (room for <s> and </s>)")

@@ -136,6 +136,48 @@ def encode(model: m3model.BGEM3, params, ids, mask, rng, *, deterministic: bool,
     return jax.tree.map(ch.join, out)
 
 
+# A packed batch (m3jax.data.pipeline.PackRows): the rows of every device block and, per text, where its tokens are.
+PACKED_KEYS = ("packed_input_ids", "packed_segment_ids", "packed_position_ids", "packed_starts", "query_index",
+               "passage_index")
+
+
+def unpack_tokens(x, index, num_blocks: int):
+    """Packed per-token values x [W*R, L, ...] (W device blocks of R rows) -> [W*N, Lw, ...] in the padded layout:
+    index [W*N, Lw] holds each text's tokens as block-local flat positions (row in the block * L + column,
+    m3jax.core.packing.gather_index), -1 past the text, where the result is zero."""
+    w = num_blocks
+    flat = x.reshape((w, -1) + x.shape[2:])
+    idx = index.reshape(w, -1)
+    out = jax.vmap(lambda f, i: f[i])(flat, jnp.maximum(idx, 0))
+    valid = (idx >= 0).reshape(idx.shape + (1,) * (x.ndim - 2))
+    out = jnp.where(valid, out, jnp.zeros((), out.dtype))
+    return shard_lib.rows_over_batch_axes(out.reshape(index.shape + x.shape[2:]))
+
+
+def packed_outputs(model: m3model.BGEM3, params, batch: dict, rng, *, deterministic: bool,
+                   train_encoder: bool, num_blocks: int) -> tuple[dict, dict, dict]:
+    """Model outputs of a packed batch in the padded layout: (query outputs, passage outputs, padded arrays).
+
+    Queries and passages are encoded together, one encoder pass over the packed rows (BGEM3.packed_hidden); each
+    text's hidden states are gathered back into [N, Lq] / [N, Lp] rows (unpack_tokens) and the heads read them as
+    in the padded step (BGEM3.heads), so dense, sparse weights and colbert vectors have the padded step's shapes
+    and values, padding included. The padded arrays: query_input_ids, query_attention_mask, passage_input_ids,
+    passage_attention_mask, rebuilt from the packed ids (what the loss reads)."""
+    hidden = model.apply({"params": params}, batch["packed_input_ids"], batch["packed_segment_ids"],
+                         batch["packed_position_ids"], batch["packed_starts"].shape[1], deterministic, train_encoder,
+                         rngs={"dropout": rng}, method=m3model.BGEM3.packed_hidden)
+    outs, padded = [], {}
+    for side in ("query", "passage"):
+        index = batch[f"{side}_index"]
+        mask = (index >= 0).astype(jnp.int32)
+        ids = unpack_tokens(batch["packed_input_ids"], index, num_blocks)
+        padded[f"{side}_input_ids"] = jnp.where(mask > 0, ids, model.cfg.pad_token_id)
+        padded[f"{side}_attention_mask"] = mask
+        outs.append(model.apply({"params": params}, unpack_tokens(hidden, index, num_blocks), mask,
+                                method=m3model.BGEM3.heads))
+    return outs[0], outs[1], padded
+
+
 # What m3_loss reads of the model outputs, per trained head (losses.representations).
 CACHED_OUTPUTS = {"dense": "dense", "sparse": "sparse_weights", "colbert": "colbert"}
 
@@ -204,11 +246,18 @@ def make_loss_and_grads(model: m3model.BGEM3, loss_cfg: losses.LossConfig, *, se
                        has_teacher: bool):
         rng_q, rng_p = jax.random.split(jax.random.fold_in(base_key, step))
 
-        def loss_of(q, p):
-            return losses.m3_loss(q, p, batch["query_input_ids"], batch["passage_input_ids"],
-                                  batch["query_attention_mask"], batch["teacher_scores"] if has_teacher else None,
+        def loss_of(q, p, padded=batch):
+            return losses.m3_loss(q, p, padded["query_input_ids"], padded["passage_input_ids"],
+                                  padded["query_attention_mask"], batch["teacher_scores"] if has_teacher else None,
                                   step, cfg=loss_cfg, group_size=group_size, no_in_batch_neg=no_in_batch_neg)
 
+        if "packed_input_ids" in batch:  # packed rows (config.packing): one encoder pass, the same loss
+            def packed_loss(params):
+                q, p, padded = packed_outputs(model, params, batch, rng_q, deterministic=deterministic,
+                                              train_encoder=train_encoder, num_blocks=loss_cfg.num_blocks)
+                return loss_of(q, p, padded)
+
+            return jax.value_and_grad(packed_loss, has_aux=True)(params)
         if gradient_cache:
             return gradient_cache_loss_and_grads(
                 model, params, batch, rng_q, rng_p, loss_of, deterministic=deterministic,

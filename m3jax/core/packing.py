@@ -189,3 +189,69 @@ def packed_computed_tokens(lengths: Sequence[int], batch_size: int, ladder: Sequ
     """Tokens computed by the packed batches of `plan_batches` (filler rows included)."""
     return sum(n_rows * length for n_rows, length, _, _ in plan_batches(lengths, batch_size, ladder, n_dev,
                                                                         row_length))
+
+
+# ---- training batches ---------------------------------------------------------------------------------------------
+# A train step's queries and passages are packed per device block (each device encodes its own examples) into rows
+# of one length for the whole batch; the step gathers each text's tokens back into the padded [N, L] layout the loss
+# takes (m3jax.train.step), so the loss sees exactly the arrays of the padded step.
+
+ROWS_PER_OCTAVE = 16  # row counts above this are m * 2^k, 16 <= m < 32: under 1/16 filler rows, few distinct counts
+
+
+def row_count(n: int) -> int:
+    """Rows of a packed training block that holds n rows of texts: n itself up to ROWS_PER_OCTAVE, then the
+    smallest m * 2^k >= n with ROWS_PER_OCTAVE <= m < 2 * ROWS_PER_OCTAVE."""
+    if n <= ROWS_PER_OCTAVE:
+        return max(1, n)
+    step = 1 << ((n - 1).bit_length() - ROWS_PER_OCTAVE.bit_length())
+    return -(-n // step) * step
+
+
+def train_row_length(longest: int, base: int, ladder: Sequence[int]) -> int:
+    """The row length of a training batch: `base` (chosen from the data at start, base_row_length), or the ladder
+    length of the batch's longest text when that is longer."""
+    return pad_length(max(longest, base), ladder)
+
+
+def pack_blocks(blocks: Sequence[Sequence[Sequence[int]]], row_length: int, pad_id: int) -> PackedBatch:
+    """Texts of each device block (token ids) packed into that block's rows, every row `row_length` long: blocks
+    get the same row count (row_count of the fullest block's) and segment slots (as many as a row of that length
+    can hold, max_segments_per_row, as a power of two: one slot count per row length), so together they
+    are one [blocks * rows, row_length] array whose k-th block of rows holds block k's texts. `texts` gives, for
+    each text (numbered through the blocks in order), its (index, row over all blocks, start, length)."""
+    plans = [pack_rows([len(t) for t in texts], [row_length], row_length) for texts in blocks]
+    n_rows = row_count(max(len(rows) for rows in plans))
+    slots = segment_slots(max_segments_per_row(row_length))  # a function of the row length: one shape fewer
+    total = n_rows * len(blocks)
+    ids = np.full((total, row_length), pad_id, np.int32)
+    segments = np.zeros((total, row_length), np.int32)
+    positions = np.full((total, row_length), pad_id, np.int32)
+    starts = np.zeros((total, slots), np.int32)
+    texts, first = [], 0
+    for b, (block, rows) in enumerate(zip(blocks, plans)):
+        for r, row in enumerate(rows):
+            at, g = 0, b * n_rows + r
+            for s, i in enumerate(row.texts):
+                toks = block[i]
+                n = len(toks)
+                ids[g, at:at + n] = toks
+                segments[g, at:at + n] = s + 1
+                positions[g, at:at + n] = np.arange(pad_id + 1, pad_id + 1 + n)
+                starts[g, s] = at
+                texts.append((first + i, g, at, n))
+                at += n
+        first += len(block)
+    texts.sort()
+    return PackedBatch(ids, segments, positions, starts, texts)
+
+
+def gather_index(texts: Sequence[tuple[int, int, int, int]], n_rows: int, row_length: int, width: int) -> np.ndarray:
+    """[len(texts), width] int32: for each text (index, row, start, length) of a `pack_blocks` batch with n_rows
+    rows per block, the block-local flat position (row within the block * row_length + column) of each of its
+    tokens, -1 past its length (the padded layout's padding)."""
+    out = np.full((len(texts), width), -1, np.int32)
+    for k, (_, row, start, n) in enumerate(texts):
+        base = (row % n_rows) * row_length + start
+        out[k, :n] = np.arange(base, base + n)
+    return out
