@@ -209,6 +209,40 @@ def test_packed_batches_are_deterministic_and_resume_exactly(tiny_ckpt, tmp_path
     it.close(), resumed.close()
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(shuffle_ratio=0.5, knowledge_distillation=True)],
+                         ids=["plain", "shuffled-teacher"])
+def test_two_processes_pack_the_global_batch_of_one(tiny_ckpt, tmp_path, monkeypatch, overrides):
+    """Two processes (built here side by side, as each would in its own job): the same base row length, the same
+    packed shape at every step, and their local packed batches, stacked, are the one-process batch bitwise -- each
+    process packs its own device blocks into the shape planned from the global batch's token lengths."""
+    from m3jax.data import build as data_build
+
+    monkeypatch.setenv("M3JAX_CACHE_DIR", str(tmp_path / "cache"))
+    config = _config(tiny_ckpt, tmp_path, packing=True, per_device_train_batch_size=1, **overrides)
+    tokenizer = loading.load_tokenizer(loading.find_model(str(tiny_ckpt)))
+    settings = config_lib.data_settings(config)
+    build = lambda p, n: data_build.build_train_data(settings, tokenizer, num_batch_shards=4, process_index=p,
+                                                     process_count=n)
+    one, procs = build(0, 1), [build(0, 2), build(1, 2)]
+    bases = {stage.base_row_length for d in (one, *procs) for stage in d._pipeline.stages if hasattr(stage, "ladder")}
+    assert len(bases) == 1
+    base, = bases
+    ladder = data_build.packing_ladder(settings)
+    own_shape_differs = 0
+    for step in range(one.steps_per_epoch):
+        whole, halves = one.batch(step), [d.batch(step) for d in procs]
+        assert halves[0]["packed_input_ids"].shape == halves[1]["packed_input_ids"].shape  # the same shapes
+        assert halves[0]["packed_starts"].shape == halves[1]["packed_starts"].shape
+        assert sorted(halves[0]) == sorted(whole)  # the pack_to hand-over is gone
+        for k in whole:
+            if np.ndim(whole[k]):
+                np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), whole[k], err_msg=k)
+        # what a process planning from its own slice alone would build: another shape at some steps
+        own = [pack_batch(h, 2, base, ladder, pad_id=1)["packed_input_ids"].shape for h in halves]
+        own_shape_differs += own[0] != own[1]
+    assert own_shape_differs > 0
+
+
 def test_packing_config_errors(tiny_ckpt, tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r"config.packing=True: expected False with sub_batch_size"):
         _config(tiny_ckpt, tmp_path, packing=True, sub_batch_size=2)
