@@ -248,8 +248,9 @@ def test_two_processes_pack_the_global_batch_of_one(tiny_ckpt, tmp_path, monkeyp
 def test_packed_two_process_run_equals_the_packed_one_process_run(tiny_ckpt, tmp_path):
     """train.py as 2 processes x 4 devices (jax.distributed, gloo on loopback) with packing=True: the losses of the
     one-process packed run on 8 devices with the same global batch within 1e-5 (its packed batch is the processes'
-    stacked, bitwise: the test above; the same program on the same mesh shape, but the cross-process all-reduces
-    sum in another order than one process's, so the params drift by float32 rounding from step 2 on)."""
+    stacked, bitwise: the test above; the same program on the same mesh shape). Not bitwise: steps 1-2 are, step 3
+    is one float32 ulp apart, presumably as gloo's cross-process all-reduces sum in another order than XLA's
+    in-process ones."""
     from test_train import _two_processes, cli_args, read_metrics
 
     common = dict(max_steps=3, save_steps=1000, eval_steps=0, per_device_train_batch_size=1, packing=True)
