@@ -137,6 +137,24 @@ def test_packed_step_equals_padded_step(tiny_ckpt, tmp_path, case):
     _assert_same(packed_result, padded_result)
 
 
+def test_packed_step_with_flash_dropout_equals_the_xla_path(tiny_ckpt, tmp_path):
+    """Attention and hidden dropout on (the tiny model's 0.1): the packed step with the flash-dropout kernel
+    (interpreted) on rows of 128 equals the packed step on XLA's materialised probabilities (loss and gradients
+    within 1e-5): the kernel takes the rows' segment ids and draws the same hash mask."""
+    vocab = loading.load_model(tiny_ckpt)[0].vocab_size
+    batch = _batch(vocab, 3, 4, seed=1)
+    packed = pack_batch(batch, 1, 128, LADDER + (128,), pad_id=1)
+    assert packed["packed_input_ids"].shape[1] == 128 and (packed["packed_segment_ids"].max(axis=1) > 3).all()
+    arrays = {k: packed[k] for k in PACKED_ONLY}
+    kw = dict(step=3, group=4, nibn=False, teacher=False)
+    results = {impl: _loss_and_grads(tiny_ckpt, tmp_path, dict(SD, **{"model.attention_implementation": impl}),
+                                     arrays, **kw) for impl in ("xla", "flash-dropout")}
+    _assert_same(results["flash-dropout"], results["xla"])
+    no_attention_dropout = _loss_and_grads(tiny_ckpt, tmp_path, dict(SD, **{"model.attention_probs_dropout_prob": 0.0}),
+                                           arrays, **kw)
+    assert abs(no_attention_dropout[0] - results["xla"][0]) > 1e-3  # the attention dropout did something
+
+
 def test_row_count_ladder():
     assert [packing.row_count(n) for n in (0, 1, 16, 17, 32, 33, 35, 65, 1000)] == [1, 1, 16, 17, 32, 34, 36, 68, 1024]
     counts = {packing.row_count(n) for n in range(1, 4097)}
