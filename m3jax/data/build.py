@@ -164,7 +164,7 @@ def packing_base_row_length(s: DataSettings, padded: Pipeline, global_lengths: G
             lengths += [*batch["query_attention_mask"].sum(1), *batch["passage_attention_mask"].sum(1)]
         else:
             queries, passages = table.text_lengths(draw.map(plan.map(step)))
-            lengths += [*queries, *passages.reshape(-1)]
+            lengths += [*queries, *passages[passages > 0]]
     base = packing.base_row_length(lengths, ladder)
     row_lengths = [length for length in ladder if length >= base]
     rows = max(d.batch_size * (1 + max(d.group_sizes)) for d in plan.datasets)

@@ -194,7 +194,8 @@ class GlobalPadLengths(Stage):
 
     def text_lengths(self, batch: Samples) -> tuple[np.ndarray, np.ndarray]:
         """Token lengths of the global batch's queries [B] and passages [B, G] (positive first; the negatives in
-        drawn order, not ReadTexts' teacher-score order: only the lengths of each example's group matter)."""
+        drawn order, not ReadTexts' teacher-score order: only the lengths of each example's group matter; 0 where
+        an example has no such passage -- a text has at least <s> and </s>)."""
         ratio = self.s.shuffle_ratio
         reshuffled = [smp for smp in batch.samples if ratio > 0 and smp.shuffle_u < ratio]
         reshuffled_len = {}
@@ -209,7 +210,7 @@ class GlobalPadLengths(Stage):
             table, (first_pos, first_neg) = self.lengths[fi], self.first[fi]
             queries[k] = table.query[r]
             passages[k, 0] = reshuffled_len.get(smp.example, int(table.pos[first_pos[r] + smp.pos]))
-            passages[k, 1:] = table.neg[first_neg[r] + smp.negs]
+            passages[k, 1:1 + len(smp.negs)] = table.neg[first_neg[r] + smp.negs]  # G - 1 of them (0: none)
         return queries, passages
 
     def map(self, batch: Samples) -> Samples:
@@ -231,8 +232,8 @@ class GlobalPackShape(Stage):
 
     def map(self, batch: Samples) -> Samples:
         queries, passages = batch.text_lengths
-        blocks = [np.concatenate([q, p.reshape(-1)]) for q, p in zip(np.split(queries, self.num_blocks),
-                                                                    np.split(passages, self.num_blocks))]
+        blocks = [np.concatenate([q, p[p > 0]]) for q, p in zip(np.split(queries, self.num_blocks),
+                                                               np.split(passages, self.num_blocks))]
         return batch._replace(pack_to=packing.train_pack_shape(blocks, self.base_row_length, self.ladder))
 
 
