@@ -1,6 +1,10 @@
 """Real tokens per compiled FLOP of the train step, packed (config.packing) against the padded step (issue 25).
 
     python -m benchmarks.packing_train [--batches 16] [--layers 24]
+    python -m benchmarks.packing_train --plan-timing 8,64,512
+
+--plan-timing: the host time of planning one global batch's packed shape (packing.train_pack_shape, what every
+process of a multi-host packed run does per step, GlobalPackShape) for W device blocks of the recipe's shape.
 
 Training batches of the recipe (configs/bge_m3_unified.py: 48 queries x 8 passages per device, max lengths 64 /
 256, seq_len_buckets powers of two) with text lengths drawn from the short-text sets of benchmarks/length_sets.py
@@ -73,12 +77,32 @@ def abstract(stepper, arrays: dict) -> dict:
             for k, v in arrays.items()}
 
 
+def plan_timing(device_counts: list[int], seed: int, repeat: int = 3) -> None:
+    """Best-of-`repeat` time of packing.train_pack_shape over W blocks of 48 queries + 384 passages."""
+    ladder = tuple(length_buckets(PASSAGE_MAX_LEN))
+    for w in device_counts:
+        blocks = [np.concatenate([b["query_attention_mask"].sum(1), b["passage_attention_mask"].sum(1)])
+                  for b in batches(w, seed)]
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            shape = packing.train_pack_shape(blocks, 256, ladder)
+            times.append(time.perf_counter() - t0)
+        print(json.dumps(dict(devices=w, texts=sum(len(b) for b in blocks), shape=list(shape),
+                              plan_ms=round(1e3 * min(times), 1), per_block_ms=round(1e3 * min(times) / w, 2),
+                              machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")),
+              flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, default=16)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plan-timing", default="", help="comma-separated device counts W: time the packed-shape plan")
     a = p.parse_args(argv)
+    if a.plan_timing:
+        return plan_timing([int(w) for w in a.plan_timing.split(",")], a.seed)
     padded = batches(a.batches, a.seed)
     ladder = tuple(length_buckets(PASSAGE_MAX_LEN))
     lengths = [int(n) for b in padded[:8] for k in ("query", "passage") for n in b[f"{k}_attention_mask"].sum(1)]

@@ -627,6 +627,8 @@ def test_global_pad_lengths_from_the_table_and_reshuffled_positives(tmp_path, to
                      Sample(1, 0, np.array([], np.int64), 0.9, np.array([0, 1, 2]))])
     stage = GlobalPadLengths(settings(), corpus, [table], tokenizer.backend_tokenizer.to_str())
     assert stage.map(batch).pad_to == (16, 32)  # longest query 9 -> 16; longest passage 20 (record 0's pos 1) -> 32
+    queries, passages = stage.map(batch).text_lengths  # each text's (packing plans the global batch from them)
+    assert queries.tolist() == [5, 9] and passages.tolist() == [[20, 4, 8], [7, 0, 0]]  # 0: no such passage
     assert stage.map(batch._replace(samples=batch.samples[1:])).pad_to == (16, 8)  # 9 -> 16; 7 -> 8
     # shuffle_ratio 0.5: record 0's positive is reshuffled (u=0.1): its tokenised length counts, not the table's 20.
     s = settings(shuffle_ratio=0.5, passage_max_len=128, passage_buckets=(8, 16, 32, 64, 128))

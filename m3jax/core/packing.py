@@ -214,14 +214,32 @@ def train_row_length(longest: int, base: int, ladder: Sequence[int]) -> int:
     return pad_length(max(longest, base), ladder)
 
 
-def pack_blocks(blocks: Sequence[Sequence[Sequence[int]]], row_length: int, pad_id: int) -> PackedBatch:
+def train_pack_shape(block_lengths: Sequence[Sequence[int]], base: int, ladder: Sequence[int]) -> tuple[int, int]:
+    """(row length, rows per block) of a training batch whose device blocks hold texts of these token lengths:
+    train_row_length of its longest text, and row_count of the fullest block's rows (pack_rows). What pack_blocks
+    takes for the blocks themselves; from the lengths alone, so that every process of a multi-host job computes the
+    global batch's shape while packing only its own blocks (m3jax.data.pipeline.GlobalPackShape)."""
+    longest = max((int(n) for lengths in block_lengths for n in lengths), default=0)
+    row_length = train_row_length(longest, base, ladder)
+    return row_length, row_count(max(len(pack_rows(lengths, [row_length], row_length)) for lengths in block_lengths))
+
+
+def pack_blocks(blocks: Sequence[Sequence[Sequence[int]]], row_length: int, pad_id: int,
+                n_rows: int | None = None) -> PackedBatch:
     """Texts of each device block (token ids) packed into that block's rows, every row `row_length` long: blocks
-    get the same row count (row_count of the fullest block's) and segment slots (as many as a row of that length
-    can hold, max_segments_per_row, as a power of two: one slot count per row length), so together they
-    are one [blocks * rows, row_length] array whose k-th block of rows holds block k's texts. `texts` gives, for
-    each text (numbered through the blocks in order), its (index, row over all blocks, start, length)."""
+    get the same row count (`n_rows`, by default row_count of the fullest block's; a multi-host job passes the
+    global batch's, train_pack_shape) and segment slots (as many as a row of that length can hold,
+    max_segments_per_row, as a power of two: one slot count per row length), so together they are one
+    [blocks * rows, row_length] array whose k-th block of rows holds block k's texts. `texts` gives, for each text
+    (numbered through the blocks in order), its (index, row over all blocks, start, length)."""
     plans = [pack_rows([len(t) for t in texts], [row_length], row_length) for texts in blocks]
-    n_rows = row_count(max(len(rows) for rows in plans))
+    fullest = max(len(rows) for rows in plans)
+    if n_rows is None:
+        n_rows = row_count(fullest)
+    elif fullest > n_rows:
+        raise ValueError(f"a device block needs {fullest} rows of {row_length} tokens, more than the {n_rows} planned "
+                         "for the global batch: the token-length cache is stale (delete it) or the tokenizer differs "
+                         "between processes")
     slots = segment_slots(max_segments_per_row(row_length))  # a function of the row length: one shape fewer
     total = n_rows * len(blocks)
     ids = np.full((total, row_length), pad_id, np.int32)

@@ -23,11 +23,11 @@ from typing import NamedTuple
 import numpy as np
 
 from m3jax.core import packing
-from m3jax.core.errors import ConfigError
 from m3jax.data.datasets import DataSettings, read_datasets
 from m3jax.data.files import DataError, cut_is_exact, token_length_table
 from m3jax.data.pipeline import (
     DrawSamples,
+    GlobalPackShape,
     GlobalPadLengths,
     LocalSlice,
     PackRows,
@@ -111,20 +111,22 @@ def build_train_data(settings: DataSettings, tokenizer, *, num_batch_shards: int
                         f"{num_batch_shards} shards) and than 2 x {num_batch_shards}; datasets: "
                         + ", ".join(f"{d.name} ({len(d)} examples, batch {d.batch_size})" for d in datasets))
     stages: list[Stage] = [plan, DrawSamples(s.seed, s.train_group_size, corpus, datasets)]
+    global_lengths = None
     if process_count > 1:  # every process must pad to the global batch's lengths: take them from a table
         types = [f.type if s.same_dataset_within_batch else None for f in corpus.files]
         lengths = token_length_table(corpus.files, types, tokenizer_json, query_max_len=s.query_max_len,
                                      passage_max_len=s.passage_max_len, ins=s.instructions,
                                      num_workers=s.num_data_workers)
-        stages.append(GlobalPadLengths(s, corpus, lengths, tokenizer_json))
-    stages += [LocalSlice(process_index, process_count), ReadTexts(s, corpus),
-               TokenizeAndPad(s, tokenizer_json, int(tokenizer.pad_token_id))]
-    if s.packing:
-        if process_count > 1:
-            raise ConfigError(f"config.packing=True: expected one process (this job has {process_count}); packed "
-                              "batches are planned from the local batch, which is the global one only then")
-        stages.append(packed_rows_stage(s, Pipeline(list(stages)), num_batch_shards // process_count,
-                                        int(tokenizer.pad_token_id)))
+        global_lengths = GlobalPadLengths(s, corpus, lengths, tokenizer_json)
+        stages.append(global_lengths)
+    pad_id = int(tokenizer.pad_token_id)
+    local = [LocalSlice(process_index, process_count), ReadTexts(s, corpus), TokenizeAndPad(s, tokenizer_json, pad_id)]
+    if s.packing:  # several processes: each packs its own blocks into the shape planned for the global batch
+        base = packing_base_row_length(s, Pipeline(stages + local), global_lengths)
+        if global_lengths is not None:
+            stages.append(GlobalPackShape(num_batch_shards, base, packing_ladder(s)))
+        local.append(PackRows(num_batch_shards // process_count, base, packing_ladder(s), pad_id))
+    stages += local
     shapes = step_shapes(datasets, num_batch_shards, s.same_dataset_within_batch, s.query_buckets,
                          s.passage_buckets)
     for d in datasets:
@@ -142,25 +144,36 @@ def build_train_data(settings: DataSettings, tokenizer, *, num_batch_shards: int
 PACKING_SAMPLE_STEPS = 8  # the first batches, whose texts choose the base row length
 
 
-def packed_rows_stage(s: DataSettings, padded: Pipeline, num_blocks: int, pad_id: int) -> PackRows:
-    """The PackRows stage of a run: the base row length chosen from the texts of the first batches
-    (packing.base_row_length: room for 8 texts of their mean length, at most packing.ROW_LENGTH) -- the same
-    batches whatever the start step, so a resumed run chooses the same -- and the bounded set of packed step
-    shapes, logged."""
-    ladder = tuple(sorted(set(s.query_buckets) | set(s.passage_buckets)))
-    lengths = []
-    for step in range(min(PACKING_SAMPLE_STEPS, padded.plan.steps_per_epoch)):
-        batch = padded.fresh()(step)[1]
-        lengths += [*batch["query_attention_mask"].sum(1), *batch["passage_attention_mask"].sum(1)]
+def packing_ladder(s: DataSettings) -> tuple[int, ...]:
+    """The row lengths of packed batches: the query and passage ladders together."""
+    return tuple(sorted(set(s.query_buckets) | set(s.passage_buckets)))
+
+
+def packing_base_row_length(s: DataSettings, padded: Pipeline, global_lengths: GlobalPadLengths | None) -> int:
+    """The base row length of a packed run (packing.base_row_length: room for 8 texts of their mean length, at most
+    packing.ROW_LENGTH), chosen from the texts of the first batches -- the same batches whatever the start step, so
+    a resumed run chooses the same -- the global batches' (one process: its batches; several: their lengths from
+    the token-length table, so every process chooses the same); the bounded set of packed step shapes is logged."""
+    ladder = packing_ladder(s)
+    lengths, padded = [], padded.fresh()
+    plan, draw = padded.stages[:2]
+    table = global_lengths.fresh() if global_lengths is not None else None
+    for step in range(min(PACKING_SAMPLE_STEPS, plan.steps_per_epoch)):
+        if table is None:
+            batch = padded(step)[1]
+            lengths += [*batch["query_attention_mask"].sum(1), *batch["passage_attention_mask"].sum(1)]
+        else:
+            queries, passages = table.text_lengths(draw.map(plan.map(step)))
+            lengths += [*queries, *passages[passages > 0]]
     base = packing.base_row_length(lengths, ladder)
     row_lengths = [length for length in ladder if length >= base]
-    rows = max(d.batch_size * (1 + max(d.group_sizes)) for d in padded.plan.datasets)
+    rows = max(d.batch_size * (1 + max(d.group_sizes)) for d in plan.datasets)
     logger.info("packing: rows of %d tokens (chosen from the %d texts of the first batches, mean %.1f tokens), or "
                 "of the batch's longest text; packed step shapes: rows per device in packing.row_count's ladder "
                 "up to %d x row length in %s (segment slots %s)", base, len(lengths),
                 float(np.mean(lengths)) if lengths else 0.0, packing.row_count(rows), row_lengths,
                 [packing.segment_slots(packing.max_segments_per_row(n)) for n in row_lengths])
-    return PackRows(num_blocks, base, ladder, pad_id)
+    return base
 
 
 # ---- tokenizer check ----------------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ picklable and testable alone:
     step --PlanStep--> Plan: epoch, dataset index, the global batch's example ids (data_plan.EpochPlanner)
          --DrawSamples--> Samples: G and every example's choices (positive, negatives, shuffle draws)
          --GlobalPadLengths--> the pad lengths all processes agree on (only when process_count > 1)
+         --GlobalPackShape--> the packed shape all processes agree on (process_count > 1 and config.packing)
          --LocalSlice--> this process's slice of the examples
          --ReadTexts--> Texts: queries, passages and teacher scores, as strings and floats
          --TokenizeAndPad--> (step, the local batch of arrays below)
+         --PackRows--> the same with its packed rows added (config.packing)
 The plan is random access (step -> global batch), so the iterator state is just the next step: restoring a state
 gives exactly the batches of the uninterrupted run, even with a different num_data_workers.
 
@@ -70,8 +72,8 @@ from m3jax.data.files import (
 )
 from m3jax.data.sampling import Corpus, Dataset, EpochPlanner, Plan, Sample, Samples, draw_sample
 
-__all__ = ["DrawSamples", "GlobalPadLengths", "LocalSlice", "PackRows", "Pipeline", "PlanStep", "ReadTexts", "Stage",
-           "Texts", "TokenizeAndPad", "TrainIterator", "pack_batch"]
+__all__ = ["DrawSamples", "GlobalPackShape", "GlobalPadLengths", "LocalSlice", "PackRows", "Pipeline", "PlanStep",
+           "ReadTexts", "Stage", "Texts", "TokenizeAndPad", "TrainIterator", "pack_batch"]
 
 _ENDLESS_EPOCHS = 1_000_000  # the iterator runs epoch after epoch; the train loop decides when to stop
 
@@ -190,7 +192,10 @@ class GlobalPadLengths(Stage):
     def __post_init__(self):
         self.first = [(_first_index(f.num_pos), _first_index(f.num_neg)) for f in self.corpus.files]
 
-    def map(self, batch: Samples) -> Samples:
+    def text_lengths(self, batch: Samples) -> tuple[np.ndarray, np.ndarray]:
+        """Token lengths of the global batch's queries [B] and passages [B, G] (positive first; the negatives in
+        drawn order, not ReadTexts' teacher-score order: only the lengths of each example's group matter; 0 where
+        an example has no such passage -- a text has at least <s> and </s>)."""
         ratio = self.s.shuffle_ratio
         reshuffled = [smp for smp in batch.samples if ratio > 0 and smp.shuffle_u < ratio]
         reshuffled_len = {}
@@ -198,15 +203,38 @@ class GlobalPadLengths(Stage):
         for smp, rec in zip(reshuffled, self.corpus.records([smp.example for smp in reshuffled])):
             text = passage_text(_positive(smp, rec, ratio), rec, self.corpus.type(smp.example), self.s.instructions)
             reshuffled_len[smp.example] = len(tokenizer.encode(text).ids)
-        lq = lp = 0
-        for smp in batch.samples:
+        queries = np.zeros(len(batch.samples), np.int64)
+        passages = np.zeros((len(batch.samples), batch.group_size), np.int64)
+        for k, smp in enumerate(batch.samples):
             fi, r = self.corpus.where(smp.example)
             table, (first_pos, first_neg) = self.lengths[fi], self.first[fi]
-            lq = max(lq, int(table.query[r]))
-            if len(smp.negs):
-                lp = max(lp, int(table.neg[first_neg[r] + smp.negs].max()))
-            lp = max(lp, reshuffled_len.get(smp.example, int(table.pos[first_pos[r] + smp.pos])))
-        return batch._replace(pad_to=(pad_length(lq, self.s.query_buckets), pad_length(lp, self.s.passage_buckets)))
+            queries[k] = table.query[r]
+            passages[k, 0] = reshuffled_len.get(smp.example, int(table.pos[first_pos[r] + smp.pos]))
+            passages[k, 1:1 + len(smp.negs)] = table.neg[first_neg[r] + smp.negs]  # G - 1 of them (0: none)
+        return queries, passages
+
+    def map(self, batch: Samples) -> Samples:
+        queries, passages = self.text_lengths(batch)
+        lq, lp = int(queries.max(initial=0)), int(passages.max(initial=0))
+        return batch._replace(pad_to=(pad_length(lq, self.s.query_buckets), pad_length(lp, self.s.passage_buckets)),
+                              text_lengths=(queries, passages))
+
+
+@_stage
+class GlobalPackShape(Stage):
+    """Samples -> Samples with pack_to (multi-host packing, after GlobalPadLengths): the packed shape of the global
+    batch, (row length, rows per device block), planned from every device block's text lengths
+    (packing.train_pack_shape), so every process builds the same shapes and packs its own blocks into them (PackRows):
+    the global packed batch is the one a single process would build."""
+    num_blocks: int  # device blocks of the global batch (W)
+    base_row_length: int
+    ladder: tuple[int, ...]
+
+    def map(self, batch: Samples) -> Samples:
+        queries, passages = batch.text_lengths
+        blocks = [np.concatenate([q, p[p > 0]]) for q, p in zip(np.split(queries, self.num_blocks),
+                                                               np.split(passages, self.num_blocks))]
+        return batch._replace(pack_to=packing.train_pack_shape(blocks, self.base_row_length, self.ladder))
 
 
 @_stage
@@ -275,32 +303,44 @@ class TokenizeAndPad(Stage):
         lq, lp = b.pad_to or (None, None)
         q_ids, q_mask = self.encode(texts.queries, s.query_max_len, s.query_buckets, lq)
         p_ids, p_mask = self.encode(texts.passages, s.passage_max_len, s.passage_buckets, lp)
-        return b.plan.step, {
+        batch = {
             "query_input_ids": q_ids, "query_attention_mask": q_mask,
             "passage_input_ids": p_ids, "passage_attention_mask": p_mask,
             "teacher_scores": texts.teacher_scores,
             "has_teacher_scores": np.bool_(b.has_teacher), "no_in_batch_neg": np.bool_(b.no_in_batch_neg),
             "epoch": np.int32(b.plan.epoch), "dataset_index": np.int32(b.plan.dataset_index),
         }
+        if b.pack_to is not None:  # for PackRows, which takes it out
+            batch[PACK_TO] = np.asarray(b.pack_to, np.int32)
+        return b.plan.step, batch
+
+
+PACK_TO = "pack_to"  # multi-host packing: the global (row length, rows per block), from TokenizeAndPad to PackRows
 
 
 def pack_batch(batch: dict[str, np.ndarray], num_blocks: int, base_row_length: int, ladder: tuple[int, ...],
-               pad_id: int) -> dict[str, np.ndarray]:
+               pad_id: int, pack_to: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """A padded local batch (TokenizeAndPad's) with its packed form added (config.packing): each of its num_blocks
     device blocks (b queries and their b*G passages) packed into rows of one length (m3jax.core.packing.pack_blocks:
     base_row_length, or the ladder length of the batch's longest text), and each text's tokens located in its
     block's rows (gather_index, at the padded widths). Added: packed_input_ids, packed_segment_ids,
     packed_position_ids [blocks * R, L], packed_starts [blocks * R, S], query_index [n, Lq], passage_index [n*G, Lp]
-    (int32). The padded arrays stay (host-side checks and counts); a packed step reads only the packed ones."""
+    (int32). The padded arrays stay (host-side checks and counts); a packed step reads only the packed ones.
+    pack_to: (L, R) of the global batch (multi-host, GlobalPackShape); None: planned from this batch."""
     q_ids, q_mask = batch["query_input_ids"], batch["query_attention_mask"]
     p_ids, p_mask = batch["passage_input_ids"], batch["passage_attention_mask"]
     nq, npass = len(q_ids) // num_blocks, len(p_ids) // num_blocks
     q_len, p_len = q_mask.sum(1), p_mask.sum(1)
     blocks = [[q_ids[i, :q_len[i]] for i in range(k * nq, (k + 1) * nq)]
               + [p_ids[i, :p_len[i]] for i in range(k * npass, (k + 1) * npass)] for k in range(num_blocks)]
-    longest = max(int(q_len.max(initial=0)), int(p_len.max(initial=0)))
-    row_length = packing.train_row_length(longest, base_row_length, ladder)
-    packed = packing.pack_blocks(blocks, row_length, pad_id)
+    if pack_to is None:
+        longest = max(int(q_len.max(initial=0)), int(p_len.max(initial=0)))
+        row_length, n_rows = packing.train_row_length(longest, base_row_length, ladder), None
+    else:
+        row_length, n_rows = (int(n) for n in pack_to)
+    packed = packing.pack_blocks(blocks, row_length, pad_id, n_rows)
+
+
     n_rows = len(packed.input_ids) // num_blocks
     per_block = nq + npass
     queries = [t for t in packed.texts if t[0] % per_block < nq]
@@ -314,8 +354,9 @@ def pack_batch(batch: dict[str, np.ndarray], num_blocks: int, base_row_length: i
 @_stage
 class PackRows(Stage):
     """(step, local batch) -> the same with its packed form (pack_batch; config.packing): several texts per row,
-    per device block, in rows of base_row_length (chosen from the data at start: build.choose_row_length) or of the
-    batch's longest text. Deterministic: the rows are a function of the batch alone."""
+    per device block, in rows of base_row_length (chosen from the data at start: build.packed_rows_stage) or of the
+    batch's longest text; with several processes, in the global batch's shape (GlobalPackShape, passed on by
+    TokenizeAndPad under PACK_TO). Deterministic: the rows are a function of the batch (the global one) alone."""
     num_blocks: int  # device blocks of this process's slice
     base_row_length: int
     ladder: tuple[int, ...]  # the row lengths (seq_len_buckets up to the longer max length)
@@ -323,12 +364,15 @@ class PackRows(Stage):
 
     def map(self, element: tuple[int, dict[str, np.ndarray]]) -> tuple[int, dict[str, np.ndarray]]:
         step, batch = element
-        return step, pack_batch(batch, self.num_blocks, self.base_row_length, self.ladder, self.pad_id)
+        batch = dict(batch)
+        pack_to = batch.pop(PACK_TO, None)
+        return step, pack_batch(batch, self.num_blocks, self.base_row_length, self.ladder, self.pad_id,
+                                None if pack_to is None else tuple(pack_to))
 
 
 class Pipeline:
-    """The stages of one consumer, in order: PlanStep, DrawSamples, [GlobalPadLengths], LocalSlice, ReadTexts,
-    TokenizeAndPad, [PackRows]."""
+    """The stages of one consumer, in order: PlanStep, DrawSamples, [GlobalPadLengths, [GlobalPackShape]],
+    LocalSlice, ReadTexts, TokenizeAndPad, [PackRows]."""
 
     def __init__(self, stages: list[Stage]):
         assert isinstance(stages[0], PlanStep)

@@ -185,6 +185,9 @@ class Samples(NamedTuple):
     no_in_batch_neg: bool
     samples: list[Sample]  # the global batch; after LocalSlice, this process's slice
     pad_to: tuple[int, int] | None = None  # (query, passage) lengths every process pads to; None: own longest
+    # multi-host: token lengths of the global batch's queries [B] and passages [B, G] (GlobalPadLengths)
+    text_lengths: tuple[np.ndarray, np.ndarray] | None = None
+    pack_to: tuple[int, int] | None = None  # multi-host packing: (row length, rows per device block); None: own
 
 
 def draw_sample(seed: int, plan: Plan, position: int, num_pos: int, num_neg: int, group_size: int) -> Sample:

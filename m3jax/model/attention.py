@@ -24,8 +24,10 @@ with it (the trainer says so at start).
 Packed rows (several texts per row, m3jax.core.packing): `segment_ids` [B, L] int32, 1, 2, ... per text, 0 for padding;
 a query sees the keys of its own segment only (padding queries see nothing and give values nobody reads). `lengths`
 is then ignored. Each implementation honours segments its own way: xla a [B, 1, L, L] boolean mask (same segment
-and nonzero), splash its SegmentIds, cudnn its packed layout (per-row segment offsets and lengths, cuDNN's THD
-"max_seg_per_batch" path; Hopper or newer). With segment_ids None every path is the unpacked one, unchanged.
+and nonzero), splash and flash-dropout their segment ids, cudnn its packed layout (per-row segment offsets and
+lengths, cuDNN's THD "max_seg_per_batch" path; Hopper or newer). With attention dropout, flash-dropout keeps its
+kernel on packed rows; every other implementation takes XLA's path on materialised probabilities (cuDNN's packed
+layout is not used with dropout). With segment_ids None every path is the unpacked one, unchanged.
 """
 from __future__ import annotations
 
@@ -97,8 +99,13 @@ def segment_mask(segment_ids) -> jax.Array:
 
 def segment_attention(q, k, v, segment_ids, *, implementation: str, dropout: Dropout | None = None,
                       max_segments: int | None = None):
-    """`attention` over packed rows: each query attends to the keys of its own segment (dropout: XLA's path with
-    the hash rule, whatever the implementation; packed rows are encoded without it today)."""
+    """`attention` over packed rows: each query attends to the keys of its own segment. Dropout: the flash-dropout
+    kernel with the rows' segment ids when it is the implementation (rows of at least SPLASH_MIN_LENGTH), else
+    XLA's path on materialised probabilities; both with the hash rule, so the same mask."""
+    long = q.shape[1] >= SPLASH_MIN_LENGTH
+    if dropout is not None and implementation.startswith("flash-dropout") and long:
+        return flash_dropout_attention(q, k, v, None, dropout, interpret=implementation == "flash-dropout-interpret",
+                                       segment_ids=segment_ids)
     if dropout is not None:
         logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
         logits = jnp.where(segment_mask(segment_ids), logits, jnp.finfo(jnp.float32).min)
@@ -109,7 +116,7 @@ def segment_attention(q, k, v, segment_ids, *, implementation: str, dropout: Dro
         return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)
     if implementation == "cudnn":
         return cudnn_packed_attention(q, k, v, segment_ids, max(2, max_segments or q.shape[1] // 2))
-    if implementation.startswith(("splash", "flash-dropout")) and q.shape[1] >= SPLASH_MIN_LENGTH:
+    if implementation.startswith(("splash", "flash-dropout")) and long:
         return splash_attention(q, k, v, None, interpret=implementation.endswith("-interpret"),
                                 segment_ids=segment_ids)
     return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), implementation="xla")
@@ -210,12 +217,17 @@ def splash_attention(q, k, v, lengths, *, interpret: bool, segment_ids=None):
     return _per_shard(local, q, k, v, segments)
 
 
-def flash_dropout_attention(q, k, v, lengths, dropout: Dropout, *, interpret: bool):
-    """The flash-dropout kernel (m3jax.model.flash_dropout): segment ids from right padding as for splash, the mask keys
-    of every (row, head) computed on the global batch, then sharded with it (`_per_shard`)."""
+def flash_dropout_attention(q, k, v, lengths, dropout: Dropout, *, interpret: bool, segment_ids=None):
+    """The flash-dropout kernel (m3jax.model.flash_dropout): segment ids from right padding as for splash, or the
+    packed rows' own (`segment_ids` [B, L], 0 for padding: padding queries see padding keys only and give values
+    nobody reads; real queries see their own text), the mask keys of every (row, head) computed on the global batch,
+    then sharded with it (`_per_shard`)."""
     length = q.shape[1]
     padded, block = _padding(length)
-    segments = (jnp.arange(padded)[None, :] < lengths[:, None]).astype(jnp.int32)
+    if segment_ids is None:
+        segments = (jnp.arange(padded)[None, :] < lengths[:, None]).astype(jnp.int32)
+    else:
+        segments = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - length)))
     keys = flash_dropout.row_head_keys(dropout.seed, q.shape[0], q.shape[2])
 
     def local(q, k, v, segments, keys):
