@@ -116,10 +116,28 @@ def test_gradient_cache_option(capsys):
     assert train_step.parse_gradient_cache("off") == (0, 0)
     assert train_step.parse_gradient_cache("16") == (16, 0)
     assert train_step.parse_gradient_cache("tokens=4096") == (0, 4096)
+    assert train_step.parse_gradient_cache("auto") == ("auto", 0)
     assert train_step.main(["--tiny", "--gradient-cache", "0"]) == 2
-    assert "--gradient-cache '0': off, a positive number of rows, or tokens=N" in capsys.readouterr().err
+    assert "--gradient-cache '0': off, a positive number of rows, tokens=N or auto" in capsys.readouterr().err
+    assert train_step.main(["--tiny", "--gradient-cache", "auto", "--find-max-batch", "2x2:8:16"]) == 2
+    assert "--gradient-cache auto chooses per shape" in capsys.readouterr().err
     assert train_step.main(["--tiny", "--gradient-cache", "4", "--sub-batch-size", "2"]) == 2
     assert "--gradient-cache replaces --sub-batch-size" in capsys.readouterr().err
+
+
+def test_gradient_cache_auto_times_the_chunk_the_trainer_would_choose():
+    """--gradient-cache auto: without a budget (CPU) the trainer's 16 rows, nothing compiled to choose; with one
+    that holds the whole batch, all 8 passages per device in one chunk (one compile to choose, then the run's)."""
+    common = ["--tiny", "--mesh", "data=1", "--remat", "none", "--gradient-cache", "auto", "--shapes", "2x4:8:16",
+              "--steps", "1", "--warmup", "0"]
+    (free,) = _run(common)
+    assert free["gradient_cache_chunk"] == 16 and free["gradient_cache_auto"]["candidates"] == []
+    assert free["step_s"] > 0 and math.isfinite(free["loss"]) and free["remat"] == "none"
+    (budget,) = _run([*common, "--memory-budget-gib", "100", "--analyze"])
+    choice = budget["gradient_cache_auto"]
+    assert budget["gradient_cache_chunk"] == choice["chunk"] == 8 and choice["policy"] == "none"
+    assert [(c["chunk"], c["fits"]) for c in choice["candidates"]] == [(8, True)]
+    assert choice["candidates"][0]["peak_gib"] == pytest.approx(budget["total_gib"], abs=1e-3)
 
 
 def test_one_entry_point_runs_from_the_repository_root():
