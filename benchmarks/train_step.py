@@ -384,7 +384,10 @@ class Bench:
                        tokens_per_s=round(tokens(shape) * w / dt), model_tflops=round(tflops, 1 if tflops >= 1 else 6),
                        loss=round(float(metrics["loss"]), 4), dispatch_s=round(t_dispatch / max(steps, 1), 5))
             if self.args.profile:
-                out_dir = os.path.join(self.args.profile, f"{shape}".replace(":", "_") + f"_{self.settings.remat}")
+                name = f"{shape}".replace(":", "_") + f"_{self.settings.remat}"
+                if self.config.gradient_cache:  # beside the uncached step at the same shape and remat
+                    name += f"_gc{self._chunk() or 'tokens'}"
+                out_dir = os.path.join(self.args.profile, name)
                 trace = profile_trace.capture(functools.partial(self._step_again, compiled, batch),
                                               self.args.profile_steps, out_dir)
                 table = profile_trace.reduce_trace(trace, self.args.profile_steps)

@@ -903,6 +903,9 @@ def _largest_chunk(planner: Planner, shape: Shape, no_in_batch_neg: bool, ladder
         r = planner.check(shape, flops=False, no_in_batch_neg=no_in_batch_neg, chunk=ladder[i])
         candidates.append(dict(policy=planner.model_cfg.remat_policy, chunk=ladder[i],
                                peak_gib=r.as_dict()["peak_gib"], fits=r.fits, compile_s=r.compile_s))
+        logger.info("gradient cache chunk %d for %s (remat %s): %s (%s, %.0f s)", ladder[i], shape,
+                    planner.model_cfg.remat_policy, "fits" if r.fits else "does not fit",
+                    r.error or f"{r.as_dict()['peak_gib']} GiB", r.compile_s)
         return r.fits
 
     best = largest_fitting(ladder, fits)

@@ -306,23 +306,30 @@ def test_device_bench_dry_run_prints_the_commands(tmp_path):
     result = _device_bench(["--dry-run", "--out", str(out)])  # the reference: ours, benchmarks/torch_reference.py
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "export XLA_PYTHON_CLIENT_MEM_FRACTION=.92"
+    assert lines[:2] == ["export XLA_PYTHON_CLIENT_MEM_FRACTION=.92",
+                         "export JAX_COMPILATION_CACHE_DIR=/tmp/m3jax_xla_cache"]
     commands = [line for line in lines if line.startswith("timeout ")]
     expected = [
         f"python3 -m benchmarks.train_step --env >> {out}/env.txt",
         f"python3 -m benchmarks.cudnn_dropout --rate 0.1 --layers 3 >> {out}/cudnn_dropout.jsonl",
-        "python3 -m benchmarks.train_step --shapes 32x8:64:256,8x2:512:8192 --attention cudnn --remat auto --steps 4 "
-        f"--warmup 1 --profile /tmp/m3jax_profiles --profile-steps 2 >> {out}/m3jax.jsonl",
+        "python3 -m benchmarks.train_step --shapes 32x8:64:256 --attention cudnn --remat none --steps 4 --warmup 1 "
+        f"--profile /tmp/m3jax_profiles --profile-steps 2 >> {out}/m3jax.jsonl",
+        "python3 -m benchmarks.train_step --shapes 32x8:64:256,256x8:64:256 --attention cudnn --remat none "
+        "--gradient-cache auto --steps 3 --warmup 1 --profile /tmp/m3jax_profiles --profile-steps 2 "
+        f">> {out}/m3jax.jsonl",
+        "python3 -m benchmarks.train_step --shapes 32x8:64:256,256x8:64:256 --attention cudnn --remat none "
+        f"--gradient-cache 16 --steps 3 --warmup 1 >> {out}/m3jax.jsonl",
+        "python3 -m benchmarks.train_step --shapes 8x2:512:8192 --attention cudnn --remat auto --steps 4 --warmup 1 "
+        f">> {out}/m3jax.jsonl",
         f"python3 benchmarks/torch_reference.py --configs 8x2:512:8192 --ckpt 1 --sub_batch auto >> {out}/reference.jsonl",
-        "python3 -m benchmarks.train_step --shapes 32x8:64:256 --attention cudnn --remat none --gradient-cache 16 "
-        f"--profile /tmp/m3jax_profiles >> {out}/m3jax.jsonl",
         f"python3 -m benchmarks.train_step --shapes 8x8:512:2048 --attention cudnn --remat full >> {out}/m3jax.jsonl",
         "python3 benchmarks/torch_reference.py --find-max-batch 8x8:512:8192 --granularity 2 --steps 1 --warmup 1 "
         f"--ckpt 1 --sub_batch auto >> {out}/reference.jsonl",
     ]
     assert [c.split(" ", 4)[4] for c in commands] == expected
     limits = [int(c.split()[3]) for c in commands]
-    assert all(0 < t <= 330 for t in limits)  # each bounded; the script's deadline (575 s) bounds the whole
+    assert all(0 < t <= 330 for t in limits)  # each bounded; the script's deadline (535 s) bounds the whole
+    assert "BUDGET_S=535" in open(os.path.join(REPO, "benchmarks", "device_bench.sh")).read()  # under 9 minutes
     assert not out.exists()  # a dry run writes nothing
 
 
@@ -344,12 +351,13 @@ def test_device_bench_runs_each_step_and_records_status(tmp_path):
     calls = log.read_text().splitlines()
     assert calls[0] == "-m benchmarks.train_step --env"
     assert calls[1].startswith("-m benchmarks.cudnn_dropout")
-    assert calls[3].startswith("reference.py --configs 8x2:512:8192 --ckpt 1")
-    assert len(calls) == 7 and "--gradient-cache 16" in calls[4] and "--find-max-batch 8x8:512:8192" in calls[6]
+    assert "--gradient-cache auto" in calls[3] and "--gradient-cache 16" in calls[4]
+    assert calls[6].startswith("reference.py --configs 8x2:512:8192 --ckpt 1")
+    assert len(calls) == 9 and "--find-max-batch 8x8:512:8192" in calls[8]
     status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
-    assert [s["rc"] for s in status] == [0] * 7
+    assert [s["rc"] for s in status] == [0] * 9
     assert (out / "reference.jsonl").read_text() == '{"fake": true}\n{"fake": true}\n'
-    assert len((out / "m3jax.jsonl").read_text().splitlines()) == 3
+    assert len((out / "m3jax.jsonl").read_text().splitlines()) == 5
     assert {p.name for p in out.iterdir()} <= {"env.txt", "reference.jsonl", "m3jax.jsonl", "cudnn_dropout.jsonl",
                                                "status.jsonl", "bench.log", "profiles.md", "profiles.jsonl"}  # <= 8
 
@@ -361,7 +369,7 @@ def test_device_bench_deadline_skips_the_rest(tmp_path):
                             "--budget-s", "5"])
     assert result.returncode == 0, result.stderr
     status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
-    assert len(status) == 7 and all(s.get("skipped") == "deadline" for s in status)
+    assert len(status) == 9 and all(s.get("skipped") == "deadline" for s in status)
     assert not log.exists()
 
 
