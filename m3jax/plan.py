@@ -902,7 +902,8 @@ def _largest_chunk(planner: Planner, shape: Shape, no_in_batch_neg: bool, ladder
     def fits(i: int) -> bool:
         r = planner.check(shape, flops=False, no_in_batch_neg=no_in_batch_neg, chunk=ladder[i])
         candidates.append(dict(policy=planner.model_cfg.remat_policy, chunk=ladder[i],
-                               peak_gib=r.as_dict()["peak_gib"], fits=r.fits, compile_s=r.compile_s))
+                               peak_gib=r.as_dict()["peak_gib"], fits=r.fits, compile_s=r.compile_s,
+                               needed_gib=None if r.needed_bytes is None else round(r.needed_bytes / GIB, 2)))
         logger.info("gradient cache chunk %d for %s (remat %s): %s (%s, %.0f s)", ladder[i], shape,
                     planner.model_cfg.remat_policy, "fits" if r.fits else "does not fit",
                     r.error or f"{r.as_dict()['peak_gib']} GiB", r.compile_s)
@@ -915,11 +916,16 @@ def _largest_chunk(planner: Planner, shape: Shape, no_in_batch_neg: bool, ladder
 def describe_chunk_choice(choice: dict) -> str:
     """One log line: the shape, the chosen chunk and remat policy, and every candidate's memory (largest chunk
     first, per policy)."""
+    def memory(c: dict) -> str:  # a refused TPU compile has no peak, only the temporaries it needed
+        if c["peak_gib"] is None and c.get("needed_gib") is not None:
+            return f"temporaries {c['needed_gib']} GiB"
+        return f"{c['peak_gib']} GiB"
+
     parts = []
     for policy in dict.fromkeys(c["policy"] for c in choice["candidates"]):
         tried = sorted((c for c in choice["candidates"] if c["policy"] == policy), key=lambda c: -c["chunk"])
         parts.append(f"remat {policy}: " + ", ".join(
-            f"{c['chunk']} {c['peak_gib']} GiB{'' if c['fits'] else ' (does not fit)'}" for c in tried))
+            f"{c['chunk']} {memory(c)}{'' if c['fits'] else ' (does not fit)'}" for c in tried))
     return (f"gradient_cache_chunk_size='auto' for {choice['shape']}: {choice['chunk']} rows per device, remat "
             f"{choice['policy']}" + (f" ({'; '.join(parts)})" if parts else f" ({choice.get('reason')})"))
 
