@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# The one prepared accelerator run of the benchmarks (about 9.5 minutes of a 15-minute device budget), in order of
-# what matters most, each command with its own timeout under one deadline (--budget-s):
+# The one prepared accelerator run of the benchmarks (at most 9 minutes of a 15-minute device budget), in order of
+# what matters most, each command with its own timeout under one deadline (--budget-s, 535 s):
 #   1. versions, nvidia-smi                                                       -> env.txt
 #   2. cuDNN's attention dropout against the XLA path: keep rate, forward values and the gradients of q, k, v, in
 #      one call, a scan, a remat'd scan, the gradient cache's order and the layer loop m3jax uses
 #      (benchmarks/cudnn_dropout.py)                                              -> cudnn_dropout.jsonl
-#   3. m3jax's train step at the short and the long shape as bge-m3 trains (attention dropout 0.1 on cuDNN, the
-#      layer loop, remat auto: each candidate policy compiled until one fits), one process, profiled
-#      (jax.profiler, reduced by benchmarks/profile_trace.py)                     -> m3jax.jsonl, profiles.*
-#   4. our PyTorch reference step (benchmarks/torch_reference.py) at the long shape -> reference.jsonl
-#   5. m3jax with the gradient cache (chunks of 16 rows, remat none) at the short shape, profiled -> m3jax.jsonl
-#   6. m3jax at the middle shape, remat full                                      -> m3jax.jsonl
-#   7. the reference's largest batch at 8x8:512:8192 (runs steps until OOM), with what time is left -> reference.jsonl
-# With the layer loop a bge-m3 shape compiles in about 100 s (the scan: 25 s).
+#   3. the uncached step at the short shape as bge-m3 trains (attention dropout 0.1 on cuDNN, the layer loop,
+#      remat none: 86.4 GiB on the H200), profiled (jax.profiler, reduced by benchmarks/profile_trace.py): the
+#      gradient cache's baseline                                                  -> m3jax.jsonl, profiles.*
+#   4. the gradient cache with chunks chosen by memory (--gradient-cache auto, remat none) at the short shape and
+#      at 8x its batch (256x8:64:256), one process as a run starts: each candidate chunk compiled (bench.log has
+#      one line per candidate), then the chosen step timed and profiled             -> m3jax.jsonl, profiles.*
+#   5. the gradient cache with chunks of 16 rows (the old default) at both shapes -> m3jax.jsonl
+#   6. m3jax at the long shape, remat auto                                        -> m3jax.jsonl
+#   7. our PyTorch reference step (benchmarks/torch_reference.py) at the long shape -> reference.jsonl
+#   8. m3jax at the middle shape, remat full                                      -> m3jax.jsonl
+#   9. the reference's largest batch at 8x8:512:8192 (runs steps until OOM), with what time is left -> reference.jsonl
+# With the layer loop a bge-m3 shape compiles in about 100 s (the scan: 25 s); the cached step holds the encoder
+# 1.5x as often (about 150 s, not measured). Chunk auto at 32x8 is one candidate compile (the whole batch fits) and
+# at 256x8 about five (2048 rows, then a bisection), so step 4 may reach its timeout in the 256x8 search: its
+# candidates' lines in bench.log still say which chunk fits. Steps 6-9 run only with time left over (at the
+# estimates above, none is). JAX_COMPILATION_CACHE_DIR is set so that the timed step can reuse the compile of the
+# candidate chosen (compile_s says whether it did).
 # A step that would start with less than 20 s left is skipped. Each command's exit status and time go to
 # status.jsonl, stderr to bench.log; at most 8 files come back from the device tool, so profiles are gathered
 # into profiles.md / profiles.jsonl (the traces themselves stay on the machine under /tmp/m3jax_profiles).
@@ -29,15 +38,15 @@ set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 OUT_DIR="${OUT:-$REPO/runs/device_bench}"
-SHAPES="32x8:64:256,8x2:512:8192"
+SHAPES="32x8:64:256"
 MIDDLE="8x8:512:2048"
 LONG="8x2:512:8192"
-CACHE_SHAPES="32x8:64:256"
+CACHE_SHAPES="32x8:64:256,256x8:64:256"
 MAX_BATCH_SHAPE="8x8:512:8192"
 PROFILES=/tmp/m3jax_profiles
 REFERENCE="benchmarks/torch_reference.py"
 WHEELS=""
-BUDGET_S=575
+BUDGET_S=535
 DRY_RUN=0
 
 usage() {
@@ -68,6 +77,7 @@ done
 if [ -z "$WHEELS" ] && [ -d "$REPO/.whl" ]; then WHEELS="$REPO/.whl"; fi
 
 export XLA_PYTHON_CLIENT_MEM_FRACTION=.92
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/m3jax_xla_cache}"
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 cd "$REPO"
@@ -111,6 +121,7 @@ run() {
 
 if [ "$DRY_RUN" = 1 ]; then
   echo "export XLA_PYTHON_CLIENT_MEM_FRACTION=$XLA_PYTHON_CLIENT_MEM_FRACTION"
+  echo "export JAX_COMPILATION_CACHE_DIR=$JAX_COMPILATION_CACHE_DIR"
 else
   mkdir -p "$OUT_DIR"
 fi
@@ -137,23 +148,32 @@ run env 60 env.txt "$PYTHON" -m benchmarks.train_step --env
 # --- 2. cuDNN's attention dropout against the XLA path (issue 24) ----------------------------------------------
 run "cudnn dropout" 50 cudnn_dropout.jsonl "$PYTHON" -m benchmarks.cudnn_dropout --rate 0.1 --layers 3
 
-# --- 3. m3jax at the short and long shapes as bge-m3 trains: remat auto (the trainer's choice per shape, by the
-#        compiled memory against the allocator's limit), attention dropout 0.1 on cuDNN, the layer loop ---------
-run "m3jax $SHAPES" 330 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$SHAPES" --attention cudnn \
-  --remat auto --steps 4 --warmup 1 --profile "$PROFILES" --profile-steps 2
+# --- 3. the uncached step at the short shape as bge-m3 trains (attention dropout 0.1 on cuDNN, the layer loop),
+#        remat none (it fits: 86.4 GiB), profiled: the gradient cache's baseline ---------------------------------
+run "m3jax $SHAPES" 150 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$SHAPES" --attention cudnn \
+  --remat none --steps 4 --warmup 1 --profile "$PROFILES" --profile-steps 2
 
-# --- 4. the PyTorch reference at the long shape ------------------------------------------------------------------
+# --- 4. the gradient cache, chunks chosen by memory (issue 24): the largest chunk whose compiled step fits the
+#        allocator's limit, per shape, then timed and profiled ---------------------------------------------------
+run "m3jax gradient cache auto" 330 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$CACHE_SHAPES" \
+  --attention cudnn --remat none --gradient-cache auto --steps 3 --warmup 1 --profile "$PROFILES" --profile-steps 2
+
+# --- 5. the gradient cache with chunks of 16 rows, beside it ----------------------------------------------------
+run "m3jax gradient cache 16" 300 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$CACHE_SHAPES" \
+  --attention cudnn --remat none --gradient-cache 16 --steps 3 --warmup 1
+
+# --- 6. m3jax at the long shape, remat auto (the trainer's choice per shape) ----------------------------------
+run "m3jax $LONG" 200 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$LONG" --attention cudnn \
+  --remat auto --steps 4 --warmup 1
+
+# --- 7. the PyTorch reference at the long shape ------------------------------------------------------------------
 run "reference $LONG" 70 reference.jsonl "$PYTHON" "$REFERENCE" --configs "$LONG" --ckpt 1 --sub_batch auto
 
-# --- 5. the gradient cache: chunks of 16 rows re-encoded instead of remat, profiled ---------------------------------
-run "m3jax gradient cache" 130 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$CACHE_SHAPES" \
-  --attention cudnn --remat none --gradient-cache 16 --profile "$PROFILES"
-
-# --- 6. the middle shape -----------------------------------------------------------------------------------------
+# --- 8. the middle shape -----------------------------------------------------------------------------------------
 run "m3jax $MIDDLE" 130 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$MIDDLE" --attention cudnn \
   --remat full
 
-# --- 7. the reference's largest batch at the max-batch shape (steps until OOM), with what time is left ----------
+# --- 9. the reference's largest batch at the max-batch shape (steps until OOM), with what time is left ----------
 run "reference max batch $MAX_BATCH_SHAPE" 200 reference.jsonl "$PYTHON" "$REFERENCE" --find-max-batch \
   "$MAX_BATCH_SHAPE" --granularity 2 --steps 1 --warmup 1 --ckpt 1 --sub_batch auto
 

@@ -23,8 +23,10 @@ Modes:
         accelerator, or against a memory budget with the compiled memory analysis (on CPU, or whenever
         --memory-budget-gib is given; `auto` = the device's limit)
     --tiny      a 2-layer, hidden-64, 1000-token model (CI)
-    --gradient-cache ROWS | tokens=N   the gradient cache (config.gradient_cache) with chunks of ROWS rows (or N
-                tokens) per device; pair with --remat none (the re-encode is the recompute)
+    --gradient-cache ROWS | tokens=N | auto   the gradient cache (config.gradient_cache) with chunks of ROWS rows
+                (or N tokens) per device; pair with --remat none (the re-encode is the recompute). auto: the
+                trainer's choice per shape (gradient_cache_chunk_size="auto": the largest chunk whose compiled step
+                fits --memory-budget-gib, else the device's limit; with --remat auto the pair), logged, then timed
     --set FIELD=VALUE   any run-config override, e.g. --set lora.rank=16 (LoRA), --set heads=dense,sparse;
                 analyses then report trained_params, frozen_params and optimizer_state_bytes / _gib (all
                 devices)
@@ -122,9 +124,10 @@ class Settings:
     overrides: dict  # --set FIELD=VALUE
 
 
-def build_config(args, *, remat: str, for_run: bool):
+def build_config(args, *, remat: str, for_run: bool, chunk: int | None = None):
     """The recipe's config with the command line's overrides; `for_run` picks float32 for `--dtype auto` on CPU
-    (bf16 is emulated there), while analyses keep the accelerator dtype."""
+    (bf16 is emulated there), while analyses keep the accelerator dtype. `chunk`: the gradient cache's rows per
+    device in place of --gradient-cache's (what --gradient-cache auto chose)."""
     import jax
 
     config = load_recipe(args.config)
@@ -145,7 +148,7 @@ def build_config(args, *, remat: str, for_run: bool):
     rows, chunk_tokens = parse_gradient_cache(args.gradient_cache)
     if rows or chunk_tokens:
         config.gradient_cache = True
-        config.gradient_cache_chunk_size = rows or config.gradient_cache_chunk_size
+        config.gradient_cache_chunk_size = chunk or rows or config.gradient_cache_chunk_size
         config.gradient_cache_chunk_tokens = chunk_tokens
     for key, value in parse_overrides(args.set).items():
         *parents, leaf = key.split(".")
@@ -159,17 +162,19 @@ def build_config(args, *, remat: str, for_run: bool):
     return config
 
 
-def parse_gradient_cache(text: str) -> tuple[int, int]:
-    """--gradient-cache off | ROWS | tokens=N -> (rows, tokens); (0, 0) = off."""
+def parse_gradient_cache(text: str) -> tuple[int | str, int]:
+    """--gradient-cache off | ROWS | tokens=N | auto -> (rows or "auto", tokens); (0, 0) = off."""
     text = str(text).strip()
     if text == "off":
         return 0, 0
+    if text == "auto":
+        return "auto", 0
     try:
         value = int(text.partition("=")[2]) if text.startswith("tokens=") else int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise BenchError(f"--gradient-cache {text!r}: off, a positive number of rows, or tokens=N")
+        raise BenchError(f"--gradient-cache {text!r}: off, a positive number of rows, tokens=N or auto")
     return (0, value) if text.startswith("tokens=") else (value, 0)
 
 
@@ -204,7 +209,7 @@ class Bench:
     `devices` (default: all of this host's) are the mesh's: compile-only devices of another backend (e.g. a TPU
     topology from jax.experimental.topologies on a CPU host) can be analysed but not run."""
 
-    def __init__(self, args, *, remat: str, for_run: bool, devices=None):
+    def __init__(self, args, *, remat: str, for_run: bool, devices=None, chunk: int | None = None):
         import jax
 
         from m3jax import config as config_lib
@@ -213,7 +218,7 @@ class Bench:
         self.jax = jax
         self.shard_lib = shard_lib
         self.args = args
-        self.config = build_config(args, remat=remat, for_run=for_run)
+        self.config = build_config(args, remat=remat, for_run=for_run, chunk=chunk)
         config_lib.validate(self.config, for_training=False)
         self.mesh = shard_lib.make_mesh(config_lib.mesh_settings(self.config), devices)
         self.target = target_device(self.mesh)
@@ -316,10 +321,19 @@ class Bench:
         return dict(impl="m3jax", ckpt=int(s.remat != "none"), batch=shape.batch, group=shape.group,
                     qlen=shape.qlen, plen=shape.plen, sub_batch=self.sub_batch_for(shape),
                     gradient_cache=self.args.gradient_cache, model=s.model,
+                    **({"gradient_cache_chunk": self._chunk()} if self._chunk() else {}),
                     dtype=s.dtype, attention=s.attention, remat=s.remat, cross_device=s.cross_device,
                     hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout, mesh=s.mesh,
                     devices=self.num_shards, **({"overrides": s.overrides} if s.overrides else {}),
                     **self.target, jax=self.jax.__version__)
+
+    def _chunk(self) -> int | None:
+        """The gradient cache's rows per device of this step (None: no cache, or chunks by tokens)."""
+        from m3jax import config as config_lib
+
+        if not self.config.gradient_cache or self.config.gradient_cache_chunk_tokens:
+            return None
+        return config_lib.step_settings(self.config).gradient_cache_chunk_size
 
     def analyze(self, shape: Shape, *, hlo: bool = True) -> dict:
         rec = dict(mode="analyze", **self.base_record(shape))
@@ -370,7 +384,10 @@ class Bench:
                        tokens_per_s=round(tokens(shape) * w / dt), model_tflops=round(tflops, 1 if tflops >= 1 else 6),
                        loss=round(float(metrics["loss"]), 4), dispatch_s=round(t_dispatch / max(steps, 1), 5))
             if self.args.profile:
-                out_dir = os.path.join(self.args.profile, f"{shape}".replace(":", "_") + f"_{self.settings.remat}")
+                name = f"{shape}".replace(":", "_") + f"_{self.settings.remat}"
+                if self.config.gradient_cache:  # beside the uncached step at the same shape and remat
+                    name += f"_gc{self._chunk() or 'tokens'}"
+                out_dir = os.path.join(self.args.profile, name)
                 trace = profile_trace.capture(functools.partial(self._step_again, compiled, batch),
                                               self.args.profile_steps, out_dir)
                 table = profile_trace.reduce_trace(trace, self.args.profile_steps)
@@ -447,7 +464,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--find-max-batch", metavar="SHAPE", default=None,
                    help="largest per-device batch at GROUP:QLEN:PLEN of SHAPE, searched from its BATCH")
     p.add_argument("--memory-budget-gib", default=None,
-                   help="with --find-max-batch or --remat auto: judge by the compiled memory analysis against this "
+                   help="with --find-max-batch, --remat auto or --gradient-cache auto: judge by the compiled memory "
+                        "analysis against this "
                         "many GiB per device ('auto': the device's allocator limit) instead of running steps until "
                         "OOM; required on CPU for --find-max-batch")
     p.add_argument("--granularity", type=int, default=1,
@@ -468,7 +486,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="passages encoded per chunk per device (-1: all at once; auto: FlagEmbedding's table by "
                         "passage length, as the reference's --sub_batch auto)")
     p.add_argument("--gradient-cache", default="off",
-                   help="off, ROWS or tokens=N: the gradient cache with chunks of ROWS rows (N tokens) per device "
+                   help="off, ROWS, tokens=N or auto: the gradient cache with chunks of ROWS rows (N tokens) per "
+                        "device, or per shape the largest chunk that fits --memory-budget-gib or the device's limit "
                         "(config.gradient_cache; excludes --sub-batch-size)")
     p.add_argument("--cross-device", default="recipe", choices=("recipe", "off", "dense", "all"),
                    help="negatives across devices: the recipe's (dense), off, dense (negatives_cross_device), all "
@@ -517,6 +536,8 @@ def _validate(args) -> None:
             raise BenchError(f"--remat {r!r}: auto, none, full, dots or dots_no_batch")
         if r == "auto" and args.find_max_batch:
             raise BenchError("--remat auto chooses per shape; --find-max-batch needs one policy")
+    if parse_gradient_cache(args.gradient_cache)[0] == "auto" and args.find_max_batch:
+        raise BenchError("--gradient-cache auto chooses per shape; --find-max-batch needs one chunk")
     parse_mesh(args.mesh)
     parse_overrides(args.set)
     if args.topology is not None:
@@ -583,10 +604,11 @@ def run(args, emit: Callable[[dict], None] | None = None) -> list[dict]:
                                       warmup=args.warmup))
             return records
         shapes = [Shape.parse(s) for s in args.shapes.split(",") if s.strip()]
+        chunk_auto = parse_gradient_cache(args.gradient_cache)[0] == "auto"
         for remat in remat_list(args):
-            if remat == "auto":
+            if remat == "auto" or chunk_auto:
                 for shape in shapes:
-                    out(_run_remat_auto(args, shape, devices))
+                    out(_run_auto(args, shape, remat, devices))
                 continue
             bench = Bench(args, remat=remat, for_run=not args.analyze, devices=devices)
             for shape in shapes:
@@ -600,25 +622,28 @@ def run(args, emit: Callable[[dict], None] | None = None) -> list[dict]:
     return records
 
 
-def _run_remat_auto(args, shape: Shape, devices=None) -> dict:
-    """--remat auto: the trainer's choice for this shape (m3jax.plan.choose_remat: the least recomputation whose
-    compiled step fits --memory-budget-gib, else the device's limit), then that step timed (or analysed)."""
+def _run_auto(args, shape: Shape, remat: str, devices=None) -> dict:
+    """--remat auto and / or --gradient-cache auto: the trainer's choice for this shape (m3jax.plan.choose_auto:
+    the least recomputation, and with the gradient cache the largest chunk, whose compiled step fits
+    --memory-budget-gib, else the device's limit), then that step timed (or analysed). The record carries the
+    choice with every candidate's memory: remat_auto, or gradient_cache_auto when the chunk was chosen."""
     from m3jax import config as config_lib
     from m3jax import plan
 
-    probe = Bench(args, remat="full", for_run=False, devices=devices)
+    probe = Bench(args, remat=remat, for_run=False, devices=devices)
     budget = None if args.memory_budget_gib in (None, "auto") else float(args.memory_budget_gib)
     with probe.config.unlocked():
         probe.config.auto_batch_memory_gib = budget if budget else -1.0
-    (choice,) = plan.choose_remat(config_lib.step_settings(probe.config), probe.model_cfg, probe.mesh,
-                                  [(shape, False, False)],
-                                  target=plan.memory_target(probe.config.auto_batch_memory_gib, probe.mesh))
-    logger.info("%s", plan.describe_remat_choice(choice))
+    (choice,) = plan.choose_auto(probe.config, config_lib.step_settings(probe.config), probe.model_cfg, probe.mesh,
+                                 [(shape, False, False)],
+                                 target=plan.memory_target(probe.config.auto_batch_memory_gib, probe.mesh))
+    logger.info("%s", choice["line"])
     del probe
     gc.collect()
-    bench = Bench(args, remat=choice["policy"], for_run=not args.analyze, devices=devices)
+    bench = Bench(args, remat=choice["policy"], for_run=not args.analyze, devices=devices, chunk=choice["chunk"])
     rec = bench.analyze(shape) if args.analyze else bench.run(shape, steps=args.steps, warmup=args.warmup)
-    return dict(rec, remat_auto=choice)
+    chosen = {k: v for k, v in choice.items() if k != "line"}
+    return dict(rec, **({"gradient_cache_auto": chosen} if choice["chunk"] is not None else {"remat_auto": chosen}))
 
 
 def _find_max_batch(bench: Bench, shape: Shape, args, by_analysis: bool) -> dict:

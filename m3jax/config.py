@@ -42,7 +42,7 @@ from m3jax.model.loading import config_names as _names
 from m3jax.tools.model_card import ModelCardSettings
 from m3jax.train.losses import LossConfig
 from m3jax.train.optimizer import OptimizerSettings
-from m3jax.train.step import StepSettings
+from m3jax.train.step import GRADIENT_CACHE_CHUNK_ROWS, StepSettings
 
 # Per-device batch size by token-length range of the dataset file (FlagEmbedding research/BGE_M3 recipe, 80 GB
 # GPUs). Keys are the `len-LO-HI` tags written by scripts/split_data_by_length.py; datasets without a tag use
@@ -175,9 +175,13 @@ def default_config() -> ml_collections.ConfigDict:
     # cached representations. Replaces sub_batch_size (which must stay -1); remat_policy="none" is the usual
     # pairing (the re-encode already recomputes the forward). Chunks: gradient_cache_chunk_size rows per device,
     # or, when gradient_cache_chunk_tokens > 0, max(1, tokens // padded length) rows (queries and passages each),
-    # rounded down to a divisor of the rows per device.
+    # rounded down to a divisor of the rows per device. gradient_cache_chunk_size="auto": per compiled step shape,
+    # the largest chunk (the passages per device, halved down to a divisor) whose compiled step fits the device's
+    # memory (auto_batch_memory_gib where set), judged by XLA's memory analysis and logged at start with every
+    # candidate's memory; with remat_policy="auto" the pair (least recomputation first, then the largest chunk);
+    # 16 rows where no limit is known (CPU without auto_batch_memory_gib).
     c.gradient_cache = False
-    c.gradient_cache_chunk_size = 16
+    c.gradient_cache_chunk_size = ml_collections.FieldReference("auto", field_type=object)  # "auto" or an int
     c.gradient_cache_chunk_tokens = 0
 
     # ---- logging / checkpoints ----------------------------------------------------------------------------
@@ -536,8 +540,10 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
             raise ConfigError(f"config.metric_for_best_model={c.metric_for_best_model!r}: {e}") from None
     _require(c.sub_batch_size == -1 or c.sub_batch_size >= 1, "sub_batch_size", "-1 (off) or a positive int",
              c.sub_batch_size)
-    _require(isinstance(c.gradient_cache_chunk_size, int) and c.gradient_cache_chunk_size >= 1,
-             "gradient_cache_chunk_size", "a positive int (rows per device per chunk)", c.gradient_cache_chunk_size)
+    chunk = c.gradient_cache_chunk_size
+    _require(chunk == "auto" or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1),
+             "gradient_cache_chunk_size", "'auto' (chosen per step shape by memory) or a positive int (rows per "
+             "device per chunk)", chunk)
     _require(isinstance(c.gradient_cache_chunk_tokens, int) and c.gradient_cache_chunk_tokens >= 0,
              "gradient_cache_chunk_tokens", "0 (chunk by gradient_cache_chunk_size rows) or a positive int",
              c.gradient_cache_chunk_tokens)
@@ -785,10 +791,21 @@ def optimizer_settings(config) -> OptimizerSettings:
         fix_position_embedding=bool(config.fix_position_embedding), freeze_layers_below=config.freeze_layers_below)
 
 
+def gradient_cache_chunk_auto(config) -> bool:
+    """Whether the gradient cache's chunk is chosen per step shape (m3jax.plan.choose_chunk): gradient_cache with
+    gradient_cache_chunk_size="auto" and no gradient_cache_chunk_tokens (which keeps its meaning)."""
+    return (bool(config.gradient_cache) and config.gradient_cache_chunk_size == "auto"
+            and not config.gradient_cache_chunk_tokens)
+
+
 def step_settings(config) -> StepSettings:
+    # gradient_cache_chunk_size="auto" is chosen per compiled shape by the trainer (m3jax.plan.choose_chunk): the
+    # step's own default is the chunk used where nothing can be judged
+    chunk = config.gradient_cache_chunk_size
     return StepSettings(
         seed=config.seed, sub_batch_size=config.sub_batch_size, fix_encoder=bool(config.fix_encoder),
-        gradient_cache=bool(config.gradient_cache), gradient_cache_chunk_size=config.gradient_cache_chunk_size,
+        gradient_cache=bool(config.gradient_cache),
+        gradient_cache_chunk_size=GRADIENT_CACHE_CHUNK_ROWS if chunk == "auto" else int(chunk),
         gradient_cache_chunk_tokens=config.gradient_cache_chunk_tokens,
         sharding_rules=mesh_settings(config).sharding_rules,
         gpu_command_buffers=bool(config.model.gpu_command_buffers), loss=loss_settings(config),

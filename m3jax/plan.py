@@ -55,7 +55,7 @@ from m3jax.data import build as data_build
 from m3jax.data.files import list_dataset_files
 from m3jax.io import hf_layout, hf_read
 from m3jax.model import loading
-from m3jax.train.step import Stepper, StepSettings
+from m3jax.train.step import GRADIENT_CACHE_CHUNK_ROWS, Chunking, Stepper, StepSettings
 
 logger = logging.getLogger(__name__)
 
@@ -471,8 +471,8 @@ class Planner:
         self.compiles = 0
         self.dump_dir = xla_dump_dir()  # where XLA dumps what it compiles (XLA_FLAGS=--xla_dump_to=DIR), if set
 
-    def compile(self, shape: Shape, *, no_in_batch_neg: bool = False):
-        fn = self.stepper.step(shape.group, no_in_batch_neg, self.has_teacher)
+    def compile(self, shape: Shape, *, no_in_batch_neg: bool = False, chunk: int | None = None):
+        fn = self.stepper.step(shape.group, no_in_batch_neg, self.has_teacher, chunk=chunk)
         lowered = fn.lower(self.stepper.abstract_state(),
                            self.stepper.abstract_batch(shape.batch, shape.group, shape.qlen, shape.plen))
         self.compiles += 1
@@ -480,11 +480,13 @@ class Planner:
             return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
         return lowered.compile()
 
-    def check(self, shape: Shape, *, flops: bool = True, no_in_batch_neg: bool = False) -> ShapeResult:
-        """Compile `shape`: fits (compiled, and peak within the budget), its memory and matmul FLOPs."""
+    def check(self, shape: Shape, *, flops: bool = True, no_in_batch_neg: bool = False,
+              chunk: int | None = None) -> ShapeResult:
+        """Compile `shape`: fits (compiled, and peak within the budget), its memory and matmul FLOPs. `chunk`: the
+        gradient cache's rows per device (default: the step settings')."""
         t0 = time.perf_counter()
         try:
-            compiled = self.compile(shape, no_in_batch_neg=no_in_batch_neg)
+            compiled = self.compile(shape, no_in_batch_neg=no_in_batch_neg, chunk=chunk)
         except Exception as e:  # noqa: BLE001
             if not is_oom(e):
                 raise
@@ -649,11 +651,13 @@ def parse_shapes(text: str) -> dict[str, Shape]:
 # m3jax plan
 
 
-def _cache_words(step: StepSettings) -> str:
+def _cache_words(step: StepSettings, *, chunk_auto: bool = False) -> str:
     if not step.gradient_cache:
         return ""
     if step.gradient_cache_chunk_tokens:
         return f", gradient cache: chunks of {step.gradient_cache_chunk_tokens} tokens"
+    if chunk_auto:
+        return f", gradient cache: chunks 'auto' (the table below: {step.gradient_cache_chunk_size} rows)"
     return f", gradient cache: chunks of {step.gradient_cache_chunk_size} rows"
 
 
@@ -684,15 +688,17 @@ def plan(config, target: Target, *, shapes: dict[str, Shape] | None = None, mode
          + (f", budget {target.budget_bytes / GIB:.2f} GiB" if target.budget_bytes else ""))
     emit(f"model {where}: {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, vocab "
          f"{model_cfg.vocab_size}; dtype {model_cfg.dtype}, attention {model_cfg.attention_implementation}, remat "
-         f"{model_cfg.remat_policy}, sub_batch_size {step.sub_batch_size}" + _cache_words(step))
+         f"{model_cfg.remat_policy}, sub_batch_size {step.sub_batch_size}"
+         + _cache_words(step, chunk_auto=config_lib.gradient_cache_chunk_auto(config)))
     if attention_note:
         emit(attention_note)
     emit(f"mesh {dict(planner.mesh.shape)}; batch split over {planner.num_shards} chips; params + optimizer state "
          f"{planner.state_gib()} GiB per chip")
-    if config.model.remat_policy == "auto":  # the trainer's choice per shape; the table below compiles with "full"
-        for choice in choose_remat(step, model_cfg, planner.mesh,
-                                   [(shape, planner.has_teacher, False) for shape in shapes.values()], target=target):
-            emit(describe_remat_choice(choice))
+    # the trainer's choices per shape (remat_policy / gradient_cache_chunk_size "auto"); the table below compiles
+    # the settings' step: remat "full" under "auto", chunks of GRADIENT_CACHE_CHUNK_ROWS under "auto"
+    for choice in choose_auto(config, step, model_cfg, planner.mesh,
+                              [(shape, planner.has_teacher, False) for shape in shapes.values()], target=target):
+        emit(choice["line"])
     header = f"{'bucket':<16} {'per-chip shape':<18} {'peak GiB':>9} {'fits':>5} {'matmul TFLOP':>13} {'max batch':>10}"
     emit(header)
     results, rows = [], []
@@ -799,12 +805,129 @@ def choose_remat(step: StepSettings, model_cfg, mesh, shapes, *, target: Target 
     return out
 
 
+def choose_auto(config, step: StepSettings, model_cfg, mesh, shapes, *, target: Target | None) -> list[dict]:
+    """The per-shape choices a run config leaves to memory, as the trainer makes them: with the gradient cache and
+    gradient_cache_chunk_size="auto", the chunk (choose_chunk; with remat_policy="auto" the pair, least
+    recomputation first), else with remat_policy="auto" the policy (choose_remat); [] when nothing is "auto".
+    `shapes` as choose_remat's. One dict per shape: policy, chunk (None where not chosen), line (the log line)."""
+    remat_auto = config.model.remat_policy == "auto"
+    if config_lib.gradient_cache_chunk_auto(config):
+        policies = REMAT_BY_RECOMPUTE if remat_auto else (model_cfg.remat_policy,)
+        return [dict(c, line=describe_chunk_choice(c))
+                for c in choose_chunk(step, model_cfg, mesh, shapes, target=target, policies=policies)]
+    if remat_auto:
+        return [dict(c, chunk=None, line=describe_remat_choice(c))
+                for c in choose_remat(step, model_cfg, mesh, shapes, target=target)]
+    return []
+
+
 def describe_remat_choice(choice: dict) -> str:
     """One log line: the shape, the chosen policy and every candidate's memory."""
     tried = ", ".join(f"{c['policy']} {c['peak_gib']} GiB{'' if c['fits'] else ' (does not fit)'}"
                       for c in choice["candidates"])
     return f"remat_policy='auto' for {choice['shape']}: {choice['policy']}" + (f" ({tried})" if tried else
                                                                                f" ({choice.get('reason')})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gradient_cache_chunk_size="auto"
+
+
+def chunk_ladder(rows: int) -> list[int]:
+    """The chunk candidates for `rows` passages per device, largest first: all of them, then halved and rounded
+    down to a divisor of `rows` (the chunk shape Chunking takes exactly), down to 1."""
+    out = [int(rows)]
+    while out[-1] > 1:
+        out.append(Chunking.of(rows, 1, out[-1] // 2).chunk)
+    return out
+
+
+def largest_fitting(ladder: list[int], fits) -> int | None:
+    """Index of the first (largest) chunk of `ladder` for which `fits(index)` holds, the memory taken as monotone
+    in the chunk: the largest compiles first (a batch that fits whole costs one compile), then bisection over the
+    rest (at most 1 + ceil(log2(len(ladder))) calls). None when not even the smallest fits."""
+    if fits(0):
+        return 0
+    lo, hi = 0, len(ladder)  # ladder[lo] does not fit; ladder[hi] is the largest known to fit (len: none yet)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi if hi < len(ladder) else None
+
+
+def choose_chunk(step: StepSettings, model_cfg, mesh, shapes, *, target: Target | None,
+                 policies: tuple[str, ...]) -> list[dict]:
+    """For gradient_cache_chunk_size="auto": per (Shape per batch shard, has_teacher, no_in_batch_neg) of
+    `shapes`, the gradient cache's chunk (rows per device) and the encoder's remat policy. `policies`: the remat
+    policies to try in order -- REMAT_BY_RECOMPUTE with remat_policy="auto", else the run's one. For each, the
+    largest chunk of chunk_ladder(batch x group) whose compiled step fits the memory budget of `target` (the
+    trainer's: `memory_target`), judged as `choose_remat` judges a policy (largest_fitting: one compile when the
+    whole batch fits, a bisection otherwise); the first policy with a chunk that fits wins, so the pair is the
+    least recomputation, then the largest chunk. Where nothing fits: the last policy's smallest chunk (the step
+    then fails as it would have). Without a budget (target None): policies[0] and GRADIENT_CACHE_CHUNK_ROWS rows,
+    no compile. Returns one dict per shape: shape, policy, chunk, candidates (policy, chunk, peak_gib, fits,
+    compile_s; in the order compiled)."""
+    planners: dict[tuple[str, bool], Planner] = {}
+    out = []
+    for shape, has_teacher, no_in_batch_neg in shapes:
+        if target is None:
+            out.append(dict(shape=str(shape), policy=policies[0], chunk=GRADIENT_CACHE_CHUNK_ROWS, candidates=[],
+                            reason="no memory budget to judge by"))
+            continue
+        ladder = chunk_ladder(shape.batch * shape.group)
+        candidates, chosen = [], None
+        for policy in policies:
+            key = (policy, bool(has_teacher))
+            if key not in planners:
+                planners[key] = Planner(step, dataclasses.replace(model_cfg, remat_policy=policy), target, mesh=mesh,
+                                        has_teacher=bool(has_teacher))
+            best = _largest_chunk(planners[key], shape, bool(no_in_batch_neg), ladder, candidates)
+            if best is not None:
+                chosen = (policy, best)
+                break
+        policy, chunk = chosen or (policies[-1], ladder[-1])
+        out.append(dict(shape=str(shape), policy=policy, chunk=chunk, candidates=candidates, fits=chosen is not None,
+                        budget_gib=None if target.budget_bytes is None else round(target.budget_bytes / GIB, 3)))
+    return out
+
+
+def _largest_chunk(planner: Planner, shape: Shape, no_in_batch_neg: bool, ladder: list[int],
+                   candidates: list[dict]) -> int | None:
+    """The largest chunk of `ladder` whose step compiles within the planner's budget (largest_fitting); each
+    compile is appended to `candidates`."""
+
+    def fits(i: int) -> bool:
+        r = planner.check(shape, flops=False, no_in_batch_neg=no_in_batch_neg, chunk=ladder[i])
+        candidates.append(dict(policy=planner.model_cfg.remat_policy, chunk=ladder[i],
+                               peak_gib=r.as_dict()["peak_gib"], fits=r.fits, compile_s=r.compile_s,
+                               needed_gib=None if r.needed_bytes is None else round(r.needed_bytes / GIB, 2)))
+        logger.info("gradient cache chunk %d for %s (remat %s): %s (%s, %.0f s)", ladder[i], shape,
+                    planner.model_cfg.remat_policy, "fits" if r.fits else "does not fit",
+                    r.error or f"{r.as_dict()['peak_gib']} GiB", r.compile_s)
+        return r.fits
+
+    best = largest_fitting(ladder, fits)
+    return None if best is None else ladder[best]
+
+
+def describe_chunk_choice(choice: dict) -> str:
+    """One log line: the shape, the chosen chunk and remat policy, and every candidate's memory (largest chunk
+    first, per policy)."""
+    def memory(c: dict) -> str:  # a refused TPU compile has no peak, only the temporaries it needed
+        if c["peak_gib"] is None and c.get("needed_gib") is not None:
+            return f"temporaries {c['needed_gib']} GiB"
+        return f"{c['peak_gib']} GiB"
+
+    parts = []
+    for policy in dict.fromkeys(c["policy"] for c in choice["candidates"]):
+        tried = sorted((c for c in choice["candidates"] if c["policy"] == policy), key=lambda c: -c["chunk"])
+        parts.append(f"remat {policy}: " + ", ".join(
+            f"{c['chunk']} {memory(c)}{'' if c['fits'] else ' (does not fit)'}" for c in tried))
+    return (f"gradient_cache_chunk_size='auto' for {choice['shape']}: {choice['chunk']} rows per device, remat "
+            f"{choice['policy']}" + (f" ({'; '.join(parts)})" if parts else f" ({choice.get('reason')})"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

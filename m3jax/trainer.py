@@ -101,15 +101,15 @@ def train(config) -> dict:
 
     # --- the step, and the state: restored, or the pretrained params put straight into their shardings --------
     stepper = Stepper.build(step_settings, model_cfg, mesh, total_steps)
-    remat_of = {}  # BatchShape -> remat policy, for remat_policy="auto"
-    if config.model.remat_policy == "auto":
-        choices = plan.choose_remat(step_settings, model_cfg, mesh, [
-            (Shape(s.global_batch // num_blocks, s.group_size, s.query_len, s.passage_len), s.has_teacher,
-             s.no_in_batch_neg) for s in shapes], target=plan.memory_target(config.auto_batch_memory_gib, mesh))
-        for s, choice in zip(shapes, choices):
-            logger.info("%s", plan.describe_remat_choice(choice))
-            remat_of[(s.global_batch, s.group_size, s.query_len, s.passage_len, s.has_teacher,
-                      s.no_in_batch_neg)] = choice["policy"]
+    # BatchShape -> (remat policy, gradient cache chunk), for remat_policy / gradient_cache_chunk_size "auto"
+    chosen = {}
+    choices = plan.choose_auto(config, step_settings, model_cfg, mesh, [
+        (Shape(s.global_batch // num_blocks, s.group_size, s.query_len, s.passage_len), s.has_teacher,
+         s.no_in_batch_neg) for s in shapes], target=plan.memory_target(config.auto_batch_memory_gib, mesh))
+    for s, choice in zip(shapes, choices):
+        logger.info("%s", choice["line"])
+        chosen[(s.global_batch, s.group_size, s.query_len, s.passage_len, s.has_teacher, s.no_in_batch_neg)] = (
+            choice["policy"], choice["chunk"])
     counts = stepper.parameter_summary()
     logger.info("parameters: %s train, %s frozen (heads trained: %s%s); optimizer state %.1f MiB",
                 f"{counts['trained']:,}", f"{counts['frozen']:,}", ", ".join(step_settings.optimizer.trained_heads),
@@ -177,7 +177,8 @@ def train(config) -> dict:
                          local["query_input_ids"].shape[1], local["passage_input_ids"].shape[1], kind[2], kind[1])
                 # a packed batch (config.packing) goes to the step in its packed form only
                 arrays = {k: local[k] for k in (PACKED_BATCH_KEYS if data_settings.packing else PADDED_BATCH_KEYS)}
-                state, metrics = stepper.step(*kind, remat=remat_of.get(shape))(state, stepper.global_batch(arrays))
+                remat, chunk = chosen.get(shape, (None, None))
+                state, metrics = stepper.step(*kind, remat=remat, chunk=chunk)(state, stepper.global_batch(arrays))
                 metrics_log.add(step, metrics, tokens * jax.process_count())
                 step += 1
                 checkpointer.check()  # a failed asynchronous save stops the run here (CheckpointSaveError)

@@ -116,10 +116,28 @@ def test_gradient_cache_option(capsys):
     assert train_step.parse_gradient_cache("off") == (0, 0)
     assert train_step.parse_gradient_cache("16") == (16, 0)
     assert train_step.parse_gradient_cache("tokens=4096") == (0, 4096)
+    assert train_step.parse_gradient_cache("auto") == ("auto", 0)
     assert train_step.main(["--tiny", "--gradient-cache", "0"]) == 2
-    assert "--gradient-cache '0': off, a positive number of rows, or tokens=N" in capsys.readouterr().err
+    assert "--gradient-cache '0': off, a positive number of rows, tokens=N or auto" in capsys.readouterr().err
+    assert train_step.main(["--tiny", "--gradient-cache", "auto", "--find-max-batch", "2x2:8:16"]) == 2
+    assert "--gradient-cache auto chooses per shape" in capsys.readouterr().err
     assert train_step.main(["--tiny", "--gradient-cache", "4", "--sub-batch-size", "2"]) == 2
     assert "--gradient-cache replaces --sub-batch-size" in capsys.readouterr().err
+
+
+def test_gradient_cache_auto_times_the_chunk_the_trainer_would_choose():
+    """--gradient-cache auto: without a budget (CPU) the trainer's 16 rows, nothing compiled to choose; with one
+    that holds the whole batch, all 8 passages per device in one chunk (one compile to choose, then the run's)."""
+    common = ["--tiny", "--mesh", "data=1", "--remat", "none", "--gradient-cache", "auto", "--shapes", "2x4:8:16",
+              "--steps", "1", "--warmup", "0"]
+    (free,) = _run(common)
+    assert free["gradient_cache_chunk"] == 16 and free["gradient_cache_auto"]["candidates"] == []
+    assert free["step_s"] > 0 and math.isfinite(free["loss"]) and free["remat"] == "none"
+    (budget,) = _run([*common, "--memory-budget-gib", "100", "--analyze"])
+    choice = budget["gradient_cache_auto"]
+    assert budget["gradient_cache_chunk"] == choice["chunk"] == 8 and choice["policy"] == "none"
+    assert [(c["chunk"], c["fits"]) for c in choice["candidates"]] == [(8, True)]
+    assert choice["candidates"][0]["peak_gib"] == pytest.approx(budget["total_gib"], abs=1e-3)
 
 
 def test_one_entry_point_runs_from_the_repository_root():
@@ -288,23 +306,30 @@ def test_device_bench_dry_run_prints_the_commands(tmp_path):
     result = _device_bench(["--dry-run", "--out", str(out)])  # the reference: ours, benchmarks/torch_reference.py
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "export XLA_PYTHON_CLIENT_MEM_FRACTION=.92"
+    assert lines[:2] == ["export XLA_PYTHON_CLIENT_MEM_FRACTION=.92",
+                         "export JAX_COMPILATION_CACHE_DIR=/tmp/m3jax_xla_cache"]
     commands = [line for line in lines if line.startswith("timeout ")]
     expected = [
         f"python3 -m benchmarks.train_step --env >> {out}/env.txt",
         f"python3 -m benchmarks.cudnn_dropout --rate 0.1 --layers 3 >> {out}/cudnn_dropout.jsonl",
-        "python3 -m benchmarks.train_step --shapes 32x8:64:256,8x2:512:8192 --attention cudnn --remat auto --steps 4 "
-        f"--warmup 1 --profile /tmp/m3jax_profiles --profile-steps 2 >> {out}/m3jax.jsonl",
+        "python3 -m benchmarks.train_step --shapes 32x8:64:256 --attention cudnn --remat none --steps 4 --warmup 1 "
+        f"--profile /tmp/m3jax_profiles --profile-steps 2 >> {out}/m3jax.jsonl",
+        "python3 -m benchmarks.train_step --shapes 32x8:64:256,256x8:64:256 --attention cudnn --remat none "
+        "--gradient-cache auto --steps 3 --warmup 1 --profile /tmp/m3jax_profiles --profile-steps 2 "
+        f">> {out}/m3jax.jsonl",
+        "python3 -m benchmarks.train_step --shapes 32x8:64:256,256x8:64:256 --attention cudnn --remat none "
+        f"--gradient-cache 16 --steps 3 --warmup 1 >> {out}/m3jax.jsonl",
+        "python3 -m benchmarks.train_step --shapes 8x2:512:8192 --attention cudnn --remat auto --steps 4 --warmup 1 "
+        f">> {out}/m3jax.jsonl",
         f"python3 benchmarks/torch_reference.py --configs 8x2:512:8192 --ckpt 1 --sub_batch auto >> {out}/reference.jsonl",
-        "python3 -m benchmarks.train_step --shapes 32x8:64:256 --attention cudnn --remat none --gradient-cache 16 "
-        f"--profile /tmp/m3jax_profiles >> {out}/m3jax.jsonl",
         f"python3 -m benchmarks.train_step --shapes 8x8:512:2048 --attention cudnn --remat full >> {out}/m3jax.jsonl",
         "python3 benchmarks/torch_reference.py --find-max-batch 8x8:512:8192 --granularity 2 --steps 1 --warmup 1 "
         f"--ckpt 1 --sub_batch auto >> {out}/reference.jsonl",
     ]
     assert [c.split(" ", 4)[4] for c in commands] == expected
     limits = [int(c.split()[3]) for c in commands]
-    assert all(0 < t <= 330 for t in limits)  # each bounded; the script's deadline (575 s) bounds the whole
+    assert all(0 < t <= 330 for t in limits)  # each bounded; the script's deadline (535 s) bounds the whole
+    assert "BUDGET_S=535" in open(os.path.join(REPO, "benchmarks", "device_bench.sh")).read()  # under 9 minutes
     assert not out.exists()  # a dry run writes nothing
 
 
@@ -326,12 +351,13 @@ def test_device_bench_runs_each_step_and_records_status(tmp_path):
     calls = log.read_text().splitlines()
     assert calls[0] == "-m benchmarks.train_step --env"
     assert calls[1].startswith("-m benchmarks.cudnn_dropout")
-    assert calls[3].startswith("reference.py --configs 8x2:512:8192 --ckpt 1")
-    assert len(calls) == 7 and "--gradient-cache 16" in calls[4] and "--find-max-batch 8x8:512:8192" in calls[6]
+    assert "--gradient-cache auto" in calls[3] and "--gradient-cache 16" in calls[4]
+    assert calls[6].startswith("reference.py --configs 8x2:512:8192 --ckpt 1")
+    assert len(calls) == 9 and "--find-max-batch 8x8:512:8192" in calls[8]
     status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
-    assert [s["rc"] for s in status] == [0] * 7
+    assert [s["rc"] for s in status] == [0] * 9
     assert (out / "reference.jsonl").read_text() == '{"fake": true}\n{"fake": true}\n'
-    assert len((out / "m3jax.jsonl").read_text().splitlines()) == 3
+    assert len((out / "m3jax.jsonl").read_text().splitlines()) == 5
     assert {p.name for p in out.iterdir()} <= {"env.txt", "reference.jsonl", "m3jax.jsonl", "cudnn_dropout.jsonl",
                                                "status.jsonl", "bench.log", "profiles.md", "profiles.jsonl"}  # <= 8
 
@@ -343,7 +369,7 @@ def test_device_bench_deadline_skips_the_rest(tmp_path):
                             "--budget-s", "5"])
     assert result.returncode == 0, result.stderr
     status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
-    assert len(status) == 7 and all(s.get("skipped") == "deadline" for s in status)
+    assert len(status) == 9 and all(s.get("skipped") == "deadline" for s in status)
     assert not log.exists()
 
 

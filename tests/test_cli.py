@@ -144,3 +144,13 @@ def test_eval_max_length_beyond_the_models_positions(tiny_ckpt, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "m3jax eval: error: --passage-max-len=600: at most 512, the model's position limit (max_position_embeddings "
         "514 - 2 for XLM-R's padding offset)"]
+
+
+@pytest.mark.parametrize("value", ["big", "0"])
+def test_a_bad_gradient_cache_chunk_size_is_one_line_and_exit_2(tiny_ckpt, tmp_path, capsys, value):
+    assert _train(tiny_ckpt, tmp_path, "--config.gradient_cache=True",
+                  f"--config.gradient_cache_chunk_size={value}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    shown = repr(value) if value == "big" else value
+    assert err == [f"m3jax train: error: config.gradient_cache_chunk_size={shown}: expected 'auto' (chosen per step "
+                   "shape by memory) or a positive int (rows per device per chunk)"], err

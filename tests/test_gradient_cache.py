@@ -158,8 +158,36 @@ def test_cached_step_equals_uncached_step(tiny_ckpt, tmp_path, case):
 def test_gradient_cache_rejects_sub_batch_size(tiny_ckpt, tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r"config.sub_batch_size=4: expected -1 with gradient_cache"):
         _config(tiny_ckpt, tmp_path, gradient_cache=True, sub_batch_size=4)
-    with pytest.raises(config_lib.ConfigError, match=r"config.gradient_cache_chunk_size=0: expected a positive"):
+    with pytest.raises(config_lib.ConfigError, match=r"config.gradient_cache_chunk_size=0: expected 'auto' "):
         _config(tiny_ckpt, tmp_path, gradient_cache=True, gradient_cache_chunk_size=0)
+
+
+@pytest.mark.parametrize("value", ["big", 0, -4, 2.5, True])
+def test_chunk_size_is_auto_or_a_positive_int(value):
+    c = config_lib.default_config()
+    c.model_name_or_path, c.output_dir, c.train_data = "m", "o", "d"
+    assert c.gradient_cache_chunk_size == "auto"  # the default
+    config_lib.validate(c)
+    c.gradient_cache_chunk_size = 8
+    config_lib.validate(c)
+    c.gradient_cache_chunk_size = value
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.validate(c)
+    assert str(err.value) == (f"config.gradient_cache_chunk_size={value!r}: expected 'auto' (chosen per step shape "
+                              "by memory) or a positive int (rows per device per chunk)")
+
+
+def test_chunk_auto_without_a_memory_budget_is_chunk_16_bitwise(tiny_ckpt, tmp_path, caplog):
+    """On CPU without auto_batch_memory_gib nothing can be judged: gradient_cache_chunk_size="auto" trains with
+    chunks of 16 rows, the same losses to the bit as gradient_cache_chunk_size=16 (8 queries x 4 passages per
+    device: passages in 2 chunks), and says so at start."""
+    common = dict(max_steps=2, save_steps=1000, logging_steps=1, gradient_cache=True, per_device_train_batch_size=8)
+    fixed = trainer.train(_config(tiny_ckpt, tmp_path / "fixed", gradient_cache_chunk_size=16, **common))["losses"]
+    with caplog.at_level("INFO", logger="m3jax"):
+        auto = trainer.train(_config(tiny_ckpt, tmp_path / "auto", **common))["losses"]
+    assert sorted(auto) == [0, 1] and auto == fixed
+    lines = [r.getMessage() for r in caplog.records if "gradient_cache_chunk_size='auto'" in r.getMessage()]
+    assert lines and all("16 rows per device, remat none (no memory budget to judge by)" in line for line in lines)
 
 
 def test_toy_run_with_gradient_cache_matches_the_uncached_run(tiny_ckpt, tmp_path):

@@ -5,6 +5,7 @@ The tiny model's step at 4 passages of 64 tokens and 32-token queries needs abou
 0.007 GiB per query (CPU, float32, arguments + outputs - aliased + temp): within 0.035 GiB, 3 queries fit and 4 do
 not.
 """
+import dataclasses
 import json
 import os
 
@@ -276,3 +277,153 @@ def test_remat_auto_takes_the_least_recompute_that_fits_the_budget(monkeypatch):
     config.auto_batch_memory_gib = -1.0  # CPU reports no limit: nothing to judge by
     (choice,) = choose_remat([(shape, False, False)])
     assert choice["policy"] == "none" and choice["candidates"] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gradient_cache_chunk_size="auto"
+
+
+def _cache_config(**changes):
+    return _config(**{"batch_size_by_length": None, "gradient_cache": True, "gradient_cache_chunk_size": "auto",
+                      **changes})
+
+
+def test_chunk_ladder_halves_down_to_divisors():
+    assert plan.chunk_ladder(2048) == [2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert plan.chunk_ladder(24) == [24, 12, 6, 3, 1] and plan.chunk_ladder(1) == [1]
+    calls = []
+
+    def fits(i):  # the 4th and smaller fit
+        calls.append(i)
+        return i >= 3
+
+    assert plan.largest_fitting(list(range(12)), fits) == 3
+    assert calls[0] == 0 and len(calls) <= 1 + 4  # the largest first, then a bisection
+    assert plan.largest_fitting([8, 4], lambda i: False) is None and plan.largest_fitting([8, 4], lambda i: True) == 0
+
+
+def test_chunk_auto_takes_the_largest_chunk_whose_compiled_step_fits(monkeypatch):
+    """gradient_cache_chunk_size="auto" (m3jax.plan.choose_chunk) on the tiny model at 1 x 4 passages (chunks 4, 2,
+    1 rows): each budget is set from XLA's memory analysis of the candidates compiled so far, and the chunk chosen
+    is the largest whose peak is within it -- a larger chunk when memory allows, a smaller one when it does not.
+    Real compiles, each (remat, chunk) once (the planner's check is memoised across the calls)."""
+    config = _cache_config()
+    assert config_lib.gradient_cache_chunk_auto(config)
+    step = config_lib.step_settings(config)
+    assert step.gradient_cache_chunk_size == 16  # the step's own default under "auto"
+    model_cfg = plan.model_config_for(config_lib.model_settings(config), plan.TINY, "cpu")
+    mesh = sharding.make_mesh(config_lib.mesh_settings(config), jax.devices()[:1])
+    shape = Shape(1, 4, 32, 64)
+    real_check, results = plan.Planner.check, {}
+
+    def check(self, shape, *, flops=True, no_in_batch_neg=False, chunk=None):
+        key = (self.model_cfg.remat_policy, str(shape), chunk)
+        if key not in results:
+            results[key] = real_check(self, shape, flops=flops, no_in_batch_neg=no_in_batch_neg, chunk=chunk)
+        r = results[key]
+        return dataclasses.replace(r, fits=r.peak_bytes <= self.target.budget_bytes)
+
+    monkeypatch.setattr(plan.Planner, "check", check)
+
+    def choose(budget_bytes):
+        target = plan.memory_target(budget_bytes / GIB, mesh)
+        (choice,) = plan.choose_auto(config, step, model_cfg, mesh, [(shape, False, False)], target=target)
+        return choice
+
+    everything = choose(100 * GIB)  # the whole batch in one chunk fits: one compile
+    assert (everything["chunk"], everything["policy"]) == (4, "none") and everything["fits"]
+    assert [c["chunk"] for c in everything["candidates"]] == [4]
+    peak = {4: results[("none", str(shape), 4)].peak_bytes}
+
+    smaller = choose(peak[4] - 1)  # 4 rows no longer fit: the bisection finds 2
+    assert [c["chunk"] for c in smaller["candidates"]] == [4, 2]
+    peak[2] = results[("none", str(shape), 2)].peak_bytes
+    assert peak[2] < peak[4] and smaller["chunk"] == 2
+
+    smallest = choose(peak[2] - 1)
+    peak[1] = results[("none", str(shape), 1)].peak_bytes
+    assert peak[1] < peak[2] and smallest["chunk"] == 1 and smallest["fits"]
+    assert [c["fits"] for c in smallest["candidates"]] == [False, False, True]
+    assert plan.describe_chunk_choice(smallest) == (
+        f"gradient_cache_chunk_size='auto' for 1x4:32:64: 1 rows per device, remat none (remat none: 4 "
+        f"{round(peak[4] / GIB, 4)} GiB (does not fit), 2 {round(peak[2] / GIB, 4)} GiB (does not fit), 1 "
+        f"{round(peak[1] / GIB, 4)} GiB)")
+
+    nothing = choose(peak[1] - 1)  # nothing fits: the smallest chunk, which then fails as it would have
+    assert nothing["chunk"] == 1 and not nothing["fits"] and len(nothing["candidates"]) == 3
+    assert len(results) == 3  # each chunk compiled once
+
+    # No budget (CPU without auto_batch_memory_gib): 16 rows, as before "auto", with nothing compiled.
+    (free,) = plan.choose_auto(config, step, model_cfg, mesh, [(shape, False, False)], target=None)
+    assert (free["chunk"], free["policy"], free["candidates"]) == (16, "none", [])
+    assert free["line"] == ("gradient_cache_chunk_size='auto' for 1x4:32:64: 16 rows per device, remat none (no "
+                            "memory budget to judge by)")
+
+
+def test_chunk_and_remat_auto_search_the_pair_least_recompute_first(monkeypatch):
+    """With remat_policy="auto" too, the policies go in the order of least recomputation and, for each, the
+    largest chunk that fits; the first policy with one wins. The planner's compiled peaks stood in for."""
+    config = _cache_config()
+    config.model.remat_policy = "auto"
+    model_cfg = plan.model_config_for(config_lib.model_settings(config), plan.TINY, "cpu")
+    mesh = sharding.make_mesh(config_lib.mesh_settings(config), jax.devices()[:1])
+    step = config_lib.step_settings(config)
+    per_row = {"none": 1.0, "dots": 0.5, "dots_no_batch": 0.25, "full": 0.125}  # GiB per chunk row, over 2 GiB
+    compiled = []
+
+    def check(self, shape, *, flops=True, no_in_batch_neg=False, chunk=None):
+        policy = self.model_cfg.remat_policy
+        compiled.append((policy, chunk))
+        peak = 2.0 + per_row[policy] * chunk
+        return plan.ShapeResult(shape, peak <= self.target.budget_bytes / GIB, int(peak * GIB), {}, None, None, 0.1)
+
+    monkeypatch.setattr(plan.Planner, "check", check)
+    shape = Shape(2, 8, 32, 64)  # 16 passages per device: chunks 16, 8, 4, 2, 1
+
+    def choose(budget_gib):
+        compiled.clear()
+        (choice,) = plan.choose_auto(config, step, model_cfg, mesh, [(shape, False, False)],
+                                     target=plan.memory_target(budget_gib, mesh))
+        return choice
+
+    c = choose(6.5)  # none: 2 + 4 = 6 GiB at 4 rows
+    assert (c["policy"], c["chunk"]) == ("none", 4)
+    assert compiled[0] == ("none", 16) and all(p == "none" for p, _ in compiled)
+    assert c["line"].startswith("gradient_cache_chunk_size='auto' for 2x8:32:64: 4 rows per device, remat none (remat "
+                                "none: 16 18.0 GiB (does not fit), 8 10.0 GiB (does not fit), 4 6.0 GiB")
+    c = choose(20.0)  # the whole batch, without remat: one compile
+    assert (c["policy"], c["chunk"]) == ("none", 16) and compiled == [("none", 16)]
+    c = choose(2.9)  # none at 1 row needs 3 GiB: dots, whose 1 row fits (2.5 GiB) and 2 rows do not (3 GiB)
+    assert (c["policy"], c["chunk"]) == ("dots", 1)
+    assert [p for p, _ in compiled] == ["none"] * 4 + ["dots"] * 4 and compiled[3] == ("none", 1)
+    c = choose(2.2)  # dots_no_batch at 1 row needs 2.25 GiB: full, at its largest fitting chunk (1 row, 2.125)
+    assert (c["policy"], c["chunk"], c["fits"]) == ("full", 1, True)
+    c = choose(1.0)  # nothing fits: full at 1 row
+    assert (c["policy"], c["chunk"], c["fits"]) == ("full", 1, False)
+
+
+def test_the_step_takes_the_chunk_per_shape():
+    """Stepper.step(..., chunk=C) is the step built with gradient_cache_chunk_size=C (the same lowered program)."""
+    mesh = sharding.make_mesh(config_lib.mesh_settings(_cache_config()), jax.devices()[:1])
+    model_cfg = plan.model_config_for(config_lib.model_settings(_cache_config()), plan.TINY, "cpu")
+
+    def lowered(config, **kw):
+        from m3jax.train.step import Stepper
+
+        stepper = Stepper.build(config_lib.step_settings(config), model_cfg, mesh, 10)
+        return stepper.step(4, False, False, **kw).lower(stepper.abstract_state(),
+                                                          stepper.abstract_batch(2, 4, 32, 64)).as_text()
+
+    per_shape = lowered(_cache_config(), chunk=2)
+    assert per_shape == lowered(_cache_config(gradient_cache_chunk_size=2))
+    assert per_shape != lowered(_cache_config())  # 16 rows: the whole 8 passages in one chunk
+
+
+def test_plan_names_the_chunk_chosen_per_shape():
+    lines = []
+    config = _cache_config()
+    target = plan.local_target(memory_gib=1.0, devices=jax.devices()[:1])
+    plan.plan(config, target, shapes={"s": Shape(1, 4, 32, 64)}, model_config="tiny", search=False, emit=lines.append)
+    assert any("gradient cache: chunks 'auto' (the table below: 16 rows)" in line for line in lines), lines
+    assert any(line.startswith("gradient_cache_chunk_size='auto' for 1x4:32:64: 4 rows per device, remat none "
+                               "(remat none: 4 ") for line in lines), lines

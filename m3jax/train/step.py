@@ -136,6 +136,11 @@ def encode(model: m3model.BGEM3, params, ids, mask, rng, *, deterministic: bool,
     return jax.tree.map(ch.join, out)
 
 
+# The gradient cache's chunk, rows per device, where nothing chooses one: gradient_cache_chunk_size="auto" without a
+# memory budget to judge by (a CPU without auto_batch_memory_gib), and make_loss_and_grads' default.
+GRADIENT_CACHE_CHUNK_ROWS = 16
+
+
 # A packed batch (m3jax.data.pipeline.PackRows): the rows of every device block and, per text, where its tokens are.
 PACKED_KEYS = ("packed_input_ids", "packed_segment_ids", "packed_position_ids", "packed_starts", "query_index",
                "passage_index")
@@ -232,8 +237,8 @@ def gradient_cache_loss_and_grads(model: m3model.BGEM3, params, batch: dict, rng
 
 
 def make_loss_and_grads(model: m3model.BGEM3, loss_cfg: losses.LossConfig, *, seed: int, sub_batch_size: int = -1,
-                        train_encoder: bool = True, gradient_cache: bool = False, gradient_cache_chunk: int = 16,
-                        gradient_cache_tokens: int = 0):
+                        train_encoder: bool = True, gradient_cache: bool = False,
+                        gradient_cache_chunk: int = GRADIENT_CACHE_CHUNK_ROWS, gradient_cache_tokens: int = 0):
     """`fn(params, batch, step, *, group_size, no_in_batch_neg, has_teacher) -> ((loss, parts), grads)`: the
     unified loss of a batch at optimizer step `step` (traced) and its parameter gradients, as the train step takes
     them (see make_train_step for the arguments)."""
@@ -329,7 +334,9 @@ class Stepper:
     loss_and_grads: Any  # make_loss_and_grads: what the step differentiates (not jitted; tests and benchmarks)
     _rules: tuple = ()  # StepSettings.sharding_rules
     _gpu_command_buffers: bool = False  # StepSettings.gpu_command_buffers
-    _step_fn_for: Any = None  # remat policy -> (loss_and_grads, step_fn): the steps of remat_policy="auto"
+    _chunk: int = GRADIENT_CACHE_CHUNK_ROWS  # StepSettings.gradient_cache_chunk_size
+    # (remat policy, gradient cache chunk) -> (loss_and_grads, step_fn): the steps of the "auto" choices per shape
+    _step_fn_for: Any = None
     _jitted: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -351,21 +358,22 @@ class Stepper:
                                      opt_state=opt_shardings)
         loss_cfg = loss_config_from(s.loss, model_cfg, shard_lib.num_batch_shards(mesh, rules))
         trainable = optim.trainable_mask(abstract_params, s.optimizer)
-        def step_fn_for(policy: str):
-            """(loss_and_grads, step function) with the encoder under remat `policy` (remat_policy="auto")."""
+        def step_fn_for(policy: str, chunk: int):
+            """(loss_and_grads, step function) with the encoder under remat `policy` and gradient cache chunks of
+            `chunk` rows per device (remat_policy="auto", gradient_cache_chunk_size="auto")."""
             m = model if policy == model_cfg.remat_policy else m3model.BGEM3(
                 dataclasses.replace(model_cfg, remat_policy=policy))
             lag = make_loss_and_grads(
                 m, loss_cfg, seed=s.seed, sub_batch_size=s.sub_batch_size, train_encoder=not s.fix_encoder,
-                gradient_cache=s.gradient_cache, gradient_cache_chunk=s.gradient_cache_chunk_size,
+                gradient_cache=s.gradient_cache, gradient_cache_chunk=chunk,
                 gradient_cache_tokens=s.gradient_cache_chunk_tokens)
             return lag, make_train_step(lag, tx, schedule, trainable=trainable,
                                         tracing_context=functools.partial(shard_lib.tracing_context, mesh, rules))
 
-        loss_and_grads, step_fn = step_fn_for(model_cfg.remat_policy)
+        loss_and_grads, step_fn = step_fn_for(model_cfg.remat_policy, s.gradient_cache_chunk_size)
         return cls(model, tx, schedule, mesh, shard_lib.batch_sharding(mesh, rules), param_shardings,
                    state_shardings, abstract_params, abstract_opt, step_fn, trainable, loss_and_grads, rules,
-                   s.gpu_command_buffers, step_fn_for)
+                   s.gpu_command_buffers, s.gradient_cache_chunk_size, step_fn_for)
 
     def parameter_summary(self) -> dict:
         """How many parameters train and how many do not; the optimizer state's size (all devices together)."""
@@ -411,13 +419,18 @@ class Stepper:
         """This process's slice of a batch -> global arrays sharded like the step expects (no host sync)."""
         return shard_lib.global_batch(local_batch, self.batch_sharding)
 
-    def step(self, group_size: int, no_in_batch_neg: bool, has_teacher: bool, remat: str | None = None):
+    def step(self, group_size: int, no_in_batch_neg: bool, has_teacher: bool, remat: str | None = None,
+             chunk: int | None = None):
         """The jitted step for one batch kind (donates the state); each new input shape compiles once more. `remat`:
-        the encoder's remat policy for this step (remat_policy="auto" chooses per shape), default the model's."""
+        the encoder's remat policy for this step (remat_policy="auto" chooses per shape), default the model's;
+        `chunk`: the gradient cache's rows per device per chunk (gradient_cache_chunk_size="auto" chooses per
+        shape), default the settings' gradient_cache_chunk_size."""
         remat = remat or self.model.cfg.remat_policy
-        key = (group_size, no_in_batch_neg, has_teacher, remat)
+        chunk = int(chunk or self._chunk)
+        key = (group_size, no_in_batch_neg, has_teacher, remat, chunk)
         if key not in self._jitted:
-            step_fn = self.step_fn if remat == self.model.cfg.remat_policy else self._step_fn_for(remat)[1]
+            default = remat == self.model.cfg.remat_policy and chunk == self._chunk
+            step_fn = self.step_fn if default else self._step_fn_for(remat, chunk)[1]
             fn = functools.partial(step_fn, group_size=group_size, no_in_batch_neg=no_in_batch_neg,
                                    has_teacher=has_teacher)
             self._jitted[key] = jax.jit(
