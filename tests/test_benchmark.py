@@ -7,7 +7,9 @@
 * our PyTorch reference step runs on a tiny model and prints the same fields; on the same weights and inputs its
   loss and gradient norm equal m3jax's step (float32, no dropout);
 * the accelerator script's dry run prints the commands, and its real run (with a fake python) runs them in order
-  under a deadline.
+  under a deadline;
+* packing_train.py --time runs the padded and the packed step on a tiny model and writes one record whose ratio is
+  the two timings' (not asserted on speed).
 """
 import json
 import math
@@ -19,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import torch_reference, train_step
+from benchmarks import packing_train, torch_reference, train_step
 from m3jax.core import xla_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -288,6 +290,39 @@ def test_torch_reference_loss_equals_m3jax_on_the_same_weights():
     assert float(metrics["loss_self_distill"]) > 0  # the recipe's self-distillation is on from step 0
     assert float(metrics["loss"]) == pytest.approx(loss.item(), rel=1e-5)
     assert float(metrics["grad_norm"]) == pytest.approx(grad_norm, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks/packing_train.py --time
+
+
+def test_packing_train_time_writes_one_record_of_both_steps(tmp_path, capsys):
+    out = tmp_path / "runs" / "packing_time.jsonl"
+    argv = ["--time", "--layers", "2", "--hidden", "64", "--queries", "4", "--batches", "1", "--warmup", "1",
+            "--steps", "2", "--out", str(out)]
+    packing_train.main(argv)
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out.read_text().splitlines() == [json.dumps(rec)]  # one record, also on stdout
+    assert rec["command"] == "python -m benchmarks.packing_train " + " ".join(argv)
+    assert rec["device_kind"] == "cpu" and rec["platform"] == "cpu" and rec["jax"] == packing_train.jax.__version__
+    assert rec["batch"] == "4 x 8" and rec["steps"] == 2 and rec["warmup"] == 1 and rec["base_row_length"] == 256
+    (batch,) = packing_train.batches(1, 0, queries=4)
+    real = int(batch["query_attention_mask"].sum() + batch["passage_attention_mask"].sum())
+    q_len, p_len = batch["query_input_ids"].shape[1], batch["passage_input_ids"].shape[1]
+    assert rec["padded_shapes"] == [{"passage_input_ids": [32, p_len], "query_input_ids": [4, q_len]}]
+    assert rec["padded_computed_tokens"] == 2 * (4 * q_len + 32 * p_len)
+    (packed_shape,) = rec["packed_shapes"]
+    rows, row_length = packed_shape["packed_input_ids"]
+    assert row_length == 256 and rec["packed_computed_tokens"] == 2 * rows * 256
+    assert real <= rows * 256 < rec["padded_computed_tokens"] // 2  # the packed step computes fewer tokens
+    for kind in ("padded", "packed"):
+        times = rec[f"{kind}_step_s"]
+        assert len(times) == 2 and all(t > 0 for t in times) and len(rec[f"{kind}_first_step_s"]) == 1
+        assert rec[f"{kind}_median_step_s"] == pytest.approx(sum(times) / 2)
+        assert rec[f"{kind}_real_tokens"] == 2 * real
+        assert rec[f"{kind}_real_tokens_per_s"] == pytest.approx(2 * real / sum(times))
+        assert math.isfinite(rec[f"{kind}_last_loss"])
+    assert rec["packed_over_padded"] == pytest.approx(sum(rec["padded_step_s"]) / sum(rec["packed_step_s"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
