@@ -12,15 +12,18 @@
 #      at 8x its batch (256x8:64:256), one process as a run starts: each candidate chunk compiled (bench.log has
 #      one line per candidate), then the chosen step timed and profiled             -> m3jax.jsonl, profiles.*
 #   5. the gradient cache with chunks of 16 rows (the old default) at both shapes -> m3jax.jsonl
-#   6. m3jax at the long shape, remat auto                                        -> m3jax.jsonl
-#   7. our PyTorch reference step (benchmarks/torch_reference.py) at the long shape -> reference.jsonl
-#   8. m3jax at the middle shape, remat full                                      -> m3jax.jsonl
-#   9. the reference's largest batch at 8x8:512:8192 (runs steps until OOM), with what time is left -> reference.jsonl
+#   6. the packed train step (config.packing) timed beside the padded one at the recipe's 48 x 8 queries x passages,
+#      MS MARCO-shaped lengths (benchmarks/packing_train.py --time; bf16, remat full, XLA attention, the scan):
+#      median step s, real tokens/s, packed / padded                            -> m3jax.jsonl
+#   7. m3jax at the long shape, remat auto                                        -> m3jax.jsonl
+#   8. our PyTorch reference step (benchmarks/torch_reference.py) at the long shape -> reference.jsonl
+#   9. m3jax at the middle shape, remat full                                      -> m3jax.jsonl
+#  10. the reference's largest batch at 8x8:512:8192 (runs steps until OOM), with what time is left -> reference.jsonl
 # With the layer loop a bge-m3 shape compiles in about 100 s (the scan: 25 s); the cached step holds the encoder
 # 1.5x as often (about 150 s, not measured). Chunk auto at 32x8 is one candidate compile (the whole batch fits) and
 # at 256x8 about five (2048 rows, then a bisection), so step 4 may reach its timeout in the 256x8 search: its
-# candidates' lines in bench.log still say which chunk fits. Steps 6-9 run only with time left over (at the
-# estimates above, none is). JAX_COMPILATION_CACHE_DIR is set so that the timed step can reuse the compile of the
+# candidates' lines in bench.log still say which chunk fits. Steps 6-10 run only with time left over (at the
+# estimates above, none is; step 6 compiles 1 padded and 1-3 packed shapes with the scan, about 25 s each). JAX_COMPILATION_CACHE_DIR is set so that the timed step can reuse the compile of the
 # candidate chosen (compile_s says whether it did).
 # A step that would start with less than 20 s left is skipped. Each command's exit status and time go to
 # status.jsonl, stderr to bench.log; at most 8 files come back from the device tool, so profiles are gathered
@@ -162,18 +165,22 @@ run "m3jax gradient cache auto" 330 m3jax.jsonl "$PYTHON" -m benchmarks.train_st
 run "m3jax gradient cache 16" 300 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$CACHE_SHAPES" \
   --attention cudnn --remat none --gradient-cache 16 --steps 3 --warmup 1
 
-# --- 6. m3jax at the long shape, remat auto (the trainer's choice per shape) ----------------------------------
+# --- 6. the packed train step beside the padded one (issue 25): 4 batches' shapes compiled, 1 warm-up, 8 timed ----
+run "packing train time" 180 m3jax.jsonl "$PYTHON" -m benchmarks.packing_train --time --layers 24 --batches 4 \
+  --warmup 1 --steps 8 --remat full --attention xla
+
+# --- 7. m3jax at the long shape, remat auto (the trainer's choice per shape) ----------------------------------
 run "m3jax $LONG" 200 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$LONG" --attention cudnn \
   --remat auto --steps 4 --warmup 1
 
-# --- 7. the PyTorch reference at the long shape ------------------------------------------------------------------
+# --- 8. the PyTorch reference at the long shape ------------------------------------------------------------------
 run "reference $LONG" 70 reference.jsonl "$PYTHON" "$REFERENCE" --configs "$LONG" --ckpt 1 --sub_batch auto
 
-# --- 8. the middle shape -----------------------------------------------------------------------------------------
+# --- 9. the middle shape -----------------------------------------------------------------------------------------
 run "m3jax $MIDDLE" 130 m3jax.jsonl "$PYTHON" -m benchmarks.train_step --shapes "$MIDDLE" --attention cudnn \
   --remat full
 
-# --- 9. the reference's largest batch at the max-batch shape (steps until OOM), with what time is left ----------
+# --- 10. the reference's largest batch at the max-batch shape (steps until OOM), with what time is left ----------
 run "reference max batch $MAX_BATCH_SHAPE" 200 reference.jsonl "$PYTHON" "$REFERENCE" --find-max-batch \
   "$MAX_BATCH_SHAPE" --granularity 2 --steps 1 --warmup 1 --ckpt 1 --sub_batch auto
 

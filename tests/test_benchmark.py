@@ -354,6 +354,8 @@ def test_device_bench_dry_run_prints_the_commands(tmp_path):
         f">> {out}/m3jax.jsonl",
         "python3 -m benchmarks.train_step --shapes 32x8:64:256,256x8:64:256 --attention cudnn --remat none "
         f"--gradient-cache 16 --steps 3 --warmup 1 >> {out}/m3jax.jsonl",
+        "python3 -m benchmarks.packing_train --time --layers 24 --batches 4 --warmup 1 --steps 8 --remat full "
+        f"--attention xla >> {out}/m3jax.jsonl",
         "python3 -m benchmarks.train_step --shapes 8x2:512:8192 --attention cudnn --remat auto --steps 4 --warmup 1 "
         f">> {out}/m3jax.jsonl",
         f"python3 benchmarks/torch_reference.py --configs 8x2:512:8192 --ckpt 1 --sub_batch auto >> {out}/reference.jsonl",
@@ -387,12 +389,13 @@ def test_device_bench_runs_each_step_and_records_status(tmp_path):
     assert calls[0] == "-m benchmarks.train_step --env"
     assert calls[1].startswith("-m benchmarks.cudnn_dropout")
     assert "--gradient-cache auto" in calls[3] and "--gradient-cache 16" in calls[4]
-    assert calls[6].startswith("reference.py --configs 8x2:512:8192 --ckpt 1")
-    assert len(calls) == 9 and "--find-max-batch 8x8:512:8192" in calls[8]
+    assert calls[5].startswith("-m benchmarks.packing_train --time --layers 24")
+    assert calls[7].startswith("reference.py --configs 8x2:512:8192 --ckpt 1")
+    assert len(calls) == 10 and "--find-max-batch 8x8:512:8192" in calls[9]
     status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
-    assert [s["rc"] for s in status] == [0] * 9
+    assert [s["rc"] for s in status] == [0] * 10
     assert (out / "reference.jsonl").read_text() == '{"fake": true}\n{"fake": true}\n'
-    assert len((out / "m3jax.jsonl").read_text().splitlines()) == 5
+    assert len((out / "m3jax.jsonl").read_text().splitlines()) == 6
     assert {p.name for p in out.iterdir()} <= {"env.txt", "reference.jsonl", "m3jax.jsonl", "cudnn_dropout.jsonl",
                                                "status.jsonl", "bench.log", "profiles.md", "profiles.jsonl"}  # <= 8
 
@@ -404,7 +407,7 @@ def test_device_bench_deadline_skips_the_rest(tmp_path):
                             "--budget-s", "5"])
     assert result.returncode == 0, result.stderr
     status = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
-    assert len(status) == 9 and all(s.get("skipped") == "deadline" for s in status)
+    assert len(status) == 10 and all(s.get("skipped") == "deadline" for s in status)
     assert not log.exists()
 
 
