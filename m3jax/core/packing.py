@@ -152,23 +152,32 @@ def packed_batches(token_ids: Sequence[Sequence[int]], batch_size: int, ladder: 
     restarting at pad_id + 1 in each text, padding (pad_id, segment 0, position pad_id) after the last."""
     for n_rows, length, slots, chunk in plan_batches([len(t) for t in token_ids], batch_size, ladder, n_dev,
                                                      row_length):
-        ids = np.full((n_rows, length), pad_id, np.int32)
-        segments = np.zeros((n_rows, length), np.int32)
-        positions = np.full((n_rows, length), pad_id, np.int32)
-        starts = np.zeros((n_rows, slots), np.int32)
-        texts = []
+        batch = _empty_batch(n_rows, length, slots, pad_id)
         for r, row in enumerate(chunk):
-            at = 0
-            for s, i in enumerate(row.texts):
-                toks = token_ids[i]
-                n = len(toks)
-                ids[r, at:at + n] = toks
-                segments[r, at:at + n] = s + 1
-                positions[r, at:at + n] = np.arange(pad_id + 1, pad_id + 1 + n)
-                starts[r, s] = at
-                texts.append((i, r, at, n))
-                at += n
-        yield PackedBatch(ids, segments, positions, starts, texts)
+            _fill_row(batch, r, row, token_ids, 0, pad_id)
+        yield batch
+
+
+def _empty_batch(n_rows: int, length: int, slots: int, pad_id: int) -> PackedBatch:
+    """Rows of padding only: pad_id, segment 0, position pad_id."""
+    return PackedBatch(np.full((n_rows, length), pad_id, np.int32), np.zeros((n_rows, length), np.int32),
+                       np.full((n_rows, length), pad_id, np.int32), np.zeros((n_rows, slots), np.int32), [])
+
+
+def _fill_row(batch: PackedBatch, r: int, row: Row, token_ids: Sequence[Sequence[int]], first: int,
+              pad_id: int) -> None:
+    """Row r of `batch` holds row.texts (indices into token_ids) one after another: segment ids 1, 2, ..., XLM-R
+    positions restarting at pad_id + 1 in each text; each text's (first + index, row, start, length) is noted."""
+    at = 0
+    for s, i in enumerate(row.texts):
+        toks = token_ids[i]
+        n = len(toks)
+        batch.input_ids[r, at:at + n] = toks
+        batch.segment_ids[r, at:at + n] = s + 1
+        batch.position_ids[r, at:at + n] = np.arange(pad_id + 1, pad_id + 1 + n)
+        batch.starts[r, s] = at
+        batch.texts.append((first + i, r, at, n))
+        at += n
 
 
 def ladder_computed_tokens(lengths: Sequence[int], batch_size: int, ladder: Sequence[int], n_dev: int = 1) -> int:
@@ -242,26 +251,13 @@ def pack_blocks(blocks: Sequence[Sequence[Sequence[int]]], row_length: int, pad_
                          "between processes")
     slots = segment_slots(max_segments_per_row(row_length))  # a function of the row length: one shape fewer
     total = n_rows * len(blocks)
-    ids = np.full((total, row_length), pad_id, np.int32)
-    segments = np.zeros((total, row_length), np.int32)
-    positions = np.full((total, row_length), pad_id, np.int32)
-    starts = np.zeros((total, slots), np.int32)
-    texts, first = [], 0
+    batch, first = _empty_batch(total, row_length, slots, pad_id), 0
     for b, (block, rows) in enumerate(zip(blocks, plans)):
         for r, row in enumerate(rows):
-            at, g = 0, b * n_rows + r
-            for s, i in enumerate(row.texts):
-                toks = block[i]
-                n = len(toks)
-                ids[g, at:at + n] = toks
-                segments[g, at:at + n] = s + 1
-                positions[g, at:at + n] = np.arange(pad_id + 1, pad_id + 1 + n)
-                starts[g, s] = at
-                texts.append((first + i, g, at, n))
-                at += n
+            _fill_row(batch, b * n_rows + r, row, block, first, pad_id)
         first += len(block)
-    texts.sort()
-    return PackedBatch(ids, segments, positions, starts, texts)
+    batch.texts.sort()
+    return batch
 
 
 def gather_index(texts: Sequence[tuple[int, int, int, int]], n_rows: int, row_length: int, width: int) -> np.ndarray:
