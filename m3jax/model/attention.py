@@ -201,10 +201,7 @@ def splash_attention(q, k, v, lengths, *, interpret: bool, segment_ids=None):
 
     length = q.shape[1]
     padded, block = _padding(length)
-    if segment_ids is None:
-        segments = (jnp.arange(padded)[None, :] < lengths[:, None]).astype(jnp.int32)
-    else:
-        segments = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - length)))
+    segments = _kernel_segments(lengths, segment_ids, length, padded)
     scale = float(1.0 / np.sqrt(q.shape[-1]))  # a Python float: weakly typed, so q stays in its dtype (bf16)
 
     def local(q, k, v, segments):  # [b, L, n, d] on one shard
@@ -217,6 +214,14 @@ def splash_attention(q, k, v, lengths, *, interpret: bool, segment_ids=None):
     return _per_shard(local, q, k, v, segments)
 
 
+def _kernel_segments(lengths, segment_ids, length: int, padded: int):
+    """[B, padded] int32 segment ids for the Pallas kernels: from right padding (real tokens 1, padding 0) or the
+    packed rows' own, padded with 0 to the kernel's multiple of 128."""
+    if segment_ids is None:
+        return (jnp.arange(padded)[None, :] < lengths[:, None]).astype(jnp.int32)
+    return jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - length)))
+
+
 def flash_dropout_attention(q, k, v, lengths, dropout: Dropout, *, interpret: bool, segment_ids=None):
     """The flash-dropout kernel (m3jax.model.flash_dropout): segment ids from right padding as for splash, or the
     packed rows' own (`segment_ids` [B, L], 0 for padding: padding queries see padding keys only and give values
@@ -224,10 +229,7 @@ def flash_dropout_attention(q, k, v, lengths, dropout: Dropout, *, interpret: bo
     then sharded with it (`_per_shard`)."""
     length = q.shape[1]
     padded, block = _padding(length)
-    if segment_ids is None:
-        segments = (jnp.arange(padded)[None, :] < lengths[:, None]).astype(jnp.int32)
-    else:
-        segments = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - length)))
+    segments = _kernel_segments(lengths, segment_ids, length, padded)
     keys = flash_dropout.row_head_keys(dropout.seed, q.shape[0], q.shape[2])
 
     def local(q, k, v, segments, keys):
